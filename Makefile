@@ -1,0 +1,39 @@
+# The two set-up commands: `make run` (install, then the quickstart) and `make test` (install, then tests).
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+QUICKDIR  ?= quickstart
+STAMP     := $(VENV)/.installed
+
+.PHONY: run test install test-unit test-integration lint crd clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first, from this machine's disk (a bare `torch` could pull a multi-GB CUDA build).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# deepspeed is an sdist: build without ops, against the torch just installed.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8 hjson==3.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/vlmctl quickstart --dir $(QUICKDIR)
+
+test: install
+	bash scripts/test-deps.sh
+	$(BIN)/pytest -m "unit or integration" -p no:cacheprovider tests/unit tests/integration
+
+test-unit: install
+	$(BIN)/pytest -m unit tests/unit
+
+lint: install
+	$(BIN)/ruff check operator trainer tests bench
+
+crd: install
+	$(BIN)/python -m vlm_operator.crd > crds/training.vlm.dev_vlmtrainingjobs.yaml
+
+clean:
+	rm -rf $(VENV) $(QUICKDIR)

@@ -1,0 +1,115 @@
+"""`vlmctl`: validate, run locally, render Kubernetes objects, run the operator, run the quickstart.
+
+Torch-free: training runs in torchrun child processes, the quickstart's data and model preparation in
+`python -m vlm_trainer.quickstart` children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import yaml
+from vlm_trainer.spec import SpecError, VLMTrainingJob, load_job
+
+
+def _load_or_exit(path: str) -> VLMTrainingJob:
+    try:
+        return load_job(path)
+    except FileNotFoundError:
+        print(f"error: {path}: no such file", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SpecError as err:
+        print(f"{path}: invalid VLMTrainingJob", file=sys.stderr)
+        for p in err.problems:
+            print(f"  {p}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job = _load_or_exit(args.job)
+    print(f"{args.job}: valid VLMTrainingJob {job.name!r} with {len(job.spec.stages)} stage(s): "
+          + " -> ".join(f"{s.name} ({s.type})" for s in job.spec.stages))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vlm_operator.local_ui import run_with_progress
+
+    job = _load_or_exit(args.job)
+    return run_with_progress(job, verbose=args.verbose)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from vlm_operator.builders import render_job
+
+    job = _load_or_exit(args.job)
+    objs = render_job(job, args.namespace)
+    sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from vlm_operator import run_operator
+
+    return run_operator.main(args.rest)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from vlm_operator.local_ui import run_with_progress
+
+    qdir = os.path.abspath(args.dir)
+    py = sys.executable
+    print(f"quickstart: preparing synthetic data and stage-0 models in {qdir}", flush=True)
+    rc = subprocess.call([py, "-m", "vlm_trainer.quickstart", "prepare", "--dir", qdir, "--seed", str(args.seed)])
+    if rc:
+        return rc
+    for name in ("job.yaml", "naive.yaml"):
+        path = os.path.join(qdir, name)
+        job = _load_or_exit(path)
+        print(f"\nquickstart: running {path} ({' -> '.join(s.name for s in job.spec.stages)})", flush=True)
+        rc = run_with_progress(job, verbose=args.verbose)
+        if rc:
+            return rc
+    return subprocess.call([py, "-m", "vlm_trainer.quickstart", "evaluate", "--dir", qdir])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmctl", description="Staged VLM training: align -> instruct -> dpo.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a job file; every problem is printed with its field path")
+    v.add_argument("job")
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("run", help="run a job's stages on this machine (torchrun via TorchX)")
+    r.add_argument("job")
+    r.add_argument("-v", "--verbose", action="store_true", help="print every trainer log line")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("render", help="print the Kubernetes objects the operator creates (a dry run)")
+    d.add_argument("job")
+    d.add_argument("-n", "--namespace", default="default")
+    d.set_defaults(func=cmd_render)
+
+    o = sub.add_parser("operator", help="run the Kopf operator (see `vlmctl operator --help`)", add_help=False)
+    o.add_argument("rest", nargs=argparse.REMAINDER)
+    o.set_defaults(func=cmd_operator)
+
+    q = sub.add_parser("quickstart", help="build a tiny VLM dataset and models, train align -> instruct -> dpo")
+    q.add_argument("--dir", default="quickstart", help="working folder (data, models, storage, report)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("-v", "--verbose", action="store_true")
+    q.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The local backend (the embedded default): run a VLMTrainingJob's stages on this machine.
+
+Each stage is a torchrun job launched through TorchX's `local_cwd` scheduler and its `dist.torchrun`
+component, exactly the command a pod runs on Kubernetes. The state lives in storage, not in this
+process: a stage is done when its `final/` is committed, so re-running a finished job does nothing and
+re-running an interrupted one starts the interrupted stage again, where the trainer resumes from its own
+last committed checkpoint. The same planner decides for both backends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vlm_trainer import contract, storage
+from vlm_trainer.spec import TrainerConfig, VLMTrainingJob
+
+from vlm_operator import planner
+
+LOG_PREFIX_SEP = "]:"
+
+
+def observe_local(job: VLMTrainingJob, failures: dict[int, int] | None = None,
+                  last_error: dict[int, str] | None = None) -> list[planner.StageObservation]:
+    """Each stage's observation, recomputed from storage (and this run's failure counts)."""
+    failures = failures or {}
+    last_error = last_error or {}
+    out = []
+    for i in range(len(job.spec.stages)):
+        v = storage.verify_committed(planner.final_uri(job, i))
+        if v.ok:
+            out.append(planner.StageObservation("Succeeded", failures.get(i, 0), True))
+        elif failures.get(i):
+            out.append(planner.StageObservation("Failed", failures[i] - 1, False, last_error.get(i, "")))
+        else:
+            out.append(planner.StageObservation("Pending", 0, False, v.reason))
+    return out
+
+
+def torchrun_app(config_uri: str, cfg: TrainerConfig, env: dict[str, str] | None = None):
+    """The TorchX AppDef of one stage: `torchrun --nproc_per_node W -m vlm_trainer --config <uri>`.
+
+    On one machine every node's processes run side by side, so the world size (nodes x procsPerNode) and
+    hence the global batch and the data split match the cluster run.
+    """
+    from torchx.components import dist
+
+    world = cfg.stage.world_size
+    threads = max(1, (os.cpu_count() or 1) // world)
+    run_env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", contract.CONFIG_ENV: config_uri}
+    run_env.update(env or {})
+    return dist.torchrun(
+        "--config", config_uri,
+        m=contract.TRAINER_MODULE,
+        j=f"1x{world}",
+        name=f"{cfg.job}-{cfg.stage.name}",
+        env=run_env,
+        cpu=os.cpu_count() or 1,
+        gpu=cfg.stage.resources.gpus_per_node,
+    )
+
+
+@dataclass
+class StageResult:
+    name: str
+    succeeded: bool
+    wall_seconds: float
+    attempts: int
+    message: str = ""
+
+
+@dataclass
+class RunResult:
+    succeeded: bool
+    stages: list[StageResult] = field(default_factory=list)
+    message: str = ""
+
+
+def parse_log_line(line: str) -> tuple[int | None, dict | None]:
+    """torchrun prefixes lines with `[rank]:`; trainer events are JSON lines with an "event" key."""
+    rank = None
+    body = line.rstrip("\n")
+    if body.startswith("[") and LOG_PREFIX_SEP in body[:12]:
+        head, body = body.split(LOG_PREFIX_SEP, 1)
+        try:
+            rank = int(head.strip("[").split(",")[0])
+        except ValueError:
+            rank = None
+    if body.startswith("{") and '"event"' in body:
+        try:
+            return rank, json.loads(body)
+        except json.JSONDecodeError:
+            return rank, None
+    return rank, None
+
+
+class LocalRunner:
+    """Runs one job to completion (or failure) with TorchX's local scheduler."""
+
+    def __init__(self, job: VLMTrainingJob, *, log_dir: str | None = None,
+                 on_line: Callable[[str, str, int | None, dict | None], None] | None = None,
+                 env: dict[str, str] | None = None):
+        self.job = job
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix=f"vlmctl-{job.name}-")
+        self.on_line = on_line  # (stage name, raw line, rank, event or None)
+        self.env = env or {}
+        self.failures: dict[int, int] = {}
+        self.errors: dict[int, str] = {}
+
+    def _run_stage(self, cfg: TrainerConfig) -> tuple[bool, str]:
+        from torchx.runner import get_runner
+
+        # torchrun must be on PATH for the local scheduler; prefer this interpreter's environment.
+        bindir = os.path.dirname(sys.executable)
+        if shutil.which("torchrun", path=bindir):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        config_uri = storage.join(cfg.output, contract.CONFIG_FILE)
+        storage.write_json(config_uri, cfg.dump())
+        app = torchrun_app(config_uri, cfg, self.env)
+        runner = get_runner()
+        try:
+            handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": self.log_dir})
+            tail: list[str] = []
+            for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
+                rank, event = parse_log_line(line)
+                tail = (tail + [line.rstrip()])[-20:]
+                if self.on_line:
+                    self.on_line(cfg.stage.name, line, rank, event)
+            status = runner.wait(handle, wait_interval=0.5)
+        finally:
+            runner.close()
+        ok = status is not None and status.state.name == "SUCCEEDED"
+        msg = "" if ok else f"torchrun ended {status.state.name if status else 'UNKNOWN'}; last lines:\n" + "\n".join(tail)
+        return ok, msg
+
+    def run(self) -> RunResult:
+        result = RunResult(False)
+        attempts: dict[int, int] = {}
+        started: dict[int, float] = {}
+        while True:
+            action = planner.plan(self.job, observe_local(self.job, self.failures, self.errors))
+            if isinstance(action, planner.Done):
+                result.succeeded = True
+                return result
+            if isinstance(action, planner.Fail):
+                result.message = action.reason
+                return result
+            if isinstance(action, planner.Suspend):
+                result.message = "the job is suspended (spec.suspend); nothing to run"
+                return result
+            if isinstance(action, planner.Wait):
+                result.message = action.reason  # locally nothing else runs: waiting would never end
+                return result
+            i = action.index
+            attempts[i] = attempts.get(i, 0) + 1
+            started.setdefault(i, time.monotonic())
+            ok, msg = self._run_stage(action.config)
+            if ok and not storage.verify_committed(planner.final_uri(self.job, i)).ok:
+                ok, msg = False, f"torchrun succeeded but {planner.final_uri(self.job, i)} is not committed"
+            if ok:
+                result.stages.append(StageResult(action.config.stage.name, True,
+                                                 time.monotonic() - started[i], attempts[i]))
+            else:
+                self.failures[i] = self.failures.get(i, 0) + 1
+                self.errors[i] = msg
+                if self.failures[i] > planner.max_restarts(self.job, i):
+                    result.stages.append(StageResult(action.config.stage.name, False,
+                                                     time.monotonic() - started[i], attempts[i], msg))

@@ -1,0 +1,147 @@
+"""What a person sees when running locally: a progress bar per stage, then a report.
+
+The trainer prints one JSON line per logged step (`{"event": "step", ...}`); this module turns those into
+rich progress bars, keeps each stage's history in `<stage output>/train-log.jsonl`, and writes
+`<storage>/<job>/report.md` with a summary table and one PNG loss curve per stage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from vlm_trainer import storage
+from vlm_trainer.spec import VLMTrainingJob
+
+from vlm_operator import planner
+from vlm_operator.local import LocalRunner, RunResult
+
+TRAIN_LOG = "train-log.jsonl"
+
+
+def _history(job: VLMTrainingJob, index: int) -> list[dict]:
+    uri = storage.join(planner.stage_output(job, index), TRAIN_LOG)
+    if not storage.exists(uri):
+        return []
+    rows = [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+    by_step: dict[int, dict] = {}
+    for r in rows:  # a resumed stage logs some steps twice; the later run wins
+        by_step[int(r["step"])] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_loss(rows: list[dict], title: str) -> bytes:
+    """A PNG of loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="#1f77b4", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(job: VLMTrainingJob, result: RunResult) -> str:
+    """Write report.md and one loss-curve PNG per stage under <storage>/<job>/; return the report URI."""
+    base = storage.join(job.spec.storage.uri, job.name)
+    walls = {s.name: s for s in result.stages}
+    lines = [f"# {job.name}", "", f"Result: {'succeeded' if result.succeeded else 'FAILED: ' + result.message}", "",
+             "| stage | type | steps | loss first | loss last | tokens/s | wall s (this run) | attempts |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, st in enumerate(job.spec.stages):
+        rows = _history(job, i)
+        w = walls.get(st.name)
+        if rows:
+            png = f"loss-{st.name}.png"
+            fs, path = storage.filesystem(storage.join(base, png))
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(path, "wb") as f:
+                f.write(plot_loss(rows, f"{job.name} / {st.name} ({st.type})"))
+        if rows:
+            tps = rows[-1].get("tokens_per_second")
+            cells = [str(rows[-1]["step"]), f"{rows[0]['loss']:.4f}", f"{rows[-1]['loss']:.4f}",
+                     f"{tps:.0f}" if tps is not None else "-"]
+        else:
+            cells = ["-"] * 4
+        cells += [f"{w.wall_seconds:.1f}", str(w.attempts)] if w else ["- (earlier run)", "-"]
+        lines.append(f"| {st.name} | {st.type} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for st in job.spec.stages:
+        lines.append(f"![{st.name} loss](loss-{st.name}.png)")
+    uri = storage.join(base, "report.md")
+    storage.write_text(uri, "\n".join(lines) + "\n")
+    return uri
+
+
+def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False) -> int:
+    """`vlmctl run`: run the job with live progress bars; print a summary and write the report."""
+    console = Console()
+    bars: dict[str, int] = {}
+    logs: dict[str, list[str]] = {}
+    progress = Progress(
+        TextColumn("[bold]{task.fields[stage]:<10}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False, refresh_per_second=4,
+    )
+
+    def flush(stage: str) -> None:
+        buf = logs.pop(stage, [])
+        if buf:
+            out = storage.join(planner.stage_output(job, [s.name for s in job.spec.stages].index(stage)), TRAIN_LOG)
+            old = storage.read_text(out) if storage.exists(out) else ""
+            storage.write_text(out, old + "".join(buf))
+
+    def on_line(stage: str, line: str, rank: int | None, event: dict | None) -> None:
+        if event and event.get("event") == "step" and rank in (0, None):
+            if stage not in bars:
+                bars[stage] = progress.add_task(stage, stage=stage, total=event.get("total"), loss="-", tps="-")
+            progress.update(bars[stage], completed=event["step"], total=event.get("total"),
+                            loss=f"{event.get('loss', float('nan')):.4f}",
+                            tps=f"{event.get('tokens_per_second', 0):.0f}")
+            logs.setdefault(stage, []).append(json.dumps(event) + "\n")
+            if len(logs[stage]) >= 20:
+                flush(stage)
+        elif verbose:
+            progress.console.print(line.rstrip(), markup=False, highlight=False)
+
+    t0 = time.monotonic()
+    with progress:
+        runner = LocalRunner(job, on_line=on_line)
+        result = runner.run()
+        for stage in list(logs):
+            flush(stage)
+    table = Table(title=f"{job.name}: {'succeeded' if result.succeeded else 'failed'} in {time.monotonic() - t0:.1f} s")
+    for col in ("stage", "type", "result", "wall s", "attempts"):
+        table.add_column(col)
+    done = {s.name: s for s in result.stages}
+    for st in job.spec.stages:
+        s = done.get(st.name)
+        table.add_row(st.name, st.type, ("ok" if s.succeeded else "failed") if s else "done earlier" if result.succeeded else "-",
+                      f"{s.wall_seconds:.1f}" if s else "-", str(s.attempts) if s else "-")
+    console.print(table)
+    report = write_report(job, result)
+    console.print(f"report: {report}")
+    if not result.succeeded:
+        console.print(f"[red]failed:[/red] {result.message}", markup=True, highlight=False)
+        return 1
+    return 0

@@ -1,0 +1,125 @@
+"""The one planner, shared by the local backend and the Kubernetes operator. Pure functions only.
+
+`plan(job, observed)` looks at what is true now (each stage's observed phase, restarts, and whether its
+`final/` is verified committed in storage) and returns the single next action. It never remembers
+anything between calls: both backends recompute the observation each time (level-triggered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vlm_trainer import contract, storage
+from vlm_trainer.spec import TrainerConfig, VLMTrainingJob
+
+StagePhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+
+
+@dataclass(frozen=True)
+class StageObservation:
+    """What a backend observed about one stage."""
+
+    phase: StagePhase = "Pending"
+    restarts: int = 0
+    committed: bool = False  # final/ verified in storage (manifest present, files and sizes match)
+    message: str = ""  # why it failed, or why final/ is not committed
+
+
+@dataclass(frozen=True)
+class StartStage:
+    index: int
+    config: TrainerConfig
+    restart: bool = False  # a gang restart after a failure (the trainer resumes from its checkpoint)
+    kind: str = field(default="start", init=False)
+
+
+@dataclass(frozen=True)
+class Wait:
+    reason: str
+    index: int | None = None
+    kind: str = field(default="wait", init=False)
+
+
+@dataclass(frozen=True)
+class Suspend:
+    index: int | None
+    kind: str = field(default="suspend", init=False)
+
+
+@dataclass(frozen=True)
+class Done:
+    kind: str = field(default="done", init=False)
+
+
+@dataclass(frozen=True)
+class Fail:
+    index: int
+    reason: str
+    kind: str = field(default="fail", init=False)
+
+
+Action = StartStage | Wait | Suspend | Done | Fail
+
+
+def stage_output(job: VLMTrainingJob, index: int) -> str:
+    """<storage.uri>/<job>/<stage>: the stage's checkpoints, final/, progress and eval files."""
+    return storage.join(job.spec.storage.uri, job.name, job.spec.stages[index].name)
+
+
+def final_uri(job: VLMTrainingJob, index: int) -> str:
+    return storage.join(stage_output(job, index), contract.FINAL_DIR)
+
+
+def resolve_shard(job: VLMTrainingJob, shard: str) -> str:
+    """Relative shard URLs resolve against spec.storage.uri; absolute URIs and paths stay."""
+    if "://" in shard or shard.startswith("/"):
+        return shard
+    return storage.join(job.spec.storage.uri, shard)
+
+
+def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
+    """The trainer config of stage `index`: init_from = stage index-1's committed final/, output = its prefix."""
+    stage = job.spec.stages[index].model_copy(deep=True)
+    stage.data.shards = [resolve_shard(job, s) for s in stage.data.shards]
+    stage.data.eval_shards = [resolve_shard(job, s) for s in stage.data.eval_shards]
+    if stage.max_restarts is None:
+        stage.max_restarts = job.spec.run_policy.max_restarts
+    # Fields validate by their camelCase aliases (the wire form), so build it by alias.
+    return TrainerConfig.model_validate({
+        "job": job.name,
+        "stageIndex": index,
+        "stage": stage,
+        "model": job.spec.model,
+        "storage": job.spec.storage,
+        "initFrom": final_uri(job, index - 1) if index > 0 else None,
+        "output": stage_output(job, index),
+    })
+
+
+def max_restarts(job: VLMTrainingJob, index: int) -> int:
+    s = job.spec.stages[index]
+    return s.max_restarts if s.max_restarts is not None else job.spec.run_policy.max_restarts
+
+
+def plan(job: VLMTrainingJob, observed: list[StageObservation]) -> Action:
+    """The next action for `job` given each stage's observation (missing entries count as Pending)."""
+    stages = job.spec.stages
+    obs = list(observed) + [StageObservation()] * (len(stages) - len(observed))
+    for i, stage in enumerate(stages):
+        o = obs[i]
+        if o.phase == "Succeeded":
+            if o.committed:
+                continue
+            return Wait(f"stage {stage.name!r} finished but its final/ is not committed yet: {o.message}", i)
+        if job.spec.suspend or job.spec.run_policy.suspend:
+            return Suspend(i)
+        if o.phase == "Running":
+            return Wait(f"stage {stage.name!r} is running", i)
+        if o.phase == "Failed":
+            limit = max_restarts(job, i)
+            if o.restarts >= limit:
+                return Fail(i, f"stage {stage.name!r} failed after {o.restarts} restart(s) (maxRestarts {limit}): {o.message}")
+            return StartStage(i, resolve_stage(job, i), restart=True)
+        return StartStage(i, resolve_stage(job, i))
+    return Done()

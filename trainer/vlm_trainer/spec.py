@@ -1,0 +1,453 @@
+"""The `VLMTrainingJob` schema: one typed source of truth for the CRD, the operator and the trainer.
+
+Torch-free on purpose: `vlm_operator` imports this module (never torch). Field names are camelCase
+on the wire (Kubernetes convention) and snake_case in Python. Unknown fields are errors, so a typo
+never passes silently.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "training.vlm.dev"
+API_VERSION = "v1alpha1"
+KIND = "VLMTrainingJob"
+PLURAL = "vlmtrainingjobs"
+
+StageType = Literal["align", "instruct", "dpo"]
+DataFormat = Literal["caption", "conversation", "preference"]
+TrainablePart = Literal["projector", "language_model", "vision_tower"]
+Precision = Literal["bf16", "fp32"]
+Strategy = Literal["ddp", "fsdp"]
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class Strict(BaseModel):
+    """Base: camelCase field names on the wire, unknown fields forbidden."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=AliasGenerator(validation_alias=to_camel, serialization_alias=to_camel),
+    )
+
+
+class ModelSpec(Strict):
+    """The VLM's parts: a pretrained vision encoder and language model, joined by a projector."""
+
+    vision_encoder: str = Field(
+        description="Path or storage URI (file://, s3://, gs://) of a Hugging Face vision-encoder checkpoint "
+        "(CLIP or SigLIP vision model)."
+    )
+    language_model: str = Field(
+        description="Path or storage URI of a Hugging Face causal-LM checkpoint; its tokenizer is used."
+    )
+    projector: Literal["mlp2x_gelu", "linear"] = Field(
+        "mlp2x_gelu", description="Projector from vision features to LM embeddings (LLaVA-1.5 uses mlp2x_gelu)."
+    )
+    vision_feature_layer: int = Field(
+        -2, description="Hidden layer of the vision encoder whose patch features feed the projector."
+    )
+    vision_feature_select_strategy: Literal["default", "full"] = Field(
+        "full", description="'default' drops the CLS token (CLIP); 'full' keeps every token (SigLIP has no CLS)."
+    )
+    image_size: int = Field(336, gt=0, description="Square input resolution in pixels (fixed resolution policy).")
+
+
+class StorageSpec(Strict):
+    """Where checkpoints and outputs live; credentials only by Secret reference, never inline."""
+
+    uri: str = Field(description="Base URI for checkpoints and outputs: file://, s3:// or gs:// (or a local path).")
+    secret_ref: str | None = Field(
+        None,
+        description="Name of a Secret whose keys become the trainer pods' env (e.g. AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL). Kubernetes backend only.",
+    )
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, SeaweedFS, ...).")
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else "file"
+        if scheme not in ("file", "s3", "gs", "gcs", "memory"):
+            raise ValueError(f"scheme must be one of file://, s3://, gs://, got {scheme}://")
+        return v.rstrip("/")
+
+
+class DataSpec(Strict):
+    """Training data of a stage: WebDataset shards."""
+
+    shards: list[str] = Field(
+        min_length=1,
+        description="WebDataset shard URLs (brace patterns allowed, e.g. data/train-{000..003}.tar); "
+        "relative ones resolve against spec.storage.uri.",
+    )
+    format: DataFormat = Field(
+        description="caption: {png|jpg, txt|json.caption}; conversation: json.conversations; "
+        "preference: json.prompt/chosen/rejected."
+    )
+    eval_shards: list[str] = Field(
+        default_factory=list, description="Held-out shards in the same format, evaluated when the stage ends."
+    )
+    max_length: int = Field(256, gt=0, description="Maximum tokens per sample (image tokens included).")
+    shuffle_buffer: int = Field(1000, ge=0, description="Sample shuffle buffer; 0 disables shuffling.")
+
+
+class OptimizerSpec(Strict):
+    """AdamW settings. The projector's learning rate is lr * projectorLrMultiplier."""
+
+    lr: float | None = Field(None, description="Peak learning rate; default by stage type (align 1e-3, instruct 2e-5, dpo 5e-6).")
+    projector_lr_multiplier: float | None = Field(
+        None, description="Projector lr = lr x this; default 10 for instruct, 1 otherwise."
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"must be > 0, got {v:g}")
+        return v
+
+    @field_validator("projector_lr_multiplier")
+    @classmethod
+    def _mult_positive(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"must be > 0, got {v:g}")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        for b in v:
+            if not 0 <= b < 1:
+                raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+
+class ScheduleSpec(Strict):
+    """Learning-rate schedule: linear warmup, then cosine (or constant) decay."""
+
+    type: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent in linear warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a share of the peak lr.")
+
+
+class BatchSpec(Strict):
+    """Global batch = micro batch x world size x gradient-accumulation steps."""
+
+    global_size: int = Field(32, gt=0, description="Samples per optimizer step across all ranks.")
+    micro_size: int = Field(8, gt=0, description="Samples per forward/backward on one rank.")
+
+
+class DPOSpec(Strict):
+    """Direct Preference Optimization (Rafailov et al. 2023) with a frozen reference model."""
+
+    beta: float = Field(0.1, gt=0, description="KL strength; the implicit reward is beta * log-ratio.")
+
+
+class CheckpointSpec(Strict):
+    """Resumable checkpoints under <output>/checkpoint-<step>/ (manifest.json written last)."""
+
+    every_steps: int = Field(100, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_last: int = Field(2, gt=0, description="Committed checkpoints kept; older ones are deleted.")
+
+
+class ResourcesSpec(Strict):
+    """How many nodes and processes; Kubernetes requests for each node's pod."""
+
+    nodes: int = Field(1, gt=0, description="Nodes (pods) in the torchrun gang.")
+    procs_per_node: int = Field(1, gt=0, description="torchrun --nproc_per_node: processes (GPUs) per node.")
+    gpus_per_node: int = Field(0, ge=0, description="nvidia.com/gpu per pod (0 on CPU).")
+    cpu: str | None = Field(None, description="CPU request/limit per pod, e.g. '8'.")
+    memory: str | None = Field(None, description="Memory request/limit per pod, e.g. '64Gi'.")
+
+
+_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The field's standard recipe (LLaVA-1.5): align trains the projector only at 1e-3; instruct trains
+    # LM + projector at 2e-5 (projector 10x); DPO trains the LM at a small lr against a frozen reference.
+    "align": {"trainable": ["projector"], "lr": 1e-3, "mult": 1.0, "format": "caption"},
+    "instruct": {"trainable": ["projector", "language_model"], "lr": 2e-5, "mult": 10.0, "format": "conversation"},
+    "dpo": {"trainable": ["projector", "language_model"], "lr": 5e-6, "mult": 1.0, "format": "preference"},
+}
+
+
+class StageSpec(Strict):
+    """One stage: what trains, on which data, how long, how distributed."""
+
+    name: str = Field(description="DNS label, unique in the job; names the stage's storage prefix and Job.")
+    type: StageType = Field(description="align (projector only), instruct (LM + projector) or dpo (preference).")
+    data: DataSpec
+    trainable: list[TrainablePart] | None = Field(
+        None, description="Parts that train; everything else is frozen. Default by type."
+    )
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; exactly one of maxSteps or epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the data; exactly one of maxSteps or epochs.")
+    precision: Precision = Field("bf16", description="bf16 autocast (CUDA) or fp32. CPU runs always use fp32.")
+    strategy: Strategy = Field("ddp", description="Data parallelism: ddp (replicated) or fsdp (FSDP2 fully_shard).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(0, ge=0)
+    dpo: DPOSpec | None = Field(None, description="DPO settings (type dpo only).")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_restarts: int | None = Field(None, ge=0, description="Gang restarts of this stage; default spec.runPolicy.maxRestarts.")
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v) or len(v) > 40:
+            raise ValueError(f"must be a lowercase DNS label of at most 40 characters ([a-z0-9-]), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _defaults_and_rules(self) -> StageSpec:
+        d = _TYPE_DEFAULTS[self.type]
+        if self.trainable is None:
+            self.trainable = list(d["trainable"])
+        if not self.trainable:
+            raise ValueError("trainable: at least one part must train, got []")
+        if self.optimizer.lr is None:
+            self.optimizer.lr = d["lr"]
+        if self.optimizer.projector_lr_multiplier is None:
+            self.optimizer.projector_lr_multiplier = d["mult"]
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError(
+                f"maxSteps: set exactly one of maxSteps or epochs (got maxSteps={self.max_steps}, epochs={self.epochs})"
+            )
+        if self.type == "dpo":
+            if self.dpo is None:
+                self.dpo = DPOSpec()
+            if self.data.format != "preference":
+                raise ValueError(f"data.format: a dpo stage needs 'preference' data, got {self.data.format!r}")
+        elif self.dpo is not None:
+            raise ValueError(f"dpo: only valid for type dpo, this stage is {self.type!r}")
+        elif self.data.format == "preference":
+            raise ValueError(f"data.format: 'preference' data needs type dpo, this stage is {self.type!r}")
+        world = self.resources.nodes * self.resources.procs_per_node
+        if self.batch.global_size % (self.batch.micro_size * world):
+            raise ValueError(
+                f"batch.globalSize: {self.batch.global_size} must be a multiple of batch.microSize "
+                f"({self.batch.micro_size}) x world size ({world} = resources.nodes x resources.procsPerNode)"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nodes * self.resources.procs_per_node
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch.global_size // (self.batch.micro_size * self.world_size)
+
+
+class Toleration(Strict):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class RunPolicySpec(Strict):
+    """Restarts, suspension and scheduling hints (Kubernetes backend)."""
+
+    max_restarts: int = Field(3, ge=0, description="Gang restarts per stage before the job fails.")
+    suspend: bool = Field(False, description="Suspended jobs hold no pods; resuming continues the current stage.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the job this long after it finishes.")
+    priority_class_name: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    queue_name: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+
+
+class ImageSpec(Strict):
+    """Trainer container image (Kubernetes backend)."""
+
+    repository: str = "ghcr.io/vlm-training-operator/trainer"
+    tag: str = "0.1.0"
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+
+class JobSpec(Strict):
+    """spec of a VLMTrainingJob."""
+
+    model: ModelSpec
+    storage: StorageSpec
+    stages: list[StageSpec] = Field(min_length=1, description="Run in order; stage k starts from stage k-1's final/.")
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
+    image: ImageSpec = Field(default_factory=ImageSpec)
+    suspend: bool = Field(False, description="Suspend the job (Kueue-compatible); same as runPolicy.suspend.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> JobSpec:
+        dups = duplicate_stage_names([s.name for s in self.stages])
+        if dups:
+            raise ValueError("; ".join(dups))
+        return self
+
+
+def duplicate_stage_names(names: list[Any]) -> list[str]:
+    """One 'stages[i].name: ...' problem per stage whose name an earlier stage already uses."""
+    seen: set[Any] = set()
+    out = []
+    for i, name in enumerate(names):
+        if name in seen:
+            out.append(f"stages[{i}].name: {name!r} is used by an earlier stage; names must be unique")
+        seen.add(name)
+    return out
+
+
+class ObjectMeta(Strict):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v) or len(v) > 40:
+            raise ValueError(f"must be a lowercase DNS label of at most 40 characters, got {v!r}")
+        return v
+
+
+class VLMTrainingJob(Strict):
+    """The resource: apiVersion training.vlm.dev/v1alpha1, kind VLMTrainingJob."""
+
+    model_config = ConfigDict(extra="ignore")  # status etc. are not ours to validate
+    api_version: Annotated[str, Field(alias="apiVersion")]
+    kind: str
+    metadata: ObjectMeta
+    spec: JobSpec
+
+    @field_validator("api_version")
+    @classmethod
+    def _api(cls, v: str) -> str:
+        want = f"{API_GROUP}/{API_VERSION}"
+        if v != want:
+            raise ValueError(f"must be {want!r}, got {v!r}")
+        return v
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v != KIND:
+            raise ValueError(f"must be {KIND!r}, got {v!r}")
+        return v
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+class SpecError(ValueError):
+    """A job file failed validation; `problems` holds one 'field.path: message' line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid VLMTrainingJob:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "tagged-union")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        path = _loc_to_path(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `kubectl explain vlmjob.spec`)"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}, got {e.get('input')!r}"
+        # Model-level rules name their own sub-field ("batch.globalSize (...)"); join it to the path.
+        m = re.match(r"^([A-Za-z_]+(?:\[\d+\])?(?:\.[A-Za-z_]+)*):\s(.*)$", msg)
+        if m and e["type"] == "value_error":
+            path = f"{path}.{m.group(1)}" if path else m.group(1)
+            msg = m.group(2)
+        problems.append(f"{path}: {msg}" if path else msg)
+    return problems
+
+
+def parse_job(doc: dict[str, Any]) -> VLMTrainingJob:
+    """Validate a job document; raise SpecError listing every problem by field path."""
+    if not isinstance(doc, dict):
+        raise SpecError([f"the document must be a mapping, got {type(doc).__name__}"])
+    try:
+        return VLMTrainingJob.model_validate(doc)
+    except ValidationError as err:
+        problems = format_errors(err)
+        # Job-level rules only run once every stage is valid; report duplicates now too.
+        raw = (doc.get("spec") or {}).get("stages") if isinstance(doc.get("spec"), dict) else None
+        if isinstance(raw, list):
+            for p in duplicate_stage_names([s.get("name") if isinstance(s, dict) else None for s in raw]):
+                if f"spec.{p}" not in problems:
+                    problems.append(f"spec.{p}")
+        raise SpecError(problems) from None
+
+
+def load_job(path: str) -> VLMTrainingJob:
+    """Read and validate a job YAML file (one document)."""
+    with open(path) as f:
+        try:
+            doc = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise SpecError([f"not valid YAML: {err}"]) from None
+    return parse_job(doc)
+
+
+def dump_job(job: VLMTrainingJob) -> dict[str, Any]:
+    """The job as a camelCase dict with defaults filled in (what the operator and trainer see)."""
+    return job.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+class TrainerConfig(Strict):
+    """One stage, resolved by the planner: everything a trainer process needs, nothing it must look up.
+
+    `init_from` is the previous stage's committed `final/` (None for the first stage, which assembles
+    the VLM from spec.model's vision encoder and language model); `output` is this stage's prefix.
+    """
+
+    job: str
+    stage_index: int = Field(ge=0)
+    stage: StageSpec
+    model: ModelSpec
+    storage: StorageSpec
+    init_from: str | None = None
+    output: str
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+    @classmethod
+    def load(cls, doc: dict[str, Any]) -> TrainerConfig:
+        return cls.model_validate(doc)
