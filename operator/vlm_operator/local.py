@@ -109,7 +109,10 @@ class LocalRunner:
         self.job = job
         self.log_dir = log_dir or tempfile.mkdtemp(prefix=f"vlmctl-{job.name}-")
         self.on_line = on_line  # (stage name, raw line, rank, event or None)
-        self.env = env or {}
+        self.env = dict(env or {})
+        if job.spec.storage.endpoint_url:  # s3fs/botocore read the endpoint from the environment
+            os.environ["AWS_ENDPOINT_URL"] = job.spec.storage.endpoint_url
+            self.env["AWS_ENDPOINT_URL"] = job.spec.storage.endpoint_url
         self.failures: dict[int, int] = {}
         self.errors: dict[int, str] = {}
 

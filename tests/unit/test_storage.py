@@ -1,0 +1,72 @@
+"""Committed checkpoints: manifest written last, folders without one are never checkpoints."""
+
+import json
+
+import pytest
+from vlm_trainer import storage
+
+pytestmark = pytest.mark.unit
+
+
+def make_dir(tmp_path, name="src", files=None):
+    d = tmp_path / name
+    d.mkdir()
+    for rel, data in (files or {"model.safetensors": b"w" * 100, "sub/opt.pt": b"o" * 10}).items():
+        p = d / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return d
+
+
+def test_commit_writes_files_then_a_manifest_that_verifies(tmp_path):
+    out = f"file://{tmp_path}/store/job/align/checkpoint-5"
+    storage.commit_dir(str(make_dir(tmp_path)), out, step=5, stage="align")
+    m = json.loads((tmp_path / "store/job/align/checkpoint-5/manifest.json").read_text())
+    assert m["step"] == 5 and m["stage"] == "align"
+    assert {f["path"] for f in m["files"]} == {"model.safetensors", "sub/opt.pt"}
+    assert storage.verify_committed(out, check_sha256=True).ok
+
+
+def test_verification_catches_missing_truncated_and_corrupted_files(tmp_path):
+    out = f"{tmp_path}/ck"
+    storage.commit_dir(str(make_dir(tmp_path)), out, step=1, stage="s")
+    (tmp_path / "ck/sub/opt.pt").write_bytes(b"x" * 10)  # same size, other bytes
+    assert storage.verify_committed(out).ok
+    v = storage.verify_committed(out, check_sha256=True)
+    assert not v.ok and "sha256" in v.reason
+    (tmp_path / "ck/model.safetensors").write_bytes(b"w" * 99)
+    v = storage.verify_committed(out)
+    assert not v.ok and "99 bytes" in v.reason
+    (tmp_path / "ck/model.safetensors").unlink()
+    assert "missing" in storage.verify_committed(out).reason
+
+
+def test_latest_checkpoint_ignores_folders_without_manifest(tmp_path):
+    out = f"{tmp_path}/stage"
+    for step in (10, 20):
+        storage.commit_dir(str(make_dir(tmp_path, f"s{step}")), storage.join(out, f"checkpoint-{step}"), step=step, stage="s")
+    (tmp_path / "stage/checkpoint-30").mkdir()  # a crash mid-save: files, no manifest
+    (tmp_path / "stage/checkpoint-30/model.safetensors").write_bytes(b"partial")
+    assert storage.latest_checkpoint(out) == (20, f"{out}/checkpoint-20")
+    assert [s for s, _ in storage.list_checkpoints(out)] == [10, 20]
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    out = f"{tmp_path}/stage"
+    for step in (1, 2, 3):
+        storage.commit_dir(str(make_dir(tmp_path, f"s{step}")), storage.join(out, f"checkpoint-{step}"), step=step, stage="s")
+    storage.prune_checkpoints(out, keep_last=2)
+    assert [s for s, _ in storage.list_checkpoints(out)] == [2, 3]
+
+
+def test_recommit_removes_the_stale_manifest_first(tmp_path):
+    out = f"{tmp_path}/final"
+    storage.commit_dir(str(make_dir(tmp_path, "a")), out, step=1, stage="s")
+    storage.commit_dir(str(make_dir(tmp_path, "b", {"other.bin": b"1"})), out, step=2, stage="s")
+    m = storage.read_manifest(out)
+    assert m["step"] == 2 and [f["path"] for f in m["files"]] == ["other.bin"]
+
+
+def test_join_keeps_schemes():
+    assert storage.join("s3://b/x/", "job", "/stage/") == "s3://b/x/job/stage"
+    assert storage.local_path("file:///tmp/a") == "/tmp/a"
