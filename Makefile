@@ -32,8 +32,10 @@ test-unit: install
 lint: install
 	$(BIN)/ruff check operator trainer tests bench
 
+# The CRD is generated from the typed spec; the chart carries a byte copy (tests fail on drift).
 crd: install
 	$(BIN)/python -m vlm_operator.crd > crds/training.vlm.dev_vlmtrainingjobs.yaml
+	cp crds/training.vlm.dev_vlmtrainingjobs.yaml charts/vlm-operator/files/crds/
 
 clean:
 	rm -rf $(VENV) $(QUICKDIR)

@@ -55,8 +55,10 @@ class ModelSpec(Strict):
     language_model: str = Field(
         description="Path or storage URI of a Hugging Face causal-LM checkpoint; its tokenizer is used."
     )
-    projector: Literal["mlp2x_gelu", "linear"] = Field(
-        "mlp2x_gelu", description="Projector from vision features to LM embeddings (LLaVA-1.5 uses mlp2x_gelu)."
+    projector: Literal["mlp2x_gelu"] = Field(
+        "mlp2x_gelu",
+        description="Projector from vision features to LM embeddings: LLaVA-1.5's Linear-GELU-Linear "
+        "(transformers' LlavaMultiModalProjector; the only one it implements).",
     )
     vision_feature_layer: int = Field(
         -2, description="Hidden layer of the vision encoder whose patch features feed the projector."

@@ -1,0 +1,66 @@
+"""Entry point of one trainer process: `python -m vlm_trainer --config <path-or-URI>` (plain or under torchrun).
+
+The config is a resolved `TrainerConfig` JSON (the planner writes it; on Kubernetes a ConfigMap mounts
+it). Without `--config`, `$VLM_TRAINER_CONFIG` and then the mounted file are tried. Exit code 0 means
+the stage's final/ is committed (now or by an earlier run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from vlm_trainer import contract, storage
+from vlm_trainer.spec import TrainerConfig
+
+
+def config_uri(cli_value: str | None) -> str:
+    if cli_value:
+        return cli_value
+    if os.environ.get(contract.CONFIG_ENV):
+        return os.environ[contract.CONFIG_ENV]
+    mounted = os.path.join(contract.CONFIG_MOUNT_DIR, contract.CONFIG_FILE)
+    if os.path.exists(mounted):
+        return mounted
+    raise SystemExit(
+        f"no trainer config: pass --config <path-or-URI>, set ${contract.CONFIG_ENV}, or mount {mounted}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help=f"path or storage URI of the TrainerConfig JSON (or ${contract.CONFIG_ENV})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    config = TrainerConfig.load(storage.read_json(config_uri(args.config)))
+    final = storage.join(config.output, contract.FINAL_DIR)
+    if storage.verify_committed(final).ok:
+        # Done by an earlier run: say so without loading torch (re-running a finished job does nothing).
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps({"event": "skip", "stage": config.stage.name, "reason": f"{final} is already committed"}), flush=True)
+        return 0
+
+    # Imported after the config parses, so a bad config fails fast without loading torch/transformers.
+    import transformers
+
+    from vlm_trainer.parallel import dist_env, init_distributed, set_threads, shutdown_distributed
+    from vlm_trainer.trainer import run_stage
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    env = dist_env()
+    set_threads(env)
+    init_distributed(env)
+    try:
+        run_stage(config, env)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference model.
+
+For a prompt x with chosen answer y_w and rejected answer y_l, with sequence log-probabilities over the
+answer tokens only (pc, pr under the policy; rc, rr under the reference):
+
+    loss = -log sigmoid(beta * ((pc - rc) - (pr - rr)))
+
+The implicit rewards are beta * (pc - rc) and beta * (pr - rr); the logged reward margin is their
+difference and the reward accuracy the share of pairs whose margin is positive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_trainer.samples import IGNORE_INDEX
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over the labelled (answer) tokens of each row; logits predict the next token."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)
+
+
+@dataclass
+class DPOTerms:
+    """Per-pair DPO loss and implicit rewards."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+    @property
+    def margins(self) -> torch.Tensor:
+        return self.chosen_rewards - self.rejected_rewards
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+) -> DPOTerms:
+    chosen_rewards = beta * (policy_chosen - reference_chosen)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return DPOTerms(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+class DPOObjective:
+    """Sum of per-pair DPO losses of a batch laid out as [chosen_1..chosen_B, rejected_1..rejected_B]."""
+
+    stat_names = ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")
+
+    def __init__(self, reference: nn.Module, beta: float):
+        self.reference = reference
+        self.beta = beta
+        reference.eval()
+        reference.requires_grad_(False)
+
+    @staticmethod
+    def count(batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        policy = sequence_logps(model(**inputs, use_cache=False).logits, batch["labels"])
+        with torch.no_grad():
+            reference = sequence_logps(self.reference(**inputs, use_cache=False).logits, batch["labels"])
+        n = self.count(batch)
+        terms = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta)
+        stats = {
+            "reward_margin": terms.margins.sum(),
+            "reward_accuracy": (terms.margins > 0).float().sum(),
+            "chosen_reward": terms.chosen_rewards.sum(),
+            "rejected_reward": terms.rejected_rewards.sum(),
+        }
+        return terms.losses.sum(), stats

@@ -1,0 +1,242 @@
+"""The VLM: transformers' own `LlavaForConditionalGeneration`, assembled, frozen per stage, grouped for AdamW.
+
+Two ways in, both giving the same class:
+- first stage (`init_from is None`): a vision-encoder checkpoint (SigLIP/CLIP vision model + image
+  processor) and a causal-LM checkpoint (+ tokenizer with a chat template) are joined by a freshly
+  initialised LLaVA projector (`mlp2x_gelu` = `multi_modal_projector`: Linear, GELU, Linear);
+- later stages: the previous stage's committed `final/` via `from_pretrained`.
+
+Master weights are always fp32 (bf16 is applied by autocast in the loop). Nothing here knows about
+ranks or process groups; parallelism wraps the model from outside (`vlm_trainer.parallel`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+# transformers 5.17's top-level `AutoImageProcessor` is a placeholder that demands torchvision even
+# though the PIL backends work; the class in its own module resolves SigLIP/CLIP to their PIL processors.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+from vlm_trainer import storage
+from vlm_trainer.spec import ModelSpec, StageSpec
+
+IMAGE_TOKEN = "<image>"
+PARTS = ("projector", "language_model", "vision_tower")
+
+
+class ModelConfigError(ValueError):
+    """The model spec and the checkpoints it names do not fit together; the message names the field."""
+
+
+@dataclass
+class VLM:
+    """The assembled model and the processor that feeds it (tokenizer + image processor + template)."""
+
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
+
+    @property
+    def image_token_count(self) -> int:
+        return image_token_count(self.processor)
+
+
+def local_dir(uri: str, what: str) -> str:
+    """A local folder holding the checkpoint at `uri` (remote ones are downloaded to a temp folder)."""
+    if not storage.exists(uri):
+        raise ModelConfigError(f"{what}: no checkpoint at {uri}")
+    if not storage.is_remote(uri):
+        return storage.local_path(uri)
+    return storage.download_dir(uri, tempfile.mkdtemp(prefix="vlm-ckpt-"))
+
+
+def image_token_count(processor: LlavaProcessor) -> int:
+    """How many `<image>` tokens one image expands to (the processor's own rule, for fixed resolution)."""
+    size = processor.image_processor.crop_size if _uses_crop(processor.image_processor) else processor.image_processor.size
+    height, width = _hw(size)
+    n = (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
+    if processor.vision_feature_select_strategy == "default":
+        n -= 1
+    return n
+
+
+def _uses_crop(image_processor: object) -> bool:
+    return bool(getattr(image_processor, "do_center_crop", False)) and getattr(image_processor, "crop_size", None)
+
+
+def _hw(size: object) -> tuple[int, int]:
+    if isinstance(size, dict):
+        d = size
+    else:
+        d = {k: getattr(size, k) for k in ("height", "width", "shortest_edge") if getattr(size, k, None)}
+    if "height" in d and "width" in d:
+        return int(d["height"]), int(d["width"])
+    if "shortest_edge" in d:
+        return int(d["shortest_edge"]), int(d["shortest_edge"])
+    raise ModelConfigError(f"image processor size {size!r} has neither height/width nor shortest_edge")
+
+
+def build_vlm(model_spec: ModelSpec, init_from: str | None, *, seed: int) -> VLM:
+    """The stage's starting model: from `init_from` (previous stage's final/) or assembled from parts."""
+    if init_from is not None:
+        return load_vlm(init_from)
+    return assemble_vlm(model_spec, seed=seed)
+
+
+def load_vlm(uri: str) -> VLM:
+    """A committed stage output (`final/`): LlavaForConditionalGeneration + AutoProcessor, fp32."""
+    verification = storage.verify_committed(uri, check_sha256=True)
+    if not verification.ok:
+        raise ModelConfigError(f"initFrom: {verification.reason}")
+    path = local_dir(uri, "initFrom")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(path)
+    return VLM(model, processor)
+
+
+def assemble_vlm(model_spec: ModelSpec, *, seed: int) -> VLM:
+    """Join a pretrained vision encoder and causal LM with a new projector (seeded: every rank builds
+    the same initial projector, which FSDP requires and DDP checks)."""
+    vision_path = local_dir(model_spec.vision_encoder, "spec.model.visionEncoder")
+    lm_path = local_dir(model_spec.language_model, "spec.model.languageModel")
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelConfigError(
+            f"spec.model.languageModel: the tokenizer at {model_spec.language_model} has no chat_template; "
+            "the trainer renders every sample with it"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+        lm.resize_token_embeddings(len(tokenizer))
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    vision = AutoModel.from_pretrained(vision_path, dtype=torch.float32)
+    vision_config = vision.config
+    if getattr(vision_config, "model_type", "") not in ("siglip_vision_model", "clip_vision_model"):
+        raise ModelConfigError(
+            f"spec.model.visionEncoder: expected a SigLIP or CLIP vision model, got "
+            f"{type(vision).__name__} ({vision_config.model_type})"
+        )
+    if vision_config.image_size != model_spec.image_size:
+        raise ModelConfigError(
+            f"spec.model.imageSize: {model_spec.image_size} does not match the vision encoder at "
+            f"{model_spec.vision_encoder}, which was trained at {vision_config.image_size}px; set imageSize: "
+            f"{vision_config.image_size}"
+        )
+    image_processor = AutoImageProcessor.from_pretrained(vision_path)
+    is_clip = vision_config.model_type == "clip_vision_model"
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=model_spec.vision_feature_select_strategy,
+        chat_template=tokenizer.chat_template,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1 if is_clip else 0,  # CLIP prepends a CLS token; SigLIP has none
+    )
+    probe = image_processor(images=Image.new("RGB", (model_spec.image_size,) * 2), return_tensors="pt")
+    if tuple(probe["pixel_values"].shape[-2:]) != (model_spec.image_size,) * 2:
+        raise ModelConfigError(
+            f"spec.model.visionEncoder: its image processor produces {tuple(probe['pixel_values'].shape[-2:])} "
+            f"pixels, the model expects {model_spec.image_size}"
+        )
+
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_index=image_token_id,
+        image_seq_length=image_token_count(processor),
+        projector_hidden_act="gelu",
+        vision_feature_layer=model_spec.vision_feature_layer,
+        vision_feature_select_strategy=model_spec.vision_feature_select_strategy,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    lm_state = lm.state_dict()
+    model.model.language_model.load_state_dict(
+        {k.removeprefix("model."): v for k, v in lm_state.items() if k.startswith("model.")}
+    )
+    if not config.tie_word_embeddings:
+        model.lm_head.load_state_dict({"weight": lm_state["lm_head.weight"]})
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, key, None)
+        if value is not None:
+            setattr(model.generation_config, key, value)
+    return VLM(model, processor)
+
+
+def part_modules(model: LlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:
+    """The three trainable parts by name (the LM part includes the LM head, tied or not)."""
+    return {
+        "projector": [model.model.multi_modal_projector],
+        "language_model": [model.model.language_model, model.lm_head],
+        "vision_tower": [model.model.vision_tower],
+    }
+
+
+def part_of(name: str) -> str:
+    """Which part a parameter name of LlavaForConditionalGeneration belongs to."""
+    if name.startswith("model.multi_modal_projector."):
+        return "projector"
+    if name.startswith("model.vision_tower."):
+        return "vision_tower"
+    if name.startswith(("model.language_model.", "lm_head.")):
+        return "language_model"
+    raise ValueError(f"parameter {name!r} belongs to no known part of LlavaForConditionalGeneration")
+
+
+def apply_freezing(model: LlavaForConditionalGeneration, trainable: list[str]) -> None:
+    """Only the stage's trainable parts get gradients; a frozen vision tower runs in eval mode."""
+    unknown = set(trainable) - set(PARTS)
+    if unknown:
+        raise ValueError(f"stage.trainable: unknown parts {sorted(unknown)}; allowed: {list(PARTS)}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(part_of(name) in trainable)
+    model.train()
+    if "vision_tower" not in trainable:
+        model.model.vision_tower.eval()
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def param_groups(model: LlavaForConditionalGeneration, stage: StageSpec) -> list[dict]:
+    """AdamW groups: projector at lr x projectorLrMultiplier, the rest at lr; no decay on norms/biases."""
+    opt = stage.optimizer
+    lr = float(opt.lr)
+    mult = float(opt.projector_lr_multiplier)
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = (part_of(name) == "projector", param.ndim >= 2)
+        buckets.setdefault(key, []).append(param)
+    groups = []
+    for (is_projector, decays), params in sorted(buckets.items()):
+        groups.append({
+            "params": params,
+            "lr": lr * mult if is_projector else lr,
+            "weight_decay": opt.weight_decay if decays else 0.0,
+        })
+    return groups

@@ -1,0 +1,36 @@
+"""AdamW over the stage's parameter groups, and the learning-rate schedule (linear warmup, then decay)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from vlm_trainer.spec import ScheduleSpec, StageSpec
+
+
+def build_optimizer(groups: list[dict], stage: StageSpec) -> torch.optim.AdamW:
+    if not groups:
+        raise ValueError("stage.trainable: no parameter requires a gradient; nothing to train")
+    return torch.optim.AdamW(groups, betas=tuple(stage.optimizer.betas), weight_decay=stage.optimizer.weight_decay)
+
+
+def lr_multiplier(step: int, total_steps: int, schedule: ScheduleSpec) -> float:
+    """Share of the peak lr at optimizer step `step` (0-based): warmup ramps to 1, then the decay runs
+    from 1 to min_lr_ratio at the last step (cosine or linear; constant stays at 1)."""
+    warmup = int(round(schedule.warmup_ratio * total_steps))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule.type == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup - 1)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    floor = schedule.min_lr_ratio
+    if schedule.type == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, schedule: ScheduleSpec) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, schedule))

@@ -1,0 +1,44 @@
+"""`python -m vlm_trainer.quickstart {prepare,evaluate} --dir DIR`: the quickstart's two halves.
+
+`vlmctl quickstart` runs `prepare`, then the job files through the local backend, then `evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlm_trainer.quickstart", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="write data shards, stage-0 checkpoints, job.yaml and naive.yaml")
+    prep.add_argument("--dir", required=True, help="working folder")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the data and stage-0 training")
+    prep.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for stage-0 training (1 is robust on a shared machine)",
+    )
+    ev = sub.add_parser("evaluate", help="measure every stage on the held-out split; write report.json")
+    ev.add_argument("--dir", required=True, help="the folder `prepare` wrote")
+    ev.add_argument("--strict", action="store_true", help="exit 1 when a quality claim is not met")
+    ev.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.command == "prepare":
+        from vlm_trainer.quickstart.prepare import prepare
+
+        prepare(args.dir, seed=args.seed)
+        return 0
+    from vlm_trainer.quickstart.evaluate import evaluate
+
+    return evaluate(args.dir, strict=args.strict)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The training loop of one stage: a `Trainer` whose parts are typed attributes, built once, run once.
+
+Order of assembly (torchtitan's): model (from initFrom or the parts) -> freezing -> activation
+checkpointing -> data parallelism (DDP or FSDP2) -> optimizer and schedule -> resume from the newest
+verified checkpoint. Then: steps with gradient accumulation, clipping, checkpoints every N steps,
+progress lines and Prometheus metrics; at the end evaluation on the held-out shards, `eval.json`, and
+`final/` (published last: a committed final/ means the stage is done, and a re-run does nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vlm_trainer import contract, storage
+from vlm_trainer.checkpoint import Checkpointer, ResumeState
+from vlm_trainer.data import DataPosition, TrainStream, count_samples, eval_samples
+from vlm_trainer.dpo import DPOObjective
+from vlm_trainer.metrics import TrainerMetrics
+from vlm_trainer.model import VLM, apply_freezing, build_vlm, param_groups
+from vlm_trainer.objective import CausalLMObjective, Objective
+from vlm_trainer.optim import build_optimizer, build_scheduler, lr_multiplier
+from vlm_trainer.parallel import (
+    DistEnv,
+    all_reduce_sum,
+    apply_ddp,
+    apply_fsdp,
+    gather_objects,
+    parameter_sha256,
+)
+from vlm_trainer.progress import ProgressReporter, emit
+from vlm_trainer.samples import SampleEncoder, collate, collate_pairs
+from vlm_trainer.spec import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+def total_steps_of(config: TrainerConfig) -> int:
+    """maxSteps, or epochs x samples / global batch (samples counted from the shards' tar headers)."""
+    stage = config.stage
+    if stage.max_steps is not None:
+        return stage.max_steps
+    samples = count_samples(stage.data.shards)
+    if samples == 0:
+        raise ValueError("stage.data.shards: the shards hold no samples")
+    return max(1, math.ceil(stage.epochs * samples / stage.batch.global_size))
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    samples: int
+    local_tokens: int
+    local_samples: int
+    seconds: float
+    data_wait_seconds: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """One stage's training, resumable. Build with `Trainer.build(config, env)`, then `run()`."""
+
+    config: TrainerConfig
+    env: DistEnv
+    vlm: VLM
+    model: nn.Module  # the module trained through: DDP wrapper, FSDP2-sharded model, or the model itself
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    encoder: SampleEncoder
+    stream: TrainStream
+    checkpointer: Checkpointer
+    metrics: TrainerMetrics | None
+    total_steps: int
+    step: int
+    stats: dict[str, Any]
+
+    @classmethod
+    def build(cls, config: TrainerConfig, env: DistEnv) -> Trainer:
+        self = cls()
+        self.config, self.env = config, env
+        stage = config.stage
+        self.started = time.perf_counter()
+        self.total_steps = total_steps_of(config)
+        self.checkpointer = Checkpointer(
+            config.output, stage.name, every_steps=stage.checkpoint.every_steps,
+            keep_last=stage.checkpoint.keep_last, env=env,
+        )
+
+        self.vlm = build_vlm(config.model, config.init_from, seed=stage.seed)
+        hf = self.vlm.model
+        apply_freezing(hf, list(stage.trainable))
+        if stage.gradient_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.to(env.device)
+        self.model = self._parallelize(hf)
+
+        if stage.type == "dpo":
+            reference = build_vlm(config.model, config.init_from, seed=stage.seed).model.to(env.device)
+            self.objective = DPOObjective(reference, beta=stage.dpo.beta)
+        else:
+            self.objective = CausalLMObjective()
+
+        self.optimizer = build_optimizer(param_groups(hf, stage), stage)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, stage.schedule)
+        self.encoder = SampleEncoder(self.vlm.processor, self.vlm.image_token_count, stage.data.max_length)
+        self.n_parameters = sum(p.numel() for p in hf.parameters())
+
+        self.step, self.stats = 0, {}
+        position = DataPosition()
+        self.resumed: ResumeState | None = None
+        latest = self.checkpointer.latest_verified()
+        if latest is not None:
+            self.resumed = self.checkpointer.load(latest[1], hf, self.optimizer, self.scheduler)
+            self.step, self.stats, position = self.resumed.step, self.resumed.stats, self.resumed.data_position
+            self._emit("resume", step=self.step, checkpoint=self.resumed.uri)
+        else:
+            # Different data-order/dropout streams per rank; the model was initialised identically above.
+            random.seed(stage.seed + env.rank)
+            np.random.seed(stage.seed + env.rank)
+            torch.manual_seed(stage.seed + env.rank)
+        self.stream = TrainStream(
+            stage.data.shards, seed=stage.seed, rank=env.rank, world=env.world_size,
+            shuffle_buffer=stage.data.shuffle_buffer, position=position,
+        )
+        self.metrics = self._start_metrics()
+        return self
+
+    # --- assembly helpers -------------------------------------------------------------------------
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The LlavaForConditionalGeneration itself (for FSDP2, the sharded root)."""
+        return self.vlm.model
+
+    def _parallelize(self, hf: nn.Module) -> nn.Module:
+        stage, env = self.config.stage, self.env
+        if not env.distributed:
+            return hf
+        if stage.strategy == "fsdp":
+            layers = list(hf.model.language_model.layers) + list(_vision_layers(hf))
+            return apply_fsdp(hf, layers=layers)
+        # A trainable vision tower has parameters outside the selected feature layer (last block,
+        # post-norm, pooling head) that never get a gradient; DDP must be told to expect that.
+        return apply_ddp(hf, env, find_unused_parameters="vision_tower" in stage.trainable)
+
+    def _start_metrics(self) -> TrainerMetrics | None:
+        try:
+            metrics = TrainerMetrics.from_env(self.config.job, self.config.stage.name)
+            metrics.start_server()
+            metrics.set_progress(self.step, self.total_steps)
+            return metrics
+        except (ValueError, OSError) as err:  # metrics are advisory; a bad port must not stop training
+            log.warning("metrics disabled: %s", err)
+            return None
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.env.is_main:
+            emit(event, stage=self.config.stage.name, **fields)
+
+    # --- data -------------------------------------------------------------------------------------
+
+    def _collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        pad = self.vlm.processor.tokenizer.pad_token_id
+        batch = collate_pairs(items, pad) if self.config.stage.type == "dpo" else collate(items, pad)
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        fmt = self.config.stage.data.format
+        items = [self.encoder.encode(next(self.stream), fmt) for _ in range(self.config.stage.batch.micro_size)]
+        return self._collate(items)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.env.device.type == "cuda" and self.config.stage.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext() if sync else self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    # --- one optimizer step -----------------------------------------------------------------------
+
+    def train_step(self) -> StepResult:
+        stage, env = self.config.stage, self.env
+        started = time.perf_counter()
+        batches = [self._next_batch() for _ in range(stage.grad_accum_steps)]
+        data_wait = time.perf_counter() - started
+        local_units = sum(self.objective.count(b) for b in batches)
+        (global_units,) = all_reduce_sum([local_units], env)
+        # Gradients are averaged over ranks by DDP/FSDP; scaling by world / global units makes the step's
+        # gradient the mean over every unit (answer token or pair) of the global batch.
+        scale = env.world_size / max(global_units, 1.0)
+        loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
+        stat_sums = {name: 0.0 for name in self.objective.stat_names}
+        local_tokens = local_samples = 0
+        for i, batch in enumerate(batches):
+            with self._grad_sync(i == len(batches) - 1):
+                with self._autocast():
+                    micro_loss, stats = self.objective(self.model, batch)
+                (micro_loss * scale).backward()
+            loss_sum += micro_loss.detach().double()
+            for name, value in stats.items():
+                stat_sums[name] += float(value)
+            local_tokens += int(batch["attention_mask"].sum())
+            local_samples += self.objective.count(batch) if stage.type == "dpo" else batch["input_ids"].shape[0]
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        names = list(stat_sums)
+        sums = all_reduce_sum([float(loss_sum), local_tokens, local_samples, *stat_sums.values()], env)
+        denominator = max(global_units, 1.0)
+        return StepResult(
+            loss=sums[0] / denominator,
+            grad_norm=grad_norm,
+            tokens=int(sums[1]),
+            samples=int(sums[2]),
+            local_tokens=local_tokens,
+            local_samples=local_samples,
+            seconds=max(time.perf_counter() - started, 1e-9),
+            data_wait_seconds=data_wait,
+            stats={n: sums[3 + i] / max(sums[2], 1.0) for i, n in enumerate(names)},
+        )
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.hf_model.parameters() if p.requires_grad and p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.config.stage.optimizer.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # --- the stage --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        stage, env = self.config.stage, self.env
+        self._emit(
+            "start", step=self.step, total=self.total_steps, world_size=env.world_size, strategy=stage.strategy,
+            init_from=self.config.init_from, trainable=list(stage.trainable), device=str(env.device),
+        )
+        progress = ProgressReporter(self.config.output, self.total_steps, is_main=env.is_main, start_step=self.step)
+        while self.step < self.total_steps:
+            lr_now = float(stage.optimizer.lr) * lr_multiplier(self.step, self.total_steps, stage.schedule)
+            result = self.train_step()
+            self.step += 1
+            self.stats.setdefault("train_loss_first", result.loss)
+            self.stats["train_loss_last"] = result.loss
+            progress.step(
+                self.step,
+                loss=result.loss,
+                lr=lr_now,
+                tokens_per_second=result.tokens / result.seconds,
+                samples_per_second=result.samples / result.seconds,
+                grad_norm=result.grad_norm,
+                **result.stats,
+            )
+            self._observe(result, lr_now)
+            if self.checkpointer.due(self.step, self.total_steps):
+                seconds = self.checkpointer.save(
+                    self.step, self.hf_model, self.optimizer, self.scheduler, self.stream.position,
+                    total_steps=self.total_steps, stats=self.stats,
+                )
+                if self.metrics is not None:
+                    self.metrics.observe_checkpoint(seconds)
+                self._emit("checkpoint", step=self.step, seconds=round(seconds, 3))
+
+        self._check_replicas()
+        evaluation = self.evaluate()
+        report = {
+            "stage": stage.name,
+            "type": stage.type,
+            "steps": self.total_steps,
+            "train_loss_first": self.stats.get("train_loss_first"),
+            "train_loss_last": self.stats.get("train_loss_last"),
+            "wall_seconds": round(time.perf_counter() - self.started, 3),
+            "resumed_from_step": self.resumed.step if self.resumed else None,
+            "world_size": env.world_size,
+            **evaluation,
+        }
+        if env.is_main:
+            storage.write_json(storage.join(self.config.output, contract.EVAL_FILE), report)
+        self._emit("eval", **evaluation)
+        final = self.checkpointer.publish_final(
+            self.hf_model, self.vlm.processor, step=self.total_steps, extra={"eval": evaluation}
+        )
+        progress.write(self.step, loss=self.stats.get("train_loss_last"), tokens_per_second=None)
+        self._emit("done", final=final, steps=self.total_steps, wall_seconds=report["wall_seconds"])
+        if self.metrics is not None:
+            self.metrics.set_progress(self.step, self.total_steps)
+            self.metrics.close()
+        return report
+
+    def _observe(self, result: StepResult, lr: float) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.observe_step(
+            self.step,
+            tokens=result.local_tokens,
+            samples=result.local_samples,
+            loss=result.loss,
+            lr=lr,
+            grad_norm=result.grad_norm,
+            step_seconds=result.seconds,
+            data_wait_seconds=min(result.data_wait_seconds, result.seconds),
+            # The usual 6 x parameters FLOPs per token (forward + backward); frozen parts make it an upper bound.
+            flops=6.0 * self.n_parameters * result.local_tokens,
+        )
+        self.metrics.observe_memory()
+
+    def _check_replicas(self) -> None:
+        """DDP replicas must hold bit-identical parameters; a mismatch is a bug, not noise."""
+        if not self.env.distributed or self.config.stage.strategy != "ddp":
+            return
+        fingerprints = gather_objects(parameter_sha256(self.hf_model), self.env)
+        self._emit("replicas", parameter_sha256=fingerprints, equal=len(set(fingerprints)) == 1)
+        if len(set(fingerprints)) != 1:
+            raise RuntimeError(f"DDP replicas diverged: parameter sha256 per rank {fingerprints}")
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def _eval_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+        """(batch, counts) pairs; every rank yields the same number of batches (FSDP2 forwards are
+        collectives), ranks that run out repeat a batch that is not counted."""
+        stage, env = self.config.stage, self.env
+        total = count_samples(stage.data.eval_shards)
+        per_rank = math.ceil(total / env.world_size)
+        n_batches = math.ceil(per_rank / stage.batch.micro_size)
+        samples = eval_samples(stage.data.eval_shards, rank=env.rank, world=env.world_size)
+        filler: dict[str, torch.Tensor] | None = None
+        for _ in range(n_batches):
+            raws = [raw for _, raw in zip(range(stage.batch.micro_size), samples, strict=False)]
+            if raws:
+                batch = self._collate([self.encoder.encode(r, stage.data.format) for r in raws])
+                filler = batch
+                yield batch, True
+            else:
+                if filler is None:
+                    first = next(eval_samples(stage.data.eval_shards, rank=0, world=1))
+                    filler = self._collate([self.encoder.encode(first, stage.data.format)])
+                yield filler, False
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out loss (and DPO reward accuracy/margin) over stage.data.evalShards, summed over ranks."""
+        stage = self.config.stage
+        if not stage.data.eval_shards:
+            return {"eval_loss": None}
+        model = self.hf_model
+        model.eval()
+        names = list(self.objective.stat_names)
+        loss_sum, units, pairs = 0.0, 0, 0
+        stat_sums = dict.fromkeys(names, 0.0)
+        for batch, counts in self._eval_batches():
+            with self._autocast():
+                batch_loss, stats = self.objective(model, batch)
+            if counts:
+                loss_sum += float(batch_loss)
+                units += self.objective.count(batch)
+                pairs += batch["input_ids"].shape[0] // 2
+                for n in names:
+                    stat_sums[n] += float(stats[n])
+        apply_freezing(model, list(stage.trainable))  # back to train modes (frozen vision tower stays eval)
+        sums = all_reduce_sum([loss_sum, units, pairs, *stat_sums.values()], self.env)
+        result: dict[str, Any] = {"eval_loss": sums[0] / max(sums[1], 1.0), "eval_units": int(sums[1])}
+        if stage.type == "dpo":
+            stats = {n: sums[3 + i] / max(sums[2], 1.0) for i, n in enumerate(names)}
+            result.update(stats)
+        return result
+
+
+def _vision_layers(hf: nn.Module) -> list[nn.Module]:
+    tower = hf.model.vision_tower
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    return list(encoder.layers) if encoder is not None else []
+
+
+def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any] | None:
+    """Train one stage to its final/; returns the eval report, or None when final/ was already committed."""
+    checkpointer = Checkpointer(
+        config.output, config.stage.name, every_steps=config.stage.checkpoint.every_steps,
+        keep_last=config.stage.checkpoint.keep_last, env=env,
+    )
+    if checkpointer.stage_done():
+        if env.is_main:
+            emit("skip", stage=config.stage.name, reason=f"{checkpointer.final_uri} is already committed")
+        return None
+    return Trainer.build(config, env).run()
