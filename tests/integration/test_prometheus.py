@@ -1,19 +1,24 @@
-"""A real Prometheus server scrapes two trainer processes (ranks 0 and 1) and the operator's metrics
-endpoint; every trainer metric arrives with its job/stage/rank labels and every query of the Grafana
-dashboard returns data (Grafana's macros substituted as Grafana would).
+"""A real Prometheus server scrapes a real 2-process training stage (`torchrun -m vlm_trainer`, gloo,
+fp32, tiny untrained parts) and the operator's metrics endpoint; every trainer metric arrives with its
+job/stage/rank labels and plausible values, and every query of the Grafana dashboard returns data
+(Grafana's macros substituted as Grafana would).
+
+Prometheus is configured with the trainer targets (`$VLM_METRICS_PORT` base and base + 1, one per
+local rank) before the stage starts, so it scrapes while the stage trains. The trainer closes its
+endpoint when the stage ends, after which Prometheus marks its series stale: so the checks are
+evaluated at one moment `at` in the middle of training, found from Prometheus' own data (both ranks
+stepping, a full rate window of samples, a checkpoint saved on each rank), not from wall-clock sleeps.
 
 Needs Debian's Prometheus: `apt-get install -y --no-install-recommends prometheus`.
-The trainer processes run tests/integration/synthetic_trainer.py (TrainerMetrics fed realistic
-numbers); they are to be replaced by a real 2-process training stage.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,16 +32,31 @@ from typing import Any
 
 import pytest
 import yaml
+from vlm_operator.planner import resolve_stage
 from vlm_trainer import contract
+from vlm_trainer.metrics import CPU_PEAK_FLOPS_PER_SECOND
+from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
+from vlm_trainer.quickstart.shapes import shard_paths, write_shards
+from vlm_trainer.spec import parse_job
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts" / "vlm-operator" / "dashboards" / "vlm-training.json"
-SYNTHETIC_TRAINER = Path(__file__).with_name("synthetic_trainer.py")
-JOB, STAGE = "quickstart", "align"
+OPERATOR_METRICS_PROCESS = Path(__file__).with_name("operator_metrics_process.py")
+JOB, STAGE = "metrics-demo", "align"
+# The stage: 2 ranks x 2 micro-batches of 4 samples; long enough (~25 s here on 2 busy cores) for
+# Prometheus to scrape each rank many times, with a checkpoint every second or so.
+RANKS = 2
+MAX_STEPS = 240
+GLOBAL_BATCH, MICRO_BATCH = 16, 4
+SAMPLES_PER_RANK_STEP = GLOBAL_BATCH // RANKS
+CHECKPOINT_EVERY = 15
+MAX_LENGTH = 64
+LR = 1e-3
 SCRAPE_INTERVAL_SECONDS = 1
+RATE_WINDOW = "10s"
 # What Grafana would send with a 1 s scrape interval: $__rate_interval = max(4 x scrape, interval + scrape).
 GRAFANA_SUBSTITUTIONS = {
-    "$__rate_interval": "10s",
+    "$__rate_interval": RATE_WINDOW,
     "$__interval": "1s",
     "$__range": "5m",
     "$job": ".*",
@@ -67,14 +87,27 @@ TRAINER_SERIES = [
     "vlm_trainer_total_steps",
     "vlm_trainer_eta_seconds",
 ]
-DEADLINE_SECONDS = 45
+SELECTOR = f'job="{JOB}", stage="{STAGE}"'
+# The moment the checks read: both ranks stepped within the rate window, the window holds a sample
+# for every scrape, and each rank has saved a checkpoint. Each expression counts ranks.
+MOMENT_CONDITIONS = [
+    f"count(increase(vlm_trainer_step_seconds_count{{{SELECTOR}}}[{RATE_WINDOW}]) > 0)",
+    f"count(count_over_time(vlm_trainer_step{{{SELECTOR}}}[{RATE_WINDOW}]) >= 8)",
+    f"count(vlm_trainer_checkpoint_save_seconds_count{{{SELECTOR}}} > 0)",
+]
+STAGE_TIMEOUT_SECONDS = 150
+READY_SECONDS = 20
 
 
 @dataclass
 class Scraped:
     url: str  # Prometheus base URL
     trainer_ports: list[int]
-    operator_port: int | None  # None while vlm_operator.metrics does not exist
+    operator_port: int
+    stage: subprocess.Popen[bytes]
+    stage_log: Path
+    started: float  # unix time the stage was launched
+    at: float | None = None  # the moment the checks read (unix seconds), once found
 
 
 def free_port() -> int:
@@ -83,37 +116,73 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_trainers(ranks: int) -> tuple[list[subprocess.Popen[str]], list[int]]:
-    procs, ports = [], []
-    for rank in range(ranks):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(ranks),
-            OMP_NUM_THREADS="1",
-            **{contract.METRICS_PORT_ENV: "0"},
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SYNTHETIC_TRAINER), "--job", JOB, "--stage", STAGE],
-                env=env,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        )
-    for proc in procs:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.startswith("PORT "), f"trainer did not report its port: {line!r} (exit {proc.poll()})"
-        ports.append(int(line.split()[1]))
-    return procs, ports
+def free_base_port(count: int) -> int:
+    """A base port such that base .. base + count - 1 are all free now (one per local rank)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("0.0.0.0", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"found no {count} consecutive free ports")
 
 
-OPERATOR_METRICS_PROCESS = Path(__file__).with_name("operator_metrics_process.py")
+def write_stage_config(root: Path) -> Path:
+    """Tiny untrained parts and shards; the align stage resolved by the planner, as the operator does."""
+    tokenizer = build_tokenizer()
+    lm = build_language_model(str(root / "lm"), tokenizer, hidden=64, layers=2, heads=4, mlp=128)
+    vision = build_vision_encoder(str(root / "vision"), image_size=32, patch=8, hidden=32, layers=2)
+    train = write_shards(str(root / "data"), "train", 64, seed=0, per_shard=16)
+    heldout = write_shards(str(root / "data"), "heldout", 16, seed=0, per_shard=16)
+    job = parse_job({
+        "apiVersion": "training.vlm.dev/v1alpha1",
+        "kind": "VLMTrainingJob",
+        "metadata": {"name": JOB},
+        "spec": {
+            "model": {"visionEncoder": vision, "languageModel": lm, "imageSize": 32,
+                      "visionFeatureSelectStrategy": "full"},
+            "storage": {"uri": f"file://{root}/storage"},
+            "stages": [{
+                "name": STAGE,
+                "type": "align",
+                "data": {
+                    "shards": [f"file://{p}" for p in shard_paths(train, "caption")],
+                    "evalShards": [f"file://{p}" for p in shard_paths(heldout, "caption")],
+                    "format": "caption",
+                    "maxLength": MAX_LENGTH,
+                },
+                "batch": {"globalSize": GLOBAL_BATCH, "microSize": MICRO_BATCH},
+                "maxSteps": MAX_STEPS,
+                "precision": "fp32",
+                "optimizer": {"lr": LR},
+                "checkpoint": {"everySteps": CHECKPOINT_EVERY, "keepLast": 1},
+                "resources": {"procsPerNode": RANKS},
+            }],
+        },
+    })
+    path = root / "stage.json"
+    path.write_text(json.dumps(resolve_stage(job, 0).dump()))
+    return path
 
 
-def operator_metrics_available() -> bool:
-    return importlib.util.find_spec("vlm_operator.metrics") is not None and OPERATOR_METRICS_PROCESS.is_file()
+def start_stage(config: Path, metrics_base_port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`torchrun --nproc_per_node 2 -m vlm_trainer` in a session of its own (so teardown stops it all);
+    stdout (rank 0's JSON events) to `log`, stderr beside it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", contract.METRICS_PORT_ENV: str(metrics_base_port)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
+               "-m", contract.TRAINER_MODULE, "--config", str(config)]
+    with open(log, "wb") as out, open(log.with_suffix(".err"), "wb") as err:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=err, start_new_session=True)
 
 
 def start_operator_metrics() -> tuple[subprocess.Popen[str], int]:
@@ -128,84 +197,152 @@ def start_operator_metrics() -> tuple[subprocess.Popen[str], int]:
     return proc, int(line.split()[1])
 
 
-def query(url: str, expr: str) -> list[dict[str, Any]]:
-    params = urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(f"{url}/api/v1/query?{params}", timeout=10) as response:
+def start_prometheus(tmp: Path, trainer_ports: list[int], operator_port: int) -> tuple[subprocess.Popen[str], str]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus missing: apt-get install -y --no-install-recommends prometheus")
+    config = {
+        "global": {"scrape_interval": f"{SCRAPE_INTERVAL_SECONDS}s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                # As the chart's PodMonitor: keep the trainer's `job` label (the VLMTrainingJob).
+                "job_name": "vlm-trainers",
+                "honor_labels": True,
+                "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in trainer_ports]}],
+            },
+            {"job_name": "vlm-operator", "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}]},
+        ],
+    }
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = tmp / "prometheus.log"
+    server = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_SECONDS
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+                if response.status == 200:
+                    return server, url
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"prometheus did not become ready:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen[Any], group: bool = False) -> None:
+    if proc.poll() is not None:
+        return
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait(timeout=5)
+
+
+def api(url: str, path: str, **params: Any) -> Any:
+    query_string = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"{url}/api/v1/{path}?{query_string}", timeout=10) as response:
         body = json.load(response)
-    assert body["status"] == "success", f"{expr}: {body}"
+    assert body["status"] == "success", f"{path} {params}: {body}"
     return body["data"]["result"]
+
+
+def query(url: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+    """An instant query, at `at` (unix seconds) when given."""
+    return api(url, "query", query=expr, **({} if at is None else {"time": f"{at:.3f}"}))
 
 
 def has_data(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(series["value"][1])) for series in result)
 
 
+def by_rank(result: list[dict[str, Any]]) -> dict[str, float]:
+    return {series["metric"]["rank"]: float(series["value"][1]) for series in result}
+
+
+def stage_tail(scraped: Scraped, chars: int = 3000) -> str:
+    out = scraped.stage_log.read_text(errors="replace")[-chars:]
+    err = scraped.stage_log.with_suffix(".err").read_text(errors="replace")[-chars:]
+    return f"stdout:\n{out}\nstderr:\n{err}"
+
+
+def find_moment(scraped: Scraped) -> float | None:
+    """The latest moment (unix seconds, on the scrape grid) at which every MOMENT_CONDITION held for
+    both ranks, from Prometheus' own data since the stage started; None if there is none yet."""
+    end = time.time()
+    held: set[float] | None = None
+    for expr in MOMENT_CONDITIONS:
+        series = api(scraped.url, "query_range", query=expr, start=f"{scraped.started:.3f}",
+                     end=f"{end:.3f}", step="1s")
+        times = {float(t) for s in series for t, v in s["values"] if float(v) == RANKS}
+        held = times if held is None else held & times
+    return max(held) if held else None
+
+
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus missing: apt-get install -y --no-install-recommends prometheus")
     tmp = tmp_path_factory.mktemp("prometheus")
-    procs: list[subprocess.Popen[str]] = []
+    config = write_stage_config(tmp)
+    procs: list[subprocess.Popen[Any]] = []
+    stage = None
     try:
-        trainers, trainer_ports = start_trainers(ranks=2)
-        procs += trainers
-        operator_port = None
-        if operator_metrics_available():
-            operator, operator_port = start_operator_metrics()
-            procs.append(operator)
-        targets = [
-            {
-                # As the chart's PodMonitor: keep the trainer's `job` label (the VLMTrainingJob).
-                "job_name": "vlm-trainers",
-                "honor_labels": True,
-                "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in trainer_ports]}],
-            }
-        ]
-        if operator_port is not None:
-            targets.append(
-                {"job_name": "vlm-operator", "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}]}
-            )
-        config = {
-            "global": {"scrape_interval": f"{SCRAPE_INTERVAL_SECONDS}s", "evaluation_interval": "1s"},
-            "scrape_configs": targets,
-        }
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={tmp / 'prometheus.yml'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                f"--storage.tsdb.path={tmp / 'data'}",
-                "--log.level=warn",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp / "prometheus.log", "w"),  # noqa: SIM115 - closed with the process
-            text=True,
-        )
+        operator, operator_port = start_operator_metrics()
+        procs.append(operator)
+        base = free_base_port(RANKS)
+        trainer_ports = [base + rank for rank in range(RANKS)]
+        server, url = start_prometheus(tmp, trainer_ports, operator_port)
         procs.append(server)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp / "prometheus.log").read_text()
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.2)
-        yield Scraped(url, trainer_ports, operator_port)
+        started = time.time()
+        stage = start_stage(config, base, tmp / "stage.log")
+        yield Scraped(url, trainer_ports, operator_port, stage, tmp / "stage.log", started)
     finally:
+        if stage is not None:
+            stop(stage, group=True)
         for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
+
+
+@pytest.fixture(scope="module")
+def at(prometheus: Scraped) -> float:
+    """Poll Prometheus (not the clock) until it holds a moment of training that every check can read."""
+    deadline = time.monotonic() + STAGE_TIMEOUT_SECONDS
+    while True:
+        moment = find_moment(prometheus)
+        if moment is not None:
+            prometheus.at = moment
+            return moment
+        if prometheus.stage.poll() is not None:
+            moment = find_moment(prometheus)  # the last scrapes may have landed after the previous poll
+            if moment is not None:
+                prometheus.at = moment
+                return moment
+            pytest.fail(f"stage exited ({prometheus.stage.returncode}) with no moment where "
+                        f"{MOMENT_CONDITIONS} all held:\n{stage_tail(prometheus)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no moment where {MOMENT_CONDITIONS} all held in {STAGE_TIMEOUT_SECONDS} s:\n"
+                        f"{stage_tail(prometheus)}")
+        time.sleep(1)
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -223,69 +360,91 @@ def substitute(expr: str) -> str:
     return expr
 
 
-def wait_for(url: str, exprs: list[str], min_series: int = 1) -> dict[str, list[dict[str, Any]]]:
-    """Poll until every expression returns at least `min_series` finite series, or the deadline."""
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while True:
-        results = {expr: query(url, expr) for expr in exprs}
-        ready = all(sum(math.isfinite(float(x["value"][1])) for x in r) >= min_series for r in results.values())
-        if ready or time.monotonic() > deadline:
-            return results
-        time.sleep(1)
-
-
-@pytest.mark.integration
-def test_targets_are_up(prometheus: Scraped) -> None:
-    operator = {"vlm-operator"} if prometheus.operator_port is not None else set()
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while True:  # targets come up one scrape at a time; a loaded machine delays the later ones
-        up = {(s["metric"]["instance"], s["metric"]["job"]) for s in query(prometheus.url, "up == 1")}
-        if len(up) >= 2 + len(operator) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert len(up) == 2 + len(operator), up
-    assert {job for _, job in up} == {"vlm-trainers", *operator}
-
-
-@pytest.mark.integration
-def test_every_trainer_metric_arrives_with_job_stage_rank(prometheus: Scraped) -> None:
-    exprs = [f'{name}{{job="{JOB}", stage="{STAGE}"}}' for name in TRAINER_SERIES]
-    results = wait_for(prometheus.url, exprs, min_series=2)
-    for name, expr in zip(TRAINER_SERIES, exprs, strict=True):
-        ranks = {series["metric"].get("rank") for series in results[expr]}
-        assert ranks == {"0", "1"}, f"{name}: ranks {ranks}"
-    # honor_labels kept the trainer's own `job` label (the VLMTrainingJob), not the scrape job's name.
-    assert query(prometheus.url, 'vlm_trainer_step{job="vlm-trainers"}') == []
-
-
-@pytest.mark.integration
-def test_trainer_values_are_plausible(prometheus: Scraped) -> None:
-    rate = f'sum(rate(vlm_trainer_tokens_total{{job="{JOB}"}}[10s]))'
-    wait = (
-        f'sum(rate(vlm_trainer_data_wait_seconds_total{{job="{JOB}"}}[10s])) / '
-        f'sum(rate(vlm_trainer_step_seconds_sum{{job="{JOB}"}}[10s]))'
-    )
-    # rate() underestimates until the window is full of samples: wait for 10 s of them first.
-    full_window = f'min(count_over_time(vlm_trainer_tokens_total{{job="{JOB}"}}[10s])) >= 9'
-    wait_for(prometheus.url, [full_window])
-    results = wait_for(prometheus.url, [rate, wait])
-    # 2 ranks x 2048 tokens per ~0.2 s step: about 20k tokens/s in total.
-    assert 10_000 < float(results[rate][0]["value"][1]) < 25_000
-    # Each rank sleeps 0.02-0.03 s of a 0.2 s step waiting for "data".
-    assert 0.05 < float(results[wait][0]["value"][1]) < 0.25
-
-
-def assert_dashboard_queries_return_data(url: str, metric_prefix: str) -> None:
+def assert_dashboard_queries_return_data(url: str, metric_prefix: str, at: float) -> None:
     queries = [(title, expr) for title, expr in dashboard_queries() if metric_prefix in expr]
     assert queries, f"no dashboard query uses {metric_prefix}*"
-    exprs = [substitute(expr) for _, expr in queries]
-    results = wait_for(url, exprs)
     empty = [
-        f"{title}: {expr}"
-        for (title, _), expr in zip(queries, exprs, strict=True)
-        if not has_data(results[expr])
+        f"{title}: {expr} -> {result}"
+        for title, expr in queries
+        if not has_data(result := query(url, substitute(expr), at))
     ]
     assert empty == [], "dashboard queries without data:\n" + "\n".join(empty)
+
+
+@pytest.mark.integration
+def test_targets_are_up_while_the_stage_trains(prometheus: Scraped, at: float) -> None:
+    up = {(s["metric"]["instance"], s["metric"]["job"]) for s in query(prometheus.url, "up == 1", at)}
+    assert up == {
+        *((f"127.0.0.1:{p}", "vlm-trainers") for p in prometheus.trainer_ports),
+        (f"127.0.0.1:{prometheus.operator_port}", "vlm-operator"),
+    }
+
+
+@pytest.mark.integration
+def test_every_trainer_metric_arrives_with_job_stage_rank(prometheus: Scraped, at: float) -> None:
+    for name in TRAINER_SERIES:
+        result = query(prometheus.url, f"{name}{{{SELECTOR}}}", at)
+        ranks = {series["metric"].get("rank") for series in result}
+        assert ranks == {"0", "1"}, f"{name}: ranks {ranks}"
+        assert has_data(result), f"{name}: {result}"
+    # honor_labels kept the trainer's own `job` label (the VLMTrainingJob), not the scrape job's name.
+    assert query(prometheus.url, 'vlm_trainer_step{job="vlm-trainers"}', at) == []
+
+
+@pytest.mark.integration
+def test_trainer_values_are_plausible(prometheus: Scraped, at: float) -> None:
+    def ranks(expr: str) -> dict[str, float]:
+        values = by_rank(query(prometheus.url, expr, at))
+        assert values.keys() == {"0", "1"}, f"{expr}: {values}"
+        return values
+
+    def series(name: str) -> dict[str, float]:
+        return ranks(f"{name}{{{SELECTOR}}}")
+
+    step, total = series("vlm_trainer_step"), series("vlm_trainer_total_steps")
+    samples, tokens = series("vlm_trainer_samples_total"), series("vlm_trainer_tokens_total")
+    checkpoints = series("vlm_trainer_checkpoint_save_seconds_count")
+    for rank in ("0", "1"):
+        assert total[rank] == MAX_STEPS
+        assert 1 <= step[rank] < MAX_STEPS, f"rank {rank}: the moment is not during training: step {step[rank]}"
+        # Counters and gauges are read one after another while the step may finish: allow one step.
+        assert abs(samples[rank] - SAMPLES_PER_RANK_STEP * step[rank]) <= SAMPLES_PER_RANK_STEP, (samples, step)
+        assert samples[rank] <= tokens[rank] <= MAX_LENGTH * (samples[rank] + SAMPLES_PER_RANK_STEP), tokens
+        # A checkpoint every CHECKPOINT_EVERY steps, each one observed on every rank (save is collective).
+        assert abs(checkpoints[rank] - step[rank] // CHECKPOINT_EVERY) <= 1, (checkpoints, step)
+        assert checkpoints[rank] >= 1
+
+    saved = ranks(f"vlm_trainer_checkpoint_save_seconds_sum{{{SELECTOR}}}")
+    assert all(0 < v < 60 for v in saved.values()), saved
+    loss, lr = series("vlm_trainer_loss"), series("vlm_trainer_learning_rate")
+    grad_norm, mfu = series("vlm_trainer_grad_norm"), series("vlm_trainer_mfu_ratio")
+    assert all(0 < v < 20 for v in loss.values()), loss
+    assert all(0 < v <= LR for v in lr.values()), lr
+    assert all(0 < v < 1e4 for v in grad_norm.values()), grad_norm
+    assert all(0 < v < 1 for v in mfu.values()), mfu
+    assert all(v == CPU_PEAK_FLOPS_PER_SECOND for v in series("vlm_trainer_device_peak_flops_per_second").values())
+    wait_ratio = series("vlm_trainer_data_wait_ratio")
+    assert all(0 < v < 1 for v in wait_ratio.values()), wait_ratio
+    eta = series("vlm_trainer_eta_seconds")
+    assert all(0 < eta[r] < 60 * (MAX_STEPS - step[r]) for r in eta), (eta, step)
+
+    allocated, reserved = series("vlm_trainer_device_memory_allocated_bytes"), series("vlm_trainer_device_memory_reserved_bytes")
+    peak, capacity = series("vlm_trainer_device_memory_peak_bytes"), series("vlm_trainer_device_memory_capacity_bytes")
+    for rank in ("0", "1"):
+        # On CPU: the resident set of a process holding torch and a model, at most its peak, within the limit.
+        assert 50e6 < allocated[rank] == reserved[rank] <= peak[rank] <= capacity[rank], (allocated, peak, capacity)
+
+    # Throughput from the counters (tokens per wall second) is at most what the step-time gauges say
+    # (tokens per step second; wall time also holds checkpoints), with slack for rate()'s extrapolation.
+    rate = ranks(f"rate(vlm_trainer_tokens_total{{{SELECTOR}}}[{RATE_WINDOW}])")
+    fastest = ranks(f"max_over_time(vlm_trainer_tokens_per_second{{{SELECTOR}}}[{RATE_WINDOW}])")
+    for rank in ("0", "1"):
+        assert 0 < rate[rank] <= 1.5 * fastest[rank], (rate, fastest)
+    wait = ranks(
+        f"rate(vlm_trainer_data_wait_seconds_total{{{SELECTOR}}}[{RATE_WINDOW}]) / "
+        f"rate(vlm_trainer_step_seconds_sum{{{SELECTOR}}}[{RATE_WINDOW}])"
+    )
+    assert all(0 < v < 1 for v in wait.values()), wait
 
 
 @pytest.mark.integration
@@ -297,16 +456,31 @@ def test_every_dashboard_query_reads_trainer_or_operator_metrics() -> None:
 
 
 @pytest.mark.integration
-def test_every_trainer_dashboard_query_returns_data(prometheus: Scraped) -> None:
-    assert_dashboard_queries_return_data(prometheus.url, "vlm_trainer_")
+def test_every_trainer_dashboard_query_returns_data(prometheus: Scraped, at: float) -> None:
+    assert_dashboard_queries_return_data(prometheus.url, "vlm_trainer_", at)
 
 
 @pytest.mark.integration
-def test_every_operator_dashboard_query_returns_data(prometheus: Scraped) -> None:
-    if prometheus.operator_port is None:
-        pytest.fail(
-            f"vlm_operator.metrics or {OPERATOR_METRICS_PROCESS.name} is missing: no operator endpoint"
-        )
-    assert_dashboard_queries_return_data(prometheus.url, "vlm_operator_")
-    phases = {s["metric"]["phase"]: float(s["value"][1]) for s in query(prometheus.url, "vlm_operator_jobs")}
+def test_every_operator_dashboard_query_returns_data(prometheus: Scraped, at: float) -> None:
+    assert_dashboard_queries_return_data(prometheus.url, "vlm_operator_", at)
+    phases = {s["metric"]["phase"]: float(s["value"][1]) for s in query(prometheus.url, "vlm_operator_jobs", at)}
     assert phases["Running"] == phases["Succeeded"] == phases["Failed"] == 1
+
+
+@pytest.mark.integration
+def test_the_scraped_stage_completes(prometheus: Scraped, at: float) -> None:
+    """The stage Prometheus watched trained to the end; its endpoints served until then."""
+    try:
+        code = prometheus.stage.wait(timeout=STAGE_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"stage still running after {STAGE_TIMEOUT_SECONDS} s:\n{stage_tail(prometheus)}")
+    assert code == 0, stage_tail(prometheus)
+    events = [json.loads(line) for line in prometheus.stage_log.read_text().splitlines()
+              if line.startswith("{") and '"event"' in line]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == list(
+        range(CHECKPOINT_EVERY, MAX_STEPS, CHECKPOINT_EVERY)
+    )
+    assert any(e["event"] == "done" for e in events)
+    # Prometheus scraped both ranks from early in the stage until late in it.
+    seen = by_rank(query(prometheus.url, f"max_over_time(vlm_trainer_step{{{SELECTOR}}}[5m])"))
+    assert seen.keys() == {"0", "1"} and all(v >= MAX_STEPS - 2 * CHECKPOINT_EVERY for v in seen.values()), seen

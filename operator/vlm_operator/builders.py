@@ -1,0 +1,313 @@
+"""Pure builders of the Kubernetes objects one stage needs (dicts in, dicts out; no API calls).
+
+Per stage: a ConfigMap with the resolved trainer config, a headless Service for the torchrun
+rendezvous, and an Indexed batch/v1 Job whose `nodes` pods run
+
+    torchrun --nnodes=N --node_rank=$(JOB_COMPLETION_INDEX) --nproc_per_node=G --rdzv_backend=c10d
+             --rdzv_endpoint=<job>-0.<service>:29400 -m vlm_trainer --config /etc/vlm-trainer/config.json
+
+Every Job of a stage gets a fresh name ending in its launch number, so a gang restart never waits for
+the deletion of the failed Job. `render_job` returns every object of every stage (a dry run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from vlm_trainer import contract
+from vlm_trainer.spec import API_GROUP, API_VERSION, KIND, VLMTrainingJob
+
+from vlm_operator import planner
+
+LABEL_LAUNCH = "training.vlm.dev/launch"  # which Job of the stage (0, 1, ...): operator-only
+ANNOTATION_RESTARTS = "training.vlm.dev/restarts"  # gang restarts of the stage before this Job
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set on pods by the Job controller
+CONTAINER_NAME = "trainer"
+GPU_RESOURCE = "nvidia.com/gpu"
+RUN_AS_USER = 1000
+SHM_SIZE = "8Gi"  # NCCL and DataLoader workers use /dev/shm; the container default (64 MiB) is too small
+_BASE_MAX = 50  # <base>-<launch>-<pod index> stays a 63-character DNS label (pod hostnames)
+
+
+def _short(name: str, limit: int) -> str:
+    """`name` if it fits, else a prefix plus a stable hash (names stay unique and deterministic)."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def stage_base_name(job_name: str, stage_name: str) -> str:
+    """`<job>-<stage>`, shortened with a hash when long; starts with a letter (Service names must)."""
+    base = f"{job_name}-{stage_name}"
+    if not base[0].isalpha():
+        base = f"v{base}"
+    return _short(base, _BASE_MAX)
+
+
+def service_name(job_name: str, stage_name: str) -> str:
+    return stage_base_name(job_name, stage_name)
+
+
+def configmap_name(job_name: str, stage_name: str) -> str:
+    return f"{stage_base_name(job_name, stage_name)}-config"
+
+
+def stage_job_name(job_name: str, stage_name: str, launch: int) -> str:
+    return f"{stage_base_name(job_name, stage_name)}-{launch}"
+
+
+def rdzv_endpoint(job_name: str, stage_name: str, launch: int) -> str:
+    """Pod 0 of the Indexed Job, through the headless Service: `<job>-0.<service>:29400`."""
+    return f"{stage_job_name(job_name, stage_name, launch)}-0.{service_name(job_name, stage_name)}:{contract.RDZV_PORT}"
+
+
+def stage_labels(job: VLMTrainingJob, index: int) -> dict[str, str]:
+    """Labels on every object of a stage (contract names): which job, which stage, who manages it."""
+    return {
+        contract.LABEL_JOB: job.name,
+        contract.LABEL_STAGE: job.spec.stages[index].name,
+        contract.LABEL_STAGE_INDEX: str(index),
+        contract.LABEL_MANAGED_BY: contract.MANAGED_BY,
+    }
+
+
+def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """The controller ownerReference to a VLMTrainingJob body, as `kopf.adopt` writes it."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner.get("apiVersion", f"{API_GROUP}/{API_VERSION}"),
+        "kind": owner.get("kind", KIND),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(
+    name: str, namespace: str, labels: dict[str, str], owner: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
+    if owner is not None:
+        meta["ownerReferences"] = [owner_reference(owner)]
+    return meta
+
+
+def build_stage_configmap(
+    job: VLMTrainingJob, index: int, namespace: str, owner: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The stage's resolved TrainerConfig (init_from, output) as config.json. Never holds credentials."""
+    config = planner.resolve_stage(job, index).dump()
+    stage = job.spec.stages[index]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(
+            configmap_name(job.name, stage.name), namespace, stage_labels(job, index), owner
+        ),
+        "data": {contract.CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
+    }
+
+
+def build_stage_service(
+    job: VLMTrainingJob, index: int, namespace: str, owner: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Headless Service giving the gang's pods DNS names before they are ready (rendezvous needs it)."""
+    stage = job.spec.stages[index]
+    labels = stage_labels(job, index)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(service_name(job.name, stage.name), namespace, labels, owner),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {contract.LABEL_JOB: job.name, contract.LABEL_STAGE: stage.name},
+            "ports": [
+                {
+                    "name": "rdzv",
+                    "port": contract.RDZV_PORT,
+                    "targetPort": contract.RDZV_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def torchrun_command(job: VLMTrainingJob, index: int, launch: int) -> list[str]:
+    """The container command; `$(JOB_COMPLETION_INDEX)` is expanded by the kubelet from the pod env."""
+    stage = job.spec.stages[index]
+    name = stage_job_name(job.name, stage.name, launch)
+    return [
+        "torchrun",
+        f"--nnodes={stage.resources.nodes}",
+        f"--node_rank=$({COMPLETION_INDEX_ENV})",
+        f"--nproc_per_node={stage.resources.procs_per_node}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={rdzv_endpoint(job.name, stage.name, launch)}",
+        f"--rdzv_id={name}",
+        "--max_restarts=0",  # the operator restarts the whole gang
+        "-m",
+        contract.TRAINER_MODULE,
+        "--config",
+        f"{contract.CONFIG_MOUNT_DIR}/{contract.CONFIG_FILE}",
+    ]
+
+
+def _resources(job: VLMTrainingJob, index: int) -> dict[str, Any]:
+    r = job.spec.stages[index].resources
+    amounts: dict[str, str] = {}
+    if r.cpu:
+        amounts["cpu"] = r.cpu
+    if r.memory:
+        amounts["memory"] = r.memory
+    limits = dict(amounts)
+    if r.gpus_per_node:
+        limits[GPU_RESOURCE] = str(r.gpus_per_node)  # extended resources: requests default to limits
+    out: dict[str, Any] = {}
+    if amounts:
+        out["requests"] = amounts
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _env(job: VLMTrainingJob) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {
+            "name": COMPLETION_INDEX_ENV,
+            "valueFrom": {
+                "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+            },
+        },
+        {"name": contract.CONFIG_ENV, "value": f"{contract.CONFIG_MOUNT_DIR}/{contract.CONFIG_FILE}"},
+        {"name": contract.METRICS_PORT_ENV, "value": str(contract.METRICS_PORT)},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if job.spec.storage.endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": job.spec.storage.endpoint_url})
+    return env
+
+
+def build_stage_job(
+    job: VLMTrainingJob,
+    index: int,
+    namespace: str,
+    launch: int = 0,
+    restarts: int = 0,
+    owner: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Indexed batch/v1 Job: `nodes` pods, one torchrun agent each; any failed pod fails the Job
+    (backoffLimit 0) so the operator can restart the gang as a whole."""
+    stage = job.spec.stages[index]
+    policy = job.spec.run_policy
+    nodes = stage.resources.nodes
+    name = stage_job_name(job.name, stage.name, launch)
+    labels = {**stage_labels(job, index), LABEL_LAUNCH: str(launch)}
+    job_labels = dict(labels)
+    if policy.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = policy.queue_name
+    metrics_ports = [
+        {"name": f"metrics-{r}", "containerPort": contract.METRICS_PORT + r, "protocol": "TCP"}
+        for r in range(min(stage.resources.procs_per_node, 8))
+    ]
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": job.spec.image.ref,
+        "imagePullPolicy": job.spec.image.pull_policy,
+        "command": torchrun_command(job, index, launch),
+        "env": _env(job),
+        "ports": [{"name": "rdzv", "containerPort": contract.RDZV_PORT, "protocol": "TCP"}, *metrics_ports],
+        "volumeMounts": [
+            {"name": "config", "mountPath": contract.CONFIG_MOUNT_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+        },
+    }
+    if job.spec.storage.secret_ref:
+        container["envFrom"] = [{"secretRef": {"name": job.spec.storage.secret_ref}}]
+    resources = _resources(job, index)
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(job.name, stage.name),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": configmap_name(job.name, stage.name)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
+        ],
+    }
+    if policy.node_selector:
+        pod_spec["nodeSelector"] = dict(policy.node_selector)
+    if policy.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in policy.tolerations]
+    if policy.priority_class_name:
+        pod_spec["priorityClassName"] = policy.priority_class_name
+    meta = _metadata(name, namespace, job_labels, owner)
+    meta["annotations"] = {ANNOTATION_RESTARTS: str(restarts)}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            "backoffLimit": 0,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def build_stage_objects(
+    job: VLMTrainingJob,
+    index: int,
+    namespace: str,
+    launch: int = 0,
+    restarts: int = 0,
+    owner: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """ConfigMap, Service and Job of one stage, in the order they must be created."""
+    return [
+        build_stage_configmap(job, index, namespace, owner),
+        build_stage_service(job, index, namespace, owner),
+        build_stage_job(job, index, namespace, launch, restarts, owner),
+    ]
+
+
+def render_job(job: VLMTrainingJob, namespace: str, uid: str | None = None) -> list[dict[str, Any]]:
+    """Every object the operator would create for every stage (first launch), like `helm template`.
+
+    With `uid` (the VLMTrainingJob's metadata.uid) the objects carry their ownerReferences too.
+    """
+    owner = None
+    if uid is not None:
+        owner = {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "metadata": {"name": job.name, "uid": uid},
+        }
+    out: list[dict[str, Any]] = []
+    for i in range(len(job.spec.stages)):
+        out.extend(build_stage_objects(job, i, namespace, owner=owner))
+    return out

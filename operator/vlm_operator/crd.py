@@ -1,0 +1,302 @@
+"""The VLMTrainingJob CRD, generated from the typed spec (`vlm_trainer.spec.JobSpec`) and status model.
+
+One source of truth: pydantic's JSON Schema is flattened into a Kubernetes structural schema ($refs
+inlined, `anyOf [X, null]` turned into `nullable: true`, tuples into fixed-length arrays, JSON Schema
+2020 numeric bounds into OpenAPI v3.0 ones, descriptions kept for `kubectl explain`) and rules the
+types cannot express are added as CEL `x-kubernetes-validations`.
+
+    python -m vlm_operator.crd > crds/training.vlm.dev_vlmtrainingjobs.yaml
+
+A unit test regenerates the file and fails on drift. `to_json_schema` turns the OpenAPI schema back
+into a JSON Schema (draft 4) so tests and tools can validate documents with `jsonschema`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any
+
+import yaml
+from pydantic.alias_generators import to_snake
+from vlm_trainer import spec as S
+
+from vlm_operator.status_model import JobStatus
+
+SHORT_NAMES = ["vlmjob", "vlmjobs"]
+CATEGORIES = ["all", "vlm", "training"]
+MAX_STAGES = 16  # bounds CEL cost estimation; a pipeline has a handful of stages
+
+_DROP_KEYS = {"title", "additionalProperties", "$defs", "prefixItems"}
+
+
+def _deref(node: Any, defs: dict[str, Any]) -> Any:
+    """Inline `$ref`s; the referencing node's own keys (e.g. a field's description) win."""
+    if isinstance(node, list):
+        return [_deref(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        merged = {**_deref(target, defs), **{k: _deref(v, defs) for k, v in node.items() if k != "$ref"}}
+        return merged
+    return {k: _deref(v, defs) for k, v in node.items()}
+
+
+def _structural(node: dict[str, Any]) -> dict[str, Any]:
+    """One pydantic JSON Schema node (refs already inlined) as an OpenAPI v3.0 structural schema node."""
+    node = dict(node)
+    out: dict[str, Any] = {}
+    any_of = node.pop("anyOf", None)
+    if any_of is not None:
+        non_null = [n for n in any_of if n.get("type") != "null"]
+        if len(non_null) != 1:
+            raise ValueError(f"cannot express anyOf {any_of!r} in a structural schema")
+        inner = _structural(non_null[0])
+        if len(non_null) < len(any_of):
+            inner["nullable"] = True
+        # The outer node carries the field's description and default; they override the inner type's.
+        if "description" in node:
+            inner["description"] = node["description"]
+        if "default" in node:
+            inner.pop("default", None)
+            if node["default"] is not None and not isinstance(node["default"], (dict, list)):
+                inner["default"] = node["default"]
+        node = {k: v for k, v in node.items() if k not in ("description", "default")}
+        out.update(inner)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if "prefixItems" in node:  # a tuple: all items one type, fixed length
+        items = [_structural(i) for i in node["prefixItems"]]
+        if any(i != items[0] for i in items):
+            raise ValueError(f"tuple items of different types cannot be expressed: {items!r}")
+        out["items"] = items[0]
+        out["minItems"] = out["maxItems"] = len(items)
+    for key, value in node.items():
+        if key in _DROP_KEYS:
+            continue
+        if key == "properties":
+            out["properties"] = {k: _structural(v) for k, v in value.items()}
+        elif key == "items":
+            out["items"] = _structural(value)
+        elif key == "exclusiveMinimum":
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum":
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key == "default":
+            if value is not None and not isinstance(value, (dict, list)):
+                out["default"] = value
+        else:
+            out[key] = value
+    if isinstance(node.get("additionalProperties"), dict):  # a map such as nodeSelector
+        out["additionalProperties"] = _structural(node["additionalProperties"])
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    if "type" not in out:
+        raise ValueError(f"schema node has no type (not structural): {node!r}")
+    first = {k: out.pop(k) for k in ("type", "description", "nullable") if k in out}
+    return {**first, **out}
+
+
+def structural_schema(model: type) -> dict[str, Any]:
+    """A pydantic model's JSON Schema (camelCase aliases) as a Kubernetes structural schema."""
+    raw = model.model_json_schema(by_alias=True)
+    return _structural(_deref(raw, raw.get("$defs", {})))
+
+
+def _or_default(path: str) -> str:
+    """CEL for a stage field that may be absent (camelCase 'batch.globalSize'): its value, else pydantic's
+    default, so the API server applies the same rule the spec does."""
+    head, attr = path.split(".")
+    sub = {"batch": S.BatchSpec, "resources": S.ResourcesSpec}[head]
+    default = sub.model_fields[to_snake(attr)].default
+    return f"(has(self.{head}) && has(self.{head}.{attr}) ? self.{head}.{attr} : {default})"
+
+
+def _stage_rules() -> list[dict[str, str]]:
+    world = f"{_or_default('batch.microSize')} * {_or_default('resources.nodes')} * {_or_default('resources.procsPerNode')}"
+    return [
+        {
+            "rule": "has(self.maxSteps) != has(self.epochs)",
+            "message": "set exactly one of maxSteps or epochs",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": "!has(self.dpo) || self.type == 'dpo'",
+            "message": "dpo: only valid for type dpo",
+            "fieldPath": ".dpo",
+            "reason": "FieldValueForbidden",
+        },
+        {
+            "rule": "(self.type == 'dpo') == (self.data.format == 'preference')",
+            "message": "data.format: a dpo stage needs 'preference' data, and 'preference' data needs type dpo",
+            "fieldPath": ".data.format",
+            "reason": "FieldValueInvalid",
+        },
+        {
+            "rule": "!has(self.trainable) || size(self.trainable) > 0",
+            "message": "trainable: at least one part must train",
+            "fieldPath": ".trainable",
+        },
+        {
+            "rule": f"{_or_default('batch.globalSize')} % ({world}) == 0",
+            "message": "batch.globalSize must be a multiple of batch.microSize x nodes x procsPerNode",
+            "fieldPath": ".batch",
+            "reason": "FieldValueInvalid",
+        },
+    ]
+
+
+def spec_schema() -> dict[str, Any]:
+    """The structural schema of `spec`, with list semantics and CEL rules added."""
+    spec = structural_schema(S.JobSpec)
+    stages = spec["properties"]["stages"]
+    stages["maxItems"] = MAX_STAGES
+    # Stage names are unique: a map-list keyed by name makes the API server reject duplicates.
+    stages["x-kubernetes-list-type"] = "map"
+    stages["x-kubernetes-list-map-keys"] = ["name"]
+    item = stages["items"]
+    item["properties"]["name"].update(maxLength=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    item["x-kubernetes-validations"] = _stage_rules()
+    for path in (["data", "shards"], ["data", "evalShards"], ["trainable"]):
+        node = item
+        for p in path:
+            node = node["properties"][p]
+        node["maxItems"] = 1024 if "hards" in path[-1] else 3
+        node["items"]["maxLength"] = 2048
+    spec["properties"]["runPolicy"]["properties"]["tolerations"]["maxItems"] = 64
+    uri = spec["properties"]["storage"]["properties"]["uri"]
+    uri["maxLength"] = 2048
+    uri["x-kubernetes-validations"] = [
+        {
+            "rule": "!self.contains('://') || "
+            + " || ".join(
+                f"self.startsWith('{scheme}://')" for scheme in ("file", "s3", "gs", "gcs", "memory")
+            ),
+            "message": "storage.uri: scheme must be one of file://, s3://, gs://",
+        }
+    ]
+    return spec
+
+
+def openapi_schema() -> dict[str, Any]:
+    """openAPIV3Schema of the CRD's v1alpha1 version."""
+    return {
+        "type": "object",
+        "description": "A staged vision-language-model training pipeline (align -> instruct -> dpo); each "
+        "stage runs as a multi-node torchrun gang and hands its checkpoint to the next through storage.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 40, "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}
+                },
+            },
+            "spec": spec_schema(),
+            "status": structural_schema(JobStatus),
+        },
+    }
+
+
+PRINTER_COLUMNS = [
+    {"name": "Stage", "type": "string", "jsonPath": ".status.currentStage", "description": "Current stage"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {
+        "name": "Progress",
+        "type": "string",
+        "jsonPath": ".status.progress",
+        "description": "Stages done / total, and the current stage's step",
+    },
+    {
+        "name": "Restarts",
+        "type": "integer",
+        "jsonPath": ".status.restarts",
+        "description": "Gang restarts, all stages",
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def build_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{S.PLURAL}.{S.API_GROUP}"},
+        "spec": {
+            "group": S.API_GROUP,
+            "names": {
+                "kind": S.KIND,
+                "listKind": f"{S.KIND}List",
+                "plural": S.PLURAL,
+                "singular": S.KIND.lower(),
+                "shortNames": SHORT_NAMES,
+                "categories": CATEGORIES,
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": S.API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                }
+            ],
+        },
+    }
+
+
+HEADER = (
+    "# GENERATED by `python -m vlm_operator.crd` from vlm_trainer.spec and vlm_operator.status_model.\n"
+    "# Do not edit by hand: tests/unit/test_crd.py fails when this file drifts from the code.\n"
+)
+
+
+def render_crd_yaml() -> str:
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+
+
+def to_json_schema(node: Any) -> Any:
+    """An OpenAPI v3.0 schema as a JSON Schema (draft 4): `nullable` becomes a null type, x- keys go.
+
+    Draft 4 shares OpenAPI v3.0's boolean `exclusiveMinimum`, so use `jsonschema.Draft4Validator`.
+    CEL rules and list-map keys are not evaluated (the API server does that).
+    """
+    if isinstance(node, list):
+        return [to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"
+    }
+    if node.get("properties") is not None:
+        out["properties"] = {k: to_json_schema(v) for k, v in node["properties"].items()}
+        # The API server prunes unknown fields and `kubectl --validate=strict` rejects them.
+        if "additionalProperties" not in node:
+            out["additionalProperties"] = False
+    if node.get("nullable"):
+        out["type"] = [node["type"], "null"]
+        if "enum" in out:
+            out["enum"] = [*out["enum"], None]
+    return copy.deepcopy(out)
+
+
+def document_json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 4) of a whole VLMTrainingJob document, from the CRD's openAPIV3Schema."""
+    schema = to_json_schema(openapi_schema())
+    schema["properties"]["metadata"].pop("additionalProperties", None)  # labels, namespace, ... are fine
+    return schema
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.stdout.write(render_crd_yaml())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

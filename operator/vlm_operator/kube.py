@@ -1,0 +1,255 @@
+"""The one module that talks to the Kubernetes API (the synchronous `kubernetes` client).
+
+Objects travel as plain wire dicts (camelCase), the same shape the pure builders produce and the
+observers read. Creation is idempotent (409 = already there); children are found by labels and the
+labels are re-checked here, so a server that ignores label selectors cannot mix jobs up. Children are
+deleted explicitly rather than left to garbage collection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+from vlm_trainer import contract
+from vlm_trainer.spec import API_GROUP, API_VERSION, KIND, PLURAL
+
+from vlm_operator import builders
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_api: kubernetes.client.ApiClient | None = None
+COMPONENT = "vlm-operator"
+
+
+def load_config() -> None:
+    """In-cluster config when running in a pod, else the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
+    global _api
+    with _lock:
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        _api = None
+
+
+def api_client() -> kubernetes.client.ApiClient:
+    global _api
+    with _lock:
+        if _api is None:
+            _api = kubernetes.client.ApiClient()
+        return _api
+
+
+def _core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(api_client())
+
+
+def _batch() -> kubernetes.client.BatchV1Api:
+    return kubernetes.client.BatchV1Api(api_client())
+
+
+def _custom() -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api_client())
+
+
+def _raw(resp: Any) -> Any:
+    """The response body as wire JSON (calls use _preload_content=False to keep camelCase keys)."""
+    return json.loads(resp.data or b"null")
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_seconds() -> float:
+    return datetime.now(UTC).timestamp()
+
+
+def create(obj: Mapping[str, Any]) -> bool:
+    """Create a namespaced ConfigMap, Service or Job. False when it already exists (idempotent)."""
+    ns = obj["metadata"]["namespace"]
+    kind = obj["kind"]
+    try:
+        if kind == "ConfigMap":
+            _core().create_namespaced_config_map(ns, obj, _preload_content=False)
+        elif kind == "Service":
+            _core().create_namespaced_service(ns, obj, _preload_content=False)
+        elif kind == "Job":
+            _batch().create_namespaced_job(ns, obj, _preload_content=False)
+        else:
+            raise ValueError(f"kube.create: unsupported kind {kind!r}")
+    except ApiException as e:
+        if e.status == 409:
+            return False
+        raise
+    return True
+
+
+def apply_configmap(obj: Mapping[str, Any]) -> None:
+    """Create the ConfigMap, or bring its data up to date (the spec may have changed)."""
+    if not create(obj):
+        meta = obj["metadata"]
+        _core().patch_namespaced_config_map(
+            meta["name"], meta["namespace"], {"data": obj["data"]}, _preload_content=False
+        )
+
+
+def _matches(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    have = obj.get("metadata", {}).get("labels") or {}
+    return all(have.get(k) == v for k, v in labels.items())
+
+
+def _selector(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+def _owned(job_name: str) -> dict[str, str]:
+    return {contract.LABEL_JOB: job_name, contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+
+
+def list_stage_jobs(namespace: str, job_name: str) -> list[dict[str, Any]]:
+    """All batch/v1 Jobs of a VLMTrainingJob (every stage, every launch)."""
+    labels = _owned(job_name)
+    resp = _batch().list_namespaced_job(namespace, label_selector=_selector(labels), _preload_content=False)
+    return [j for j in _raw(resp).get("items", []) if _matches(j, labels)]
+
+
+def _list_pods(namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    resp = _core().list_namespaced_pod(namespace, label_selector=_selector(labels), _preload_content=False)
+    return [p for p in _raw(resp).get("items", []) if _matches(p, labels)]
+
+
+def _ignore_404(fn: Any, *args: Any, **kwargs: Any) -> bool:
+    try:
+        fn(*args, **kwargs)
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+def delete_stage_job(namespace: str, name: str) -> None:
+    """Delete a stage Job and its pods now (the whole gang goes; nothing waits for garbage collection)."""
+    _ignore_404(
+        _batch().delete_namespaced_job,
+        name,
+        namespace,
+        propagation_policy="Background",
+        _preload_content=False,
+    )
+    for pod in _list_pods(namespace, {builders.JOB_NAME_LABEL: name}):
+        _ignore_404(
+            _core().delete_namespaced_pod,
+            pod["metadata"]["name"],
+            namespace,
+            grace_period_seconds=0,
+            _preload_content=False,
+        )
+
+
+def delete_children(namespace: str, job_name: str) -> int:
+    """Delete every Job, pod, Service and ConfigMap the operator created for a VLMTrainingJob."""
+    labels = _owned(job_name)
+    count = 0
+    for j in list_stage_jobs(namespace, job_name):
+        delete_stage_job(namespace, j["metadata"]["name"])
+        count += 1
+    for pod in _list_pods(namespace, {contract.LABEL_JOB: job_name}):
+        count += _ignore_404(
+            _core().delete_namespaced_pod,
+            pod["metadata"]["name"],
+            namespace,
+            grace_period_seconds=0,
+            _preload_content=False,
+        )
+    sel = _selector(labels)
+    for lister, deleter in (
+        (_core().list_namespaced_service, _core().delete_namespaced_service),
+        (_core().list_namespaced_config_map, _core().delete_namespaced_config_map),
+    ):
+        for obj in _raw(lister(namespace, label_selector=sel, _preload_content=False)).get("items", []):
+            if _matches(obj, labels):
+                count += _ignore_404(deleter, obj["metadata"]["name"], namespace, _preload_content=False)
+    return count
+
+
+def get_training_job(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        resp = _custom().get_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, PLURAL, name, _preload_content=False
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return _raw(resp)
+
+
+def delete_training_job(namespace: str, name: str) -> None:
+    _ignore_404(
+        _custom().delete_namespaced_custom_object,
+        API_GROUP,
+        API_VERSION,
+        namespace,
+        PLURAL,
+        name,
+        _preload_content=False,
+    )
+
+
+def patch_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    """Merge-patch the status subresource. Lists (stages, conditions) are replaced whole."""
+    _custom().patch_namespaced_custom_object_status(
+        API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": dict(status)}, _preload_content=False
+    )
+
+
+def create_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """A core/v1 Event about a VLMTrainingJob (what `kubectl describe vlmjob` shows)."""
+    meta = owner["metadata"]
+    ts = now()
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": COMPONENT,
+        "firstTimestamp": ts,
+        "lastTimestamp": ts,
+        "count": 1,
+    }
+    try:
+        _core().create_namespaced_event(meta["namespace"], event, _preload_content=False)
+    except ApiException as e:  # an Event is best effort; never fail a reconcile for it
+        log.warning("could not post event %s for %s: %s", reason, meta["name"], e.reason)
+
+
+def list_events(namespace: str, name: str) -> list[dict[str, Any]]:
+    """Events about one VLMTrainingJob (filtered here; field selectors may be ignored)."""
+    resp = _core().list_namespaced_event(namespace, _preload_content=False)
+    return [
+        e
+        for e in _raw(resp).get("items", [])
+        if (e.get("involvedObject") or {}).get("name") == name
+        and (e.get("involvedObject") or {}).get("kind") == KIND
+    ]

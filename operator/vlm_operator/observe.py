@@ -1,0 +1,365 @@
+"""Pure functions from what exists (stage Jobs, storage verification, the previous status) to what is true.
+
+Level-triggered: each reconcile recomputes every stage's `planner.StageObservation` from the stage's
+Jobs and storage, then the whole status. Only history the children cannot tell lives in the previous
+status: restart and launch counts (also stamped on each Job, so a lost status write loses nothing), a
+stage's verified checkpoint once committed, and start/completion times of Jobs since deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_trainer import contract, storage
+from vlm_trainer.spec import VLMTrainingJob
+
+from vlm_operator import builders, planner
+from vlm_operator.planner import StageObservation
+from vlm_operator.status_model import Condition, JobStatus, StageStatus
+
+Verifier = Callable[[str], storage.Verification]
+
+
+def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    return obj.get("metadata", {}).get("labels") or {}
+
+
+def job_launch(job_obj: Mapping[str, Any]) -> int:
+    try:
+        return int(_labels(job_obj).get(builders.LABEL_LAUNCH, "0"))
+    except ValueError:
+        return 0
+
+
+def job_restarts(job_obj: Mapping[str, Any]) -> int:
+    annotations = job_obj.get("metadata", {}).get("annotations") or {}
+    try:
+        return int(annotations.get(builders.ANNOTATION_RESTARTS, "0"))
+    except ValueError:
+        return 0
+
+
+def group_jobs_by_stage(
+    job: VLMTrainingJob, jobs: Sequence[Mapping[str, Any]]
+) -> list[list[Mapping[str, Any]]]:
+    """Each stage's Jobs, matched by labels here (label selectors may be ignored by a test API server)."""
+    names = [s.name for s in job.spec.stages]
+    out: list[list[Mapping[str, Any]]] = [[] for _ in names]
+    for j in jobs:
+        labels = _labels(j)
+        if labels.get(contract.LABEL_JOB) != job.name or labels.get(contract.LABEL_STAGE) not in names:
+            continue
+        out[names.index(labels[contract.LABEL_STAGE])].append(j)
+    return out
+
+
+def current_job(jobs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The stage's newest Job that is not being deleted."""
+    live = [j for j in jobs if not j.get("metadata", {}).get("deletionTimestamp")]
+    return max(live, key=job_launch) if live else None
+
+
+def job_phase(job_obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(Running | Succeeded | Failed, message) from a batch/v1 Job's status conditions."""
+    status = job_obj.get("status") or {}
+    for c in status.get("conditions") or []:
+        if c.get("status") != "True":
+            continue
+        if c.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return "Succeeded", ""
+        if c.get("type") in ("Failed", "FailureTarget"):
+            return "Failed", c.get("message") or c.get("reason") or "a pod failed"
+    if status.get("failed"):
+        return "Failed", f"{status['failed']} pod(s) failed"
+    return "Running", ""
+
+
+def _prev_stage(prev: JobStatus, index: int, name: str) -> StageStatus | None:
+    for s in prev.stages:
+        if s.name == name:
+            return s
+    return None
+
+
+def observe_stages(
+    job: VLMTrainingJob,
+    prev: JobStatus,
+    jobs_by_stage: Sequence[Sequence[Mapping[str, Any]]],
+    verify: Verifier,
+) -> list[StageObservation]:
+    """Each stage's observation. Storage is asked only about a finished stage not yet known committed,
+    and only up to the first stage that is not done (later stages cannot matter to the planner)."""
+    out: list[StageObservation] = []
+    blocked = False
+    for i, stage in enumerate(job.spec.stages):
+        p = _prev_stage(prev, i, stage.name)
+        jobs = jobs_by_stage[i] if i < len(jobs_by_stage) else []
+        cur = current_job(jobs)
+        restarts = max([p.restarts if p else 0, *(job_restarts(j) for j in jobs)])
+        if p is not None and p.phase == "Succeeded" and p.checkpoint:
+            out.append(StageObservation("Succeeded", restarts, committed=True))
+            continue
+        if cur is None:
+            phase, message = (
+                ("Succeeded", "") if p is not None and p.phase == "Succeeded" else ("Pending", "")
+            )
+        else:
+            phase, message = job_phase(cur)
+            if phase == "Failed" and p is not None and p.phase == "Failed" and p.message:
+                message = message or p.message
+        committed = False
+        if phase == "Succeeded" and not blocked:
+            v = verify(planner.final_uri(job, i))
+            committed, message = v.ok, ("" if v.ok else v.reason)
+        out.append(StageObservation(phase, restarts, committed, message))  # type: ignore[arg-type]
+        blocked = blocked or not (phase == "Succeeded" and committed)
+    return out
+
+
+def next_launch(prev_stage: StageStatus | None, jobs: Sequence[Mapping[str, Any]]) -> int:
+    """Launch number of the stage's next Job: never reuses the name of one that existed."""
+    seen = max([job_launch(j) + 1 for j in jobs] or [0])
+    return max(seen, prev_stage.launches if prev_stage else 0)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the trainer last reported in progress.json."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    tokens_per_second: float | None = None
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> Progress:
+        if not doc:
+            return cls()
+
+        def num(*keys: str) -> Any:
+            for k in keys:
+                if isinstance(doc.get(k), (int, float)):
+                    return doc[k]
+            return None
+
+        step, total, tps = (
+            num("step"),
+            num("total_steps", "totalSteps", "total"),
+            num("tokens_per_second", "tps"),
+        )
+        return cls(
+            int(step) if step is not None else None,
+            int(total) if total is not None else None,
+            float(tps) if tps is not None else None,
+        )
+
+
+def _condition(prev: JobStatus, type_: str, status: str, reason: str, message: str, now: str) -> Condition:
+    """A condition that keeps its lastTransitionTime while its status does not change."""
+    for c in prev.conditions:
+        if c.type == type_ and c.status == status:
+            return Condition(
+                type=type_,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=c.last_transition_time or now,
+            )
+    return Condition(type=type_, status=status, reason=reason, message=message, last_transition_time=now)
+
+
+def _job_time(job_obj: Mapping[str, Any] | None, key: str) -> str | None:
+    if job_obj is None:
+        return None
+    status = job_obj.get("status") or {}
+    if key == "start":
+        return status.get("startTime") or job_obj.get("metadata", {}).get("creationTimestamp")
+    return status.get("completionTime")
+
+
+def compute_status(
+    job: VLMTrainingJob,
+    generation: int | None,
+    prev: JobStatus,
+    observed: Sequence[StageObservation],
+    action: planner.Action,
+    jobs_by_stage: Sequence[Sequence[Mapping[str, Any]]],
+    now: str,
+    launched: Mapping[int, str] | None = None,
+    progress: Mapping[int, Progress] | None = None,
+) -> JobStatus:
+    """The status after `action` was applied. `launched` maps a stage index to the Job just created."""
+    launched = launched or {}
+    progress = progress or {}
+    stages: list[StageStatus] = []
+    for i, stage in enumerate(job.spec.stages):
+        o = observed[i] if i < len(observed) else StageObservation()
+        p = _prev_stage(prev, i, stage.name) or StageStatus(name=stage.name, type=stage.type)
+        jobs = jobs_by_stage[i] if i < len(jobs_by_stage) else []
+        cur = current_job(jobs)
+        phase: str = o.phase
+        restarts = o.restarts
+        job_name = cur["metadata"]["name"] if cur is not None else p.job_name
+        launches = next_launch(p, jobs)
+        start = p.start_time or _job_time(cur, "start")
+        completion = p.completion_time or (_job_time(cur, "completion") if o.phase == "Succeeded" else None)
+        message = o.message or None
+        if i in launched:
+            phase, job_name = "Running", launched[i]
+            launches = max(launches, int(launched[i].rsplit("-", 1)[1]) + 1)
+            start = start or now
+            message = None
+            if isinstance(action, planner.StartStage) and action.restart:
+                restarts = o.restarts + 1
+        elif isinstance(action, planner.Suspend) and action.index == i:
+            phase = "Suspended"
+        elif o.phase == "Succeeded":
+            completion = completion or now
+        pr = progress.get(i, Progress())
+        stages.append(
+            StageStatus(
+                name=stage.name,
+                type=stage.type,
+                phase=phase,
+                job_name=job_name,
+                launches=launches,  # type: ignore[arg-type]
+                restarts=restarts,
+                start_time=start,
+                completion_time=completion,
+                checkpoint=planner.final_uri(job, i) if o.committed else None,
+                step=pr.step if pr.step is not None else p.step,
+                total_steps=pr.total_steps if pr.total_steps is not None else p.total_steps,
+                tokens_per_second=pr.tokens_per_second
+                if pr.tokens_per_second is not None
+                else p.tokens_per_second,
+                message=message,
+            )
+        )
+
+    done = sum(1 for s in stages if s.checkpoint)
+    index = getattr(action, "index", None)
+    phase: str
+    if isinstance(action, planner.Done):
+        phase, message = "Succeeded", f"all {len(stages)} stage(s) succeeded"
+    elif isinstance(action, planner.Fail):
+        phase, message = "Failed", action.reason
+    elif isinstance(action, planner.Suspend):
+        phase, message = "Suspended", "suspended by spec.suspend"
+    elif isinstance(action, planner.StartStage) or any(s.phase in ("Running", "Succeeded") for s in stages):
+        phase = "Running"
+        message = (
+            action.reason if isinstance(action, planner.Wait) else f"stage {stages[index].name!r} started"
+        )
+    else:
+        phase, message = "Pending", action.reason if isinstance(action, planner.Wait) else None
+
+    conditions = [
+        _condition(
+            prev,
+            "Running",
+            "True" if phase == "Running" else "False",
+            "StageRunning" if phase == "Running" else phase,
+            message or "",
+            now,
+        ),
+        _condition(
+            prev,
+            "Suspended",
+            "True" if phase == "Suspended" else "False",
+            "SuspendedBySpec" if phase == "Suspended" else "NotSuspended",
+            "",
+            now,
+        ),
+    ]
+    waiting = (
+        isinstance(action, planner.Wait)
+        and index is not None
+        and index < len(observed)
+        and observed[index].phase == "Succeeded"
+    )
+    if waiting:
+        conditions.append(
+            _condition(prev, "HandoffReady", "False", "CheckpointNotCommitted", action.reason, now)
+        )
+    elif done:
+        conditions.append(
+            _condition(
+                prev,
+                "HandoffReady",
+                "True",
+                "CheckpointCommitted",
+                f"{stages[done - 1].name}: {stages[done - 1].checkpoint}",
+                now,
+            )
+        )
+    if phase == "Succeeded":
+        conditions.append(_condition(prev, "Succeeded", "True", "AllStagesSucceeded", message or "", now))
+    if phase == "Failed":
+        conditions.append(_condition(prev, "Failed", "True", "MaxRestartsExceeded", message or "", now))
+
+    current = None if isinstance(action, planner.Done) or index is None else stages[index]
+    progress_text = f"{done}/{len(stages)}"
+    if (
+        current is not None
+        and current.phase == "Running"
+        and current.step is not None
+        and current.total_steps
+    ):
+        progress_text += f" ({current.name} {current.step}/{current.total_steps})"
+    return JobStatus(
+        phase=phase,  # type: ignore[arg-type]
+        current_stage=current.name if current else None,
+        current_stage_index=index if current else None,
+        progress=progress_text,
+        restarts=sum(s.restarts for s in stages),
+        start_time=prev.start_time or (now if phase != "Pending" else None),
+        completion_time=prev.completion_time or (now if phase in ("Succeeded", "Failed") else None),
+        message=message,
+        observed_generation=generation,
+        stages=stages,
+        conditions=conditions,
+    )
+
+
+def stage_events(prev: JobStatus, new: JobStatus) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Kubernetes Events a status change deserves."""
+    events: list[tuple[str, str, str]] = []
+    for s in new.stages:
+        p = next((x for x in prev.stages if x.name == s.name), None)
+        before = p.phase if p else "Pending"
+        if s.restarts > (p.restarts if p else 0):
+            events.append(
+                (
+                    "Warning",
+                    "StageRestarted",
+                    f"stage {s.name!r}: gang restart {s.restarts} (Job {s.job_name})",
+                )
+            )
+        elif s.phase == "Running" and before != "Running":
+            events.append(("Normal", "StageStarted", f"stage {s.name!r} started (Job {s.job_name})"))
+        if s.checkpoint and not (p and p.checkpoint):
+            events.append(("Normal", "StageSucceeded", f"stage {s.name!r} committed {s.checkpoint}"))
+        if s.phase == "Failed" and before != "Failed" and new.phase == "Failed":
+            events.append(("Warning", "StageFailed", f"stage {s.name!r} failed: {new.message}"))
+    if new.phase == "Suspended" and prev.phase != "Suspended":
+        events.append(("Normal", "Suspended", "job suspended: stage pods deleted"))
+    if new.phase == "Succeeded" and prev.phase != "Succeeded":
+        events.append(("Normal", "Succeeded", new.message or "all stages succeeded"))
+    if new.phase == "Failed" and prev.phase != "Failed":
+        events.append(("Warning", "Failed", new.message or "job failed"))
+    return events
+
+
+def parse_status(raw: Mapping[str, Any] | None) -> JobStatus:
+    """The previous status as written by this operator; unknown keys (e.g. Kopf's) are ignored."""
+    if not raw:
+        return JobStatus()
+    try:
+        return JobStatus.model_validate(dict(raw))
+    except ValueError:
+        return JobStatus()
+
+
+def dump_status(status: JobStatus) -> dict[str, Any]:
+    return status.model_dump(by_alias=True, mode="json", exclude_none=True)

@@ -1,0 +1,77 @@
+"""A stand-in for `-m vlm_trainer` in the operator's harness tests: same contract, no model.
+
+Run by torchrun in place of the trainer module. It reads the stage's TrainerConfig (--config), checks
+the handoff (init_from must be a committed final/), resumes from the newest committed checkpoint under
+its output, "trains" maxSteps steps (sleeping FAKE_STEP_SECONDS each), commits checkpoint-<step>/
+every checkpoint.everySteps and finally final/ (rank 0), all through vlm_trainer.storage. It fails on
+purpose when FAKE_FAIL_STAGE names its stage, so tests can exhaust maxRestarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from vlm_trainer import contract, storage
+from vlm_trainer.spec import TrainerConfig
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    args = p.parse_args()
+    with open(args.config) as f:
+        cfg = TrainerConfig.load(json.load(f))
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    node = os.environ.get("JOB_COMPLETION_INDEX", "?")
+    name = cfg.stage.name
+    print(f"fake trainer: stage {name} rank {rank}/{world} node {node}", flush=True)
+    if os.environ.get("FAKE_FAIL_STAGE") == name:
+        print("failing on purpose (FAKE_FAIL_STAGE)", flush=True)
+        return 1
+    if cfg.init_from:
+        v = storage.verify_committed(cfg.init_from)
+        if not v.ok:
+            print(f"init_from not committed: {v.reason}", flush=True)
+            return 3
+    latest = storage.latest_checkpoint(cfg.output)
+    start = latest[0] if latest else 0
+    total = cfg.stage.max_steps or 1
+    every = cfg.stage.checkpoint.every_steps
+    step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.2"))
+    for step in range(start + 1, total + 1):
+        time.sleep(step_seconds)
+        if rank != 0:
+            continue
+        storage.write_json(
+            storage.join(cfg.output, contract.PROGRESS_FILE),
+            {"step": step, "total_steps": total, "tokens_per_second": 1000.0 + step, "resumed_from": start},
+        )
+        if step % every == 0 and step < total:
+            with tempfile.TemporaryDirectory() as d:
+                with open(os.path.join(d, "state.json"), "w") as f:
+                    json.dump({"step": step}, f)
+                storage.commit_dir(
+                    d, storage.join(cfg.output, f"{contract.CHECKPOINT_PREFIX}{step}"), step=step, stage=name
+                )
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "weights.json"), "w") as f:
+                json.dump({"stage": name, "init_from": cfg.init_from, "world_size": world}, f)
+            storage.commit_dir(
+                d,
+                storage.join(cfg.output, contract.FINAL_DIR),
+                step=total,
+                stage=name,
+                extra={"resumed_from": start, "world_size": world},
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The operator against the Kubernetes API emulator, with pods run as local torchrun processes.
+
+Every test runs the real Kopf operator in-process, the kubelet stand-in (k8s_harness.Kubelet) and a
+real S3 server (SeaweedFS). The pods run `torchrun ... -m vlm_trainer` with the trainer module swapped
+for tests/integration/fake_trainer.py (same contract: config, resume, checkpoints, final/ through
+vlm_trainer.storage); test_e2e_tiny_vlm.py runs the real trainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from k8s_harness import NS, Cluster, wait_for
+from vlm_trainer import storage
+
+pytestmark = pytest.mark.integration
+
+JOBS = "batch/v1/jobs"
+
+
+def job_doc(
+    c: Cluster,
+    name: str,
+    stages: list[tuple[str, str]],
+    max_steps: int = 6,
+    every: int = 2,
+    max_restarts: int = 2,
+) -> dict[str, Any]:
+    formats = {"align": "caption", "instruct": "conversation", "dpo": "preference"}
+    return {
+        "apiVersion": "training.vlm.dev/v1alpha1",
+        "kind": "VLMTrainingJob",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "model": {"visionEncoder": "s3://vlm/models/vision", "languageModel": "s3://vlm/models/lm"},
+            "storage": {"uri": c.storage_uri, "secretRef": "s3-creds", "endpointUrl": c.s3.endpoint},
+            "stages": [
+                {
+                    "name": sname,
+                    "type": stype,
+                    "data": {"shards": ["data/train.tar"], "format": formats[stype]},
+                    "maxSteps": max_steps,
+                    "checkpoint": {"everySteps": every},
+                    "batch": {"globalSize": 2, "microSize": 1},
+                    "resources": {"nodes": 2, "procsPerNode": 1},
+                }
+                for sname, stype in stages
+            ],
+            "runPolicy": {"maxRestarts": max_restarts},
+        },
+    }
+
+
+async def test_two_stages_hand_off_through_s3_and_report_status(cluster: Cluster) -> None:
+    c = cluster
+    await c.create(job_doc(c, "pipe", [("align", "align"), ("instruct", "instruct")]))
+    status = await c.wait_phase("pipe", "Succeeded", timeout=75)
+
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded", "Succeeded"]
+    assert status["progress"] == "2/2" and status["restarts"] == 0
+    assert status["observedGeneration"] == 1
+    for s in status["stages"]:
+        assert s["checkpoint"] == f"{c.storage_uri}/pipe/{s['name']}/final"
+        v = storage.verify_committed(s["checkpoint"], check_sha256=True)
+        assert v.ok, v.reason
+        assert v.manifest["world_size"] == 2  # 2 nodes x 1 process
+        assert s["startTime"] and s["completionTime"]
+    # stage 2 started from stage 1's committed final/
+    weights = storage.read_json(f"{c.storage_uri}/pipe/instruct/final/weights.json")
+    assert weights["init_from"] == f"{c.storage_uri}/pipe/align/final"
+    conditions = {x["type"]: x for x in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True"
+    assert conditions["HandoffReady"]["reason"] == "CheckpointCommitted"
+
+    # Events are posted right after the status write
+    await wait_for(lambda: "Succeeded" in c.events("pipe"), 10, message="the Succeeded event")
+    events = c.events("pipe")
+    assert events.count("StageStarted") == 2 and events.count("StageSucceeded") == 2
+    assert c.jobs_ever_created("pipe") == {"pipe-align-0", "pipe-instruct-0"}
+    uid = c.job("pipe")["metadata"]["uid"]
+    children = [*c.owned("v1/configmaps", "pipe"), *c.owned("v1/services", "pipe"), *c.owned(JOBS, "pipe")]
+    assert len(children) == 6
+    assert all(o["metadata"]["ownerReferences"][0]["uid"] == uid for o in children)
+    pods = c.owned("v1/pods", "pipe")
+    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == [
+        "0",
+        "0",
+        "1",
+        "1",
+    ]
+
+
+async def test_a_killed_pod_restarts_the_gang_which_resumes_from_its_checkpoint(cluster: Cluster) -> None:
+    c = cluster
+    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    await c.create(job_doc(c, "crash", [("align", "align")], max_steps=14, every=2))
+    output = f"{c.storage_uri}/crash/align"
+    await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 4, 60, message="checkpoint-4")
+    c.kubelet.kill_pod("crash-align-0", index=1)
+
+    status = await c.wait_phase("crash", "Succeeded", timeout=75)
+    stage = status["stages"][0]
+    assert stage["restarts"] == 1 and status["restarts"] == 1
+    assert stage["jobName"] == "crash-align-1"
+    manifest = storage.read_manifest(f"{output}/final")
+    assert manifest["resumed_from"] >= 4  # the new gang resumed, it did not start over
+    await wait_for(lambda: "StageRestarted" in c.events("crash"), 10, message="the StageRestarted event")
+    assert [j["metadata"]["name"] for j in c.owned(JOBS, "crash")] == ["crash-align-1"]  # failed gang deleted
+
+
+async def test_max_restarts_exhausted_fails_the_job_with_the_reason(cluster: Cluster) -> None:
+    c = cluster
+    c.kubelet.extra_env["FAKE_FAIL_STAGE"] = "instruct"
+    await c.create(job_doc(c, "doomed", [("align", "align"), ("instruct", "instruct")], max_restarts=1))
+    status = await c.wait_phase("doomed", "Failed", timeout=75)
+    assert status["stages"][0]["phase"] == "Succeeded"
+    assert status["stages"][1]["phase"] == "Failed" and status["stages"][1]["restarts"] == 1
+    failed = next(x for x in status["conditions"] if x["type"] == "Failed")
+    assert failed["reason"] == "MaxRestartsExceeded"
+    assert "instruct" in failed["message"] and "maxRestarts 1" in failed["message"]
+    assert c.jobs_ever_created("doomed") == {"doomed-align-0", "doomed-instruct-0", "doomed-instruct-1"}
+    await wait_for(
+        lambda: {"StageRestarted", "StageFailed", "Failed"} <= set(c.events("doomed")),
+        10,
+        message="restart and failure events",
+    )
+
+
+async def test_operator_restart_mid_stage_creates_no_duplicate_jobs(cluster: Cluster) -> None:
+    c = cluster
+    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    await c.create(job_doc(c, "steady", [("align", "align"), ("instruct", "instruct")], max_steps=8))
+    await wait_for(
+        lambda: c.status("steady").get("currentStage") == "align" and c.kubelet.running(),
+        30,
+        message="stage align running",
+    )
+    await c.operator.stop()
+    await asyncio.sleep(1.0)
+    await c.operator.start()
+    status = await c.wait_phase("steady", "Succeeded", timeout=75)
+    assert status["restarts"] == 0
+    assert c.jobs_ever_created("steady") == {"steady-align-0", "steady-instruct-0"}
+
+
+async def test_suspend_deletes_the_pods_and_resume_continues_the_stage(cluster: Cluster) -> None:
+    c = cluster
+    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    await c.create(job_doc(c, "pausable", [("align", "align")], max_steps=14, every=2))
+    output = f"{c.storage_uri}/pausable/align"
+    await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 2, 60, message="checkpoint-2")
+    await c.patch_spec("pausable", {"suspend": True})
+    status = await c.wait_phase("pausable", "Suspended", timeout=30)
+    assert status["stages"][0]["phase"] == "Suspended"
+    await wait_for(
+        lambda: not c.kubelet.running() and not c.owned(JOBS, "pausable"),
+        20,
+        message="no Jobs or running pods while suspended",
+    )
+    assert not [p for p in c.owned("v1/pods", "pausable")]
+    await wait_for(lambda: "Suspended" in c.events("pausable"), 10, message="the Suspended event")
+
+    await c.patch_spec("pausable", {"suspend": False})
+    status = await c.wait_phase("pausable", "Succeeded", timeout=60)
+    assert status["stages"][0]["restarts"] == 0  # a suspension is not a failure
+    assert c.jobs_ever_created("pausable") == {"pausable-align-0", "pausable-align-1"}
+    assert storage.read_manifest(f"{output}/final")["resumed_from"] >= 2
+
+
+async def test_delete_removes_every_child(cluster: Cluster) -> None:
+    c = cluster
+    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.5"
+    await c.create(job_doc(c, "doomed2", [("align", "align"), ("instruct", "instruct")], max_steps=40))
+    await wait_for(lambda: len(c.kubelet.running()) == 2, 30, message="two pods running")
+    assert c.owned("v1/configmaps", "doomed2") and c.owned("v1/services", "doomed2")
+    await c.delete("doomed2")
+    await wait_for(lambda: c.job("doomed2") is None, 30, message="the job (and its finalizer) gone")
+    for res in (JOBS, "v1/pods", "v1/services", "v1/configmaps"):
+        assert c.owned(res, "doomed2") == [], res
+    await wait_for(lambda: not c.kubelet.running(), 15, message="pod processes stopped")
