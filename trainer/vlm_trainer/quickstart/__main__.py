@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars, per tiny file
     if args.command == "prepare":
         from vlm_trainer.quickstart.prepare import prepare
 

@@ -133,7 +133,7 @@ def pretrain_language_model(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     wall = time.perf_counter() - t0
     after = text_perplexity(model, tokenizer, heldout)
     os.makedirs(out_dir, exist_ok=True)
@@ -200,7 +200,7 @@ def pretrain_vision_encoder(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     wall = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)

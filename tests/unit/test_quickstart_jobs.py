@@ -1,0 +1,83 @@
+"""The quickstart's job files follow the recipe, and `evaluate` refuses a job whose stages did not run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from vlm_trainer.quickstart.components import build_language_model, build_tokenizer
+from vlm_trainer.quickstart.evaluate import evaluate
+from vlm_trainer.quickstart.prepare import Recipe, job_documents
+from vlm_trainer.quickstart.shapes import shard_paths, text_documents, write_shards
+from vlm_trainer.spec import parse_job
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    data = str(tmp_path / "data")
+    paths = write_shards(data, "train", 40, seed=0, per_shard=20) + write_shards(data, "heldout", 10, seed=0)
+    return tmp_path, paths
+
+
+def test_staged_job_and_naive_baseline_follow_the_recipe(prepared):
+    tmp_path, paths = prepared
+    recipe = Recipe()
+    job_doc, naive_doc = job_documents(str(tmp_path), paths, seed=5, recipe=recipe)
+    job, naive = parse_job(job_doc), parse_job(naive_doc)
+    assert job.spec.storage.uri == f"file://{tmp_path}/storage"
+    assert [(s.name, s.type, s.data.format) for s in job.spec.stages] == [
+        ("align", "align", "caption"),
+        ("instruct", "instruct", "conversation"),
+        ("dpo", "dpo", "preference"),
+    ]
+    align, instruct, dpo = job.spec.stages
+    assert align.trainable == ["projector"] and 1e-3 <= align.optimizer.lr <= 3e-3
+    assert instruct.trainable == ["projector", "language_model"] and instruct.optimizer.lr == pytest.approx(
+        1e-4
+    )
+    assert dpo.dpo.beta == pytest.approx(0.1)
+    for stage in [*job.spec.stages, *naive.spec.stages]:
+        assert stage.resources.procs_per_node == 2
+        assert stage.batch.global_size == 64
+        assert stage.seed == 5
+        assert stage.data.eval_shards and all("/heldout-" in s for s in stage.data.eval_shards)
+        assert all("/train-" in s for s in stage.data.shards)
+        assert all(
+            s.startswith("file:///") and os.path.exists(s[len("file://") :]) for s in stage.data.shards
+        )
+    # The baseline: one stage, everything unfrozen at a high lr, same data as instruct, same total steps.
+    (baseline,) = naive.spec.stages
+    assert sorted(baseline.trainable) == ["language_model", "projector", "vision_tower"]
+    assert baseline.optimizer.lr == pytest.approx(1e-3) and baseline.optimizer.projector_lr_multiplier == 1.0
+    assert baseline.data.shards == instruct.data.shards
+    assert baseline.max_steps == align.max_steps + instruct.max_steps
+    assert naive.name != job.name and naive.spec.model == job.spec.model
+
+
+def test_evaluate_fails_naming_the_missing_stage_output(prepared, capsys):
+    tmp_path, paths = prepared
+    job_doc, naive_doc = job_documents(str(tmp_path), paths, seed=0, recipe=Recipe())
+    tok = build_tokenizer()
+    build_language_model(str(tmp_path / "stage0" / "language_model"), tok)
+    (tmp_path / "stage0" / "pretrain.json").write_text("{}")
+    text = tmp_path / "data" / "heldout-text.txt"
+    text.write_text("\n".join(text_documents(5, 0, "text-heldout")))
+    for name, doc in (("job.yaml", job_doc), ("naive.yaml", naive_doc)):
+        (tmp_path / name).write_text(json.dumps(doc))  # JSON is YAML
+    held = [p for p in paths if "/heldout-" in p]
+    info = {
+        "seed": 0,
+        "job": str(tmp_path / "job.yaml"),
+        "naive": str(tmp_path / "naive.yaml"),
+        "heldout_text": str(text),
+        "heldout_shards": {f: shard_paths(held, f) for f in ("caption", "conversation", "preference")},
+        "stage0": {"language_model": str(tmp_path / "stage0" / "language_model")},
+    }
+    (tmp_path / "quickstart.json").write_text(json.dumps(info))
+    assert evaluate(str(tmp_path)) != 0
+    out = capsys.readouterr().out
+    assert "quickstart/align/final" in out and "manifest.json" in out
+    assert not (tmp_path / "storage" / "quickstart" / "report.json").exists()
