@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration, SiglipVisionModel
+from vlm_operator.local import LocalRunner
 from vlm_operator.planner import resolve_stage
 from vlm_trainer import contract, storage
 from vlm_trainer.model import apply_freezing, assemble_vlm, param_groups
@@ -319,8 +320,8 @@ def test_param_groups_and_schedule(parts):
 
 
 def test_s3_storage_end_to_end(parts, tmp_path, s3_server):
-    """Parts, shards, checkpoints and final/ all on a real S3 server (SeaweedFS): align, then instruct
-    initialised from align's final/ downloaded from S3."""
+    """Parts, shards, checkpoints and final/ all on a real S3 server (SeaweedFS), run by the local backend:
+    align, then instruct initialised from align's final/ downloaded from S3."""
     base = f"s3://{s3_server.bucket}/trainer-test"
     fs, _ = storage.filesystem(base)
     remote = {}
@@ -339,8 +340,10 @@ def test_s3_storage_end_to_end(parts, tmp_path, s3_server):
         stage_doc("align", "align", "caption", s3_parts, steps=4, checkpoint={"everySteps": 2, "keepLast": 1}),
         stage_doc("instruct", "instruct", "conversation", s3_parts, steps=2),
     ])
-    run_stage(job, 0, tmp_path)
-    run_stage(job, 1, tmp_path)
+    # Through the local backend (`vlmctl run`): TorchX launches torchrun, the planner hands off via S3.
+    result = LocalRunner(job, log_dir=str(tmp_path / "torchx"), env={contract.METRICS_PORT_ENV: "0"}).run()
+    assert result.succeeded, result.message
+    assert [s.name for s in result.stages] == ["align", "instruct"]
     for index in (0, 1):
         output = resolve_stage(job, index).output
         assert storage.verify_committed(output + "/final", check_sha256=True).ok
