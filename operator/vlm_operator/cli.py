@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:  # its own parser owns every option, --help included
+        from vlm_operator import run_operator
+
+        return run_operator.main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
