@@ -134,20 +134,14 @@ class Progress:
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any] | None) -> Progress:
-        if not doc:
-            return cls()
+        """Parse the trainer's progress.json (keys step, total, tokens_per_second); junk reads as unknown."""
+        doc = doc or {}
 
-        def num(*keys: str) -> Any:
-            for k in keys:
-                if isinstance(doc.get(k), (int, float)):
-                    return doc[k]
-            return None
+        def num(key: str) -> float | None:
+            v = doc.get(key)
+            return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-        step, total, tps = (
-            num("step"),
-            num("total_steps", "totalSteps", "total"),
-            num("tokens_per_second", "tps"),
-        )
+        step, total, tps = num("step"), num("total"), num("tokens_per_second")
         return cls(
             int(step) if step is not None else None,
             int(total) if total is not None else None,

@@ -285,7 +285,7 @@ def test_progress_is_reported_for_the_running_stage() -> None:
         planner.Wait("running", 0),
         [[stage_job(0)], []],
         NOW,
-        progress={0: observe.Progress.from_doc({"step": 3, "total_steps": 5, "tokens_per_second": 1234.5})},
+        progress={0: observe.Progress.from_doc({"step": 3, "total": 5, "tokens_per_second": 1234.5})},
     )
     assert s.progress == "0/2 (align 3/5)" and s.stages[0].tokens_per_second == 1234.5
 

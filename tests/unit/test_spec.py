@@ -85,3 +85,27 @@ def test_vlmctl_validate_exit_codes(tmp_path):
     assert ko.returncode == 1
     assert "spec.stages[1].optimizer.lr: must be > 0, got -1" in ko.stderr
     assert "spec.stages[0].maxStep: unknown field" in ko.stderr
+
+
+def test_cross_field_rules_are_reported_with_field_errors_in_one_run():
+    doc = copy.deepcopy(GOOD)
+    dpo = doc["spec"]["stages"][2]
+    dpo.update(name="Bad_Name", epochs=1)  # a field error, plus maxSteps and epochs both set
+    dpo["data"]["format"] = "caption"  # and the wrong data for a dpo stage
+    doc["spec"]["stages"][0]["optimizer"] = {"lr": 0}  # field error in another stage with a rule broken too
+    doc["spec"]["stages"][0]["batch"] = {"globalSize": 12, "microSize": 8}
+    got = problems(doc)
+    assert "spec.stages[2].name: must be a lowercase DNS label of at most 40 characters ([a-z0-9-]), got 'Bad_Name'" in got
+    assert any(p.startswith("spec.stages[2].maxSteps: set exactly one of maxSteps or epochs") for p in got), got
+    assert "spec.stages[2].data.format: a dpo stage needs 'preference' data, got 'caption'" in got
+    assert "spec.stages[0].optimizer.lr: must be > 0, got 0" in got
+    assert any(p.startswith("spec.stages[0].batch.globalSize: 12 must be a multiple") for p in got), got
+    assert len(got) == len(set(got))  # each problem once
+
+
+def test_several_broken_rules_of_a_valid_stage_are_all_reported():
+    doc = copy.deepcopy(GOOD)
+    doc["spec"]["stages"][0].update(epochs=2, dpo={"beta": 0.2})
+    got = problems(doc)
+    assert any(p.startswith("spec.stages[0].maxSteps: set exactly one") for p in got), got
+    assert "spec.stages[0].dpo: only valid for type dpo, this stage is 'align'" in got

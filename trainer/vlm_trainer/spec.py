@@ -8,6 +8,7 @@ never passes silently.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -224,31 +225,15 @@ class StageSpec(Strict):
         d = _TYPE_DEFAULTS[self.type]
         if self.trainable is None:
             self.trainable = list(d["trainable"])
-        if not self.trainable:
-            raise ValueError("trainable: at least one part must train, got []")
         if self.optimizer.lr is None:
             self.optimizer.lr = d["lr"]
         if self.optimizer.projector_lr_multiplier is None:
             self.optimizer.projector_lr_multiplier = d["mult"]
-        if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError(
-                f"maxSteps: set exactly one of maxSteps or epochs (got maxSteps={self.max_steps}, epochs={self.epochs})"
-            )
-        if self.type == "dpo":
-            if self.dpo is None:
-                self.dpo = DPOSpec()
-            if self.data.format != "preference":
-                raise ValueError(f"data.format: a dpo stage needs 'preference' data, got {self.data.format!r}")
-        elif self.dpo is not None:
-            raise ValueError(f"dpo: only valid for type dpo, this stage is {self.type!r}")
-        elif self.data.format == "preference":
-            raise ValueError(f"data.format: 'preference' data needs type dpo, this stage is {self.type!r}")
-        world = self.resources.nodes * self.resources.procs_per_node
-        if self.batch.global_size % (self.batch.micro_size * world):
-            raise ValueError(
-                f"batch.globalSize: {self.batch.global_size} must be a multiple of batch.microSize "
-                f"({self.batch.micro_size}) x world size ({world} = resources.nodes x resources.procsPerNode)"
-            )
+        if self.type == "dpo" and self.dpo is None:
+            self.dpo = DPOSpec()
+        problems = stage_rule_problems(self.model_dump(by_alias=True))
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -258,6 +243,42 @@ class StageSpec(Strict):
     @property
     def grad_accum_steps(self) -> int:
         return self.batch.global_size // (self.batch.micro_size * self.world_size)
+
+
+def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
+    """Cross-field rules of one stage, on its camelCase dict: one 'field.path: message' per broken rule.
+
+    Works on raw input too (wrong types are skipped: their own field errors report them), so a stage with
+    a bad field still gets its cross-field problems reported in the same run.
+    """
+
+    def num(d: Any, key: str, default: int) -> int | None:
+        v = d.get(key, default) if isinstance(d, Mapping) else default
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    out = []
+    stype, data = stage.get("type"), stage.get("data")
+    fmt = data.get("format") if isinstance(data, Mapping) else None
+    if stage.get("trainable") == []:
+        out.append("trainable: at least one part must train, got []")
+    if (stage.get("maxSteps") is None) == (stage.get("epochs") is None):
+        out.append(f"maxSteps: set exactly one of maxSteps or epochs (got maxSteps={stage.get('maxSteps')}, "
+                   f"epochs={stage.get('epochs')})")
+    if stype == "dpo" and fmt is not None and fmt != "preference":
+        out.append(f"data.format: a dpo stage needs 'preference' data, got {fmt!r}")
+    if stype in ("align", "instruct"):
+        if stage.get("dpo") is not None:
+            out.append(f"dpo: only valid for type dpo, this stage is {stype!r}")
+        if fmt == "preference":
+            out.append(f"data.format: 'preference' data needs type dpo, this stage is {stype!r}")
+    batch, res = stage.get("batch") or {}, stage.get("resources") or {}
+    sizes = (num(batch, "globalSize", 32), num(batch, "microSize", 8), num(res, "nodes", 1), num(res, "procsPerNode", 1))
+    if None not in sizes:
+        glob, micro, nodes, procs = sizes
+        if glob % (micro * nodes * procs):
+            out.append(f"batch.globalSize: {glob} must be a multiple of batch.microSize ({micro}) x world size "
+                       f"({nodes * procs} = resources.nodes x resources.procsPerNode)")
+    return out
 
 
 class Toleration(Strict):
@@ -391,12 +412,13 @@ def format_errors(err: ValidationError) -> list[str]:
             msg = "unknown field (check the spelling; see `kubectl explain vlmjob.spec`)"
         elif e["type"] == "literal_error":
             msg = f"{msg}, got {e.get('input')!r}"
-        # Model-level rules name their own sub-field ("batch.globalSize (...)"); join it to the path.
-        m = re.match(r"^([A-Za-z_]+(?:\[\d+\])?(?:\.[A-Za-z_]+)*):\s(.*)$", msg)
-        if m and e["type"] == "value_error":
-            path = f"{path}.{m.group(1)}" if path else m.group(1)
-            msg = m.group(2)
-        problems.append(f"{path}: {msg}" if path else msg)
+        for line in msg.split("\n"):
+            # Model-level rules name their own sub-field ("batch.globalSize: ..."); join it to the path.
+            m = re.match(r"^([A-Za-z_]+(?:\[\d+\])?(?:\.[A-Za-z_]+)*):\s(.*)$", line)
+            full, text = path, line
+            if m and e["type"] == "value_error":
+                full, text = (f"{path}.{m.group(1)}" if path else m.group(1)), m.group(2)
+            problems.append(f"{full}: {text}" if full else text)
     return problems
 
 
@@ -414,6 +436,11 @@ def parse_job(doc: dict[str, Any]) -> VLMTrainingJob:
             for p in duplicate_stage_names([s.get("name") if isinstance(s, dict) else None for s in raw]):
                 if f"spec.{p}" not in problems:
                     problems.append(f"spec.{p}")
+            # A stage with a bad field never reached its cross-field rules; run them on the raw input.
+            for i, stage in enumerate(raw):
+                for p in stage_rule_problems(stage) if isinstance(stage, dict) else []:
+                    if f"spec.stages[{i}].{p}" not in problems:
+                        problems.append(f"spec.stages[{i}].{p}")
         raise SpecError(problems) from None
 
 
