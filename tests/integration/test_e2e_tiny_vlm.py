@@ -95,6 +95,9 @@ async def test_real_trainer_two_stages_with_a_gang_restart(
 
     status = await c.wait_phase("tiny", "Succeeded", timeout=240)
     assert status["stages"][0]["restarts"] == 1 and status["stages"][1]["restarts"] == 0
+    # progress.json written by the trainer (never the Kubernetes API) reached status through the operator
+    align_total = c.job("tiny")["spec"]["stages"][0]["maxSteps"]
+    assert status["stages"][0]["totalSteps"] == align_total and 1 <= status["stages"][0]["step"] <= align_total
     align_eval = storage.read_json(f"{align}/eval.json")
     # the restarted gang resumed, it did not start over
     assert (align_eval.get("resumed_from_step") or 0) >= 10, f"{align_eval}\n{c.kubelet.logs()}"
