@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -100,6 +101,17 @@ def parse_log_line(line: str) -> tuple[int | None, dict | None]:
     return rank, None
 
 
+_EXCEPTION_RE = re.compile(r"^(?:\[\d+\]:)?(?:\[rank\d+\]:\s?)?([A-Za-z_][\w.]*(?:Error|Exception)\b:?.*)$")
+
+
+def exception_line(line: str) -> str | None:
+    """The final line of a Python traceback ("pkg.SomeError: message") in a rank's output, if this is one."""
+    m = _EXCEPTION_RE.match(line.rstrip())
+    if not m or m.group(1).startswith("torch.distributed.elastic."):  # torchrun's own summary, not the cause
+        return None
+    return m.group(1)
+
+
 class LocalRunner:
     """Runs one job to completion (or failure) with TorchX's local scheduler."""
 
@@ -130,16 +142,22 @@ class LocalRunner:
         try:
             handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": self.log_dir})
             tail: list[str] = []
+            errors: list[str] = []
             for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
                 rank, event = parse_log_line(line)
                 tail = (tail + [line.rstrip()])[-20:]
+                error = exception_line(line)
+                if error and error not in errors:
+                    errors.append(error)
                 if self.on_line:
                     self.on_line(cfg.stage.name, line, rank, event)
             status = runner.wait(handle, wait_interval=0.5)
         finally:
             runner.close()
         ok = status is not None and status.state.name == "SUCCEEDED"
-        msg = "" if ok else f"torchrun ended {status.state.name if status else 'UNKNOWN'}; last lines:\n" + "\n".join(tail)
+        state = status.state.name if status else "UNKNOWN"
+        msg = "" if ok else (f"torchrun ended {state}; trainer error: {'; '.join(errors)}" if errors
+                             else f"torchrun ended {state}; last lines:\n" + "\n".join(tail))
         return ok, msg
 
     def run(self) -> RunResult:
