@@ -28,7 +28,6 @@ import os
 import random
 import re
 import signal
-import socket
 import string
 import sys
 import uuid
@@ -44,6 +43,7 @@ import kopf
 import kubernetes
 from kmock import KubernetesEmulator, ResourceInfo, action, resource
 from kmock._internal.k8s import KubernetesError, KubernetesObjectConflictError, KubernetesObjectNotFoundError
+from ports import free_port
 from vlm_trainer import contract
 from vlm_trainer.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
@@ -369,12 +369,6 @@ class OperatorRunner:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

