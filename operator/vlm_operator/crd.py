@@ -216,7 +216,14 @@ PRINTER_COLUMNS = [
         "jsonPath": ".status.restarts",
         "description": "Gang restarts, all stages",
     },
+    {
+        "name": "Admitted",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Admitted")].reason',
+        "description": "GPU-memory admission of the current stage (Fits, InsufficientGPUMemory, ...)",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 
 

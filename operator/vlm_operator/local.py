@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from vlm_trainer import contract, storage
 from vlm_trainer.spec import TrainerConfig, VLMTrainingJob
 
-from vlm_operator import planner
+from vlm_operator import admission, planner
 
 LOG_PREFIX_SEP = "]:"
 
@@ -165,7 +165,8 @@ class LocalRunner:
         attempts: dict[int, int] = {}
         started: dict[int, float] = {}
         while True:
-            action = planner.plan(self.job, observe_local(self.job, self.failures, self.errors))
+            action = planner.plan(self.job, observe_local(self.job, self.failures, self.errors),
+                                  admit=admission.checker(self.job))
             if isinstance(action, planner.Done):
                 result.succeeded = True
                 return result

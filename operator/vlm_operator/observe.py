@@ -287,6 +287,12 @@ def compute_status(
                 now,
             )
         )
+    decision = getattr(action, "admission", None)
+    if decision is not None:  # GPU-memory admission of the stage about to start (or held back)
+        status_ = "True" if decision.admitted else "False"
+        conditions.append(_condition(prev, "Admitted", status_, decision.reason, decision.message, now))
+    else:
+        conditions += [c for c in prev.conditions if c.type == "Admitted"]
     if phase == "Succeeded":
         conditions.append(_condition(prev, "Succeeded", "True", "AllStagesSucceeded", message or "", now))
     if phase == "Failed":
@@ -336,6 +342,12 @@ def stage_events(prev: JobStatus, new: JobStatus) -> list[tuple[str, str, str]]:
             events.append(("Normal", "StageSucceeded", f"stage {s.name!r} committed {s.checkpoint}"))
         if s.phase == "Failed" and before != "Failed" and new.phase == "Failed":
             events.append(("Warning", "StageFailed", f"stage {s.name!r} failed: {new.message}"))
+    admitted = next((c for c in new.conditions if c.type == "Admitted"), None)
+    prev_admitted = next((c for c in prev.conditions if c.type == "Admitted"), None)
+    if admitted is not None and admitted.reason.startswith("InsufficientGPUMemory") and (
+        prev_admitted is None or (prev_admitted.reason, prev_admitted.message) != (admitted.reason, admitted.message)
+    ):
+        events.append(("Warning", admitted.reason, admitted.message))
     if new.phase == "Suspended" and prev.phase != "Suspended":
         events.append(("Normal", "Suspended", "job suspended: stage pods deleted"))
     if new.phase == "Succeeded" and prev.phase != "Succeeded":

@@ -7,11 +7,15 @@ anything between calls: both backends recompute the observation each time (level
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from vlm_trainer import contract, storage
 from vlm_trainer.spec import TrainerConfig, VLMTrainingJob
+
+if TYPE_CHECKING:
+    from vlm_operator.admission import Admission
 
 StagePhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 
@@ -31,6 +35,7 @@ class StartStage:
     index: int
     config: TrainerConfig
     restart: bool = False  # a gang restart after a failure (the trainer resumes from its checkpoint)
+    admission: Admission | None = None  # the GPU-memory decision that let it start, if one was made
     kind: str = field(default="start", init=False)
 
 
@@ -38,6 +43,7 @@ class StartStage:
 class Wait:
     reason: str
     index: int | None = None
+    admission: Admission | None = None  # set when the stage is held back: it does not fit its GPUs
     kind: str = field(default="wait", init=False)
 
 
@@ -102,8 +108,13 @@ def max_restarts(job: VLMTrainingJob, index: int) -> int:
     return s.max_restarts if s.max_restarts is not None else job.spec.run_policy.max_restarts
 
 
-def plan(job: VLMTrainingJob, observed: list[StageObservation]) -> Action:
-    """The next action for `job` given each stage's observation (missing entries count as Pending)."""
+def plan(
+    job: VLMTrainingJob, observed: list[StageObservation], admit: Callable[[int], Admission | None] | None = None
+) -> Action:
+    """The next action for `job` given each stage's observation (missing entries count as Pending).
+
+    `admit(index)` (see `admission.checker`) is asked before a stage starts; a refusal holds it in a Wait.
+    """
     stages = job.spec.stages
     obs = list(observed) + [StageObservation()] * (len(stages) - len(observed))
     for i, stage in enumerate(stages):
@@ -120,6 +131,8 @@ def plan(job: VLMTrainingJob, observed: list[StageObservation]) -> Action:
             limit = max_restarts(job, i)
             if o.restarts >= limit:
                 return Fail(i, f"stage {stage.name!r} failed after {o.restarts} restart(s) (maxRestarts {limit}): {o.message}")
-            return StartStage(i, resolve_stage(job, i), restart=True)
-        return StartStage(i, resolve_stage(job, i))
+        decision = admit(i) if admit is not None else None
+        if decision is not None and not decision.admitted:
+            return Wait(decision.message, i, admission=decision)
+        return StartStage(i, resolve_stage(job, i), restart=o.phase == "Failed", admission=decision)
     return Done()

@@ -16,7 +16,7 @@ from typing import Any
 from vlm_trainer import contract, storage
 from vlm_trainer.spec import SpecError, VLMTrainingJob, parse_job
 
-from vlm_operator import builders, kube, metrics, observe, planner
+from vlm_operator import admission, builders, kube, metrics, observe, planner
 
 log = logging.getLogger(__name__)
 _locks: dict[tuple[str, str], threading.Lock] = {}
@@ -98,7 +98,7 @@ def reconcile(
             return prev.phase
         jobs_by_stage = observe.group_jobs_by_stage(job, kube.list_stage_jobs(namespace, name))
         observed = observe.observe_stages(job, prev, jobs_by_stage, verify)
-        action = planner.plan(job, observed)
+        action = planner.plan(job, observed, admit=admission.checker(job))
         launched: dict[int, str] = {}
         now = kube.now()
         if isinstance(action, planner.StartStage):

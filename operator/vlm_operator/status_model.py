@@ -27,7 +27,7 @@ class _Wire(BaseModel):
 class Condition(_Wire):
     """A standard Kubernetes condition."""
 
-    type: str = Field(description="Running, Suspended, HandoffReady, Succeeded or Failed.")
+    type: str = Field(description="Running, Suspended, HandoffReady, Admitted, Succeeded or Failed.")
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(description="CamelCase machine-readable reason.")
     message: str = Field("", description="Human-readable detail.")

@@ -79,7 +79,9 @@ def test_crd_metadata_columns_and_subresources() -> None:
         "Phase",
         "Progress",
         "Restarts",
+        "Admitted",
         "Age",
+        "Message",
     ]
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     assert {"phase", "currentStage", "stages", "conditions", "observedGeneration", "restarts"} <= set(status)

@@ -107,6 +107,10 @@ class DataSpec(Strict):
     )
     max_length: int = Field(256, gt=0, description="Maximum tokens per sample (image tokens included).")
     shuffle_buffer: int = Field(1000, ge=0, description="Sample shuffle buffer; 0 disables shuffling.")
+    num_samples: int | None = Field(
+        None, gt=0, description="Examples in the shards, for `vlmctl estimate` (steps, tokens and time of an "
+        "epochs-based stage, data-size advice); the trainer counts them itself."
+    )
 
 
 class OptimizerSpec(Strict):
@@ -179,6 +183,11 @@ class ResourcesSpec(Strict):
     gpus_per_node: int = Field(0, ge=0, description="nvidia.com/gpu per pod (0 on CPU).")
     cpu: str | None = Field(None, description="CPU request/limit per pod, e.g. '8'.")
     memory: str | None = Field(None, description="Memory request/limit per pod, e.g. '64Gi'.")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, alias="gpuMemoryGiB", description="Memory of one GPU in GiB (e.g. 79.6 for an H100 80GB). The operator estimates "
+        "each stage's memory per GPU before starting it and refuses a stage that does not fit "
+        "(spec.runPolicy.admission)."
+    )
 
 
 _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -298,6 +307,11 @@ class RunPolicySpec(Strict):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     queue_name: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    admission: Literal["enforce", "warn", "off"] | None = Field(
+        None, description="GPU-memory admission of each stage: enforce (do not start a stage whose estimate "
+        "exceeds resources.gpuMemoryGiB), warn (start it with a Warning event) or off. Default: enforce where "
+        "a stage declares gpuMemoryGiB."
+    )
 
 
 class ImageSpec(Strict):

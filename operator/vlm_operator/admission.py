@@ -1,0 +1,194 @@
+"""GPU-memory admission: estimate a stage before it starts; refuse it (with alternatives that fit) when the
+estimate exceeds the GPU memory the stage declares.
+
+Pure given the model shape: `decide(stage, shape, policy)` compares `vlm_trainer.accounting`'s memory
+estimate (its framework overhead is the documented headroom) with `resources.gpuMemoryGiB` and, for a
+stage that does not fit, computes alternatives by searching nearby settings (strategy, offload,
+gradient checkpointing, micro batch, more nodes), each validated as a stage spec and estimated the same
+way. `checker(job)` reads the model's config.json files through the storage layer (so s3:// works) and
+is what the planner calls for both backends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from vlm_trainer import accounting, storage
+from vlm_trainer.spec import ModelSpec, StageSpec, VLMTrainingJob
+
+MAX_ALTERNATIVES = 4
+NODE_FACTORS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A change to the stage (camelCase dotted field paths) that fits, with its estimate."""
+
+    patch: Mapping[str, Any]
+    bytes_per_gpu: int
+    gpus: int
+
+    @property
+    def text(self) -> str:
+        changes = ", ".join(f"{k}: {_yaml_value(v)}" for k, v in self.patch.items())
+        return f"{changes} ({self.gpus} GPUs): {self.bytes_per_gpu / accounting.GIB:.1f} GiB/GPU"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The decision for one stage. `reason` is the Admitted condition's reason."""
+
+    admitted: bool
+    reason: str  # Fits | InsufficientGPUMemory | InsufficientGPUMemoryWarned | EstimateUnavailable
+    message: str
+    estimate_bytes: int | None = None
+    limit_bytes: int | None = None
+    alternatives: tuple[Alternative, ...] = ()
+
+
+def _yaml_value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def load_shape(model: ModelSpec) -> accounting.ModelShape:
+    """The VLM's shape from the vision encoder's and the LM's config.json (no weights read)."""
+    vision = storage.read_json(storage.join(model.vision_encoder, "config.json"))
+    language = storage.read_json(storage.join(model.language_model, "config.json"))
+    return accounting.ModelShape.from_configs(vision, language, feature_select=model.vision_feature_select_strategy)
+
+
+def _allowed(field: str) -> tuple[str, ...]:
+    """The values this spec version accepts for a Literal field of StageSpec (empty if it has no such field)."""
+    info = StageSpec.model_fields.get(field)
+    if info is None:
+        return ()
+    return tuple(a for a in typing.get_args(info.annotation) if isinstance(a, str))
+
+
+def _set_path(doc: dict[str, Any], path: str, value: Any) -> None:
+    *head, last = path.split(".")
+    for key in head:
+        doc = doc.setdefault(key, {})
+    doc[last] = value
+
+
+def patched_stage(stage: StageSpec, patch: Mapping[str, Any]) -> StageSpec:
+    """The stage with `patch` applied (camelCase dotted paths), validated like user input."""
+    doc = stage.model_dump(by_alias=True, mode="json", exclude_none=True)
+    for path, value in patch.items():
+        _set_path(doc, path, value)
+    return StageSpec.model_validate(doc)
+
+
+def estimate_stage(shape: accounting.ModelShape, stage: StageSpec) -> accounting.MemoryEstimate:
+    """Memory per GPU of a stage on GPUs (admission is about GPU memory even for a CPU test run)."""
+    return accounting.estimate_memory(shape, accounting.stage_input(stage, on_gpu=True))
+
+
+def alternatives(
+    shape: accounting.ModelShape, stage: StageSpec, limit_bytes: float, *, limit: int = MAX_ALTERNATIVES
+) -> list[Alternative]:
+    """Nearby settings that fit, fewest GPUs and smallest change first; none that merely adds to a
+    cheaper alternative already listed."""
+    strategies = _allowed("strategy") or (stage.strategy,)
+    offloads = _allowed("offload") or ("none",)
+    micro = stage.batch.micro_size
+    micros = [micro]
+    while micros[-1] > 1:
+        micros.append(micros[-1] // 2)
+    ckpts = [stage.gradient_checkpointing] + ([True] if not stage.gradient_checkpointing else [])
+    found: list[tuple[tuple, Alternative]] = []
+    for strategy, offload, ckpt, m, factor in itertools.product(strategies, offloads, ckpts, micros, NODE_FACTORS):
+        patch: dict[str, Any] = {}
+        if strategy != stage.strategy:
+            patch["strategy"] = strategy
+        if offload != getattr(stage, "offload", "none"):
+            patch["offload"] = offload
+        if ckpt != stage.gradient_checkpointing:
+            patch["gradientCheckpointing"] = ckpt
+        if m != micro:
+            patch["batch.microSize"] = m
+        if factor != 1:
+            patch["resources.nodes"] = stage.resources.nodes * factor
+        if not patch:
+            continue
+        try:
+            candidate = patched_stage(stage, patch)
+            est = estimate_stage(shape, candidate)
+        except (ValidationError, ValueError):
+            continue  # not a valid stage in this spec version (e.g. offload with ddp, batch not divisible)
+        if est.total_bytes > limit_bytes:
+            continue
+        cost = (factor, len(patch), offload != "none", micro // m, est.total_bytes)
+        found.append((cost, Alternative(patch, est.total_bytes, candidate.world_size)))
+    out: list[Alternative] = []
+    for _, alt in sorted(found, key=lambda x: x[0]):
+        if any(set(a.patch.items()) <= set(alt.patch.items()) for a in out):
+            continue
+        out.append(alt)
+        if len(out) == limit:
+            break
+    return out
+
+
+def describe(stage: StageSpec) -> str:
+    offload = getattr(stage, "offload", "none")
+    parts = [stage.strategy, f"{stage.world_size} GPU{'s' if stage.world_size > 1 else ''}",
+             f"microSize {stage.batch.micro_size}", f"maxLength {stage.data.max_length}"]
+    if offload != "none":
+        parts.insert(1, f"offload {offload}")
+    if stage.gradient_checkpointing:
+        parts.append("gradient checkpointing")
+    return ", ".join(parts)
+
+
+def decide(stage: StageSpec, shape: accounting.ModelShape, policy: str) -> Admission:
+    """Admit or refuse one stage whose resources.gpuMemoryGiB is set."""
+    limit_gib = stage.resources.gpu_memory_gib
+    assert limit_gib is not None
+    limit = limit_gib * accounting.GIB
+    est = estimate_stage(shape, stage)
+    gib = est.total_bytes / accounting.GIB
+    if est.total_bytes <= limit:
+        return Admission(True, "Fits", f"stage {stage.name!r}: estimated {gib:.1f} GiB per GPU fits "
+                         f"resources.gpuMemoryGiB {limit_gib:g} ({describe(stage)})", est.total_bytes, int(limit))
+    alts = tuple(alternatives(shape, stage, limit))
+    message = (f"stage {stage.name!r} needs an estimated {gib:.1f} GiB per GPU ({describe(stage)}) but "
+               f"resources.gpuMemoryGiB is {limit_gib:g}; ")
+    if alts:
+        message += "alternatives that fit: " + "; ".join(a.text for a in alts)
+    else:
+        message += ("no nearby setting fits (tried strategies, offload, gradient checkpointing, smaller micro "
+                    "batches, up to 4x the nodes); use GPUs with more memory or a smaller model")
+    if policy == "warn":
+        return Admission(True, "InsufficientGPUMemoryWarned", "started anyway (runPolicy.admission: warn): "
+                         + message, est.total_bytes, int(limit), alts)
+    return Admission(False, "InsufficientGPUMemory", message, est.total_bytes, int(limit), alts)
+
+
+def checker(
+    job: VLMTrainingJob, shape_loader: Callable[[ModelSpec], accounting.ModelShape] = load_shape
+) -> Callable[[int], Admission | None]:
+    """The planner's admission function for `job`: stage index -> decision (None: nothing to decide,
+    i.e. admission off or no GPU memory declared). The model's shape is read once, on first use."""
+    policy = job.spec.run_policy.admission or "enforce"
+    cache: list[accounting.ModelShape] = []
+
+    def admit(index: int) -> Admission | None:
+        stage = job.spec.stages[index]
+        if policy == "off" or stage.resources.gpu_memory_gib is None:
+            return None
+        try:
+            if not cache:
+                cache.append(shape_loader(job.spec.model))
+            return decide(stage, cache[0], policy)
+        except (OSError, ValueError, KeyError) as err:
+            # Unknown model shape: say so and start the stage (the trainer reports its real memory).
+            return Admission(True, "EstimateUnavailable", f"stage {stage.name!r}: no memory estimate: {err}")
+
+    return admit
