@@ -1,4 +1,4 @@
-"""`vlmctl`: validate, run locally, render Kubernetes objects, run the operator, run the quickstart.
+"""`vlmctl`: validate, estimate, run locally, render Kubernetes objects, run the operator, run the quickstart.
 
 Torch-free: training runs in torchrun child processes, the quickstart's data and model preparation in
 `python -m vlm_trainer.quickstart` children.
@@ -51,6 +51,22 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from vlm_operator import estimate
+
+    job = _load_or_exit(args.job)
+    try:
+        shape = estimate.load_shape(job.spec.model, args.model_configs)
+        report = estimate.estimate_job(job, shape, gpu=args.gpu, mfu=args.mfu, budget_gpu_hours=args.budget)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.output == "json" else estimate.render_table(report))
+    return 0
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from vlm_operator import run_operator
 
@@ -93,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("job")
     d.add_argument("-n", "--namespace", default="default")
     d.set_defaults(func=cmd_render)
+
+    e = sub.add_parser("estimate", help="memory per GPU, compute and time per stage (reads config.json only)")
+    e.add_argument("job")
+    e.add_argument("-o", "--output", choices=["table", "json"], default="table", help="json: the same numbers in bytes")
+    e.add_argument("--gpu", help="GPU product for peak FLOP/s (and memory where the spec declares none): "
+                   "H200, H100, A100-80GB, A100-40GB, L40S, A10G, L4, RTX4090, RTX3090, V100-32GB, T4; default H100")
+    e.add_argument("--mfu", type=float, default=0.40, help="model FLOP utilisation for the time estimate (default 0.40)")
+    e.add_argument("--budget", type=float, metavar="GPU_HOURS", help="which LM size this budget trains compute-optimally")
+    e.add_argument("--model-configs", metavar="DIR", help="read <DIR>/<checkpoint name>/config.json instead of the URIs")
+    e.set_defaults(func=cmd_estimate)
 
     o = sub.add_parser("operator", help="run the Kopf operator (see `vlmctl operator --help`)", add_help=False)
     o.add_argument("rest", nargs=argparse.REMAINDER)

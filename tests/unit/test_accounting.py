@@ -241,3 +241,24 @@ def test_model_states_agree_with_deepspeed(size, gpus, capsys):
     estimate_zero3_model_states_mem_needs_all_cold(total_params=total, largest_layer_params=largest,
                                                    num_gpus_per_node=per_node, num_nodes=nodes)
     assert "per CPU" in capsys.readouterr().out
+
+
+def test_trainer_flops_come_from_the_same_accounting():
+    """The trainer's MFU numerator: flops_for_trainer on the built model's LlavaConfig, per step."""
+    import transformers as T
+    from job_fixtures import GOOD
+    from vlm_trainer.spec import parse_job
+
+    v = T.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=8, image_size=32)
+    t = T.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=40)
+    cfg = T.LlavaConfig(vision_config=v.to_dict(), text_config=t.to_dict(), vision_feature_select_strategy="full")
+    stages = parse_job(GOOD).spec.stages
+    align = A.flops_for_trainer(cfg.to_dict(), stages[0])
+    instruct = A.flops_for_trainer(cfg.to_dict(), stages[1])
+    shape = A.ModelShape.from_configs(v.to_dict(), t.to_dict())
+    assert align == A.StageFlops.of(shape, A.stage_input(stages[0]))
+    assert align.step_flops(1000, 10) < instruct.step_flops(1000, 10)  # the frozen LM costs 4N, not 6N
+    assert instruct.step_flops(1000, 10) == 6 * shape.lm.matmul_params * 1000 + 10 * instruct.per_sequence
+    bad = dict(cfg.to_dict(), text_config={"model_type": "gpt2"})
+    assert A.flops_for_trainer(bad, stages[0]) is None

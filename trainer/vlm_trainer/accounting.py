@@ -676,9 +676,13 @@ class StageFlops:
         return self.per_token * tokens + self.per_sequence * samples * self.sequences_per_sample
 
 
-def flops_for_trainer(llava_config: Mapping[str, Any], stage: Any) -> StageFlops:
-    """The trainer's MFU constants, from the built model's LlavaConfig dict and its StageSpec."""
-    return StageFlops.of(ModelShape.from_llava(llava_config), stage_input(stage))
+def flops_for_trainer(llava_config: Mapping[str, Any], stage: Any) -> StageFlops | None:
+    """The trainer's MFU constants, from the built model's LlavaConfig dict and its StageSpec; None for a
+    model family the accounting does not know (the trainer then reports no MFU rather than a wrong one)."""
+    try:
+        return StageFlops.of(ModelShape.from_llava(llava_config), stage_input(stage))
+    except (ValueError, KeyError):
+        return None
 
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
@@ -735,6 +739,10 @@ def stage_compute(
         per_param = text / book.trained if book.trained else None
         seconds = flops / (inp.world_size * peak_flops_per_second * mfu)
         hours = seconds * inp.world_size / 3600
+    image_tokens = shape.image_tokens * inp.images_per_sample
+    if inp.seq_len <= image_tokens:
+        warnings.append(f"data.maxLength {inp.seq_len} leaves no room for text: one image alone is {image_tokens} "
+                        "tokens")
     if num_samples is not None:
         if inp.stage_type == "instruct" and num_samples < 100_000:
             warnings.append(f"instruct data has {num_samples:,} examples; the guidance is 500K-1M (below 100K "
@@ -743,7 +751,7 @@ def stage_compute(
             warnings.append(f"instruct data has {num_samples:,} examples; beyond 5M the returns are small "
                             "(guidance 500K-1M)")
         seen = samples if samples is not None else None
-        if inp.stage_type == "align" and seen is not None and seen > num_samples:
+        if inp.stage_type == "align" and seen is not None and seen > 1.05 * num_samples:  # not just rounding
             warnings.append(f"align runs {seen / num_samples:.1f} epochs; stage 1 (projector only) needs at "
                             "most 1 epoch")
     elif max_steps is None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vlm_trainer import contract, storage
+from vlm_trainer import accounting, contract, storage
 from vlm_trainer.checkpoint import Checkpointer, ResumeState
 from vlm_trainer.data import DataPosition, TrainStream, count_samples, eval_samples
 from vlm_trainer.dpo import DPOObjective
@@ -118,6 +118,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, stage.schedule)
         self.encoder = SampleEncoder(self.vlm.processor, self.vlm.image_token_count, stage.data.max_length)
         self.n_parameters = sum(p.numel() for p in hf.parameters())
+        self.flop_rates = accounting.flops_for_trainer(hf.config.to_dict(), stage)  # the estimator's FLOPs (MFU)
 
         self.step, self.stats = 0, {}
         position = DataPosition()
@@ -323,7 +324,7 @@ class Trainer:
             step_seconds=result.seconds,
             data_wait_seconds=min(result.data_wait_seconds, result.seconds),
             # The usual 6 x parameters FLOPs per token (forward + backward); frozen parts make it an upper bound.
-            flops=6.0 * self.n_parameters * result.local_tokens,
+            flops=self.flop_rates.step_flops(result.local_tokens, result.local_samples) if self.flop_rates else None,
         )
         self.metrics.observe_memory()
 
