@@ -180,3 +180,48 @@ async def test_delete_removes_every_child(cluster: Cluster) -> None:
     for res in (JOBS, "v1/pods", "v1/services", "v1/configmaps"):
         assert c.owned(res, "doomed2") == [], res
     await wait_for(lambda: not c.kubelet.running(), 15, message="pod processes stopped")
+
+
+async def test_a_stage_that_cannot_fit_is_held_until_patched_to_a_suggested_alternative(cluster: Cluster) -> None:
+    """Admission: a 7B-shaped instruct stage with ddp on 80 GiB GPUs is not started (no Job), says why with
+    computed alternatives, and starts once the spec is patched to the first alternative."""
+    from vlm_operator import admission
+    from vlm_trainer.spec import parse_job
+
+    c = cluster
+    configs = {
+        "vision": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                   "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 14, "image_size": 336},
+        "lm": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "vocab_size": 32000},
+    }
+    for part, cfg in configs.items():  # config.json only, on S3: the estimate reads no weights
+        storage.write_json(f"{c.storage_uri}/models-7b/{part}/config.json", cfg)
+    doc = job_doc(c, "toobig", [("instruct", "instruct")], max_steps=2)
+    doc["spec"]["model"].update(visionEncoder=f"{c.storage_uri}/models-7b/vision",
+                                languageModel=f"{c.storage_uri}/models-7b/lm", imageSize=336)
+    stage = doc["spec"]["stages"][0]
+    stage["data"]["maxLength"] = 1024
+    stage["resources"]["gpuMemoryGiB"] = 79.6
+    await c.create(doc)
+
+    def admitted() -> dict[str, Any] | None:
+        return next((x for x in c.status("toobig").get("conditions", []) if x["type"] == "Admitted"), None)
+
+    await wait_for(lambda: admitted() is not None, 30, message="the Admitted condition")
+    cond = admitted()
+    assert (cond["status"], cond["reason"]) == ("False", "InsufficientGPUMemory")
+    assert "stage 'instruct' needs an estimated" in cond["message"] and "alternatives that fit:" in cond["message"]
+    assert c.status("toobig")["phase"] == "Pending" and c.status("toobig")["message"] == cond["message"]
+    await wait_for(lambda: "InsufficientGPUMemory" in c.events("toobig"), 10, message="the Warning event")
+    await asyncio.sleep(2.5)  # a few resyncs later: still held, still no Job
+    assert c.jobs_ever_created("toobig") == set()
+
+    alt = admission.checker(parse_job(doc))(0).alternatives[0]
+    assert alt.text in cond["message"]
+    for path, value in alt.patch.items():
+        admission._set_path(stage, path, value)
+    await c.patch_spec("toobig", {"stages": [stage]})
+    await c.wait_phase("toobig", "Succeeded", timeout=60)
+    assert admitted()["reason"] == "Fits" and admitted()["status"] == "True"
+    assert c.jobs_ever_created("toobig") == {"toobig-instruct-0"}
