@@ -540,8 +540,12 @@ def activation_bytes(shape: ModelShape, inp: StageInput) -> dict[str, int]:
         shapes = lm.linear_shapes()
         # each adapter saves its input (dropout mask included) and its rank-r intermediate
         per_layer += sum(act * shapes[n][0] * 2 + act * inp.lora_rank for n in targeted)
+    # logits (compute dtype), their fp32 copy for the loss (none when already fp32), the log-softmax the
+    # cross-entropy saves, and the fp32 gradient at the start of backward
+    logits = tokens * lm.vocab * (act + (4 if act != 4 else 0) + 4 + 4)
     if inp.gradient_checkpointing:
-        lm_bytes = tokens * (lm.layers * resid * lm.hidden + per_layer)
+        # a block is recomputed only after the logits' gradient is consumed: the peak has the larger of the two
+        lm_bytes = tokens * lm.layers * resid * lm.hidden + max(0.0, tokens * per_layer - logits)
     else:
         lm_bytes = tokens * lm.layers * per_layer
     lm_bytes += tokens * (resid + 4 + act) * lm.hidden  # final norm and the head's input
@@ -557,8 +561,6 @@ def activation_bytes(shape: ModelShape, inp: StageInput) -> dict[str, int]:
     projector_bytes = 0.0
     if "projector" in inp.trainable or vision_trains:
         projector_bytes = images * shape.image_tokens * act * (vis.hidden + 2 * lm.hidden)
-    # logits (compute dtype), their fp32 copy and log-softmax for the loss, and the fp32 gradient
-    logits = tokens * lm.vocab * (act + 4 + 4 + 4)
     return {
         "activations": int(lm_bytes + vision_bytes + projector_bytes),
         "logits": int(logits),
