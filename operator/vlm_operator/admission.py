@@ -57,9 +57,18 @@ def _yaml_value(v: Any) -> str:
 
 def load_shape(model: ModelSpec) -> accounting.ModelShape:
     """The VLM's shape from the vision encoder's and the LM's config.json (no weights read)."""
-    vision = storage.read_json(storage.join(model.vision_encoder, "config.json"))
-    language = storage.read_json(storage.join(model.language_model, "config.json"))
+    vision = read_config(model.vision_encoder, "spec.model.visionEncoder")
+    language = read_config(model.language_model, "spec.model.languageModel")
     return accounting.ModelShape.from_configs(vision, language, feature_select=model.vision_feature_select_strategy)
+
+
+def read_config(uri: str, field: str) -> dict[str, Any]:
+    """`<uri>/config.json` through the storage layer; a ValueError naming the field if it cannot be read."""
+    path = storage.join(uri, "config.json")
+    try:
+        return storage.read_json(path)
+    except (OSError, ImportError, ValueError) as err:  # missing, no access, no fsspec backend, not JSON
+        raise ValueError(f"{field}: cannot read {path}: {err}") from err
 
 
 def _allowed(field: str) -> tuple[str, ...]:
@@ -93,8 +102,8 @@ def estimate_stage(shape: accounting.ModelShape, stage: StageSpec) -> accounting
 def alternatives(
     shape: accounting.ModelShape, stage: StageSpec, limit_bytes: float, *, limit: int = MAX_ALTERNATIVES
 ) -> list[Alternative]:
-    """Nearby settings that fit, fewest GPUs and smallest change first; none that merely adds to a
-    cheaper alternative already listed."""
+    """Nearby settings that fit, fewest GPUs and smallest change first; one per kind of change (an
+    alternative changing the same fields as a cheaper one listed, or more, is left out)."""
     strategies = _allowed("strategy") or (stage.strategy,)
     offloads = _allowed("offload") or ("none",)
     micro = stage.batch.micro_size
@@ -128,8 +137,8 @@ def alternatives(
         found.append((cost, Alternative(patch, est.total_bytes, candidate.world_size)))
     out: list[Alternative] = []
     for _, alt in sorted(found, key=lambda x: x[0]):
-        if any(set(a.patch.items()) <= set(alt.patch.items()) for a in out):
-            continue
+        if any(set(a.patch) <= set(alt.patch) for a in out):
+            continue  # the same kind of change (or more of it) as a cheaper one already listed
         out.append(alt)
         if len(out) == limit:
             break

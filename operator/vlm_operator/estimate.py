@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 from vlm_trainer import accounting as A
-from vlm_trainer import storage
 from vlm_trainer.spec import ModelSpec, VLMTrainingJob
 
 from vlm_operator import admission
@@ -25,10 +24,12 @@ def load_shape(model: ModelSpec, configs_dir: str | None = None) -> A.ModelShape
     if configs_dir is None:
         return admission.load_shape(model)
 
-    def read(uri: str) -> dict[str, Any]:
-        return storage.read_json(os.path.join(configs_dir, uri.rstrip("/").rsplit("/", 1)[-1], "config.json"))
+    def read(uri: str, field: str) -> dict[str, Any]:
+        return admission.read_config(os.path.join(configs_dir, uri.rstrip("/").rsplit("/", 1)[-1]), field)
 
-    return A.ModelShape.from_configs(read(model.vision_encoder), read(model.language_model),
+    vision = read(model.vision_encoder, "spec.model.visionEncoder")
+    language = read(model.language_model, "spec.model.languageModel")
+    return A.ModelShape.from_configs(vision, language,
                                      feature_select=model.vision_feature_select_strategy)
 
 
