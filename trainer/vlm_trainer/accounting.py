@@ -618,10 +618,11 @@ def estimate_memory(shape: ModelShape, inp: StageInput) -> MemoryEstimate:
     if inp.strategy == "zero3":
         gathered = 4 * shape.largest_layer_params
     elif inp.strategy == "fsdp":
-        # the block being computed and the one prefetched, unsharded (bf16 compute copies on GPU)
-        gathered = 2 * shape.lm.layer_params * (2 if inp.on_gpu and inp.precision == "bf16" else 4)
-        # the root (embeddings, head, projector) stays unsharded from forward to backward
-        gathered += (shape.lm.embedding_params + shape.lm.head_params + shape.projector_params) * r.weights
+        # the block being computed and the one prefetched, unsharded (bf16 compute copies on GPU), and the
+        # root (embeddings, head, projector), which stays unsharded from forward to backward
+        width = 2 if inp.on_gpu and inp.precision == "bf16" else 4
+        root = shape.lm.embedding_params + shape.lm.head_params + shape.projector_params
+        gathered = (2 * shape.lm.layer_params + root) * width
     comps["gathered_params"] = gathered
     if inp.strategy == "ddp" and inp.on_gpu and inp.precision == "bf16" and r.weights == 4:
         comps["autocast_copies"] = book.trained * 2  # autocast caches bf16 casts of trainable weights
