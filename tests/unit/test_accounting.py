@@ -262,3 +262,24 @@ def test_trainer_flops_come_from_the_same_accounting():
     assert instruct.step_flops(1000, 10) == 6 * shape.lm.matmul_params * 1000 + 10 * instruct.per_sequence
     bad = dict(cfg.to_dict(), text_config={"model_type": "gpt2"})
     assert A.flops_for_trainer(bad, stages[0]) is None
+
+
+def test_stage_input_reads_the_strategy_fields_a_newer_spec_adds():
+    """offload, lora, qlora and dpo.reference (issue 8's fields) are read when present, defaulted when not."""
+    from types import SimpleNamespace as NS
+
+    from job_fixtures import GOOD
+    from vlm_trainer.spec import parse_job
+
+    plain = A.stage_input(parse_job(GOOD).spec.stages[2])
+    assert (plain.offload, plain.lora_rank, plain.qlora, plain.dpo_reference) == ("none", None, False, "sharded")
+    newer = NS(type="dpo", trainable=["language_model"], strategy="zero3", offload="optimizer", precision="bf16",
+               batch=NS(micro_size=2), data=NS(max_length=512), gradient_checkpointing=True,
+               resources=NS(nodes=2, procs_per_node=8, gpus_per_node=8),
+               lora=NS(rank=8, target_modules=["q_proj", "v_proj"]), qlora=False, dpo=NS(reference="auto"))
+    inp = A.stage_input(newer)
+    assert (inp.strategy, inp.offload, inp.world_size, inp.lora_rank) == ("zero3", "optimizer", 16, 8)
+    assert inp.lora_targets == ("q_proj", "v_proj") and inp.dpo_reference == "adapter_disabled"
+    shape, _ = _seven_b()
+    est = A.estimate_memory(shape, inp)
+    assert "dpo_reference" not in est.components and est.offloaded_bytes > 0
