@@ -18,7 +18,6 @@ import sys
 from typing import Any
 
 import yaml
-from pydantic.alias_generators import to_snake
 from vlm_trainer import spec as S
 
 from vlm_operator.status_model import JobStatus
@@ -109,7 +108,7 @@ def _or_default(path: str) -> str:
     default, so the API server applies the same rule the spec does."""
     head, attr = path.split(".")
     sub = {"batch": S.BatchSpec, "resources": S.ResourcesSpec}[head]
-    default = sub.model_fields[to_snake(attr)].default
+    default = S.field_default(sub, attr)
     return f"(has(self.{head}) && has(self.{head}.{attr}) ? self.{head}.{attr} : {default})"
 
 

@@ -124,31 +124,6 @@ def next_launch(prev_stage: StageStatus | None, jobs: Sequence[Mapping[str, Any]
     return max(seen, prev_stage.launches if prev_stage else 0)
 
 
-@dataclass(frozen=True)
-class Progress:
-    """What the trainer last reported in progress.json."""
-
-    step: int | None = None
-    total_steps: int | None = None
-    tokens_per_second: float | None = None
-
-    @classmethod
-    def from_doc(cls, doc: Mapping[str, Any] | None) -> Progress:
-        """Parse the trainer's progress.json (keys step, total, tokens_per_second); junk reads as unknown."""
-        doc = doc or {}
-
-        def num(key: str) -> float | None:
-            v = doc.get(key)
-            return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-        step, total, tps = num("step"), num("total"), num("tokens_per_second")
-        return cls(
-            int(step) if step is not None else None,
-            int(total) if total is not None else None,
-            float(tps) if tps is not None else None,
-        )
-
-
 def _condition(prev: JobStatus, type_: str, status: str, reason: str, message: str, now: str) -> Condition:
     """A condition that keeps its lastTransitionTime while its status does not change."""
     for c in prev.conditions:
@@ -181,7 +156,7 @@ def compute_status(
     jobs_by_stage: Sequence[Sequence[Mapping[str, Any]]],
     now: str,
     launched: Mapping[int, str] | None = None,
-    progress: Mapping[int, Progress] | None = None,
+    progress: Mapping[int, contract.ProgressRecord] | None = None,
 ) -> JobStatus:
     """The status after `action` was applied. `launched` maps a stage index to the Job just created."""
     launched = launched or {}
@@ -204,13 +179,13 @@ def compute_status(
             launches = max(launches, int(launched[i].rsplit("-", 1)[1]) + 1)
             start = start or now
             message = None
-            if isinstance(action, planner.StartStage) and action.restart:
-                restarts = o.restarts + 1
+            if isinstance(action, planner.StartStage) and action.index == i:
+                restarts = action.restarts
         elif isinstance(action, planner.Suspend) and action.index == i:
             phase = "Suspended"
         elif o.phase == "Succeeded":
             completion = completion or now
-        pr = progress.get(i, Progress())
+        pr = progress.get(i, contract.ProgressRecord())
         stages.append(
             StageStatus(
                 name=stage.name,
@@ -223,7 +198,7 @@ def compute_status(
                 completion_time=completion,
                 checkpoint=planner.final_uri(job, i) if o.committed else None,
                 step=pr.step if pr.step is not None else p.step,
-                total_steps=pr.total_steps if pr.total_steps is not None else p.total_steps,
+                total_steps=pr.total if pr.total is not None else p.total_steps,
                 tokens_per_second=pr.tokens_per_second
                 if pr.tokens_per_second is not None
                 else p.tokens_per_second,

@@ -40,14 +40,14 @@ def forget(namespace: str, name: str) -> None:
     metrics.set_job_phase(namespace, name, None)
 
 
-def read_progress(job: VLMTrainingJob, index: int) -> observe.Progress:
+def read_progress(job: VLMTrainingJob, index: int) -> contract.ProgressRecord:
     """The running stage's progress.json (written by trainer rank 0); empty if absent or unreadable."""
     try:
-        return observe.Progress.from_doc(
+        return contract.ProgressRecord.from_doc(
             storage.read_json(storage.join(planner.stage_output(job, index), contract.PROGRESS_FILE))
         )
     except (FileNotFoundError, ValueError, OSError):
-        return observe.Progress()
+        return contract.ProgressRecord()
 
 
 def _start_stage(
@@ -56,7 +56,6 @@ def _start_stage(
     action: planner.StartStage,
     prev: observe.JobStatus,
     jobs_by_stage: list[list[Mapping[str, Any]]],
-    restarts: int,
 ) -> str:
     """Create the stage's ConfigMap, Service and a new Job (after deleting a failed one). Returns its name."""
     ns = body["metadata"]["namespace"]
@@ -67,8 +66,7 @@ def _start_stage(
             kube.delete_stage_job(ns, old["metadata"]["name"])
     prev_stage = next((s for s in prev.stages if s.name == stage.name), None)
     launch = observe.next_launch(prev_stage, jobs_by_stage[i])
-    new_restarts = restarts + 1 if action.restart else restarts
-    objs = builders.build_stage_objects(job, i, ns, launch=launch, restarts=new_restarts, owner=body)
+    objs = builders.build_stage_objects(job, i, ns, launch=launch, restarts=action.restarts, owner=body)
     kube.apply_configmap(objs[0])
     kube.create(objs[1])
     kube.create(objs[2])
@@ -102,9 +100,7 @@ def reconcile(
         launched: dict[int, str] = {}
         now = kube.now()
         if isinstance(action, planner.StartStage):
-            launched[action.index] = _start_stage(
-                job, body, action, prev, jobs_by_stage, observed[action.index].restarts
-            )
+            launched[action.index] = _start_stage(job, body, action, prev, jobs_by_stage)
         elif isinstance(action, planner.Suspend) and action.index is not None:
             for j in jobs_by_stage[action.index]:
                 kube.delete_stage_job(namespace, j["metadata"]["name"])

@@ -28,6 +28,6 @@ def test_failing_stage_is_retried_then_fails_with_the_reason(tmp_path):
     assert "failed after 1 restart(s) (maxRestarts 1)" in result.message
     assert [(s.name, s.succeeded, s.attempts) for s in result.stages] == [("align", False, 2)]
     # the reason a user needs is in the message: the trainer's error naming the missing checkpoint
-    assert "trainer error: vlm_trainer.model.ModelConfigError: spec.model.visionEncoder: no checkpoint at" in result.message
+    assert "trainer error: ModelConfigError: spec.model.visionEncoder: no checkpoint at" in result.message
     assert "ChildFailedError" not in result.message
     assert not (tmp_path / "store/broken/align/final").exists()

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import kopf
+import vlm_trainer
 import kubernetes_validate
 import pytest
 from vlm_operator import builders, planner
@@ -154,7 +155,7 @@ def test_scheduling_hints_image_and_queue() -> None:
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert j["metadata"]["labels"][builders.KUEUE_QUEUE_LABEL] == "gpu-queue"
-    assert container(j)["image"] == "ghcr.io/vlm-training-operator/trainer:0.1.0"
+    assert container(j)["image"] == f"ghcr.io/vlm-training-operator/trainer:{vlm_trainer.__version__}"
     assert container(j)["imagePullPolicy"] == "IfNotPresent"
 
 

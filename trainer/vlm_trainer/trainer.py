@@ -265,8 +265,9 @@ class Trainer:
             self.step += 1
             self.stats.setdefault("train_loss_first", result.loss)
             self.stats["train_loss_last"] = result.loss
-            progress.step(
+            eta = progress.step(
                 self.step,
+                step_seconds=result.seconds,
                 loss=result.loss,
                 lr=lr_now,
                 tokens_per_second=result.tokens / result.seconds,
@@ -274,7 +275,7 @@ class Trainer:
                 grad_norm=result.grad_norm,
                 **result.stats,
             )
-            self._observe(result, lr_now)
+            self._observe(result, lr_now, eta)
             if self.checkpointer.due(self.step, self.total_steps):
                 seconds = self.checkpointer.save(
                     self.step, self.hf_model, self.optimizer, self.scheduler, self.stream.position,
@@ -310,7 +311,7 @@ class Trainer:
             self.metrics.close()
         return report
 
-    def _observe(self, result: StepResult, lr: float) -> None:
+    def _observe(self, result: StepResult, lr: float, eta_seconds: float | None) -> None:
         if self.metrics is None:
             return
         self.metrics.observe_step(
@@ -324,6 +325,7 @@ class Trainer:
             data_wait_seconds=min(result.data_wait_seconds, result.seconds),
             # The usual 6 x parameters FLOPs per token (forward + backward); frozen parts make it an upper bound.
             flops=6.0 * self.n_parameters * result.local_tokens,
+            eta_seconds=eta_seconds,
         )
         self.metrics.observe_memory()
 
@@ -394,14 +396,6 @@ def _vision_layers(hf: nn.Module) -> list[nn.Module]:
     return list(encoder.layers) if encoder is not None else []
 
 
-def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any] | None:
-    """Train one stage to its final/; returns the eval report, or None when final/ was already committed."""
-    checkpointer = Checkpointer(
-        config.output, config.stage.name, every_steps=config.stage.checkpoint.every_steps,
-        keep_last=config.stage.checkpoint.keep_last, env=env,
-    )
-    if checkpointer.stage_done():
-        if env.is_main:
-            emit("skip", stage=config.stage.name, reason=f"{checkpointer.final_uri} is already committed")
-        return None
+def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
+    """Train one stage to its final/ and return the eval report (`__main__` skips a stage already done)."""
     return Trainer.build(config, env).run()

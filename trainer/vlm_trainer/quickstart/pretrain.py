@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerBase, SiglipVisionModel
 
+from vlm_trainer.optim import build_scheduler
 from vlm_trainer.quickstart.components import (
     build_image_processor,
     build_tokenizer,
@@ -31,6 +32,7 @@ from vlm_trainer.quickstart.components import (
 )
 from vlm_trainer.quickstart.shapes import ShapeSample, text_documents
 from vlm_trainer.quickstart.vocab import COLOURS, SHAPES
+from vlm_trainer.spec import ScheduleSpec
 
 # The encoder layer whose patch features LLaVA reads (job.yaml's visionFeatureLayer); stage 0 trains
 # exactly these features.
@@ -92,10 +94,9 @@ def text_perplexity(
     return math.exp(total / count)
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+def _warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The trainer's own schedule (`optim.build_scheduler`): 10 warmup steps, then cosine to 0."""
+    return build_scheduler(opt, steps, ScheduleSpec.model_validate({"type": "cosine", "warmupRatio": 10 / steps, "minLrRatio": 0.0}))
 
 
 def pretrain_language_model(
@@ -116,13 +117,12 @@ def pretrain_language_model(
     before = text_perplexity(model, tokenizer, heldout)
     ids_all, mask_all = encode_documents(tokenizer, docs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = _warmup_cosine(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup=10)
         idx = torch.randint(len(docs), (batch,), generator=gen)
         ids, mask = ids_all[idx], mask_all[idx]
         width = int(mask.sum(1).max())
@@ -133,6 +133,7 @@ def pretrain_language_model(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        schedule.step()
         losses.append(loss.item())
     wall = time.perf_counter() - t0
     after = text_perplexity(model, tokenizer, heldout)
@@ -181,13 +182,12 @@ def pretrain_vision_encoder(
     labels_all = torch.tensor([caption_class(s) for s in samples])
     params = [*model.parameters(), *image_head.parameters(), *text_tower.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = _warmup_cosine(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup=10)
         idx = torch.randint(len(samples), (batch,), generator=gen)
         labels = labels_all[idx]
         img = F.normalize(image_head(vision_features(model, pixels_all[idx])), dim=-1)
@@ -200,6 +200,7 @@ def pretrain_vision_encoder(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        schedule.step()
         losses.append(loss.item())
     wall = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)
