@@ -16,6 +16,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -25,7 +26,6 @@ from vlm_trainer.spec import VLMTrainingJob
 
 from vlm_operator import planner
 from vlm_operator.local import LocalRunner, RunResult
-
 
 
 def _history(job: VLMTrainingJob, index: int) -> list[dict]:
@@ -102,7 +102,7 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
 def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False) -> int:
     """`vlmctl run`: run the job with live progress bars; print a summary and write the report."""
     console = Console()
-    bars: dict[str, int] = {}
+    bars: dict[str, TaskID] = {}
     logs: dict[str, list[str]] = {}
     progress = Progress(
         TextColumn("[bold]{task.fields[stage]:<10}"), BarColumn(), MofNCompleteColumn(),

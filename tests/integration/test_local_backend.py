@@ -3,11 +3,8 @@ failing is retried up to maxRestarts and then the run fails with the trainer's o
 
 from __future__ import annotations
 
-import pytest
 from vlm_operator.local import LocalRunner
 from vlm_trainer.spec import parse_job
-
-pytestmark = pytest.mark.integration
 
 
 def test_failing_stage_is_retried_then_fails_with_the_reason(tmp_path):

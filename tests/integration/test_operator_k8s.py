@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from k8s_harness import NS, Cluster, wait_for
 from vlm_trainer import storage
-
-pytestmark = pytest.mark.integration
 
 JOBS = "batch/v1/jobs"
 

@@ -7,14 +7,12 @@ import json
 from typing import Any
 
 import kopf
-import vlm_trainer
 import kubernetes_validate
 import pytest
+import vlm_trainer
 from vlm_operator import builders, planner
 from vlm_trainer import contract
 from vlm_trainer.spec import parse_job
-
-pytestmark = pytest.mark.unit
 
 NS = "team-a"
 UID = "6f1c1a52-1111-4222-8333-944455556666"

@@ -2,10 +2,7 @@
 
 import json
 
-import pytest
 from vlm_trainer import storage
-
-pytestmark = pytest.mark.unit
 
 
 def make_dir(tmp_path, name="src", files=None):

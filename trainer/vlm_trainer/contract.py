@@ -82,8 +82,9 @@ class ProgressRecord:
 
         def num(key: str) -> float | None:
             v = doc.get(key)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            return float(v) if ok else None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return None
+            return float(v)
 
         def whole(key: str) -> int | None:
             v = num(key)

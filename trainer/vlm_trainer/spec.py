@@ -301,8 +301,8 @@ def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
     batch, res = stage.get("batch") or {}, stage.get("resources") or {}
     sizes = (num(batch, BatchSpec, "globalSize"), num(batch, BatchSpec, "microSize"),
              num(res, ResourcesSpec, "nodes"), num(res, ResourcesSpec, "procsPerNode"))
-    if None not in sizes:
-        glob, micro, nodes, procs = sizes
+    glob, micro, nodes, procs = sizes
+    if glob is not None and micro is not None and nodes is not None and procs is not None:
         if glob % (micro * nodes * procs):
             out.append(f"batch.globalSize: {glob} must be a multiple of batch.microSize ({micro}) x world size "
                        f"({nodes * procs} = resources.nodes x resources.procsPerNode)")

@@ -15,8 +15,8 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -124,7 +124,7 @@ def commit_dir(local_dir: str, uri: str, *, step: int, stage: str, extra: dict[s
     A stale manifest at `uri` is removed first, so a crash mid-upload never leaves a manifest that
     lists files from another save.
     """
-    files = []
+    files: list[dict[str, Any]] = []
     for root, _dirs, names in os.walk(local_dir):
         for n in sorted(names):
             if n == MANIFEST:

@@ -122,7 +122,7 @@ def pretrain_language_model(
     losses = []
     t0 = time.perf_counter()
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(len(docs), (batch,), generator=gen)
         ids, mask = ids_all[idx], mask_all[idx]
         width = int(mask.sum(1).max())
@@ -187,7 +187,7 @@ def pretrain_vision_encoder(
     losses = []
     t0 = time.perf_counter()
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(len(samples), (batch,), generator=gen)
         labels = labels_all[idx]
         img = F.normalize(image_head(vision_features(model, pixels_all[idx])), dim=-1)

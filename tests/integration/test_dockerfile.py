@@ -40,13 +40,11 @@ def stages(text: str) -> dict[str, str]:
     return result
 
 
-@pytest.mark.unit
 def test_hadolint_passes() -> None:
     result = subprocess.run([hadolint(), str(DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.unit
 def test_hadolint_rejects_an_unpinned_base(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python\nRUN pip install kopf\n")
@@ -55,7 +53,6 @@ def test_hadolint_rejects_an_unpinned_base(tmp_path: Path) -> None:
     assert "DL3006" in result.stdout and "DL3013" in result.stdout
 
 
-@pytest.mark.unit
 def test_targets_are_pinned_non_root_and_free_of_build_tools() -> None:
     text = DOCKERFILE.read_text()
     by_name = stages(text)
@@ -79,7 +76,6 @@ def test_targets_are_pinned_non_root_and_free_of_build_tools() -> None:
     assert "--no-deps" in by_name["trainer"] and "--no-deps" in by_name["operator-build"]
 
 
-@pytest.mark.unit
 def test_default_images_point_at_the_dockerfile_targets() -> None:
     text = DOCKERFILE.read_text()  # the build commands are documented in its header
     trainer = ImageSpec()
