@@ -17,6 +17,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,9 +95,11 @@ def text_perplexity(
     return math.exp(total / count)
 
 
-def _warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The trainer's own schedule (`optim.build_scheduler`): 10 warmup steps, then cosine to 0."""
-    return build_scheduler(opt, steps, ScheduleSpec.model_validate({"type": "cosine", "warmupRatio": 10 / steps, "minLrRatio": 0.0}))
+def _adamw(params: Any, lr: float, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with the trainer's own schedule (`optim.build_scheduler`): 10 warmup steps, then cosine to 0."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = ScheduleSpec.model_validate({"type": "cosine", "warmupRatio": 10 / steps, "minLrRatio": 0.0})
+    return opt, build_scheduler(opt, steps, schedule)
 
 
 def pretrain_language_model(
@@ -116,8 +119,7 @@ def pretrain_language_model(
     heldout = heldout_docs if heldout_docs is not None else text_documents(300, seed, "text-heldout")
     before = text_perplexity(model, tokenizer, heldout)
     ids_all, mask_all = encode_documents(tokenizer, docs)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = _warmup_cosine(opt, steps)
+    opt, schedule = _adamw(model.parameters(), lr, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     t0 = time.perf_counter()
@@ -181,8 +183,7 @@ def pretrain_vision_encoder(
     pixels_all = pixel_tensor([s.image() for s in samples])
     labels_all = torch.tensor([caption_class(s) for s in samples])
     params = [*model.parameters(), *image_head.parameters(), *text_tower.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = _warmup_cosine(opt, steps)
+    opt, schedule = _adamw(params, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     t0 = time.perf_counter()
