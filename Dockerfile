@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
-#   docker build --target operator -t ghcr.io/vlm-training-operator/operator:0.1.0 .
-#   docker build --target trainer  -t ghcr.io/vlm-training-operator/trainer:0.1.0 .
+#   docker build --target operator -t ghcr.io/vlm-training-operator/operator:$VERSION .
+#   docker build --target trainer  -t ghcr.io/vlm-training-operator/trainer:$VERSION .
+# ($VERSION: `python -c "import vlm_trainer; print(vlm_trainer.__version__)"`, the chart's appVersion.)
+# Every `name==version` below must equal pyproject.toml's pin (tests/unit/test_dockerfile.py checks).
 # Bases are pinned by tag; wheels are built in throw-away stages so the final images carry no
 # compilers, no build backends and no source tree. Both run as the non-root uid 10001.
 
@@ -18,7 +20,7 @@ ENV PATH=/opt/venv/bin:$PATH
 # The operator's runtime dependencies only; the project itself goes in with --no-deps below.
 RUN pip install \
       kopf==1.45.2 \
-      kubernetes==37.0.2 \
+      kubernetes==36.0.0 \
       pydantic==2.14.4 \
       pyyaml==6.0.4 \
       fsspec==2026.9.0 \

@@ -22,15 +22,19 @@ install: $(STAMP)
 run: install
 	$(BIN)/vlmctl quickstart --dir $(QUICKDIR)
 
-test: install
+# The tier is the folder (tests/conftest.py marks it), so nothing unmarked is dropped.
+test: lint
 	bash scripts/test-deps.sh
-	$(BIN)/pytest -m "unit or integration" -p no:cacheprovider tests/unit tests/integration
+	$(BIN)/pytest -p no:cacheprovider tests/unit tests/integration
 
 test-unit: install
-	$(BIN)/pytest -m unit tests/unit
+	$(BIN)/pytest -p no:cacheprovider tests/unit
 
+# Style, layering (import-linter contracts in pyproject.toml) and types (mypy: the torch-free side).
 lint: install
 	$(BIN)/ruff check operator trainer tests bench
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 # The CRD is generated from the typed spec; the chart carries a byte copy (tests fail on drift).
 crd: install

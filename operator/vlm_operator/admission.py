@@ -55,18 +55,18 @@ def _yaml_value(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def load_shape(model: ModelSpec) -> accounting.ModelShape:
+def load_shape(model: ModelSpec, options: storage.Options | None = None) -> accounting.ModelShape:
     """The VLM's shape from the vision encoder's and the LM's config.json (no weights read)."""
-    vision = read_config(model.vision_encoder, "spec.model.visionEncoder")
-    language = read_config(model.language_model, "spec.model.languageModel")
+    vision = read_config(model.vision_encoder, "spec.model.visionEncoder", options)
+    language = read_config(model.language_model, "spec.model.languageModel", options)
     return accounting.ModelShape.from_configs(vision, language, feature_select=model.vision_feature_select_strategy)
 
 
-def read_config(uri: str, field: str) -> dict[str, Any]:
+def read_config(uri: str, field: str, options: storage.Options | None = None) -> dict[str, Any]:
     """`<uri>/config.json` through the storage layer; a ValueError naming the field if it cannot be read."""
     path = storage.join(uri, "config.json")
     try:
-        return storage.read_json(path)
+        return storage.read_json(path, options=options)
     except (OSError, ImportError, ValueError) as err:  # missing, no access, no fsspec backend, not JSON
         raise ValueError(f"{field}: cannot read {path}: {err}") from err
 
@@ -181,10 +181,16 @@ def decide(stage: StageSpec, shape: accounting.ModelShape, policy: str) -> Admis
 
 
 def checker(
-    job: VLMTrainingJob, shape_loader: Callable[[ModelSpec], accounting.ModelShape] = load_shape
+    job: VLMTrainingJob,
+    shape_loader: Callable[..., accounting.ModelShape] = load_shape,
+    options: storage.Options | Callable[[], storage.Options] | None = None,
 ) -> Callable[[int], Admission | None]:
     """The planner's admission function for `job`: stage index -> decision (None: nothing to decide,
-    i.e. admission off or no GPU memory declared). The model's shape is read once, on first use."""
+    i.e. admission off or no GPU memory declared). The model's shape is read once, on first use.
+
+    `options` (or a function returning them, called only then) are the job's storage options; they are
+    used for model URIs on the same scheme as spec.storage.uri (the models live beside the checkpoints).
+    """
     policy = job.spec.run_policy.admission or "enforce"
     cache: list[accounting.ModelShape] = []
 
@@ -194,10 +200,22 @@ def checker(
             return None
         try:
             if not cache:
-                cache.append(shape_loader(job.spec.model))
+                cache.append(shape_loader(job.spec.model, model_storage_options(job, options)))
             return decide(stage, cache[0], policy)
         except (OSError, ValueError, KeyError) as err:
             # Unknown model shape: say so and start the stage (the trainer reports its real memory).
             return Admission(True, "EstimateUnavailable", f"stage {stage.name!r}: no memory estimate: {err}")
 
     return admit
+
+
+def model_storage_options(
+    job: VLMTrainingJob, options: storage.Options | Callable[[], storage.Options] | None
+) -> storage.Options | None:
+    """The job's storage options where the model checkpoints live on the same scheme as its storage."""
+    scheme = job.spec.storage.uri.split("://", 1)[0] if "://" in job.spec.storage.uri else "file"
+    model_schemes = {u.split("://", 1)[0] if "://" in u else "file"
+                     for u in (job.spec.model.vision_encoder, job.spec.model.language_model)}
+    if options is None or model_schemes != {scheme}:
+        return None
+    return options() if callable(options) else options

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
+import kopf
 from vlm_trainer import contract
 from vlm_trainer.spec import API_GROUP, API_VERSION, KIND, VLMTrainingJob
 
@@ -78,25 +79,12 @@ def stage_labels(job: VLMTrainingJob, index: int) -> dict[str, str]:
     }
 
 
-def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
-    """The controller ownerReference to a VLMTrainingJob body, as `kopf.adopt` writes it."""
-    meta = owner["metadata"]
-    return {
-        "apiVersion": owner.get("apiVersion", f"{API_GROUP}/{API_VERSION}"),
-        "kind": owner.get("kind", KIND),
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def _metadata(
     name: str, namespace: str, labels: dict[str, str], owner: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
-    if owner is not None:
-        meta["ownerReferences"] = [owner_reference(owner)]
+    if owner is not None:  # Kopf's own builder (pure: it only edits the dict)
+        kopf.append_owner_reference({"metadata": meta}, owner=cast(kopf.Body, owner))
     return meta
 
 

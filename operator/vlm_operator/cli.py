@@ -58,7 +58,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     job = _load_or_exit(args.job)
     try:
-        shape = estimate.load_shape(job.spec.model, args.model_configs)
+        shape = estimate.load_shape(job, args.model_configs)
         report = estimate.estimate_job(job, shape, gpu=args.gpu, mfu=args.mfu, budget_gpu_hours=args.budget)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

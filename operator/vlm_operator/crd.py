@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 import yaml
-from pydantic.alias_generators import to_snake
+from pydantic import BaseModel
 from vlm_trainer import spec as S
 
 from vlm_operator.status_model import JobStatus
@@ -94,11 +94,11 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         out["type"] = "string"
     if "type" not in out:
         raise ValueError(f"schema node has no type (not structural): {node!r}")
-    first = {k: out.pop(k) for k in ("type", "description", "nullable") if k in out}
+    first: dict[str, Any] = {k: out.pop(k) for k in ("type", "description", "nullable") if k in out}
     return {**first, **out}
 
 
-def structural_schema(model: type) -> dict[str, Any]:
+def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     """A pydantic model's JSON Schema (camelCase aliases) as a Kubernetes structural schema."""
     raw = model.model_json_schema(by_alias=True)
     return _structural(_deref(raw, raw.get("$defs", {})))
@@ -108,8 +108,9 @@ def _or_default(path: str) -> str:
     """CEL for a stage field that may be absent (camelCase 'batch.globalSize'): its value, else pydantic's
     default, so the API server applies the same rule the spec does."""
     head, attr = path.split(".")
-    sub = {"batch": S.BatchSpec, "resources": S.ResourcesSpec}[head]
-    default = sub.model_fields[to_snake(attr)].default
+    parts: dict[str, type[S.Strict]] = {"batch": S.BatchSpec, "resources": S.ResourcesSpec}
+    sub = parts[head]
+    default = S.field_default(sub, attr)
     return f"(has(self.{head}) && has(self.{head}.{attr}) ? self.{head}.{attr} : {default})"
 
 

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from vlm_trainer import accounting as A
-from vlm_trainer.spec import ModelSpec, VLMTrainingJob
+from vlm_trainer.spec import VLMTrainingJob
 
 from vlm_operator import admission
 
@@ -19,10 +19,11 @@ DEFAULT_GPU = "H100"
 DEFAULT_MFU = 0.40
 
 
-def load_shape(model: ModelSpec, configs_dir: str | None = None) -> A.ModelShape:
+def load_shape(job: VLMTrainingJob, configs_dir: str | None = None) -> A.ModelShape:
     """The model's shape; with `configs_dir`, `<configs_dir>/<last path part of the URI>/config.json`."""
+    model = job.spec.model
     if configs_dir is None:
-        return admission.load_shape(model)
+        return admission.load_shape(model, admission.model_storage_options(job, job.spec.storage.fsspec_options()))
 
     def read(uri: str, field: str) -> dict[str, Any]:
         return admission.read_config(os.path.join(configs_dir, uri.rstrip("/").rsplit("/", 1)[-1]), field)
@@ -50,7 +51,7 @@ def estimate_job(
                              else (card.memory_gib, f"--gpu {card.name}") if gpu else (None, None))
         fits = None if limit_gib is None else mem.total_bytes <= limit_gib * A.GIB
         alts: list[dict[str, Any]] = []
-        if fits is False:
+        if fits is False and limit_gib is not None:
             alts = [{"patch": dict(a.patch), "bytes_per_gpu": a.bytes_per_gpu, "gpus": a.gpus, "text": a.text}
                     for a in admission.alternatives(shape, stage, limit_gib * A.GIB)]
         comp = A.stage_compute(

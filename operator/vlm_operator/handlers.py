@@ -56,14 +56,14 @@ def _reconcile(namespace: str, name: str, retry: bool) -> str | None:
 @kopf.on.create(*_RESOURCE)
 @kopf.on.resume(*_RESOURCE)
 @kopf.on.update(*_RESOURCE, field="spec")
-def on_change(namespace: str, name: str, **_: Any) -> None:
-    _reconcile(namespace, name, retry=True)
+def on_change(namespace: str | None, name: str, **_: Any) -> None:
+    _reconcile(namespace or "", name, retry=True)
 
 
 @kopf.timer(*_RESOURCE, interval=RESYNC_SECONDS, idle=0)
-def resync(namespace: str, name: str, **_: Any) -> None:
+def resync(namespace: str | None, name: str, **_: Any) -> None:
     """Level-triggered safety net and progress/handoff polling (storage changes send no events)."""
-    _reconcile(namespace, name, retry=False)
+    _reconcile(namespace or "", name, retry=False)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={contract.LABEL_MANAGED_BY: contract.MANAGED_BY})
@@ -76,8 +76,9 @@ def on_stage_job(body: kopf.Body, type: str | None, **_: Any) -> None:
 
 
 @kopf.on.delete(*_RESOURCE)
-def on_delete(namespace: str, name: str, **_: Any) -> None:
+def on_delete(namespace: str | None, name: str, **_: Any) -> None:
     """Remove every child now; ownerReferences would do it too, but only where a garbage collector runs."""
+    namespace = namespace or ""  # the resource is namespaced: Kopf always passes one
     removed = kube.delete_children(namespace, name)
     reconcile.forget(namespace, name)
     log.info("deleted %s/%s and %d child object(s)", namespace, name, removed)

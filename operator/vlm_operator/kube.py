@@ -8,18 +8,19 @@ deleted explicitly rather than left to garbage collection.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+import kopf
 import kubernetes
 from kubernetes.client.rest import ApiException
 from vlm_trainer import contract
-from vlm_trainer.spec import API_GROUP, API_VERSION, KIND, PLURAL
+from vlm_trainer.spec import API_GROUP, API_VERSION, PLURAL
 
 from vlm_operator import builders
 
@@ -67,10 +68,6 @@ def _raw(resp: Any) -> Any:
 
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def now_seconds() -> float:
-    return datetime.now(UTC).timestamp()
 
 
 def create(obj: Mapping[str, Any]) -> bool:
@@ -182,6 +179,18 @@ def delete_children(namespace: str, job_name: str) -> int:
     return count
 
 
+def read_secret(namespace: str, name: str) -> dict[str, str]:
+    """A Secret's data, decoded (a job's storage credentials); empty if it does not exist."""
+    try:
+        resp = _core().read_namespaced_secret(name, namespace, _preload_content=False)
+    except ApiException as e:
+        if e.status == 404:
+            return {}
+        raise
+    data = _raw(resp).get("data") or {}
+    return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+
 def get_training_job(namespace: str, name: str) -> dict[str, Any] | None:
     try:
         resp = _custom().get_namespaced_custom_object(
@@ -213,43 +222,7 @@ def patch_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
     )
 
 
-def create_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    """A core/v1 Event about a VLMTrainingJob (what `kubectl describe vlmjob` shows)."""
-    meta = owner["metadata"]
-    ts = now()
-    event = {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
-        "involvedObject": {
-            "apiVersion": f"{API_GROUP}/{API_VERSION}",
-            "kind": KIND,
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "uid": meta.get("uid"),
-        },
-        "type": type_,
-        "reason": reason,
-        "message": message[:1024],
-        "source": {"component": COMPONENT},
-        "reportingComponent": COMPONENT,
-        "reportingInstance": COMPONENT,
-        "firstTimestamp": ts,
-        "lastTimestamp": ts,
-        "count": 1,
-    }
-    try:
-        _core().create_namespaced_event(meta["namespace"], event, _preload_content=False)
-    except ApiException as e:  # an Event is best effort; never fail a reconcile for it
-        log.warning("could not post event %s for %s: %s", reason, meta["name"], e.reason)
-
-
-def list_events(namespace: str, name: str) -> list[dict[str, Any]]:
-    """Events about one VLMTrainingJob (filtered here; field selectors may be ignored)."""
-    resp = _core().list_namespaced_event(namespace, _preload_content=False)
-    return [
-        e
-        for e in _raw(resp).get("items", [])
-        if (e.get("involvedObject") or {}).get("name") == name
-        and (e.get("involvedObject") or {}).get("kind") == KIND
-    ]
+def post_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """A core/v1 Event about a VLMTrainingJob (what `kubectl describe vlmjob` shows), posted by Kopf's
+    own event poster (batched, truncated, retried; best effort). Call from a Kopf handler's context."""
+    kopf.event(cast(kopf.Body, owner), type=type_, reason=reason, message=message)

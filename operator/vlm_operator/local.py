@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -28,13 +27,14 @@ LOG_PREFIX_SEP = "]:"
 
 
 def observe_local(job: VLMTrainingJob, failures: dict[int, int] | None = None,
-                  last_error: dict[int, str] | None = None) -> list[planner.StageObservation]:
+                  last_error: dict[int, str] | None = None,
+                  options: storage.Options | None = None) -> list[planner.StageObservation]:
     """Each stage's observation, recomputed from storage (and this run's failure counts)."""
     failures = failures or {}
     last_error = last_error or {}
     out = []
     for i in range(len(job.spec.stages)):
-        v = storage.verify_committed(planner.final_uri(job, i))
+        v = storage.verify_committed(planner.final_uri(job, i), options=options)
         if v.ok:
             out.append(planner.StageObservation("Succeeded", failures.get(i, 0), True))
         elif failures.get(i):
@@ -101,15 +101,20 @@ def parse_log_line(line: str) -> tuple[int | None, dict | None]:
     return rank, None
 
 
-_EXCEPTION_RE = re.compile(r"^(?:\[\d+\]:)?(?:\[rank\d+\]:\s?)?([A-Za-z_][\w.]*(?:Error|Exception)\b:?.*)$")
+def trainer_error(error_file: str) -> str | None:
+    """The failing rank's exception line ("SomeError: message") from torchelastic's error file.
 
-
-def exception_line(line: str) -> str | None:
-    """The final line of a Python traceback ("pkg.SomeError: message") in a rank's output, if this is one."""
-    m = _EXCEPTION_RE.match(line.rstrip())
-    if not m or m.group(1).startswith("torch.distributed.elastic."):  # torchrun's own summary, not the cause
+    The trainer's main is wrapped in torchelastic's `@record`; torchrun copies the first failure's
+    record to the file named by `contract.ERROR_FILE_ENV` in its own environment."""
+    try:
+        with open(error_file) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
         return None
-    return m.group(1)
+    message = doc.get("message") if isinstance(doc, dict) else None
+    if isinstance(message, dict):
+        message = message.get("message")
+    return message if isinstance(message, str) and message else None
 
 
 class LocalRunner:
@@ -122,8 +127,10 @@ class LocalRunner:
         self.log_dir = log_dir or tempfile.mkdtemp(prefix=f"vlmctl-{job.name}-")
         self.on_line = on_line  # (stage name, raw line, rank, event or None)
         self.env = dict(env or {})
-        if job.spec.storage.endpoint_url:  # s3fs/botocore read the endpoint from the environment
-            os.environ["AWS_ENDPOINT_URL"] = job.spec.storage.endpoint_url
+        # This process reads the job's storage with the job's options; the trainers get the endpoint in
+        # their own environment (never this process'), credentials from the caller's environment.
+        self.storage_options = job.spec.storage.fsspec_options()
+        if job.spec.storage.endpoint_url:
             self.env["AWS_ENDPOINT_URL"] = job.spec.storage.endpoint_url
         self.failures: dict[int, int] = {}
         self.errors: dict[int, str] = {}
@@ -136,19 +143,18 @@ class LocalRunner:
         if shutil.which("torchrun", path=bindir):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         config_uri = storage.join(cfg.output, contract.CONFIG_FILE)
-        storage.write_json(config_uri, cfg.dump())
-        app = torchrun_app(config_uri, cfg, self.env)
+        storage.write_json(config_uri, cfg.dump(), options=self.storage_options)
+        error_file = os.path.join(self.log_dir, f"{cfg.stage.name}-error.json")
+        if os.path.exists(error_file):
+            os.remove(error_file)
+        app = torchrun_app(config_uri, cfg, {**self.env, contract.ERROR_FILE_ENV: error_file})
         runner = get_runner()
         try:
             handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": self.log_dir})
             tail: list[str] = []
-            errors: list[str] = []
             for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
                 rank, event = parse_log_line(line)
                 tail = (tail + [line.rstrip()])[-20:]
-                error = exception_line(line)
-                if error and error not in errors:
-                    errors.append(error)
                 if self.on_line:
                     self.on_line(cfg.stage.name, line, rank, event)
             status = runner.wait(handle, wait_interval=0.5)
@@ -156,7 +162,8 @@ class LocalRunner:
             runner.close()
         ok = status is not None and status.state.name == "SUCCEEDED"
         state = status.state.name if status else "UNKNOWN"
-        msg = "" if ok else (f"torchrun ended {state}; trainer error: {'; '.join(errors)}" if errors
+        error = None if ok else trainer_error(error_file)
+        msg = "" if ok else (f"torchrun ended {state}; trainer error: {error}" if error
                              else f"torchrun ended {state}; last lines:\n" + "\n".join(tail))
         return ok, msg
 
@@ -165,12 +172,16 @@ class LocalRunner:
         attempts: dict[int, int] = {}
         started: dict[int, float] = {}
         while True:
-            action = planner.plan(self.job, observe_local(self.job, self.failures, self.errors),
-                                  admit=admission.checker(self.job))
+            action = planner.plan(self.job, observe_local(self.job, self.failures, self.errors, self.storage_options),
+                                  admit=admission.checker(self.job, options=self.storage_options))
             if isinstance(action, planner.Done):
                 result.succeeded = True
                 return result
-            if isinstance(action, planner.Fail):
+            if isinstance(action, planner.Fail):  # the planner alone decides the restart budget
+                i = action.index
+                result.stages.append(StageResult(self.job.spec.stages[i].name, False,
+                                                 time.monotonic() - started.get(i, time.monotonic()),
+                                                 attempts.get(i, 0), self.errors.get(i, "")))
                 result.message = action.reason
                 return result
             if isinstance(action, planner.Suspend):
@@ -183,7 +194,7 @@ class LocalRunner:
             attempts[i] = attempts.get(i, 0) + 1
             started.setdefault(i, time.monotonic())
             ok, msg = self._run_stage(action.config)
-            if ok and not storage.verify_committed(planner.final_uri(self.job, i)).ok:
+            if ok and not storage.verify_committed(planner.final_uri(self.job, i), options=self.storage_options).ok:
                 ok, msg = False, f"torchrun succeeded but {planner.final_uri(self.job, i)} is not committed"
             if ok:
                 result.stages.append(StageResult(action.config.stage.name, True,
@@ -191,6 +202,3 @@ class LocalRunner:
             else:
                 self.failures[i] = self.failures.get(i, 0) + 1
                 self.errors[i] = msg
-                if self.failures[i] > planner.max_restarts(self.job, i):
-                    result.stages.append(StageResult(action.config.stage.name, False,
-                                                     time.monotonic() - started[i], attempts[i], msg))

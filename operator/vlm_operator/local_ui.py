@@ -16,22 +16,20 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
-from vlm_trainer import storage
+from vlm_trainer import contract, storage
 from vlm_trainer.spec import VLMTrainingJob
 
 from vlm_operator import planner
 from vlm_operator.local import LocalRunner, RunResult
 
-TRAIN_LOG = "train-log.jsonl"
-
 
 def _history(job: VLMTrainingJob, index: int) -> list[dict]:
-    uri = storage.join(planner.stage_output(job, index), TRAIN_LOG)
+    uri = storage.join(planner.stage_output(job, index), contract.TRAIN_LOG_FILE)
     if not storage.exists(uri):
         return []
     rows = [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
@@ -39,6 +37,14 @@ def _history(job: VLMTrainingJob, index: int) -> list[dict]:
     for r in rows:  # a resumed stage logs some steps twice; the later run wins
         by_step[int(r["step"])] = r
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _duration(seconds: float | None) -> str:
+    """The trainer's ETA (progress.EtaClock, the one ETA) as h:mm:ss."""
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def plot_loss(rows: list[dict], title: str) -> bytes:
@@ -63,7 +69,7 @@ def plot_loss(rows: list[dict], title: str) -> bytes:
 
 def write_report(job: VLMTrainingJob, result: RunResult) -> str:
     """Write report.md and one loss-curve PNG per stage under <storage>/<job>/; return the report URI."""
-    base = storage.join(job.spec.storage.uri, job.name)
+    base = contract.job_output(job.spec.storage.uri, job.name)
     walls = {s.name: s for s in result.stages}
     lines = [f"# {job.name}", "", f"Result: {'succeeded' if result.succeeded else 'FAILED: ' + result.message}", "",
              "| stage | type | steps | loss first | loss last | tokens/s | wall s (this run) | attempts |",
@@ -96,28 +102,29 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
 def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False) -> int:
     """`vlmctl run`: run the job with live progress bars; print a summary and write the report."""
     console = Console()
-    bars: dict[str, int] = {}
+    bars: dict[str, TaskID] = {}
     logs: dict[str, list[str]] = {}
     progress = Progress(
         TextColumn("[bold]{task.fields[stage]:<10}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeElapsedColumn(),
+        TextColumn("eta {task.fields[eta]}"),
         console=console, transient=False, refresh_per_second=4,
     )
 
     def flush(stage: str) -> None:
         buf = logs.pop(stage, [])
         if buf:
-            out = storage.join(planner.stage_output(job, [s.name for s in job.spec.stages].index(stage)), TRAIN_LOG)
+            out = storage.join(planner.stage_output(job, [s.name for s in job.spec.stages].index(stage)), contract.TRAIN_LOG_FILE)
             old = storage.read_text(out) if storage.exists(out) else ""
             storage.write_text(out, old + "".join(buf))
 
     def on_line(stage: str, line: str, rank: int | None, event: dict | None) -> None:
         if event and event.get("event") == "step" and rank in (0, None):
             if stage not in bars:
-                bars[stage] = progress.add_task(stage, stage=stage, total=event.get("total"), loss="-", tps="-")
+                bars[stage] = progress.add_task(stage, stage=stage, total=event.get("total"), loss="-", tps="-", eta="-")
             progress.update(bars[stage], completed=event["step"], total=event.get("total"),
                             loss=f"{event.get('loss', float('nan')):.4f}",
-                            tps=f"{event.get('tokens_per_second', 0):.0f}")
+                            tps=f"{event.get('tokens_per_second', 0):.0f}", eta=_duration(event.get("eta_seconds")))
             logs.setdefault(stage, []).append(json.dumps(event) + "\n")
             if len(logs[stage]) >= 20:
                 flush(stage)

@@ -9,7 +9,6 @@ stage's verified checkpoint once committed, and start/completion times of Jobs s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from vlm_trainer import contract, storage
@@ -17,7 +16,7 @@ from vlm_trainer.spec import VLMTrainingJob
 
 from vlm_operator import builders, planner
 from vlm_operator.planner import StageObservation
-from vlm_operator.status_model import Condition, JobStatus, StageStatus
+from vlm_operator.status_model import Condition, JobPhase, JobStatus, StagePhaseStatus, StageStatus
 
 Verifier = Callable[[str], storage.Verification]
 
@@ -124,31 +123,6 @@ def next_launch(prev_stage: StageStatus | None, jobs: Sequence[Mapping[str, Any]
     return max(seen, prev_stage.launches if prev_stage else 0)
 
 
-@dataclass(frozen=True)
-class Progress:
-    """What the trainer last reported in progress.json."""
-
-    step: int | None = None
-    total_steps: int | None = None
-    tokens_per_second: float | None = None
-
-    @classmethod
-    def from_doc(cls, doc: Mapping[str, Any] | None) -> Progress:
-        """Parse the trainer's progress.json (keys step, total, tokens_per_second); junk reads as unknown."""
-        doc = doc or {}
-
-        def num(key: str) -> float | None:
-            v = doc.get(key)
-            return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-        step, total, tps = num("step"), num("total"), num("tokens_per_second")
-        return cls(
-            int(step) if step is not None else None,
-            int(total) if total is not None else None,
-            float(tps) if tps is not None else None,
-        )
-
-
 def _condition(prev: JobStatus, type_: str, status: str, reason: str, message: str, now: str) -> Condition:
     """A condition that keeps its lastTransitionTime while its status does not change."""
     for c in prev.conditions:
@@ -181,7 +155,7 @@ def compute_status(
     jobs_by_stage: Sequence[Sequence[Mapping[str, Any]]],
     now: str,
     launched: Mapping[int, str] | None = None,
-    progress: Mapping[int, Progress] | None = None,
+    progress: Mapping[int, contract.ProgressRecord] | None = None,
 ) -> JobStatus:
     """The status after `action` was applied. `launched` maps a stage index to the Job just created."""
     launched = launched or {}
@@ -192,7 +166,7 @@ def compute_status(
         p = _prev_stage(prev, i, stage.name) or StageStatus(name=stage.name, type=stage.type)
         jobs = jobs_by_stage[i] if i < len(jobs_by_stage) else []
         cur = current_job(jobs)
-        phase: str = o.phase
+        stage_phase: StagePhaseStatus = o.phase
         restarts = o.restarts
         job_name = cur["metadata"]["name"] if cur is not None else p.job_name
         launches = next_launch(p, jobs)
@@ -200,30 +174,30 @@ def compute_status(
         completion = p.completion_time or (_job_time(cur, "completion") if o.phase == "Succeeded" else None)
         message = o.message or None
         if i in launched:
-            phase, job_name = "Running", launched[i]
+            stage_phase, job_name = "Running", launched[i]
             launches = max(launches, int(launched[i].rsplit("-", 1)[1]) + 1)
             start = start or now
             message = None
-            if isinstance(action, planner.StartStage) and action.restart:
-                restarts = o.restarts + 1
+            if isinstance(action, planner.StartStage) and action.index == i:
+                restarts = action.restarts
         elif isinstance(action, planner.Suspend) and action.index == i:
-            phase = "Suspended"
+            stage_phase = "Suspended"
         elif o.phase == "Succeeded":
             completion = completion or now
-        pr = progress.get(i, Progress())
+        pr = progress.get(i, contract.ProgressRecord())
         stages.append(
             StageStatus(
                 name=stage.name,
                 type=stage.type,
-                phase=phase,
+                phase=stage_phase,
                 job_name=job_name,
-                launches=launches,  # type: ignore[arg-type]
+                launches=launches,
                 restarts=restarts,
                 start_time=start,
                 completion_time=completion,
                 checkpoint=planner.final_uri(job, i) if o.committed else None,
                 step=pr.step if pr.step is not None else p.step,
-                total_steps=pr.total_steps if pr.total_steps is not None else p.total_steps,
+                total_steps=pr.total if pr.total is not None else p.total_steps,
                 tokens_per_second=pr.tokens_per_second
                 if pr.tokens_per_second is not None
                 else p.tokens_per_second,
@@ -233,18 +207,18 @@ def compute_status(
 
     done = sum(1 for s in stages if s.checkpoint)
     index = getattr(action, "index", None)
-    phase: str
+    phase: JobPhase
     if isinstance(action, planner.Done):
         phase, message = "Succeeded", f"all {len(stages)} stage(s) succeeded"
     elif isinstance(action, planner.Fail):
         phase, message = "Failed", action.reason
     elif isinstance(action, planner.Suspend):
         phase, message = "Suspended", "suspended by spec.suspend"
-    elif isinstance(action, planner.StartStage) or any(s.phase in ("Running", "Succeeded") for s in stages):
+    elif isinstance(action, planner.StartStage):
+        phase, message = "Running", f"stage {stages[action.index].name!r} started"
+    elif any(s.phase in ("Running", "Succeeded") for s in stages):
         phase = "Running"
-        message = (
-            action.reason if isinstance(action, planner.Wait) else f"stage {stages[index].name!r} started"
-        )
+        message = action.reason if isinstance(action, planner.Wait) else None
     else:
         phase, message = "Pending", action.reason if isinstance(action, planner.Wait) else None
 
@@ -267,14 +241,16 @@ def compute_status(
         ),
     ]
     waiting = (
-        isinstance(action, planner.Wait)
-        and index is not None
-        and index < len(observed)
-        and observed[index].phase == "Succeeded"
+        action
+        if isinstance(action, planner.Wait)
+        and action.index is not None
+        and action.index < len(observed)
+        and observed[action.index].phase == "Succeeded"
+        else None
     )
-    if waiting:
+    if waiting is not None:
         conditions.append(
-            _condition(prev, "HandoffReady", "False", "CheckpointNotCommitted", action.reason, now)
+            _condition(prev, "HandoffReady", "False", "CheckpointNotCommitted", waiting.reason, now)
         )
     elif done:
         conditions.append(
@@ -308,7 +284,7 @@ def compute_status(
     ):
         progress_text += f" ({current.name} {current.step}/{current.total_steps})"
     return JobStatus(
-        phase=phase,  # type: ignore[arg-type]
+        phase=phase,
         current_stage=current.name if current else None,
         current_stage_index=index if current else None,
         progress=progress_text,

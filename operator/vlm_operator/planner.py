@@ -36,6 +36,7 @@ class StartStage:
     config: TrainerConfig
     restart: bool = False  # a gang restart after a failure (the trainer resumes from its checkpoint)
     admission: Admission | None = None  # the GPU-memory decision that let it start, if one was made
+    restarts: int = 0  # the stage's restart count once this launch is made (counted here, nowhere else)
     kind: str = field(default="start", init=False)
 
 
@@ -70,11 +71,11 @@ Action = StartStage | Wait | Suspend | Done | Fail
 
 def stage_output(job: VLMTrainingJob, index: int) -> str:
     """<storage.uri>/<job>/<stage>: the stage's checkpoints, final/, progress and eval files."""
-    return storage.join(job.spec.storage.uri, job.name, job.spec.stages[index].name)
+    return contract.stage_output(job.spec.storage.uri, job.name, job.spec.stages[index].name)
 
 
 def final_uri(job: VLMTrainingJob, index: int) -> str:
-    return storage.join(stage_output(job, index), contract.FINAL_DIR)
+    return contract.stage_final(job.spec.storage.uri, job.name, job.spec.stages[index].name)
 
 
 def resolve_shard(job: VLMTrainingJob, shard: str) -> str:
@@ -89,8 +90,7 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
     stage = job.spec.stages[index].model_copy(deep=True)
     stage.data.shards = [resolve_shard(job, s) for s in stage.data.shards]
     stage.data.eval_shards = [resolve_shard(job, s) for s in stage.data.eval_shards]
-    if stage.max_restarts is None:
-        stage.max_restarts = job.spec.run_policy.max_restarts
+    stage.max_restarts = max_restarts(job, index)
     # Fields validate by their camelCase aliases (the wire form), so build it by alias.
     return TrainerConfig.model_validate({
         "job": job.name,
@@ -104,6 +104,7 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
 
 
 def max_restarts(job: VLMTrainingJob, index: int) -> int:
+    """The stage's restart budget: its own maxRestarts, else spec.runPolicy.maxRestarts."""
     s = job.spec.stages[index]
     return s.max_restarts if s.max_restarts is not None else job.spec.run_policy.max_restarts
 
@@ -134,5 +135,7 @@ def plan(
         decision = admit(i) if admit is not None else None
         if decision is not None and not decision.admitted:
             return Wait(decision.message, i, admission=decision)
-        return StartStage(i, resolve_stage(job, i), restart=o.phase == "Failed", admission=decision)
+        if o.phase == "Failed":
+            return StartStage(i, resolve_stage(job, i), restart=True, restarts=o.restarts + 1, admission=decision)
+        return StartStage(i, resolve_stage(job, i), restarts=o.restarts, admission=decision)
     return Done()

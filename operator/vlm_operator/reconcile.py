@@ -8,6 +8,7 @@ VLMTrainingJob from interleaving inside this one process (the operator runs as o
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -40,14 +41,21 @@ def forget(namespace: str, name: str) -> None:
     metrics.set_job_phase(namespace, name, None)
 
 
-def read_progress(job: VLMTrainingJob, index: int) -> observe.Progress:
+def storage_options(job: VLMTrainingJob, namespace: str) -> dict[str, Any]:
+    """This job's own storage options: its endpoint and the credentials in its spec.storage.secretRef
+    (so one operator serves jobs on different endpoints and accounts)."""
+    ref = job.spec.storage.secret_ref
+    return job.spec.storage.fsspec_options(kube.read_secret(namespace, ref) if ref else None)
+
+
+def read_progress(job: VLMTrainingJob, index: int, options: storage.Options | None = None) -> contract.ProgressRecord:
     """The running stage's progress.json (written by trainer rank 0); empty if absent or unreadable."""
     try:
-        return observe.Progress.from_doc(
-            storage.read_json(storage.join(planner.stage_output(job, index), contract.PROGRESS_FILE))
+        return contract.ProgressRecord.from_doc(
+            storage.read_json(storage.join(planner.stage_output(job, index), contract.PROGRESS_FILE), options=options)
         )
     except (FileNotFoundError, ValueError, OSError):
-        return observe.Progress()
+        return contract.ProgressRecord()
 
 
 def _start_stage(
@@ -56,7 +64,6 @@ def _start_stage(
     action: planner.StartStage,
     prev: observe.JobStatus,
     jobs_by_stage: list[list[Mapping[str, Any]]],
-    restarts: int,
 ) -> str:
     """Create the stage's ConfigMap, Service and a new Job (after deleting a failed one). Returns its name."""
     ns = body["metadata"]["namespace"]
@@ -67,8 +74,7 @@ def _start_stage(
             kube.delete_stage_job(ns, old["metadata"]["name"])
     prev_stage = next((s for s in prev.stages if s.name == stage.name), None)
     launch = observe.next_launch(prev_stage, jobs_by_stage[i])
-    new_restarts = restarts + 1 if action.restart else restarts
-    objs = builders.build_stage_objects(job, i, ns, launch=launch, restarts=new_restarts, owner=body)
+    objs = builders.build_stage_objects(job, i, ns, launch=launch, restarts=action.restarts, owner=body)
     kube.apply_configmap(objs[0])
     kube.create(objs[1])
     kube.create(objs[2])
@@ -81,7 +87,6 @@ def reconcile(
     namespace: str, name: str, verify: Callable[[str], storage.Verification] | None = None
 ) -> str | None:
     """Reconcile one VLMTrainingJob; returns its phase (None if it is gone or being deleted)."""
-    verify = verify or storage.verify_committed
     with _lock(namespace, name):
         body = kube.get_training_job(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -96,15 +101,16 @@ def reconcile(
             _expire(job, body, prev)
             metrics.set_job_phase(namespace, name, prev.phase)
             return prev.phase
+        # The job's Secret is read only when storage is actually asked (a handoff check, progress).
+        options = functools.cache(lambda: storage_options(job, namespace))
+        check = verify or (lambda uri: storage.verify_committed(uri, options=options()))
         jobs_by_stage = observe.group_jobs_by_stage(job, kube.list_stage_jobs(namespace, name))
-        observed = observe.observe_stages(job, prev, jobs_by_stage, verify)
-        action = planner.plan(job, observed, admit=admission.checker(job))
+        observed = observe.observe_stages(job, prev, jobs_by_stage, check)
+        action = planner.plan(job, observed, admit=admission.checker(job, options=options))
         launched: dict[int, str] = {}
         now = kube.now()
         if isinstance(action, planner.StartStage):
-            launched[action.index] = _start_stage(
-                job, body, action, prev, jobs_by_stage, observed[action.index].restarts
-            )
+            launched[action.index] = _start_stage(job, body, action, prev, jobs_by_stage)
         elif isinstance(action, planner.Suspend) and action.index is not None:
             for j in jobs_by_stage[action.index]:
                 kube.delete_stage_job(namespace, j["metadata"]["name"])
@@ -114,7 +120,7 @@ def reconcile(
             and action.index is not None
             and observed[action.index].phase == "Running"
         ):
-            progress[action.index] = read_progress(job, action.index)
+            progress[action.index] = read_progress(job, action.index, options())
         status = observe.compute_status(
             job, generation, prev, observed, action, jobs_by_stage, now, launched=launched, progress=progress
         )
@@ -124,7 +130,7 @@ def reconcile(
             # A merge patch keeps keys it does not mention: clear the ones that no longer apply.
             kube.patch_status(namespace, name, {**dict.fromkeys(old), **new})
         for type_, reason, message in observe.stage_events(prev, status):
-            kube.create_event(body, type_, reason, message)
+            kube.post_event(body, type_, reason, message)
         metrics.set_job_phase(namespace, name, status.phase)
         return status.phase
 
@@ -169,7 +175,7 @@ def _invalid(body: Mapping[str, Any], prev: observe.JobStatus, generation: int |
     new, old = observe.dump_status(status), observe.dump_status(prev)
     if new != old:
         kube.patch_status(meta["namespace"], meta["name"], {**dict.fromkeys(old), **new})
-        kube.create_event(body, "Warning", "InvalidSpec", message)
+        kube.post_event(body, "Warning", "InvalidSpec", message)
     metrics.set_job_phase(meta["namespace"], meta["name"], "Failed")
     return "Failed"
 

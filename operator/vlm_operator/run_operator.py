@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,
-        namespaces=args.namespace or None,
+        namespaces=args.namespace or (),
         liveness_endpoint=liveness,
     )
     return 0

@@ -48,10 +48,9 @@ def main() -> int:
         time.sleep(step_seconds)
         if rank != 0:
             continue
-        storage.write_json(
-            storage.join(cfg.output, contract.PROGRESS_FILE),
-            {"step": step, "total_steps": total, "tokens_per_second": 1000.0 + step, "resumed_from": start},
-        )
+        record = contract.ProgressRecord(step=step, total=total, tokens_per_second=1000.0 + step,
+                                         updated_at=time.time())
+        storage.write_json(storage.join(cfg.output, contract.PROGRESS_FILE), record.to_doc())
         if step % every == 0 and step < total:
             with tempfile.TemporaryDirectory() as d:
                 with open(os.path.join(d, "state.json"), "w") as f:

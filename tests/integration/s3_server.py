@@ -35,6 +35,8 @@ class SeaweedS3:
     data_dir: str
     bucket: str = "vlm"
     port: int = 0
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
     proc: subprocess.Popen | None = None
 
     @property
@@ -43,8 +45,8 @@ class SeaweedS3:
 
     def env(self) -> dict[str, str]:
         return {
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
@@ -52,7 +54,7 @@ class SeaweedS3:
     def start(self, timeout: float = 60.0) -> SeaweedS3:
         self.port = self.port or free_port()
         os.makedirs(self.data_dir, exist_ok=True)
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         self._log = open(os.path.join(self.data_dir, "weed.log"), "wb")
         # Every listener on a free port (or off), so sessions running side by side do not collide.
         ports = [
@@ -109,8 +111,8 @@ class SeaweedS3:
         import s3fs
 
         fs = s3fs.S3FileSystem(
-            key=ACCESS_KEY,
-            secret=SECRET_KEY,
+            key=self.access_key,
+            secret=self.secret_key,
             skip_instance_cache=True,
             use_listings_cache=False,
             client_kwargs={"endpoint_url": self.endpoint},

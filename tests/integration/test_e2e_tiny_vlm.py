@@ -15,8 +15,6 @@ import pytest
 from k8s_harness import NS, Cluster, Kubelet, torchrun_as_python, wait_for
 from vlm_trainer import storage
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:

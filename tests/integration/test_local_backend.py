@@ -3,11 +3,8 @@ failing is retried up to maxRestarts and then the run fails with the trainer's o
 
 from __future__ import annotations
 
-import pytest
 from vlm_operator.local import LocalRunner
 from vlm_trainer.spec import parse_job
-
-pytestmark = pytest.mark.integration
 
 
 def test_failing_stage_is_retried_then_fails_with_the_reason(tmp_path):
@@ -28,6 +25,6 @@ def test_failing_stage_is_retried_then_fails_with_the_reason(tmp_path):
     assert "failed after 1 restart(s) (maxRestarts 1)" in result.message
     assert [(s.name, s.succeeded, s.attempts) for s in result.stages] == [("align", False, 2)]
     # the reason a user needs is in the message: the trainer's error naming the missing checkpoint
-    assert "trainer error: vlm_trainer.model.ModelConfigError: spec.model.visionEncoder: no checkpoint at" in result.message
+    assert "trainer error: ModelConfigError: spec.model.visionEncoder: no checkpoint at" in result.message
     assert "ChildFailedError" not in result.message
     assert not (tmp_path / "store/broken/align/final").exists()

@@ -9,13 +9,13 @@ vlm_trainer.storage); test_e2e_tiny_vlm.py runs the real trainer.
 from __future__ import annotations
 
 import asyncio
+import base64
+from pathlib import Path
 from typing import Any
 
-import pytest
 from k8s_harness import NS, Cluster, wait_for
+from s3_server import SeaweedS3
 from vlm_trainer import storage
-
-pytestmark = pytest.mark.integration
 
 JOBS = "batch/v1/jobs"
 
@@ -55,10 +55,13 @@ def job_doc(
 
 async def test_two_stages_hand_off_through_s3_and_report_status(cluster: Cluster) -> None:
     c = cluster
+    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"  # long enough for a resync to read progress.json
     await c.create(job_doc(c, "pipe", [("align", "align"), ("instruct", "instruct")]))
     status = await c.wait_phase("pipe", "Succeeded", timeout=75)
 
     assert [s["phase"] for s in status["stages"]] == ["Succeeded", "Succeeded"]
+    # progress.json (contract.ProgressRecord, written by the trainer) reached the status: step and total
+    assert [s.get("totalSteps") for s in status["stages"]] == [6, 6]
     assert status["progress"] == "2/2" and status["restarts"] == 0
     assert status["observedGeneration"] == 1
     for s in status["stages"]:
@@ -225,3 +228,40 @@ async def test_a_stage_that_cannot_fit_is_held_until_patched_to_a_suggested_alte
     await c.wait_phase("toobig", "Succeeded", timeout=60)
     assert admitted()["reason"] == "Fits" and admitted()["status"] == "True"
     assert c.jobs_ever_created("toobig") == {"toobig-instruct-0"}
+
+
+async def test_two_jobs_on_two_s3_endpoints_are_each_verified_with_their_own(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """One operator process, two jobs, two S3 servers with different credentials: each job's handoff is
+    verified with that job's endpoint (spec.storage.endpointUrl) and Secret, never the process' own
+    environment (which points at the first server)."""
+    c = cluster
+    other = SeaweedS3(str(tmp_path / "seaweed-b"), access_key="team-b-key", secret_key="team-b-secret").start()
+    try:
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds-b", "namespace": NS},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in {
+                "AWS_ACCESS_KEY_ID": other.access_key, "AWS_SECRET_ACCESS_KEY": other.secret_key}.items()},
+        }
+        async with c.http.post(f"api/v1/namespaces/{NS}/secrets", json=secret) as r:
+            assert r.status in (200, 201)
+        stages = [("align", "align"), ("instruct", "instruct")]
+        on_b = job_doc(c, "on-b", stages, max_steps=2)
+        on_b["spec"]["storage"] = {"uri": c.storage_uri, "secretRef": "s3-creds-b", "endpointUrl": other.endpoint}
+        await c.create(job_doc(c, "on-a", stages, max_steps=2))
+        await c.create(on_b)
+        await c.wait_phase("on-a", "Succeeded", timeout=90)
+        await c.wait_phase("on-b", "Succeeded", timeout=90)
+
+        final_b = f"{c.storage_uri}/on-b/instruct/final"
+        b = storage.s3_options(endpoint_url=other.endpoint, key=other.access_key, secret=other.secret_key)
+        assert storage.verify_committed(final_b, options=b).ok
+        # the process' environment (server A) does not hold job B's outputs, and A holds job A's
+        assert not storage.verify_committed(final_b).ok
+        assert storage.verify_committed(f"{c.storage_uri}/on-a/instruct/final").ok
+        assert not storage.verify_committed(f"{c.storage_uri}/on-a/instruct/final", options=b).ok
+    finally:
+        other.stop()

@@ -344,7 +344,6 @@ def assert_dashboard_queries_return_data(url: str, metric_prefix: str, at: float
     assert empty == [], "dashboard queries without data:\n" + "\n".join(empty)
 
 
-@pytest.mark.integration
 def test_targets_are_up_while_the_stage_trains(prometheus: Scraped, at: float) -> None:
     up = {(s["metric"]["instance"], s["metric"]["job"]) for s in query(prometheus.url, "up == 1", at)}
     assert up == {
@@ -353,7 +352,6 @@ def test_targets_are_up_while_the_stage_trains(prometheus: Scraped, at: float) -
     }
 
 
-@pytest.mark.integration
 def test_every_trainer_metric_arrives_with_job_stage_rank(prometheus: Scraped, at: float) -> None:
     for name in TRAINER_SERIES:
         result = query(prometheus.url, f"{name}{{{SELECTOR}}}", at)
@@ -364,7 +362,6 @@ def test_every_trainer_metric_arrives_with_job_stage_rank(prometheus: Scraped, a
     assert query(prometheus.url, 'vlm_trainer_step{job="vlm-trainers"}', at) == []
 
 
-@pytest.mark.integration
 def test_trainer_values_are_plausible(prometheus: Scraped, at: float) -> None:
     def ranks(expr: str) -> dict[str, float]:
         values = by_rank(query(prometheus.url, expr, at))
@@ -420,7 +417,6 @@ def test_trainer_values_are_plausible(prometheus: Scraped, at: float) -> None:
     assert all(0 < v < 1 for v in wait.values()), wait
 
 
-@pytest.mark.integration
 def test_every_dashboard_query_reads_trainer_or_operator_metrics() -> None:
     queries = dashboard_queries()
     assert len(queries) >= 15
@@ -428,19 +424,16 @@ def test_every_dashboard_query_reads_trainer_or_operator_metrics() -> None:
         assert "vlm_trainer_" in expr or "vlm_operator_" in expr, f"{title}: {expr}"
 
 
-@pytest.mark.integration
 def test_every_trainer_dashboard_query_returns_data(prometheus: Scraped, at: float) -> None:
     assert_dashboard_queries_return_data(prometheus.url, "vlm_trainer_", at)
 
 
-@pytest.mark.integration
 def test_every_operator_dashboard_query_returns_data(prometheus: Scraped, at: float) -> None:
     assert_dashboard_queries_return_data(prometheus.url, "vlm_operator_", at)
     phases = {s["metric"]["phase"]: float(s["value"][1]) for s in query(prometheus.url, "vlm_operator_jobs", at)}
     assert phases["Running"] == phases["Succeeded"] == phases["Failed"] == 1
 
 
-@pytest.mark.integration
 def test_the_scraped_stage_completes(prometheus: Scraped, at: float) -> None:
     """The stage Prometheus watched trained to the end; its endpoints served until then."""
     try:

@@ -15,8 +15,6 @@ import sys
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.integration
-
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli"]
 
 

@@ -27,8 +27,6 @@ from vlm_trainer.quickstart.components import build_language_model, build_tokeni
 from vlm_trainer.quickstart.shapes import read_shards, shard_paths, write_shards
 from vlm_trainer.spec import ScheduleSpec, parse_job
 
-pytestmark = pytest.mark.integration
-
 STAGE_TIMEOUT_SECONDS = 120
 
 

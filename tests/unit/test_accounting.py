@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 from vlm_trainer import accounting as A
 
-pytestmark = pytest.mark.unit
-
 GB = 1e9
 
 # Llama-2-7B / Vicuna-7B and CLIP ViT-L/14-336 (their public config.json values).
@@ -206,7 +204,6 @@ def test_model_states_agree_with_deepspeed(size, gpus, capsys):
     """Same assumptions as DeepSpeed's estimators: every parameter trains, bf16 ZeRO recipe (16-bit params
     and grads, fp32 grads, master and Adam m/v). Differences, not compared here: DeepSpeed adds no
     activations, logits or framework overhead (we do), and its CPU figures include a 1.5x buffer factor."""
-    pytest.importorskip("deepspeed")
     from deepspeed.runtime.zero.stage3 import (
         estimate_zero3_model_states_mem_needs,
         estimate_zero3_model_states_mem_needs_all_cold,

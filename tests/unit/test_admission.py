@@ -13,8 +13,6 @@ from vlm_operator.status_model import JobStatus
 from vlm_trainer import accounting
 from vlm_trainer.spec import parse_job
 
-pytestmark = pytest.mark.unit
-
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
 CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,

@@ -9,11 +9,10 @@ from typing import Any
 import kopf
 import kubernetes_validate
 import pytest
+import vlm_trainer
 from vlm_operator import builders, planner
 from vlm_trainer import contract
 from vlm_trainer.spec import parse_job
-
-pytestmark = pytest.mark.unit
 
 NS = "team-a"
 UID = "6f1c1a52-1111-4222-8333-944455556666"
@@ -154,7 +153,7 @@ def test_scheduling_hints_image_and_queue() -> None:
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert j["metadata"]["labels"][builders.KUEUE_QUEUE_LABEL] == "gpu-queue"
-    assert container(j)["image"] == "ghcr.io/vlm-training-operator/trainer:0.1.0"
+    assert container(j)["image"] == f"ghcr.io/vlm-training-operator/trainer:{vlm_trainer.__version__}"
     assert container(j)["imagePullPolicy"] == "IfNotPresent"
 
 

@@ -13,8 +13,6 @@ import yaml
 from vlm_operator import crd
 from vlm_trainer.spec import SpecError, parse_job
 
-pytestmark = pytest.mark.unit
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CRD_FILE = os.path.join(ROOT, "crds", "training.vlm.dev_vlmtrainingjobs.yaml")
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "crds", "examples", "*.yaml")))

@@ -15,8 +15,6 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from vlm_trainer.data import DataPosition, TrainStream, count_samples, eval_samples
 from vlm_trainer.samples import IGNORE_INDEX, SampleEncoder, SampleError, collate, collate_pairs
 
-pytestmark = pytest.mark.unit
-
 N_IMAGE = 4  # 16x16 image, 8x8 patches, SigLIP (no CLS)
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", ":", "a", "red", "blue", "circle", "square",
          "what", "colour", "is", "it", "?", "and", "shape"]

@@ -9,8 +9,6 @@ import torch
 from vlm_trainer.dpo import dpo_loss, sequence_logps
 from vlm_trainer.samples import IGNORE_INDEX
 
-pytestmark = pytest.mark.unit
-
 
 def test_dpo_loss_matches_the_hand_computed_value():
     # Policy: chosen -1.0, rejected -2.0; reference: both -1.5; beta 0.1.

@@ -16,8 +16,6 @@ from vlm_operator.local import LocalRunner
 from vlm_trainer import accounting as A
 from vlm_trainer.spec import load_job, parse_job
 
-pytestmark = pytest.mark.unit
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli", "estimate"]
 GPU_JOB = ROOT / "crds/examples/align-instruct-dpo-gpu.yaml"

@@ -8,10 +8,10 @@ import pytest
 from vlm_operator import builders, observe, planner
 from vlm_operator.planner import StageObservation
 from vlm_operator.status_model import JobStatus, StageStatus
+from vlm_trainer import contract
 from vlm_trainer.spec import parse_job
 from vlm_trainer.storage import Verification
 
-pytestmark = pytest.mark.unit
 NOW = "2026-11-26T10:00:00Z"
 
 
@@ -195,8 +195,10 @@ def test_status_after_starting_the_first_stage() -> None:
 def test_status_after_a_gang_restart_counts_it() -> None:
     j = make_job()
     obs = [StageObservation("Failed", 1, False, "pod died"), StageObservation()]
+    action = planner.plan(j, obs)
+    assert isinstance(action, planner.StartStage) and action.restart and action.restarts == 2
     s = status_for(
-        planner.StartStage(0, planner.resolve_stage(j, 0), restart=True),
+        action,
         obs,
         jobs=[[stage_job(0, 1, "Failed", restarts=1)], []],
         launched={0: "demo-align-2"},
@@ -285,7 +287,7 @@ def test_progress_is_reported_for_the_running_stage() -> None:
         planner.Wait("running", 0),
         [[stage_job(0)], []],
         NOW,
-        progress={0: observe.Progress.from_doc({"step": 3, "total": 5, "tokens_per_second": 1234.5})},
+        progress={0: contract.ProgressRecord.from_doc({"step": 3, "total": 5, "tokens_per_second": 1234.5})},
     )
     assert s.progress == "0/2 (align 3/5)" and s.stages[0].tokens_per_second == 1234.5
 

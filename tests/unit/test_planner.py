@@ -8,8 +8,6 @@ from vlm_operator import planner
 from vlm_operator.planner import StageObservation as Obs
 from vlm_trainer.spec import parse_job
 
-pytestmark = pytest.mark.unit
-
 
 def job(**spec_updates):
     doc = copy.deepcopy(GOOD)

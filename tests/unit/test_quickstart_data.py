@@ -16,8 +16,6 @@ from vlm_trainer.quickstart.shapes import read_shards, shard_paths, text_documen
 from vlm_trainer.quickstart.vocab import COLOUR_RGB, COLOURS, SHAPES, caption_of
 from vlm_trainer.samples import SampleEncoder
 
-pytestmark = pytest.mark.unit
-
 
 def _sha(path: str) -> str:
     with open(path, "rb") as f:

@@ -12,8 +12,6 @@ from vlm_trainer.quickstart.prepare import Recipe, job_documents
 from vlm_trainer.quickstart.shapes import shard_paths, text_documents, write_shards
 from vlm_trainer.spec import parse_job
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.fixture
 def prepared(tmp_path):

@@ -1,15 +1,11 @@
 """The VLMTrainingJob schema: defaults follow the field's recipe; bad input is named by field path."""
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import yaml
 from job_fixtures import GOOD  # noqa: E402
 from vlm_trainer.spec import SpecError, dump_job, parse_job
-
-pytestmark = pytest.mark.unit
 
 
 def problems(doc) -> list[str]:
@@ -71,20 +67,28 @@ def test_planted_errors(mutate, expected):
     assert any(p.startswith(expected) for p in got), got
 
 
-def test_vlmctl_validate_exit_codes(tmp_path):
+def _vlmctl(*argv: str) -> int:
+    from vlm_operator import cli
+
+    try:
+        return cli.main(list(argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def test_vlmctl_validate_exit_codes(tmp_path, capsys):
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text(yaml.safe_dump(GOOD))
     doc = copy.deepcopy(GOOD)
     doc["spec"]["stages"][1]["optimizer"] = {"lr": -1}
     doc["spec"]["stages"][0]["maxStep"] = 3
     bad.write_text(yaml.safe_dump(doc))
-    ok = subprocess.run([sys.executable, "-m", "vlm_operator.cli", "validate", str(good)], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert "align (align) -> instruct (instruct) -> dpo (dpo)" in ok.stdout
-    ko = subprocess.run([sys.executable, "-m", "vlm_operator.cli", "validate", str(bad)], capture_output=True, text=True)
-    assert ko.returncode == 1
-    assert "spec.stages[1].optimizer.lr: must be > 0, got -1" in ko.stderr
-    assert "spec.stages[0].maxStep: unknown field" in ko.stderr
+    assert _vlmctl("validate", str(good)) == 0
+    assert "align (align) -> instruct (instruct) -> dpo (dpo)" in capsys.readouterr().out
+    assert _vlmctl("validate", str(bad)) == 1
+    err = capsys.readouterr().err
+    assert "spec.stages[1].optimizer.lr: must be > 0, got -1" in err
+    assert "spec.stages[0].maxStep: unknown field" in err
 
 
 def test_cross_field_rules_are_reported_with_field_errors_in_one_run():

@@ -1,11 +1,9 @@
 """Committed checkpoints: manifest written last, folders without one are never checkpoints."""
 
 import json
+import os
 
-import pytest
 from vlm_trainer import storage
-
-pytestmark = pytest.mark.unit
 
 
 def make_dir(tmp_path, name="src", files=None):
@@ -70,3 +68,33 @@ def test_recommit_removes_the_stale_manifest_first(tmp_path):
 def test_join_keeps_schemes():
     assert storage.join("s3://b/x/", "job", "/stage/") == "s3://b/x/job/stage"
     assert storage.local_path("file:///tmp/a") == "/tmp/a"
+
+
+def test_storage_options_travel_with_the_job_not_the_process(monkeypatch, tmp_path) -> None:
+    """Two jobs, two endpoints, one process: each filesystem gets its own job's endpoint/credentials,
+    and building a local runner leaves the process environment alone."""
+    from vlm_operator.local import LocalRunner
+    from vlm_trainer.spec import StorageSpec, parse_job
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    a = StorageSpec.model_validate({"uri": "s3://bucket/a", "endpointUrl": "http://127.0.0.1:9001"})
+    b = StorageSpec.model_validate({"uri": "s3://bucket/b", "endpointUrl": "http://127.0.0.1:9002"})
+    fs_a, _ = storage.filesystem(a.uri, a.fsspec_options())
+    fs_b, _ = storage.filesystem(b.uri, b.fsspec_options({"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}))
+    assert fs_a is not fs_b
+    assert fs_a.client_kwargs["endpoint_url"] == "http://127.0.0.1:9001"
+    assert fs_b.client_kwargs["endpoint_url"] == "http://127.0.0.1:9002" and (fs_b.key, fs_b.secret) == ("k", "s")
+    assert StorageSpec.model_validate({"uri": str(tmp_path)}).fsspec_options() == {}
+
+    before = dict(os.environ)
+    job = parse_job({
+        "apiVersion": "training.vlm.dev/v1alpha1", "kind": "VLMTrainingJob", "metadata": {"name": "j"},
+        "spec": {"model": {"visionEncoder": "v", "languageModel": "l"},
+                 "storage": {"uri": "s3://bucket/runs", "endpointUrl": "http://127.0.0.1:9003"},
+                 "stages": [{"name": "align", "type": "align", "maxSteps": 1,
+                             "data": {"shards": ["d.tar"], "format": "caption"}}]},
+    })
+    runner = LocalRunner(job, log_dir=str(tmp_path))
+    assert dict(os.environ) == before
+    assert runner.env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9003"  # for its trainers' environment only
+    assert runner.storage_options["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9003"

@@ -8,12 +8,12 @@ the stage's final/ is committed (now or by an earlier run).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
 from vlm_trainer import contract, storage
+from vlm_trainer.progress import emit
 from vlm_trainer.spec import TrainerConfig
 
 
@@ -37,14 +37,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     config = TrainerConfig.load(storage.read_json(config_uri(args.config)))
-    final = storage.join(config.output, contract.FINAL_DIR)
+    final = contract.stage_final(config.storage.uri, config.job, config.stage.name)
     if storage.verify_committed(final).ok:
         # Done by an earlier run: say so without loading torch (re-running a finished job does nothing).
+        # This is the one "stage already done" check; the trainer itself never repeats it.
         if os.environ.get("RANK", "0") == "0":
-            print(json.dumps({"event": "skip", "stage": config.stage.name, "reason": f"{final} is already committed"}), flush=True)
+            emit("skip", stage=config.stage.name, reason=f"{final} is already committed")
         return 0
 
     # Imported after the config parses, so a bad config fails fast without loading torch/transformers.
+    # torchelastic's `record` writes a failing rank's exception to $TORCHELASTIC_ERROR_FILE (structured),
+    # which torchrun hands up to whoever launched it.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_train)(config)
+
+
+def _train(config: TrainerConfig) -> int:
     import transformers
 
     from vlm_trainer.parallel import dist_env, init_distributed, set_threads, shutdown_distributed

@@ -94,9 +94,6 @@ class Checkpointer:
     def final_uri(self) -> str:
         return storage.join(self.output, contract.FINAL_DIR)
 
-    def stage_done(self) -> bool:
-        return storage.verify_committed(self.final_uri).ok
-
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.every_steps == 0 and step < total_steps
 

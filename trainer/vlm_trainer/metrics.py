@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from vlm_trainer import contract
@@ -51,8 +52,6 @@ CPU_PEAK_FLOPS_PER_SECOND = 1e11
 STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 300, 600)
 CHECKPOINT_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
-# Weight of the newest step in the smoothed step time that the ETA uses.
-_ETA_SMOOTHING = 0.1
 _DISABLED = ("off", "none", "disabled")
 
 
@@ -118,7 +117,7 @@ def read_memory() -> MemorySample:
             peak_bytes=int(torch.cuda.max_memory_allocated(index)),
             capacity_bytes=int(torch.cuda.get_device_properties(index).total_memory),
         )
-    rss = _resident_bytes()
+    rss = psutil.Process().memory_info().rss
     # ru_maxrss is in KiB on Linux.
     peak = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return MemorySample(
@@ -152,8 +151,6 @@ class TrainerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._server: Any = None
         self._thread: threading.Thread | None = None
-        self._step_seconds_ema: float | None = None
-        self._step = 0
         self._total_steps: int | None = None
         self._build()
 
@@ -284,6 +281,7 @@ class TrainerMetrics:
         step_seconds: float,
         data_wait_seconds: float = 0.0,
         flops: float | None = None,
+        eta_seconds: float | None = None,
     ) -> None:
         """Record one optimizer step of this process (tokens, samples and FLOPs of this rank only)."""
         if step_seconds <= 0:
@@ -306,9 +304,7 @@ class TrainerMetrics:
         self.step_seconds.observe(step_seconds)
         self.data_wait_seconds_total.inc(data_wait_seconds)
         self.data_wait_ratio.set(min(data_wait_seconds / step_seconds, 1.0))
-        ema = self._step_seconds_ema
-        self._step_seconds_ema = step_seconds if ema is None else ema + _ETA_SMOOTHING * (step_seconds - ema)
-        self.set_progress(step, self._total_steps)
+        self.set_progress(step, self._total_steps, eta_seconds=eta_seconds)
 
     def observe_checkpoint(self, save_seconds: float) -> None:
         """Record the wall time of one checkpoint save (files and manifest committed)."""
@@ -325,28 +321,20 @@ class TrainerMetrics:
         self.memory_capacity.set(sample.capacity_bytes)
         return sample
 
-    def set_progress(self, step: int, total_steps: int | None) -> None:
-        """Publish the step, the stage's total and the ETA from the smoothed step time."""
+    def set_progress(self, step: int, total_steps: int | None, *, eta_seconds: float | None = None) -> None:
+        """Publish the step, the stage's total and the ETA (computed by `progress.EtaClock`, the one ETA)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step!r}")
         if total_steps is not None and total_steps < 0:
             raise ValueError(f"total_steps must be >= 0, got {total_steps!r}")
-        self._step, self._total_steps = step, total_steps
+        self._total_steps = total_steps
         self.step.set(step)
-        if total_steps is None:
-            return
-        self.total_steps.set(total_steps)
-        if self._step_seconds_ema is not None:
-            self.eta_seconds.set(max(total_steps - step, 0) * self._step_seconds_ema)
-        elif step >= total_steps:
-            self.eta_seconds.set(0)
-
-    @property
-    def eta(self) -> float | None:
-        """Seconds to the last step from the smoothed step time; None before the first step or total."""
-        if self._total_steps is None or self._step_seconds_ema is None:
-            return None
-        return max(self._total_steps - self._step, 0) * self._step_seconds_ema
+        if total_steps is not None:
+            self.total_steps.set(total_steps)
+            if step >= total_steps:
+                self.eta_seconds.set(0)
+        if eta_seconds is not None:
+            self.eta_seconds.set(eta_seconds)
 
 
 def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
@@ -376,15 +364,10 @@ def _cuda_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        resident_pages = int(statm.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
-
 def _memory_limit() -> int:
-    """The cgroup v2 memory limit of this container when set, else the machine's physical memory."""
-    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """The cgroup v2 memory limit of this container when set (psutil does not read cgroups), else the
+    machine's physical memory."""
+    physical = psutil.virtual_memory().total
     try:
         with open("/sys/fs/cgroup/memory.max") as limit:
             raw = limit.read().strip()

@@ -33,9 +33,9 @@ from transformers import (
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from vlm_trainer import storage
+from vlm_trainer.samples import IMAGE_TOKEN
 from vlm_trainer.spec import ModelSpec, StageSpec
 
-IMAGE_TOKEN = "<image>"
 PARTS = ("projector", "language_model", "vision_tower")
 
 

@@ -2,14 +2,18 @@
 
 The local runner parses the stdout lines for progress bars; each has an `event` key:
 `{"event": "step", "step": s, "total": T, "loss": x, "lr": y, "tokens_per_second": z,
-"samples_per_second": w, ...}` and `start`, `resume`, `checkpoint`, `eval`, `done`, `skip` events.
-`progress.json` (step, total, tokens_per_second, eta_seconds, loss) is rewritten every ~10 s.
+"samples_per_second": w, "eta_seconds": e, ...}` and `start`, `resume`, `checkpoint`, `eval`, `done`,
+`skip` events. `progress.json` is a `contract.ProgressRecord`, rewritten every ~10 s.
+
+The ETA is computed here and only here (`EtaClock`); the Prometheus gauge, progress.json, the step
+lines and the local progress bars all show this one number.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -18,11 +22,36 @@ from vlm_trainer import contract, storage
 
 log = logging.getLogger(__name__)
 
+# Weight of the newest step in the smoothed step time that the ETA uses.
+ETA_SMOOTHING = 0.1
+
 
 def emit(event: str, **fields: Any) -> None:
-    """Print one JSON line (call on rank 0 only)."""
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    """Print one JSON line (call on rank 0 only). Non-finite numbers become null: the line stays JSON."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
+    sys.stdout.write(json.dumps({"event": event, **clean}) + "\n")
     sys.stdout.flush()
+
+
+class EtaClock:
+    """Seconds to the stage's last step: remaining steps x an exponentially smoothed step time."""
+
+    def __init__(self, total_steps: int, smoothing: float = ETA_SMOOTHING):
+        self.total = total_steps
+        self.smoothing = smoothing
+        self.step_seconds: float | None = None
+
+    def observe(self, step_seconds: float) -> None:
+        ema = self.step_seconds
+        self.step_seconds = step_seconds if ema is None else ema + self.smoothing * (step_seconds - ema)
+
+    def eta_seconds(self, step: int) -> float | None:
+        """None before the first observed step; 0 once the last step is done."""
+        if step >= self.total:
+            return 0.0
+        if self.step_seconds is None:
+            return None
+        return (self.total - step) * self.step_seconds
 
 
 class ProgressReporter:
@@ -35,18 +64,19 @@ class ProgressReporter:
         self.log_every = max(1, total_steps // 100)
         self.interval = interval_seconds
         self.start_step = start_step
-        self.started = time.perf_counter()
+        self.clock = EtaClock(total_steps)
         self.last_write = 0.0
 
     def eta_seconds(self, step: int) -> float | None:
-        done = step - self.start_step
-        if done <= 0:
-            return None
-        return (time.perf_counter() - self.started) / done * max(self.total - step, 0)
+        return self.clock.eta_seconds(step)
 
-    def step(self, step: int, *, loss: float, lr: float, tokens_per_second: float, samples_per_second: float, **extra: Any) -> None:
+    def step(self, step: int, *, loss: float, lr: float, tokens_per_second: float, samples_per_second: float,
+             step_seconds: float, **extra: Any) -> float | None:
+        """Record optimizer step `step` (1-based, done); returns the ETA in seconds."""
+        self.clock.observe(step_seconds)
+        eta = self.clock.eta_seconds(step)
         if not self.is_main:
-            return
+            return eta
         if step % self.log_every == 0 or step == self.total or step == self.start_step + 1:
             emit(
                 "step",
@@ -56,25 +86,23 @@ class ProgressReporter:
                 lr=lr,
                 tokens_per_second=round(tokens_per_second, 2),
                 samples_per_second=round(samples_per_second, 3),
+                eta_seconds=round(eta, 1) if eta is not None else None,
                 **{k: round(v, 6) if isinstance(v, float) else v for k, v in extra.items()},
             )
         now = time.perf_counter()
         if now - self.last_write >= self.interval or step == self.total:
             self.last_write = now
             self.write(step, loss=loss, tokens_per_second=tokens_per_second)
+        return eta
 
     def write(self, step: int, *, loss: float | None, tokens_per_second: float | None) -> None:
         if not self.is_main:
             return
-        doc = {
-            "step": step,
-            "total": self.total,
-            "tokens_per_second": tokens_per_second,
-            "eta_seconds": self.eta_seconds(step),
-            "loss": loss,
-            "updated_at": time.time(),
-        }
+        record = contract.ProgressRecord(
+            step=step, total=self.total, tokens_per_second=tokens_per_second,
+            eta_seconds=self.clock.eta_seconds(step), loss=loss, updated_at=time.time(),
+        )
         try:
-            storage.write_json(self.uri, doc)
+            storage.write_json(self.uri, record.to_doc())
         except OSError as err:  # progress is advisory; storage hiccups must not stop training
             log.warning("could not write %s: %s", self.uri, err)

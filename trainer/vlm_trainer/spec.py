@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from vlm_trainer import __version__, storage
+
 API_GROUP = "training.vlm.dev"
 API_VERSION = "v1alpha1"
 KIND = "VLMTrainingJob"
@@ -80,6 +82,21 @@ class StorageSpec(Strict):
         "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL). Kubernetes backend only.",
     )
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, SeaweedFS, ...).")
+
+    def fsspec_options(self, credentials: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """fsspec options for this job's storage: its endpoint, plus credentials given as the Secret's
+        keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, AWS_REGION).
+        Without credentials, the filesystem's defaults (the process environment) apply."""
+        if not self.uri.startswith("s3://"):
+            return {}
+        c = credentials or {}
+        return storage.s3_options(
+            endpoint_url=self.endpoint_url or c.get("AWS_ENDPOINT_URL"),
+            key=c.get("AWS_ACCESS_KEY_ID"),
+            secret=c.get("AWS_SECRET_ACCESS_KEY"),
+            token=c.get("AWS_SESSION_TOKEN"),
+            region=c.get("AWS_REGION") or c.get("AWS_DEFAULT_REGION"),
+        )
 
     @field_validator("uri")
     @classmethod
@@ -193,9 +210,9 @@ class ResourcesSpec(Strict):
 _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # The field's standard recipe (LLaVA-1.5): align trains the projector only at 1e-3; instruct trains
     # LM + projector at 2e-5 (projector 10x); DPO trains the LM at a small lr against a frozen reference.
-    "align": {"trainable": ["projector"], "lr": 1e-3, "mult": 1.0, "format": "caption"},
-    "instruct": {"trainable": ["projector", "language_model"], "lr": 2e-5, "mult": 10.0, "format": "conversation"},
-    "dpo": {"trainable": ["projector", "language_model"], "lr": 5e-6, "mult": 1.0, "format": "preference"},
+    "align": {"trainable": ["projector"], "lr": 1e-3, "mult": 1.0},
+    "instruct": {"trainable": ["projector", "language_model"], "lr": 2e-5, "mult": 10.0},
+    "dpo": {"trainable": ["projector", "language_model"], "lr": 5e-6, "mult": 1.0},
 }
 
 
@@ -254,6 +271,15 @@ class StageSpec(Strict):
         return self.batch.global_size // (self.batch.micro_size * self.world_size)
 
 
+def field_default(model: type[Strict], camel_name: str) -> Any:
+    """A field's default by its wire (camelCase) name: the one value both these rules and the CRD's CEL
+    rules fall back to when the field is absent."""
+    for name, info in model.model_fields.items():
+        if to_camel(name) == camel_name:
+            return info.get_default(call_default_factory=True)
+    raise KeyError(f"{model.__name__} has no field {camel_name!r}")
+
+
 def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
     """Cross-field rules of one stage, on its camelCase dict: one 'field.path: message' per broken rule.
 
@@ -261,7 +287,8 @@ def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
     a bad field still gets its cross-field problems reported in the same run.
     """
 
-    def num(d: Any, key: str, default: int) -> int | None:
+    def num(d: Any, model: type[Strict], key: str) -> int | None:
+        default = field_default(model, key)
         v = d.get(key, default) if isinstance(d, Mapping) else default
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
@@ -281,9 +308,10 @@ def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
         if fmt == "preference":
             out.append(f"data.format: 'preference' data needs type dpo, this stage is {stype!r}")
     batch, res = stage.get("batch") or {}, stage.get("resources") or {}
-    sizes = (num(batch, "globalSize", 32), num(batch, "microSize", 8), num(res, "nodes", 1), num(res, "procsPerNode", 1))
-    if None not in sizes:
-        glob, micro, nodes, procs = sizes
+    sizes = (num(batch, BatchSpec, "globalSize"), num(batch, BatchSpec, "microSize"),
+             num(res, ResourcesSpec, "nodes"), num(res, ResourcesSpec, "procsPerNode"))
+    glob, micro, nodes, procs = sizes
+    if glob is not None and micro is not None and nodes is not None and procs is not None:
         if glob % (micro * nodes * procs):
             out.append(f"batch.globalSize: {glob} must be a multiple of batch.microSize ({micro}) x world size "
                        f"({nodes * procs} = resources.nodes x resources.procsPerNode)")
@@ -318,7 +346,7 @@ class ImageSpec(Strict):
     """Trainer container image (Kubernetes backend)."""
 
     repository: str = "ghcr.io/vlm-training-operator/trainer"
-    tag: str = "0.1.0"
+    tag: str = Field(__version__, description="Image tag; defaults to this release of the operator.")
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
     @property

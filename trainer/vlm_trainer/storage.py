@@ -1,7 +1,10 @@
 """The one storage layer: fsspec URIs (file://, s3://, gs://, plain paths) and committed checkpoints.
 
 Torch-free, so the operator uses the same code to verify a stage's handoff that the trainer uses to
-write it. A checkpoint is a folder whose `manifest.json` (files, sizes, sha256, step, stage) is written
+write it. Every function takes `options`: fsspec keyword options of the job's storage (endpoint,
+credentials; see `s3_options`), so one process can serve jobs on different endpoints. Without them
+the filesystem's own defaults apply (for S3, botocore reads AWS_* from the environment: that is how a
+trainer pod, whose environment belongs to one job, gets its Secret). A checkpoint is a folder whose `manifest.json` (files, sizes, sha256, step, stage) is written
 LAST: no manifest means not a checkpoint, and readers ignore such a folder.
 """
 
@@ -12,6 +15,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,33 +43,51 @@ def local_path(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+Options = Mapping[str, Any]
+
+
+def s3_options(
+    *, endpoint_url: str | None = None, key: str | None = None, secret: str | None = None,
+    token: str | None = None, region: str | None = None,
+) -> dict[str, Any]:
+    """fsspec/s3fs options for one job's S3 storage; unset values fall back to botocore's defaults."""
+    opts: dict[str, Any] = {}
+    if key and secret:
+        opts.update(key=key, secret=secret)
+        if token:
+            opts["token"] = token
+    client: dict[str, Any] = {}
+    if endpoint_url:
+        client["endpoint_url"] = endpoint_url
+    if region:
+        client["region_name"] = region
+    if client:
+        opts["client_kwargs"] = client
+    return opts
+
+
+def filesystem(uri: str, options: Options | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for a URI. Listings are never cached: another process may just have written."""
     opts: dict[str, Any] = {}
-    if uri.startswith("s3://"):
-        opts = {"use_listings_cache": False, "skip_instance_cache": True}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
-        if endpoint:
-            opts["client_kwargs"] = {"endpoint_url": endpoint}
-    elif uri.startswith(("gs://", "gcs://")):
-        opts = {"use_listings_cache": False, "skip_instance_cache": True}
+    if uri.startswith(("s3://", "gs://", "gcs://")):
+        opts = {"use_listings_cache": False, "skip_instance_cache": True, **(options or {})}
     return url_to_fs(uri, **opts)
 
 
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
+def exists(uri: str, *, options: Options | None = None) -> bool:
+    fs, path = filesystem(uri, options)
     return fs.exists(path)
 
 
-def read_text(uri: str) -> str:
-    fs, path = filesystem(uri)
+def read_text(uri: str, *, options: Options | None = None) -> str:
+    fs, path = filesystem(uri, options)
     with fs.open(path, "r") as f:
         return f.read()
 
 
-def write_text(uri: str, text: str) -> None:
+def write_text(uri: str, text: str, *, options: Options | None = None) -> None:
     """Write a whole small file (reports, progress, configs)."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, options)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -73,43 +95,45 @@ def write_text(uri: str, text: str) -> None:
         f.write(text)
 
 
-def read_json(uri: str) -> Any:
-    return json.loads(read_text(uri))
+def read_json(uri: str, *, options: Options | None = None) -> Any:
+    return json.loads(read_text(uri, options=options))
 
 
-def write_json(uri: str, obj: Any) -> None:
-    write_text(uri, json.dumps(obj, indent=2, sort_keys=True))
+def write_json(uri: str, obj: Any, *, options: Options | None = None) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True), options=options)
 
 
-def remove(uri: str) -> None:
-    fs, path = filesystem(uri)
+def remove(uri: str, *, options: Options | None = None) -> None:
+    fs, path = filesystem(uri, options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
 
-def _sha256_file(path: str) -> str:
+def _sha256(f: Any) -> str:
+    """sha256 of an open binary file, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
-def commit_dir(local_dir: str, uri: str, *, step: int, stage: str, extra: dict[str, Any] | None = None) -> str:
+def commit_dir(local_dir: str, uri: str, *, step: int, stage: str, extra: dict[str, Any] | None = None,
+               options: Options | None = None) -> str:
     """Publish a local folder at `uri` as a committed checkpoint: files first, manifest.json last.
 
     A stale manifest at `uri` is removed first, so a crash mid-upload never leaves a manifest that
     lists files from another save.
     """
-    files = []
+    files: list[dict[str, Any]] = []
     for root, _dirs, names in os.walk(local_dir):
         for n in sorted(names):
             if n == MANIFEST:
                 continue
             full = os.path.join(root, n)
             rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
-            files.append({"path": rel, "size": os.path.getsize(full), "sha256": _sha256_file(full)})
-    fs, path = filesystem(uri)
+            with open(full, "rb") as fh:
+                files.append({"path": rel, "size": os.path.getsize(full), "sha256": _sha256(fh)})
+    fs, path = filesystem(uri, options)
     if fs.exists(f"{path}/{MANIFEST}"):
         fs.rm(f"{path}/{MANIFEST}")
     fs.makedirs(path, exist_ok=True)
@@ -125,9 +149,9 @@ def commit_dir(local_dir: str, uri: str, *, step: int, stage: str, extra: dict[s
     return uri
 
 
-def read_manifest(uri: str) -> dict[str, Any] | None:
+def read_manifest(uri: str, *, options: Options | None = None) -> dict[str, Any] | None:
     """The manifest of a committed checkpoint at `uri`, or None if it has none (or it is unreadable)."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, options)
     try:
         with fs.open(f"{path}/{MANIFEST}", "r") as f:
             return json.loads(f.read())
@@ -142,14 +166,14 @@ class Verification:
     manifest: dict[str, Any] | None = None
 
 
-def verify_committed(uri: str, *, check_sha256: bool = False) -> Verification:
+def verify_committed(uri: str, *, check_sha256: bool = False, options: Options | None = None) -> Verification:
     """Is `uri` a complete committed checkpoint? Manifest present, every listed file present with its size
     (and, if asked, its sha256). The operator checks sizes before starting the next stage; the trainer
     checks hashes when it loads."""
-    manifest = read_manifest(uri)
+    manifest = read_manifest(uri, options=options)
     if manifest is None:
         return Verification(False, f"no {MANIFEST} at {uri}")
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, options)
     for f in manifest.get("files", []):
         p = f"{path}/{f['path']}"
         try:
@@ -159,18 +183,16 @@ def verify_committed(uri: str, *, check_sha256: bool = False) -> Verification:
         if size != f["size"]:
             return Verification(False, f"{uri}: {f['path']} has {size} bytes, manifest says {f['size']}", manifest)
         if check_sha256:
-            h = hashlib.sha256()
             with fs.open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            if h.hexdigest() != f["sha256"]:
+                digest = _sha256(fh)
+            if digest != f["sha256"]:
                 return Verification(False, f"{uri}: {f['path']} sha256 does not match the manifest", manifest)
     return Verification(True, "committed", manifest)
 
 
-def list_checkpoints(output: str) -> list[tuple[int, str]]:
+def list_checkpoints(output: str, *, options: Options | None = None) -> list[tuple[int, str]]:
     """(step, uri) of every committed checkpoint-<step>/ under `output`, oldest first."""
-    fs, path = filesystem(output)
+    fs, path = filesystem(output, options)
     try:
         entries = fs.ls(path, detail=False)
     except FileNotFoundError:
@@ -181,29 +203,29 @@ def list_checkpoints(output: str) -> list[tuple[int, str]]:
         m = _CKPT_RE.match(name)
         if m:
             uri = join(output, name)
-            if read_manifest(uri) is not None:
+            if read_manifest(uri, options=options) is not None:
                 found.append((int(m.group(1)), uri))
     return sorted(found)
 
 
-def latest_checkpoint(output: str) -> tuple[int, str] | None:
+def latest_checkpoint(output: str, *, options: Options | None = None) -> tuple[int, str] | None:
     """The newest committed checkpoint under `output` (folders without a manifest are skipped)."""
-    ckpts = list_checkpoints(output)
+    ckpts = list_checkpoints(output, options=options)
     return ckpts[-1] if ckpts else None
 
 
-def prune_checkpoints(output: str, keep_last: int) -> None:
+def prune_checkpoints(output: str, keep_last: int, *, options: Options | None = None) -> None:
     """Delete all but the newest `keep_last` committed checkpoints, and any uncommitted one older than them."""
-    ckpts = list_checkpoints(output)
+    ckpts = list_checkpoints(output, options=options)
     for _step, uri in ckpts[:-keep_last]:
-        remove(uri)
+        remove(uri, options=options)
 
 
-def download_dir(uri: str, local_dir: str) -> str:
+def download_dir(uri: str, local_dir: str, *, options: Options | None = None) -> str:
     """Copy a folder from storage to a local folder (returned). Local URIs are returned as paths, uncopied."""
     if not is_remote(uri):
         return local_path(uri)
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, options)
     os.makedirs(local_dir, exist_ok=True)
     fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
     return local_dir

@@ -266,8 +266,9 @@ class Trainer:
             self.step += 1
             self.stats.setdefault("train_loss_first", result.loss)
             self.stats["train_loss_last"] = result.loss
-            progress.step(
+            eta = progress.step(
                 self.step,
+                step_seconds=result.seconds,
                 loss=result.loss,
                 lr=lr_now,
                 tokens_per_second=result.tokens / result.seconds,
@@ -275,7 +276,7 @@ class Trainer:
                 grad_norm=result.grad_norm,
                 **result.stats,
             )
-            self._observe(result, lr_now)
+            self._observe(result, lr_now, eta)
             if self.checkpointer.due(self.step, self.total_steps):
                 seconds = self.checkpointer.save(
                     self.step, self.hf_model, self.optimizer, self.scheduler, self.stream.position,
@@ -311,7 +312,7 @@ class Trainer:
             self.metrics.close()
         return report
 
-    def _observe(self, result: StepResult, lr: float) -> None:
+    def _observe(self, result: StepResult, lr: float, eta_seconds: float | None) -> None:
         if self.metrics is None:
             return
         self.metrics.observe_step(
@@ -323,8 +324,9 @@ class Trainer:
             grad_norm=result.grad_norm,
             step_seconds=result.seconds,
             data_wait_seconds=min(result.data_wait_seconds, result.seconds),
-            # The usual 6 x parameters FLOPs per token (forward + backward); frozen parts make it an upper bound.
+            # vlm_trainer.accounting's FLOPs (the estimator's): frozen parts forward (+ input gradient) only.
             flops=self.flop_rates.step_flops(result.local_tokens, result.local_samples) if self.flop_rates else None,
+            eta_seconds=eta_seconds,
         )
         self.metrics.observe_memory()
 
@@ -395,14 +397,6 @@ def _vision_layers(hf: nn.Module) -> list[nn.Module]:
     return list(encoder.layers) if encoder is not None else []
 
 
-def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any] | None:
-    """Train one stage to its final/; returns the eval report, or None when final/ was already committed."""
-    checkpointer = Checkpointer(
-        config.output, config.stage.name, every_steps=config.stage.checkpoint.every_steps,
-        keep_last=config.stage.checkpoint.keep_last, env=env,
-    )
-    if checkpointer.stage_done():
-        if env.is_main:
-            emit("skip", stage=config.stage.name, reason=f"{checkpointer.final_uri} is already committed")
-        return None
+def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
+    """Train one stage to its final/ and return the eval report (`__main__` skips a stage already done)."""
     return Trainer.build(config, env).run()

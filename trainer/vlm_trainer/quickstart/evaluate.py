@@ -53,11 +53,6 @@ class LoadedStage:
     processor: Any
 
 
-def stage_output_uri(job: VLMTrainingJob, index: int) -> str:
-    """<storage.uri>/<job>/<stage> (the planner's layout; vlm_trainer never imports the operator)."""
-    return storage.join(job.spec.storage.uri, job.name, job.spec.stages[index].name)
-
-
 def load_final(uri: str, cache_dir: str) -> LoadedStage:
     """A committed final/ through the public transformers loading path."""
     check = storage.verify_committed(uri)
@@ -151,7 +146,7 @@ def evaluate_job(
 ) -> list[dict]:
     rows = []
     for i, spec in enumerate(job.spec.stages):
-        output = stage_output_uri(job, i)
+        output = contract.stage_output(job.spec.storage.uri, job.name, job.spec.stages[i].name)
         ev = _eval_json(output)
         row: dict[str, Any] = {
             "job": job.name,
@@ -283,7 +278,7 @@ def evaluate(qdir: str, strict: bool = False) -> int:
         "naive": naive,
         "checks": checks(stage0_ppl, staged, naive),
     }
-    uri = storage.join(job.spec.storage.uri, job.name, contract.REPORT_FILE)
+    uri = storage.join(contract.job_output(job.spec.storage.uri, job.name), contract.REPORT_FILE)
     storage.write_json(uri, report)
     print_report(report)
     print(f"report: {uri}")

@@ -17,12 +17,14 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerBase, SiglipVisionModel
 
+from vlm_trainer.optim import build_scheduler
 from vlm_trainer.quickstart.components import (
     build_image_processor,
     build_tokenizer,
@@ -31,6 +33,7 @@ from vlm_trainer.quickstart.components import (
 )
 from vlm_trainer.quickstart.shapes import ShapeSample, text_documents
 from vlm_trainer.quickstart.vocab import COLOURS, SHAPES
+from vlm_trainer.spec import ScheduleSpec
 
 # The encoder layer whose patch features LLaVA reads (job.yaml's visionFeatureLayer); stage 0 trains
 # exactly these features.
@@ -92,10 +95,11 @@ def text_perplexity(
     return math.exp(total / count)
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+def _adamw(params: Any, lr: float, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with the trainer's own schedule (`optim.build_scheduler`): 10 warmup steps, then cosine to 0."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = ScheduleSpec.model_validate({"type": "cosine", "warmupRatio": 10 / steps, "minLrRatio": 0.0})
+    return opt, build_scheduler(opt, steps, schedule)
 
 
 def pretrain_language_model(
@@ -115,14 +119,12 @@ def pretrain_language_model(
     heldout = heldout_docs if heldout_docs is not None else text_documents(300, seed, "text-heldout")
     before = text_perplexity(model, tokenizer, heldout)
     ids_all, mask_all = encode_documents(tokenizer, docs)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt, schedule = _adamw(model.parameters(), lr, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     t0 = time.perf_counter()
     model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup=10)
+    for _ in range(steps):
         idx = torch.randint(len(docs), (batch,), generator=gen)
         ids, mask = ids_all[idx], mask_all[idx]
         width = int(mask.sum(1).max())
@@ -133,6 +135,7 @@ def pretrain_language_model(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        schedule.step()
         losses.append(loss.item())
     wall = time.perf_counter() - t0
     after = text_perplexity(model, tokenizer, heldout)
@@ -180,14 +183,12 @@ def pretrain_vision_encoder(
     pixels_all = pixel_tensor([s.image() for s in samples])
     labels_all = torch.tensor([caption_class(s) for s in samples])
     params = [*model.parameters(), *image_head.parameters(), *text_tower.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt, schedule = _adamw(params, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     t0 = time.perf_counter()
     model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup=10)
+    for _ in range(steps):
         idx = torch.randint(len(samples), (batch,), generator=gen)
         labels = labels_all[idx]
         img = F.normalize(image_head(vision_features(model, pixels_all[idx])), dim=-1)
@@ -200,6 +201,7 @@ def pretrain_vision_encoder(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        schedule.step()
         losses.append(loss.item())
     wall = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)

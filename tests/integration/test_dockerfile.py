@@ -40,13 +40,11 @@ def stages(text: str) -> dict[str, str]:
     return result
 
 
-@pytest.mark.unit
 def test_hadolint_passes() -> None:
     result = subprocess.run([hadolint(), str(DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.unit
 def test_hadolint_rejects_an_unpinned_base(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python\nRUN pip install kopf\n")
@@ -55,7 +53,6 @@ def test_hadolint_rejects_an_unpinned_base(tmp_path: Path) -> None:
     assert "DL3006" in result.stdout and "DL3013" in result.stdout
 
 
-@pytest.mark.unit
 def test_targets_are_pinned_non_root_and_free_of_build_tools() -> None:
     text = DOCKERFILE.read_text()
     by_name = stages(text)
@@ -79,7 +76,6 @@ def test_targets_are_pinned_non_root_and_free_of_build_tools() -> None:
     assert "--no-deps" in by_name["trainer"] and "--no-deps" in by_name["operator-build"]
 
 
-@pytest.mark.unit
 def test_default_images_point_at_the_dockerfile_targets() -> None:
     text = DOCKERFILE.read_text()  # the build commands are documented in its header
     trainer = ImageSpec()
@@ -89,3 +85,38 @@ def test_default_images_point_at_the_dockerfile_targets() -> None:
     repository = re.search(r"^  repository: (\S+)$", chart_values, flags=re.M)
     assert registry and repository
     assert f"--target operator -t {registry.group(1)}/{repository.group(1)}:" in text
+
+
+def _pins(text: str) -> dict[str, str]:
+    return {name.lower(): version for name, version in re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][^\s\"',\\]*)", text)}
+
+
+def test_dockerfile_pins_are_pyproject_pins() -> None:
+    """pyproject.toml decides each version; the images install exactly those (kubernetes once drifted)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = _pins("\n".join(project["dependencies"]))
+    in_image = _pins(DOCKERFILE.read_text())
+    in_makefile = _pins((ROOT / "Makefile").read_text())
+    assert in_image, "the Dockerfile pins its packages"
+    for name, version in in_image.items():
+        if name in declared:
+            assert version == declared[name], f"Dockerfile pins {name}=={version}, pyproject.toml {declared[name]}"
+        elif name in in_makefile:  # deepspeed/hjson: installed by the Makefile, not pip-resolvable deps
+            assert version == in_makefile[name], f"Dockerfile pins {name}=={version}, Makefile {in_makefile[name]}"
+
+
+def test_the_version_is_written_once() -> None:
+    """vlm_trainer.__version__ is the release: the package metadata, the default trainer image tag and
+    the chart's version/appVersion all agree with it."""
+    import importlib.metadata
+
+    import vlm_trainer
+    import yaml
+
+    chart = yaml.safe_load((ROOT / "charts" / "vlm-operator" / "Chart.yaml").read_text())
+    assert chart["version"] == chart["appVersion"] == vlm_trainer.__version__
+    assert ImageSpec().tag == vlm_trainer.__version__
+    assert importlib.metadata.version("vlm-training-operator") == vlm_trainer.__version__
+    assert vlm_trainer.__version__ not in DOCKERFILE.read_text()  # tags come from the build, not this file

@@ -4,10 +4,7 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 import yaml
-
-pytestmark = pytest.mark.unit
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli"]

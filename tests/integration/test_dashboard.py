@@ -154,13 +154,11 @@ def run_tsc(dashboard: dict[str, Any], work: Path) -> subprocess.CompletedProces
     )
 
 
-@pytest.mark.unit
 def test_dashboard_type_checks_against_grafana_schema(tmp_path: Path) -> None:
     result = run_tsc(load_dashboard(), tmp_path)
     assert result.returncode == 0, f"tsc rejected the dashboard:\n{result.stdout}{result.stderr}"
 
 
-@pytest.mark.unit
 def test_type_check_rejects_a_bad_value_and_an_unknown_key(tmp_path: Path) -> None:
     """The check is not vacuous: a wrong option value and an unknown key both fail it."""
     dashboard = load_dashboard()
@@ -174,7 +172,6 @@ def test_type_check_rejects_a_bad_value_and_an_unknown_key(tmp_path: Path) -> No
     assert "height" in output
 
 
-@pytest.mark.unit
 def test_every_query_parses_with_promtool(tmp_path: Path) -> None:
     """Each query, macros substituted, as a recording rule: `promtool check rules` parses them all."""
     promtool = shutil.which("promtool")
@@ -212,7 +209,6 @@ def exported_series_names() -> set[str]:
     return names
 
 
-@pytest.mark.unit
 def test_queries_use_only_metric_names_that_are_exported() -> None:
     exported = exported_series_names()
     used = {
@@ -242,7 +238,6 @@ def test_queries_use_only_metric_names_that_are_exported() -> None:
         assert needed in used, f"no panel shows {needed}"
 
 
-@pytest.mark.unit
 def test_template_variables_job_and_stage() -> None:
     variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
     assert {"datasource", "job", "stage"} <= variables.keys()

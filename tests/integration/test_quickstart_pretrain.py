@@ -23,8 +23,6 @@ from vlm_trainer.quickstart.pretrain import (
 from vlm_trainer.quickstart.shapes import make_samples, text_documents
 from vlm_trainer.quickstart.vocab import SHAPES
 
-pytestmark = pytest.mark.unit
-
 
 def _shape_probe_accuracy(model: SiglipVisionModel, train, heldout) -> float:
     """Held-out accuracy of a linear probe for shape on the mean-pooled features LLaVA reads."""
