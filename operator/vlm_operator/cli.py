@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vlm_operator.local_ui import run_with_progress
 
     job = _load_or_exit(args.job)
-    return run_with_progress(job, verbose=args.verbose)
+    return run_with_progress(job, verbose=args.verbose, job_file=args.job)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
