@@ -144,9 +144,9 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: s
                     flush(stage)
     except Interrupted as stop:
         console.print(f"{stop}. The stage's processes are stopped; its committed checkpoints are kept.",
-                      markup=False, highlight=False)
+                      markup=False, highlight=False, soft_wrap=True)
         console.print(f"Run `vlmctl run {job_file or '<job.yaml>'}` again to resume from the last checkpoint.",
-                      markup=False, highlight=False)
+                      markup=False, highlight=False, soft_wrap=True)
         return stop.exit_code
     table = Table(title=f"{job.name}: {'succeeded' if result.succeeded else 'failed'} in {time.monotonic() - t0:.1f} s")
     for col in ("stage", "type", "result", "wall s", "attempts"):
@@ -161,6 +161,6 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: s
     console.print(f"report: {report}", markup=False, highlight=False)
     if not result.succeeded:
         # The trainer's own words, never read as console markup (a gloo path like '[/__w/...]' is text).
-        console.print(Text("failed: ", style="red") + Text(redact(result.message)), highlight=False)
+        console.print(Text("failed: ", style="red") + Text(redact(result.message)), highlight=False, soft_wrap=True)
         return 1
     return 0

@@ -35,8 +35,10 @@ def run(job: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
 def trainers_of(storage_dir: Path) -> list[psutil.Process]:
     """Live torchrun/trainer processes working on this test's storage folder."""
     out = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "status"]):
         cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["status"] == psutil.STATUS_ZOMBIE:  # exited; only waiting for a parent to reap it
+            continue
         if str(storage_dir) in cmd and ("vlm_trainer" in cmd or "torch.distributed.run" in cmd or "torchrun" in cmd):
             out.append(p)
     return out
@@ -124,11 +126,27 @@ def test_sigkill_of_vlmctl_leaves_no_trainer_behind(tmp_path: Path, parts: dict)
     wait_for_step(proc, store, 2)
     assert trainers_of(store), "the stage's processes are running"
     proc.kill()
+    killed = time.monotonic()
     proc.wait(10)
-    deadline = time.monotonic() + 10
-    while trainers_of(store) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    seen = []
+    while (alive := trainers_of(store)) and time.monotonic() < killed + 30:
+        seen.append((round(time.monotonic() - killed, 1), [(p.pid, p.name()) for p in alive]))
+        time.sleep(0.5)
+    gone_after = time.monotonic() - killed
     left = trainers_of(store)
     for p in left:  # do not leak them into the rest of the suite
         p.kill()
-    assert not left, [" ".join(p.cmdline()) for p in left]
+    assert not left and gone_after < 10, f"{len(left)} left, {gone_after:.1f} s after the kill: {seen[-3:]}"
+
+
+def test_the_stage_lease_is_exclusive_on_a_real_s3_server(s3_server) -> None:
+    """S3's conditional create (If-None-Match: *), as SeaweedFS enforces it: one holder at a time."""
+    from vlm_trainer import lease
+
+    out = f"s3://{s3_server.bucket}/lease-test-{time.time_ns()}/job/align"
+    first = lease.Lease.acquire(out, job="job", stage="align", holder="runner-a")
+    with pytest.raises(lease.LeaseHeldError, match="being written by runner-a"):
+        lease.Lease.acquire(out, job="job", stage="align", holder="runner-b")
+    first.renew()
+    first.release()
+    lease.Lease.acquire(out, job="job", stage="align", holder="runner-b").release()
