@@ -215,3 +215,13 @@ def test_valid_edge_cases_are_accepted(variant: str, tmp_path: Path, capsys, mon
     rc, out, err = validate(path, capsys)
     assert rc == 0, err
     assert "valid VLMTrainingJob" in out
+
+
+def test_log_records_are_redacted() -> None:
+    import logging
+
+    from vlm_trainer.redact import RedactingFilter
+
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "reading %s failed", ("s3://AKIAIOSFODNN7EXAMPLE:pw@b/x",), None)
+    assert RedactingFilter().filter(record)
+    assert "AKIAIOSFODNN7EXAMPLE" not in record.getMessage() and "s3://***@b/x" in record.getMessage()

@@ -15,6 +15,7 @@ import sys
 
 from vlm_trainer import contract, storage
 from vlm_trainer.progress import emit
+from vlm_trainer.redact import redact_logging
 from vlm_trainer.spec import TrainerConfig
 
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help=f"path or storage URI of the TrainerConfig JSON (or ${contract.CONFIG_ENV})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logging()
 
     config = TrainerConfig.load(storage.read_json(config_uri(args.config)))
     final = contract.stage_final(config.storage.uri, config.job, config.stage.name)

@@ -8,6 +8,7 @@ masked here.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -52,3 +53,22 @@ def redact_obj(obj: Any) -> Any:
 def contains_credentials(text: str) -> bool:
     """Would `redact` change this? (The spec refuses such values with 'use storage.secretRef'.)"""
     return redact(text) != text
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks credentials in every record a handler emits (message and traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def redact_logging() -> None:
+    """Install the filter on every handler of the root logger (call after logging is configured)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
