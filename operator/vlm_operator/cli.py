@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import yaml
+from vlm_trainer.redact import redact, redact_obj
 from vlm_trainer.spec import SpecError, VLMTrainingJob, load_job
 
 
@@ -19,12 +20,15 @@ def _load_or_exit(path: str) -> VLMTrainingJob:
     try:
         return load_job(path)
     except FileNotFoundError:
-        print(f"error: {path}: no such file", file=sys.stderr)
+        print(f"error: {redact(path)}: no such file", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:  # permission denied, a device, ...
+        print(f"error: {redact(path)}: cannot read: {err.strerror or err}", file=sys.stderr)
         raise SystemExit(2) from None
     except SpecError as err:
-        print(f"{path}: invalid VLMTrainingJob", file=sys.stderr)
+        print(f"{redact(path)}: invalid VLMTrainingJob", file=sys.stderr)
         for p in err.problems:
-            print(f"  {p}", file=sys.stderr)
+            print(f"  {redact(p)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -39,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vlm_operator.local_ui import run_with_progress
 
     job = _load_or_exit(args.job)
-    return run_with_progress(job, verbose=args.verbose)
+    return run_with_progress(job, verbose=args.verbose, job_file=args.job)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -47,7 +51,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     job = _load_or_exit(args.job)
     objs = render_job(job, args.namespace)
-    sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
+    # The spec refuses inline credentials; anything credential-shaped that still got this far is masked.
+    sys.stdout.write(yaml.safe_dump_all(redact_obj(objs), sort_keys=False))
     return 0
 
 
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check a job file; every problem is printed with its field path")
-    v.add_argument("job")
+    v.add_argument("job", help="job YAML file, or - for standard input")
     v.set_defaults(func=cmd_validate)
 
     r = sub.add_parser("run", help="run a job's stages on this machine (torchrun via TorchX)")

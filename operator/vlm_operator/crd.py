@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 from vlm_trainer import spec as S
+from vlm_trainer.validators import STORAGE_SCHEMES
 
 from vlm_operator.status_model import JobStatus
 
@@ -172,7 +173,7 @@ def spec_schema() -> dict[str, Any]:
         {
             "rule": "!self.contains('://') || "
             + " || ".join(
-                f"self.startsWith('{scheme}://')" for scheme in ("file", "s3", "gs", "gcs", "memory")
+                f"self.startsWith('{scheme}://')" for scheme in STORAGE_SCHEMES
             ),
             "message": "storage.uri: scheme must be one of file://, s3://, gs://",
         }

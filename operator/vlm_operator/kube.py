@@ -20,6 +20,7 @@ import kopf
 import kubernetes
 from kubernetes.client.rest import ApiException
 from vlm_trainer import contract
+from vlm_trainer.redact import redact, redact_obj
 from vlm_trainer.spec import API_GROUP, API_VERSION, PLURAL
 
 from vlm_operator import builders
@@ -218,11 +219,11 @@ def delete_training_job(namespace: str, name: str) -> None:
 def patch_status(namespace: str, name: str, status: Mapping[str, Any]) -> None:
     """Merge-patch the status subresource. Lists (stages, conditions) are replaced whole."""
     _custom().patch_namespaced_custom_object_status(
-        API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": dict(status)}, _preload_content=False
+        API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": redact_obj(dict(status))}, _preload_content=False
     )
 
 
 def post_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     """A core/v1 Event about a VLMTrainingJob (what `kubectl describe vlmjob` shows), posted by Kopf's
     own event poster (batched, truncated, retried; best effort). Call from a Kopf handler's context."""
-    kopf.event(cast(kopf.Body, owner), type=type_, reason=reason, message=message)
+    kopf.event(cast(kopf.Body, owner), type=type_, reason=reason, message=redact(message))

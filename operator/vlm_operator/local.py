@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -19,26 +21,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vlm_trainer import contract, storage
+from vlm_trainer.redact import redact
 from vlm_trainer.spec import TrainerConfig, VLMTrainingJob
 
-from vlm_operator import admission, planner
+from vlm_operator import admission, planner, preflight
 
 LOG_PREFIX_SEP = "]:"
 
 
 def observe_local(job: VLMTrainingJob, failures: dict[int, int] | None = None,
                   last_error: dict[int, str] | None = None,
-                  options: storage.Options | None = None) -> list[planner.StageObservation]:
-    """Each stage's observation, recomputed from storage (and this run's failure counts)."""
+                  options: storage.Options | None = None,
+                  fatal: set[int] | None = None) -> list[planner.StageObservation]:
+    """Each stage's observation, recomputed from storage (and this run's failure counts; `fatal` holds
+    the stages whose last failure was a configuration error)."""
     failures = failures or {}
     last_error = last_error or {}
+    fatal = fatal or set()
     out = []
     for i in range(len(job.spec.stages)):
         v = storage.verify_committed(planner.final_uri(job, i), options=options)
         if v.ok:
             out.append(planner.StageObservation("Succeeded", failures.get(i, 0), True))
         elif failures.get(i):
-            out.append(planner.StageObservation("Failed", failures[i] - 1, False, last_error.get(i, "")))
+            out.append(planner.StageObservation("Failed", failures[i] - 1, False, last_error.get(i, ""),
+                                                retryable=i not in fatal))
         else:
             out.append(planner.StageObservation("Pending", 0, False, v.reason))
     return out
@@ -56,7 +63,7 @@ def torchrun_app(config_uri: str, cfg: TrainerConfig, env: dict[str, str] | None
     threads = max(1, (os.cpu_count() or 1) // world)
     run_env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", contract.CONFIG_ENV: config_uri}
     run_env.update(env or {})
-    return dist.torchrun(
+    app = dist.torchrun(
         "--config", config_uri,
         m=contract.TRAINER_MODULE,
         j=f"1x{world}",
@@ -65,6 +72,12 @@ def torchrun_app(config_uri: str, cfg: TrainerConfig, env: dict[str, str] | None
         cpu=os.cpu_count() or 1,
         gpu=cfg.stage.resources.gpus_per_node,
     )
+    # The component runs `bash -c "torchrun ..."`: exec torchrun through the orphan guard, so that it
+    # stops when this process dies (TorchX starts it in a session of its own).
+    role = app.roles[0]
+    if role.entrypoint == "bash" and len(role.args) == 2 and role.args[0] == "-c":
+        role.args[1] = f"exec {shlex.quote(sys.executable)} -m vlm_operator.orphan_guard {role.args[1]}"
+    return app
 
 
 @dataclass
@@ -101,20 +114,58 @@ def parse_log_line(line: str) -> tuple[int | None, dict | None]:
     return rank, None
 
 
-def trainer_error(error_file: str) -> str | None:
-    """The failing rank's exception line ("SomeError: message") from torchelastic's error file.
+@dataclass(frozen=True)
+class TrainerError:
+    """The first failing rank's exception, from torchelastic's error record."""
 
-    The trainer's main is wrapped in torchelastic's `@record`; torchrun copies the first failure's
-    record to the file named by `contract.ERROR_FILE_ENV` in its own environment."""
+    message: str  # "SomeError: message"
+    rank: int | None
+
+    @property
+    def type_name(self) -> str:
+        return self.message.split(":", 1)[0].rsplit(".", 1)[-1].strip()
+
+    @property
+    def retryable(self) -> bool:
+        return self.type_name not in contract.CONFIGURATION_ERRORS
+
+    def __str__(self) -> str:
+        return redact(self.message if self.rank is None else f"rank {self.rank}: {self.message}")
+
+
+def trainer_error(error_file: str) -> TrainerError | None:
+    """The failing rank's exception from torchelastic's error file, or None if there is none.
+
+    The trainer's main is wrapped in torchelastic's `record` (with its rank added); torchrun copies the
+    first failure's record to the file named by `contract.ERROR_FILE_ENV` in its own environment."""
     try:
         with open(error_file) as f:
             doc = json.load(f)
     except (OSError, ValueError):
         return None
     message = doc.get("message") if isinstance(doc, dict) else None
+    info: dict = {}
     if isinstance(message, dict):
+        extra = message.get("extraInfo")
+        info = extra if isinstance(extra, dict) else {}
         message = message.get("message")
-    return message if isinstance(message, str) and message else None
+    if not isinstance(message, str) or not message:
+        return None
+    rank = info.get("rank")
+    return TrainerError(message, int(rank) if isinstance(rank, (int, str)) and str(rank).isdigit() else None)
+
+
+class Interrupted(Exception):
+    """The run was stopped by SIGINT/SIGTERM; the stage's processes are gone, its checkpoints kept."""
+
+    def __init__(self, signum: int, stage: str | None, step: int | None):
+        self.signum, self.stage, self.step = signum, stage, step
+        where = f" during stage {stage!r}" + (f" after step {step}" if step is not None else "") if stage else ""
+        super().__init__(f"interrupted by {signal.Signals(signum).name}{where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for Ctrl-C, 143 for SIGTERM: the shell's convention
 
 
 class LocalRunner:
@@ -124,6 +175,7 @@ class LocalRunner:
                  on_line: Callable[[str, str, int | None, dict | None], None] | None = None,
                  env: dict[str, str] | None = None):
         self.job = job
+        self.keep_logs = log_dir is not None  # a folder of our own is removed when the run ends
         self.log_dir = log_dir or tempfile.mkdtemp(prefix=f"vlmctl-{job.name}-")
         self.on_line = on_line  # (stage name, raw line, rank, event or None)
         self.env = dict(env or {})
@@ -132,16 +184,21 @@ class LocalRunner:
         self.storage_options = job.spec.storage.fsspec_options()
         if job.spec.storage.endpoint_url:
             self.env["AWS_ENDPOINT_URL"] = job.spec.storage.endpoint_url
-        self.failures: dict[int, int] = {}
-        self.errors: dict[int, str] = {}
-
-    def _run_stage(self, cfg: TrainerConfig) -> tuple[bool, str]:
-        from torchx.runner import get_runner
-
         # torchrun must be on PATH for the local scheduler; prefer this interpreter's environment.
         bindir = os.path.dirname(sys.executable)
         if shutil.which("torchrun", path=bindir):
-            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+            self.env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        self.failures: dict[int, int] = {}
+        self.errors: dict[int, str] = {}
+        self.fatal: set[int] = set()  # stages whose last failure no restart can fix
+        self.last_step: dict[str, int] = {}
+        self.current: str | None = None
+
+    def _run_stage(self, cfg: TrainerConfig) -> tuple[bool, str, bool]:
+        """Run one stage's torchrun to its end: (succeeded, why not, worth a restart)."""
+        from torchx.runner import get_runner
+        from torchx.schedulers.local_scheduler import SignalException
+
         config_uri = storage.join(cfg.output, contract.CONFIG_FILE)
         storage.write_json(config_uri, cfg.dump(), options=self.storage_options)
         error_file = os.path.join(self.log_dir, f"{cfg.stage.name}-error.json")
@@ -149,31 +206,47 @@ class LocalRunner:
             os.remove(error_file)
         app = torchrun_app(config_uri, cfg, {**self.env, contract.ERROR_FILE_ENV: error_file})
         runner = get_runner()
+        self.current = cfg.stage.name
         try:
             handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": self.log_dir})
             tail: list[str] = []
             for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
                 rank, event = parse_log_line(line)
                 tail = (tail + [line.rstrip()])[-20:]
+                if event and event.get("event") == "step" and isinstance(event.get("step"), int):
+                    self.last_step[cfg.stage.name] = event["step"]
                 if self.on_line:
                     self.on_line(cfg.stage.name, line, rank, event)
             status = runner.wait(handle, wait_interval=0.5)
+        except SignalException as sig:  # TorchX turns SIGINT/SIGTERM into this; close() stops torchrun
+            raise Interrupted(sig.sigval, cfg.stage.name, self.last_step.get(cfg.stage.name)) from None
+        except KeyboardInterrupt:
+            raise Interrupted(signal.SIGINT, cfg.stage.name, self.last_step.get(cfg.stage.name)) from None
         finally:
             runner.close()
         ok = status is not None and status.state.name == "SUCCEEDED"
+        if ok:
+            return True, "", True
         state = status.state.name if status else "UNKNOWN"
-        error = None if ok else trainer_error(error_file)
-        msg = "" if ok else (f"torchrun ended {state}; trainer error: {error}" if error
-                             else f"torchrun ended {state}; last lines:\n" + "\n".join(tail))
-        return ok, msg
+        error = trainer_error(error_file)
+        if error is not None:
+            return False, f"torchrun ended {state}; trainer error ({error})", error.retryable
+        return False, redact(f"torchrun ended {state}; last lines:\n" + "\n".join(tail)), True
 
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            if not self.keep_logs:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def _run(self) -> RunResult:
         result = RunResult(False)
         attempts: dict[int, int] = {}
         started: dict[int, float] = {}
         while True:
-            action = planner.plan(self.job, observe_local(self.job, self.failures, self.errors, self.storage_options),
-                                  admit=admission.checker(self.job, options=self.storage_options))
+            observed = observe_local(self.job, self.failures, self.errors, self.storage_options, self.fatal)
+            action = planner.plan(self.job, observed, admit=admission.checker(self.job, options=self.storage_options))
             if isinstance(action, planner.Done):
                 result.succeeded = True
                 return result
@@ -191,9 +264,16 @@ class LocalRunner:
                 result.message = action.reason  # locally nothing else runs: waiting would never end
                 return result
             i = action.index
-            attempts[i] = attempts.get(i, 0) + 1
             started.setdefault(i, time.monotonic())
-            ok, msg = self._run_stage(action.config)
+            if not action.restart:  # before any process starts: inputs exist and agree with the spec
+                problems = preflight.check_stage(self.job, i, self.storage_options)
+                if problems:
+                    self.failures[i] = self.failures.get(i, 0) + 1
+                    self.errors[i] = redact(preflight.summary(problems))
+                    self.fatal.add(i)
+                    continue
+            attempts[i] = attempts.get(i, 0) + 1
+            ok, msg, retryable = self._run_stage(action.config)
             if ok and not storage.verify_committed(planner.final_uri(self.job, i), options=self.storage_options).ok:
                 ok, msg = False, f"torchrun succeeded but {planner.final_uri(self.job, i)} is not committed"
             if ok:
@@ -202,3 +282,5 @@ class LocalRunner:
             else:
                 self.failures[i] = self.failures.get(i, 0) + 1
                 self.errors[i] = msg
+                if not retryable:
+                    self.fatal.add(i)

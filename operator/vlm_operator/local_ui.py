@@ -21,11 +21,13 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from vlm_trainer import contract, storage
+from vlm_trainer.redact import redact
 from vlm_trainer.spec import VLMTrainingJob
 
 from vlm_operator import planner
-from vlm_operator.local import LocalRunner, RunResult
+from vlm_operator.local import Interrupted, LocalRunner, RunResult
 
 
 def _history(job: VLMTrainingJob, index: int) -> list[dict]:
@@ -71,7 +73,7 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
     """Write report.md and one loss-curve PNG per stage under <storage>/<job>/; return the report URI."""
     base = contract.job_output(job.spec.storage.uri, job.name)
     walls = {s.name: s for s in result.stages}
-    lines = [f"# {job.name}", "", f"Result: {'succeeded' if result.succeeded else 'FAILED: ' + result.message}", "",
+    lines = [f"# {job.name}", "", f"Result: {'succeeded' if result.succeeded else 'FAILED: ' + redact(result.message)}", "",
              "| stage | type | steps | loss first | loss last | tokens/s | wall s (this run) | attempts |",
              "|---|---|---|---|---|---|---|---|"]
     for i, st in enumerate(job.spec.stages):
@@ -99,7 +101,7 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
     return uri
 
 
-def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False) -> int:
+def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: str | None = None) -> int:
     """`vlmctl run`: run the job with live progress bars; print a summary and write the report."""
     console = Console()
     bars: dict[str, TaskID] = {}
@@ -129,14 +131,23 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False) -> int:
             if len(logs[stage]) >= 20:
                 flush(stage)
         elif verbose:
-            progress.console.print(line.rstrip(), markup=False, highlight=False)
+            progress.console.print(redact(line.rstrip()), markup=False, highlight=False)
 
     t0 = time.monotonic()
-    with progress:
-        runner = LocalRunner(job, on_line=on_line)
-        result = runner.run()
-        for stage in list(logs):
-            flush(stage)
+    try:
+        with progress:
+            runner = LocalRunner(job, on_line=on_line)
+            try:
+                result = runner.run()
+            finally:
+                for stage in list(logs):
+                    flush(stage)
+    except Interrupted as stop:
+        console.print(f"{stop}. The stage's processes are stopped; its committed checkpoints are kept.",
+                      markup=False, highlight=False, soft_wrap=True)
+        console.print(f"Run `vlmctl run {job_file or '<job.yaml>'}` again to resume from the last checkpoint.",
+                      markup=False, highlight=False, soft_wrap=True)
+        return stop.exit_code
     table = Table(title=f"{job.name}: {'succeeded' if result.succeeded else 'failed'} in {time.monotonic() - t0:.1f} s")
     for col in ("stage", "type", "result", "wall s", "attempts"):
         table.add_column(col)
@@ -147,8 +158,9 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False) -> int:
                       f"{s.wall_seconds:.1f}" if s else "-", str(s.attempts) if s else "-")
     console.print(table)
     report = write_report(job, result)
-    console.print(f"report: {report}")
+    console.print(f"report: {report}", markup=False, highlight=False)
     if not result.succeeded:
-        console.print(f"[red]failed:[/red] {result.message}", markup=True, highlight=False)
+        # The trainer's own words, never read as console markup (a gloo path like '[/__w/...]' is text).
+        console.print(Text("failed: ", style="red") + Text(redact(result.message)), highlight=False, soft_wrap=True)
         return 1
     return 0

@@ -272,7 +272,8 @@ def compute_status(
     if phase == "Succeeded":
         conditions.append(_condition(prev, "Succeeded", "True", "AllStagesSucceeded", message or "", now))
     if phase == "Failed":
-        conditions.append(_condition(prev, "Failed", "True", "MaxRestartsExceeded", message or "", now))
+        code = action.code if isinstance(action, planner.Fail) else "MaxRestartsExceeded"
+        conditions.append(_condition(prev, "Failed", "True", code, message or "", now))
 
     current = None if isinstance(action, planner.Done) or index is None else stages[index]
     progress_text = f"{done}/{len(stages)}"

@@ -28,6 +28,7 @@ class StageObservation:
     restarts: int = 0
     committed: bool = False  # final/ verified in storage (manifest present, files and sizes match)
     message: str = ""  # why it failed, or why final/ is not committed
+    retryable: bool = True  # False for configuration errors: no restart can fix them
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Done:
 class Fail:
     index: int
     reason: str
+    code: str = "MaxRestartsExceeded"  # the Failed condition's reason: MaxRestartsExceeded | ConfigurationError
     kind: str = field(default="fail", init=False)
 
 
@@ -129,6 +131,9 @@ def plan(
         if o.phase == "Running":
             return Wait(f"stage {stage.name!r} is running", i)
         if o.phase == "Failed":
+            if not o.retryable:
+                return Fail(i, f"stage {stage.name!r} failed with a configuration error (not retried): {o.message}",
+                            code="ConfigurationError")
             limit = max_restarts(job, i)
             if o.restarts >= limit:
                 return Fail(i, f"stage {stage.name!r} failed after {o.restarts} restart(s) (maxRestarts {limit}): {o.message}")

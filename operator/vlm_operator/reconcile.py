@@ -17,7 +17,7 @@ from typing import Any
 from vlm_trainer import contract, storage
 from vlm_trainer.spec import SpecError, VLMTrainingJob, parse_job
 
-from vlm_operator import admission, builders, kube, metrics, observe, planner
+from vlm_operator import admission, builders, kube, metrics, observe, planner, preflight
 
 log = logging.getLogger(__name__)
 _locks: dict[tuple[str, str], threading.Lock] = {}
@@ -107,6 +107,12 @@ def reconcile(
         jobs_by_stage = observe.group_jobs_by_stage(job, kube.list_stage_jobs(namespace, name))
         observed = observe.observe_stages(job, prev, jobs_by_stage, check)
         action = planner.plan(job, observed, admit=admission.checker(job, options=options))
+        if isinstance(action, planner.StartStage) and not action.restart:
+            # Before any pod exists: inputs present and agreeing with the spec; a problem here is a
+            # configuration error, failed at once rather than retried.
+            problems = preflight.check_stage(job, action.index, options())
+            if problems:
+                action = planner.Fail(action.index, preflight.summary(problems), code="PreflightFailed")
         launched: dict[int, str] = {}
         now = kube.now()
         if isinstance(action, planner.StartStage):

@@ -10,6 +10,7 @@ import argparse
 import logging
 
 import kopf
+from vlm_trainer.redact import redact_logging
 
 from vlm_operator import metrics
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact_logging()  # credentials never reach the operator's log
     from vlm_operator import handlers  # noqa: F401  (registers the handlers)
 
     if args.metrics_port:

@@ -8,7 +8,9 @@ top-level modules (`k8s_harness`, `s3_server`).
 from __future__ import annotations
 
 import base64
+import io
 import os
+import tarfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -52,6 +54,24 @@ async def kube_api(tmp_path) -> AsyncIterator:
             yield api
 
 
+def write_stand_in_inputs(bucket_uri: str, storage_uri: str) -> None:
+    """What the operator's preflight looks at for the jobs these tests apply (the fake trainer reads
+    none of it): model config.json files at s3://<bucket>/models/{vision,lm} and a real tar shard."""
+    from vlm_trainer import storage
+
+    vision = {"model_type": "siglip_vision_model", "image_size": 336, "patch_size": 42, "num_hidden_layers": 2}
+    storage.write_json(f"{bucket_uri}/models/vision/config.json", vision)
+    storage.write_json(f"{bucket_uri}/models/lm/config.json", {"model_type": "llama", "num_hidden_layers": 2})
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b'{"caption": "a red circle"}'
+        info = tarfile.TarInfo("000000.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    fs, path = storage.filesystem(f"{storage_uri}/data/train.tar")
+    fs.pipe(path, buf.getvalue())
+
+
 @pytest_asyncio.fixture
 async def cluster(kube_api, s3_server: SeaweedS3, tmp_path) -> AsyncIterator:
     """Emulator + S3 (credentials in the Secret `s3-creds`) + kubelet stand-in + the operator.
@@ -83,6 +103,8 @@ async def cluster(kube_api, s3_server: SeaweedS3, tmp_path) -> AsyncIterator:
             operator = OperatorRunner()
             await operator.start()
             try:
-                yield Cluster(kube_api, http, kubelet, operator, s3_server, uuid.uuid4().hex[:8])
+                c = Cluster(kube_api, http, kubelet, operator, s3_server, uuid.uuid4().hex[:8])
+                write_stand_in_inputs(f"s3://{s3_server.bucket}", c.storage_uri)
+                yield c
             finally:
                 await operator.stop()

@@ -8,12 +8,14 @@ the stage's final/ is committed (now or by an earlier run).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 
 from vlm_trainer import contract, storage
 from vlm_trainer.progress import emit
+from vlm_trainer.redact import redact_logging
 from vlm_trainer.spec import TrainerConfig
 
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help=f"path or storage URI of the TrainerConfig JSON (or ${contract.CONFIG_ENV})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logging()
 
     config = TrainerConfig.load(storage.read_json(config_uri(args.config)))
     final = contract.stage_final(config.storage.uri, config.job, config.stage.name)
@@ -50,7 +53,41 @@ def main(argv: list[str] | None = None) -> int:
     # which torchrun hands up to whoever launched it.
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_train)(config)
+    _stop_with_parent()
+    return record(_train, error_handler=_ranked_error_handler())(config)
+
+
+def _stop_with_parent() -> None:
+    """Under torchrun, a rank whose agent dies (even by SIGKILL) gets SIGTERM instead of living on."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return
+    import ctypes
+    import signal
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _ranked_error_handler():  # noqa: ANN202 (torch's ErrorHandler, imported lazily)
+    """torchelastic's error handler, with this process' rank added to the record it writes."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    class RankedErrorHandler(ErrorHandler):
+        def record_exception(self, e: BaseException) -> None:
+            super().record_exception(e)
+            path = self._get_error_file_path()
+            if not path or not os.path.exists(path):
+                return
+            with open(path) as f:
+                doc = json.load(f)
+            doc.setdefault("message", {}).setdefault("extraInfo", {})["rank"] = os.environ.get("RANK", "0")
+            with open(path, "w") as f:
+                json.dump(doc, f)
+
+    return RankedErrorHandler()
 
 
 def _train(config: TrainerConfig) -> int:

@@ -7,9 +7,12 @@ never passes silently.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -18,12 +21,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
-from vlm_trainer import __version__, storage
+from vlm_trainer import __version__, storage, validators
 
 API_GROUP = "training.vlm.dev"
 API_VERSION = "v1alpha1"
@@ -36,16 +40,61 @@ TrainablePart = Literal["projector", "language_model", "vision_tower"]
 Precision = Literal["bf16", "fp32"]
 Strategy = Literal["ddp", "fsdp"]
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Upper bounds, each with the reason a user sees when a value is past it.
+BOUND_REASONS: dict[str, str] = {
+    "globalSize": "no published VLM recipe uses more than a few thousand samples per step",
+    "microSize": "one rank's micro batch",
+    "maxSteps": "a stage of a billion optimizer steps would never finish",
+    "epochs": "passes over the data",
+    "maxLength": "tokens per sample; beyond any model's context window",
+    "seed": "numpy's generator takes 32-bit seeds, and each rank adds its rank",
+    "lr": "an AdamW learning rate above 1 diverges",
+    "projectorLrMultiplier": "projector lr = lr x this",
+    "weightDecay": "decoupled weight decay is a fraction",
+    "nodes": "pods in one torchrun gang",
+    "procsPerNode": "processes (GPUs) per node",
+    "gpusPerNode": "GPUs per pod",
+    "imageSize": "pixels per side",
+    "everySteps": "checkpoint interval in optimizer steps",
+    "keepLast": "checkpoints kept",
+    "maxRestarts": "gang restarts per stage",
+    "ttlSecondsAfterFinished": "one year",
+    "shuffleBuffer": "samples held in memory for shuffling",
+    "beta": "DPO's KL strength",
+    "gradClip": "a global gradient-norm bound",
+}
+
+
+def _number_annotation(annotation: Any) -> str | None:
+    """'number' for int/float fields (optional or not), 'boolean' for bool ones, else None."""
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) else [annotation]
+    if args and all(a in (int, float) for a in args):
+        return "number"
+    if args == [bool]:
+        return "boolean"
+    return None
 
 
 class Strict(BaseModel):
-    """Base: camelCase field names on the wire, unknown fields forbidden."""
+    """Base: camelCase field names on the wire, unknown fields forbidden, numbers finite and never
+    booleans or strings (YAML's `true` is not 1, `"5"` is not 5), booleans only booleans."""
 
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         alias_generator=AliasGenerator(validation_alias=to_camel, serialization_alias=to_camel),
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exact_scalar_types(cls, v: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        kind = _number_annotation(field.annotation) if field is not None else None
+        if kind == "number" and (isinstance(v, (bool, str))):
+            raise ValueError(f"must be a number, got {v!r}")
+        if kind == "boolean" and not isinstance(v, bool):
+            raise ValueError(f"must be true or false, got {v!r}")
+        return v
 
 
 class ModelSpec(Strict):
@@ -64,12 +113,17 @@ class ModelSpec(Strict):
         "(transformers' LlavaMultiModalProjector; the only one it implements).",
     )
     vision_feature_layer: int = Field(
-        -2, description="Hidden layer of the vision encoder whose patch features feed the projector."
+        -2, ge=-256, le=256, description="Hidden layer of the vision encoder whose patch features feed the projector."
     )
     vision_feature_select_strategy: Literal["default", "full"] = Field(
         "full", description="'default' drops the CLS token (CLIP); 'full' keeps every token (SigLIP has no CLS)."
     )
-    image_size: int = Field(336, gt=0, description="Square input resolution in pixels (fixed resolution policy).")
+    image_size: int = Field(336, gt=0, le=8192, description="Square input resolution in pixels (fixed resolution policy).")
+
+    @field_validator("vision_encoder", "language_model")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        return validators.no_credentials(v)
 
 
 class StorageSpec(Strict):
@@ -100,11 +154,13 @@ class StorageSpec(Strict):
 
     @field_validator("uri")
     @classmethod
-    def _scheme(cls, v: str) -> str:
-        scheme = v.split("://", 1)[0] if "://" in v else "file"
-        if scheme not in ("file", "s3", "gs", "gcs", "memory"):
-            raise ValueError(f"scheme must be one of file://, s3://, gs://, got {scheme}://")
-        return v.rstrip("/")
+    def _uri(cls, v: str) -> str:
+        return validators.storage_uri(v)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return validators.endpoint_url(v) if v is not None else None
 
 
 class DataSpec(Strict):
@@ -122,12 +178,19 @@ class DataSpec(Strict):
     eval_shards: list[str] = Field(
         default_factory=list, description="Held-out shards in the same format, evaluated when the stage ends."
     )
-    max_length: int = Field(256, gt=0, description="Maximum tokens per sample (image tokens included).")
-    shuffle_buffer: int = Field(1000, ge=0, description="Sample shuffle buffer; 0 disables shuffling.")
+    max_length: int = Field(256, gt=0, le=131072, description="Maximum tokens per sample (image tokens included).")
+    shuffle_buffer: int = Field(1000, ge=0, le=1_000_000, description="Sample shuffle buffer; 0 disables shuffling.")
     num_samples: int | None = Field(
-        None, gt=0, description="Examples in the shards, for `vlmctl estimate` (steps, tokens and time of an "
+        None, gt=0, le=10**13, description="Examples in the shards, for `vlmctl estimate` (steps, tokens and time of an "
         "epochs-based stage, data-size advice); the trainer counts them itself."
     )
+
+    @field_validator("shards", "eval_shards")
+    @classmethod
+    def _no_credentials(cls, v: list[str]) -> list[str]:
+        for url in v:
+            validators.no_credentials(url)
+        return v
 
 
 class OptimizerSpec(Strict):
@@ -137,15 +200,17 @@ class OptimizerSpec(Strict):
     projector_lr_multiplier: float | None = Field(
         None, description="Projector lr = lr x this; default 10 for instruct, 1 otherwise."
     )
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1)
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
-    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Max global grad norm; 0 disables clipping.")
 
     @field_validator("lr")
     @classmethod
     def _lr_positive(cls, v: float | None) -> float | None:
         if v is not None and not v > 0:
             raise ValueError(f"must be > 0, got {v:g}")
+        if v is not None and v > 1:
+            raise ValueError(f"must be at most 1 ({BOUND_REASONS['lr']}), got {v:g}")
         return v
 
     @field_validator("projector_lr_multiplier")
@@ -153,6 +218,8 @@ class OptimizerSpec(Strict):
     def _mult_positive(cls, v: float | None) -> float | None:
         if v is not None and not v > 0:
             raise ValueError(f"must be > 0, got {v:g}")
+        if v is not None and v > 1000:
+            raise ValueError(f"must be at most 1000 ({BOUND_REASONS['projectorLrMultiplier']}), got {v:g}")
         return v
 
     @field_validator("betas")
@@ -175,36 +242,41 @@ class ScheduleSpec(Strict):
 class BatchSpec(Strict):
     """Global batch = micro batch x world size x gradient-accumulation steps."""
 
-    global_size: int = Field(32, gt=0, description="Samples per optimizer step across all ranks.")
-    micro_size: int = Field(8, gt=0, description="Samples per forward/backward on one rank.")
+    global_size: int = Field(32, gt=0, le=65536, description="Samples per optimizer step across all ranks.")
+    micro_size: int = Field(8, gt=0, le=65536, description="Samples per forward/backward on one rank.")
 
 
 class DPOSpec(Strict):
     """Direct Preference Optimization (Rafailov et al. 2023) with a frozen reference model."""
 
-    beta: float = Field(0.1, gt=0, description="KL strength; the implicit reward is beta * log-ratio.")
+    beta: float = Field(0.1, gt=0, le=100, description="KL strength; the implicit reward is beta * log-ratio.")
 
 
 class CheckpointSpec(Strict):
     """Resumable checkpoints under <output>/checkpoint-<step>/ (manifest.json written last)."""
 
-    every_steps: int = Field(100, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
-    keep_last: int = Field(2, gt=0, description="Committed checkpoints kept; older ones are deleted.")
+    every_steps: int = Field(100, gt=0, le=1_000_000_000, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_last: int = Field(2, gt=0, le=1000, description="Committed checkpoints kept; older ones are deleted.")
 
 
 class ResourcesSpec(Strict):
     """How many nodes and processes; Kubernetes requests for each node's pod."""
 
-    nodes: int = Field(1, gt=0, description="Nodes (pods) in the torchrun gang.")
-    procs_per_node: int = Field(1, gt=0, description="torchrun --nproc_per_node: processes (GPUs) per node.")
-    gpus_per_node: int = Field(0, ge=0, description="nvidia.com/gpu per pod (0 on CPU).")
-    cpu: str | None = Field(None, description="CPU request/limit per pod, e.g. '8'.")
-    memory: str | None = Field(None, description="Memory request/limit per pod, e.g. '64Gi'.")
+    nodes: int = Field(1, gt=0, le=4096, description="Nodes (pods) in the torchrun gang.")
+    procs_per_node: int = Field(1, gt=0, le=64, description="torchrun --nproc_per_node: processes (GPUs) per node.")
+    gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod (0 on CPU).")
+    cpu: str | None = Field(None, description="CPU request/limit per pod, a Kubernetes quantity, e.g. '8' or '500m'.")
+    memory: str | None = Field(None, description="Memory request/limit per pod, a Kubernetes quantity, e.g. '64Gi'.")
     gpu_memory_gib: float | None = Field(
-        None, gt=0, alias="gpuMemoryGiB", description="Memory of one GPU in GiB (e.g. 79.6 for an H100 80GB). The operator estimates "
+        None, gt=0, le=4096, alias="gpuMemoryGiB", description="Memory of one GPU in GiB (e.g. 79.6 for an H100 80GB). The operator estimates "
         "each stage's memory per GPU before starting it and refuses a stage that does not fit "
         "(spec.runPolicy.admission)."
     )
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        return validators.positive_quantity(v) if v is not None else None
 
 
 _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -228,23 +300,21 @@ class StageSpec(Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     batch: BatchSpec = Field(default_factory=BatchSpec)
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; exactly one of maxSteps or epochs.")
-    epochs: float | None = Field(None, gt=0, description="Passes over the data; exactly one of maxSteps or epochs.")
+    max_steps: int | None = Field(None, gt=0, le=1_000_000_000, description="Optimizer steps; exactly one of maxSteps or epochs.")
+    epochs: float | None = Field(None, gt=0, le=10_000, description="Passes over the data; exactly one of maxSteps or epochs.")
     precision: Precision = Field("bf16", description="bf16 autocast (CUDA) or fp32. CPU runs always use fp32.")
     strategy: Strategy = Field("ddp", description="Data parallelism: ddp (replicated) or fsdp (FSDP2 fully_shard).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, data order and dropout (rank r uses seed + r).")
     dpo: DPOSpec | None = Field(None, description="DPO settings (type dpo only).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_restarts: int | None = Field(None, ge=0, description="Gang restarts of this stage; default spec.runPolicy.maxRestarts.")
+    max_restarts: int | None = Field(None, ge=0, le=1000, description="Gang restarts of this stage; default spec.runPolicy.maxRestarts.")
 
     @field_validator("name")
     @classmethod
     def _dns(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v) or len(v) > 40:
-            raise ValueError(f"must be a lowercase DNS label of at most 40 characters ([a-z0-9-]), got {v!r}")
-        return v
+        return validators.dns_label(v, max_length=40)
 
     @model_validator(mode="after")
     def _defaults_and_rules(self) -> StageSpec:
@@ -328,9 +398,9 @@ class Toleration(Strict):
 class RunPolicySpec(Strict):
     """Restarts, suspension and scheduling hints (Kubernetes backend)."""
 
-    max_restarts: int = Field(3, ge=0, description="Gang restarts per stage before the job fails.")
+    max_restarts: int = Field(3, ge=0, le=1000, description="Gang restarts per stage before the job fails.")
     suspend: bool = Field(False, description="Suspended jobs hold no pods; resuming continues the current stage.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the job this long after it finishes.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, le=365 * 24 * 3600, description="Delete the job this long after it finishes.")
     priority_class_name: str | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
@@ -388,12 +458,15 @@ class ObjectMeta(Strict):
     name: str
     namespace: str | None = None
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str | None) -> str | None:
+        return validators.dns_label(v) if v is not None else None
+
     @field_validator("name")
     @classmethod
     def _dns(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v) or len(v) > 40:
-            raise ValueError(f"must be a lowercase DNS label of at most 40 characters, got {v!r}")
-        return v
+        return validators.dns_label(v, max_length=40)
 
 
 class VLMTrainingJob(Strict):
@@ -454,6 +527,10 @@ def format_errors(err: ValidationError) -> list[str]:
             msg = "unknown field (check the spelling; see `kubectl explain vlmjob.spec`)"
         elif e["type"] == "literal_error":
             msg = f"{msg}, got {e.get('input')!r}"
+        elif e["type"] in ("less_than_equal", "less_than") and str(e["loc"][-1]) in BOUND_REASONS:
+            msg = f"{msg} ({BOUND_REASONS[str(e['loc'][-1])]}), got {e.get('input')!r}"
+        elif e["type"] in ("finite_number",):
+            msg = f"must be a finite number, got {e.get('input')!r}"
         for line in msg.split("\n"):
             # Model-level rules name their own sub-field ("batch.globalSize: ..."); join it to the path.
             m = re.match(r"^([A-Za-z_]+(?:\[\d+\])?(?:\.[A-Za-z_]+)*):\s(.*)$", line)
@@ -486,14 +563,55 @@ def parse_job(doc: dict[str, Any]) -> VLMTrainingJob:
         raise SpecError(problems) from None
 
 
+MAX_JOB_FILE_BYTES = 1 << 20  # the API server refuses objects past ~1.5 MB; a job file is a few KB
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML where a repeated key is an error, not 'the later one silently wins'."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def parse_job_text(data: bytes, source: str = "<input>") -> VLMTrainingJob:
+    """Validate a job file's bytes (UTF-8, a BOM and CRLF line ends allowed; one YAML document)."""
+    if len(data) > MAX_JOB_FILE_BYTES:
+        raise SpecError([f"{source}: {len(data)} bytes; a job file is at most {MAX_JOB_FILE_BYTES} bytes"])
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SpecError([f"{source}: not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})"]) from None
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        return parse_job(doc)
+    except yaml.YAMLError as err:
+        raise SpecError([f"not valid YAML: {err}"]) from None
+    except RecursionError:
+        raise SpecError([f"{source}: nested too deeply to be a VLMTrainingJob"]) from None
+
+
 def load_job(path: str) -> VLMTrainingJob:
-    """Read and validate a job YAML file (one document)."""
-    with open(path) as f:
-        try:
-            doc = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise SpecError([f"not valid YAML: {err}"]) from None
-    return parse_job(doc)
+    """Read and validate a job YAML file (one document); `-` reads standard input. Every failure is a
+    SpecError or an OSError with a message, never a traceback-worthy surprise."""
+    if path == "-":
+        return parse_job_text(sys.stdin.buffer.read(), "<stdin>")
+    if os.path.isdir(path):
+        raise SpecError([f"{path}: is a directory; give the path of a job YAML file"])
+    with open(path, "rb") as f:
+        data = f.read(MAX_JOB_FILE_BYTES + 1)
+    return parse_job_text(data, path)
 
 
 def dump_job(job: VLMTrainingJob) -> dict[str, Any]:

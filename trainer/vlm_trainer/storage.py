@@ -85,6 +85,13 @@ def read_text(uri: str, *, options: Options | None = None) -> str:
         return f.read()
 
 
+def read_head(uri: str, n: int, *, options: Options | None = None) -> bytes:
+    """The first `n` bytes of a file (a preflight look at a shard without reading it all)."""
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as f:
+        return f.read(n)
+
+
 def write_text(uri: str, text: str, *, options: Options | None = None) -> None:
     """Write a whole small file (reports, progress, configs)."""
     fs, path = filesystem(uri, options)

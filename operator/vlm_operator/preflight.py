@@ -1,0 +1,84 @@
+"""Preflight: before a stage's first process starts, check that its inputs exist and agree with the spec.
+
+Torch-free and cheap (a few small reads): the model's `config.json` files, the existence of every shard,
+and the first bytes of the first shard of each pattern. Problems come back as 'field: message' lines and
+are configuration errors: no restart can fix them, so the stage fails at once instead of being retried.
+Both backends run it (the local runner before launching torchrun, the operator before creating a Job).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import braceexpand
+from vlm_trainer import storage
+from vlm_trainer.model_config import VisionFacts, max_length_problem, vision_facts, vision_problems
+from vlm_trainer.spec import VLMTrainingJob
+
+from vlm_operator import planner
+
+TAR_MAGIC_OFFSET = 257  # POSIX tar: "ustar" at byte 257 of the first header
+
+
+def _config(uri: str, options: storage.Options | None) -> dict[str, Any] | None:
+    try:
+        doc = storage.read_json(storage.join(uri, "config.json"), options=options)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _vision(job: VLMTrainingJob, index: int, options: storage.Options | None, out: list[str]) -> VisionFacts | None:
+    """The vision encoder's facts: from spec.model for the first stage, else from the previous final/."""
+    model = job.spec.model
+    if index > 0:
+        cfg = _config(planner.final_uri(job, index - 1), options)
+        vision_cfg = cfg.get("vision_config") if cfg else None
+        return vision_facts(vision_cfg) if isinstance(vision_cfg, dict) else None
+    facts = None
+    for field, uri in (("spec.model.visionEncoder", model.vision_encoder), ("spec.model.languageModel", model.language_model)):
+        cfg = _config(uri, options)
+        if cfg is None:
+            out.append(f"{field}: no Hugging Face checkpoint at {uri} (config.json missing or unreadable)")
+        elif field == "spec.model.visionEncoder":
+            facts = vision_facts(cfg)
+            out.extend(vision_problems(model, facts))
+    return facts
+
+
+def _shards(job: VLMTrainingJob, index: int, field: str, patterns: list[str],
+            options: storage.Options | None, out: list[str]) -> None:
+    for j, pattern in enumerate(patterns):
+        where = f"spec.stages[{index}].data.{field}[{j}]"
+        urls = list(braceexpand.braceexpand(planner.resolve_shard(job, pattern)))
+        missing = [u for u in urls if not storage.exists(u, options=options)]
+        if missing:
+            out.append(f"{where}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]}")
+            continue
+        try:
+            head = storage.read_head(urls[0], 512, options=options)
+        except OSError as err:
+            out.append(f"{where}: {urls[0]} is not readable: {err}")
+            continue
+        if head[TAR_MAGIC_OFFSET:TAR_MAGIC_OFFSET + 5] != b"ustar":
+            out.append(f"{where}: {urls[0]} is not a tar archive (WebDataset shards are tar files)")
+
+
+def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None = None) -> list[str]:
+    """Every problem with stage `index`'s inputs; empty when it may start."""
+    out: list[str] = []
+    stage = job.spec.stages[index]
+    facts = _vision(job, index, options, out)
+    if facts is not None:
+        problem = max_length_problem(job.spec.model, facts, stage.data.max_length, f"spec.stages[{index}].data.maxLength")
+        if problem:
+            out.append(problem)
+    _shards(job, index, "shards", stage.data.shards, options, out)
+    _shards(job, index, "evalShards", stage.data.eval_shards, options, out)
+    return out
+
+
+def summary(problems: list[str]) -> str:
+    return "preflight failed: " + "; ".join(problems)
+
+

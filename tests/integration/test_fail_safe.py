@@ -1,0 +1,152 @@
+"""Fail safe and say why, with `vlmctl run` for real (TorchX + torchrun, 2 ranks on CPU): configuration
+errors fail fast without retries, the trainer's own error reaches the screen as plain text, signals stop
+a run cleanly (and a re-run resumes), a killed vlmctl leaves no process behind, nothing is left in /tmp."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from tiny_parts import build_parts, job_file
+from vlm_trainer import storage
+
+VLMCTL = [sys.executable, "-m", "vlm_operator.cli"]
+ENV = {**os.environ, "VLM_METRICS_PORT": "off", "COLUMNS": "200"}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_parts(tmp_path_factory.mktemp("parts"))
+
+
+def run(job: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VLMCTL, "run", job], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def trainers_of(storage_dir: Path) -> list[psutil.Process]:
+    """Live torchrun/trainer processes working on this test's storage folder."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["status"] == psutil.STATUS_ZOMBIE:  # exited; only waiting for a parent to reap it
+            continue
+        if str(storage_dir) in cmd and ("vlm_trainer" in cmd or "torch.distributed.run" in cmd or "torchrun" in cmd):
+            out.append(p)
+    return out
+
+
+def wait_for_step(proc: subprocess.Popen, storage_dir: Path, step: int, timeout: float = 180) -> None:
+    progress = storage_dir / "job" / "align" / "progress.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if storage.read_json(str(progress)).get("step", 0) >= step:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"no step {step} within {timeout} s")
+
+
+def test_a_missing_model_fails_in_seconds_without_retries(tmp_path: Path, parts: dict) -> None:
+    broken = {**parts, "vision": str(tmp_path / "no-such-vision")}
+    job = job_file(tmp_path / "job.yaml", "job", broken, tmp_path / "store", max_restarts=3)
+    started = time.monotonic()
+    out = run(job)
+    seconds = time.monotonic() - started
+    assert out.returncode == 1
+    assert "configuration error (not retried)" in out.stdout
+    assert f"spec.model.visionEncoder: no Hugging Face checkpoint at {tmp_path / 'no-such-vision'}" in out.stdout
+    assert seconds < 5, f"took {seconds:.1f} s"
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("manifest.json"))
+
+
+def test_a_bad_sample_ends_with_the_trainers_own_error_as_plain_text(tmp_path: Path, parts: dict) -> None:
+    """A shard that is a valid tar (preflight passes) but holds a sample with no image: the rank's own
+    exception line and its rank are on screen, never read as console markup."""
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for i in range(8):
+            data = f"[/__w/pytorch/gloo/pair.cc:553] caption {i}".encode()
+            info = tarfile.TarInfo(f"{i:06d}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    job = job_file(tmp_path / "job.yaml", "job", {**parts, "shards": [f"file://{bad}"]}, tmp_path / "store")
+    out = run(job)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "MarkupError" not in out.stdout + out.stderr and "Traceback" not in out.stdout
+    assert "trainer error (rank " in out.stdout
+    assert not (tmp_path / "store" / "job" / "align" / "final" / "manifest.json").exists()
+
+
+def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_the_rerun_resumes(tmp_path: Path, parts: dict) -> None:
+    store = tmp_path / "store"
+    job = job_file(tmp_path / "job.yaml", "job", parts, store, steps=400, every=2)
+    before = set(glob.glob("/tmp/vlmctl-job-*"))
+    proc = subprocess.Popen([*VLMCTL, "run", job], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    wait_for_step(proc, store, 3)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "interrupted by SIGINT during stage 'align'" in output
+    assert f"vlmctl run {job}` again to resume" in output
+    assert "Traceback" not in output and "SignalException" not in output
+    deadline = time.monotonic() + 10
+    while trainers_of(store) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not trainers_of(store)
+    assert set(glob.glob("/tmp/vlmctl-job-*")) <= before  # no litter
+    committed = storage.latest_checkpoint(f"file://{store}/job/align")
+    assert committed is not None and committed[0] >= 2
+
+    # the re-run resumes from that checkpoint (stopped again once it is past it)
+    proc = subprocess.Popen([*VLMCTL, "run", job, "-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV)
+    wait_for_step(proc, store, committed[0] + 1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output
+    assert f'"event": "resume", "stage": "align", "step": {committed[0]}' in output
+
+
+def test_sigkill_of_vlmctl_leaves_no_trainer_behind(tmp_path: Path, parts: dict) -> None:
+    store = tmp_path / "store"
+    job = job_file(tmp_path / "job.yaml", "job", parts, store, steps=400, every=50)
+    proc = subprocess.Popen([*VLMCTL, "run", job], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    wait_for_step(proc, store, 2)
+    assert trainers_of(store), "the stage's processes are running"
+    proc.kill()
+    killed = time.monotonic()
+    proc.wait(10)
+    seen = []
+    while (alive := trainers_of(store)) and time.monotonic() < killed + 30:
+        seen.append((round(time.monotonic() - killed, 1), [(p.pid, p.name()) for p in alive]))
+        time.sleep(0.5)
+    gone_after = time.monotonic() - killed
+    left = trainers_of(store)
+    for p in left:  # do not leak them into the rest of the suite
+        p.kill()
+    assert not left and gone_after < 10, f"{len(left)} left, {gone_after:.1f} s after the kill: {seen[-3:]}"
+
+
+def test_the_stage_lease_is_exclusive_on_a_real_s3_server(s3_server) -> None:
+    """S3's conditional create (If-None-Match: *), as SeaweedFS enforces it: one holder at a time."""
+    from vlm_trainer import lease
+
+    out = f"s3://{s3_server.bucket}/lease-test-{time.time_ns()}/job/align"
+    first = lease.Lease.acquire(out, job="job", stage="align", holder="runner-a")
+    with pytest.raises(lease.LeaseHeldError, match="being written by runner-a"):
+        lease.Lease.acquire(out, job="job", stage="align", holder="runner-b")
+    first.renew()
+    first.release()
+    lease.Lease.acquire(out, job="job", stage="align", holder="runner-b").release()
