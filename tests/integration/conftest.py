@@ -54,21 +54,22 @@ async def kube_api(tmp_path) -> AsyncIterator:
             yield api
 
 
-def write_stand_in_inputs(bucket_uri: str, storage_uri: str) -> None:
+def write_stand_in_inputs(bucket_uri: str, storage_uri: str, options: dict | None = None) -> None:
     """What the operator's preflight looks at for the jobs these tests apply (the fake trainer reads
     none of it): model config.json files at s3://<bucket>/models/{vision,lm} and a real tar shard."""
     from vlm_trainer import storage
 
     vision = {"model_type": "siglip_vision_model", "image_size": 336, "patch_size": 42, "num_hidden_layers": 2}
-    storage.write_json(f"{bucket_uri}/models/vision/config.json", vision)
-    storage.write_json(f"{bucket_uri}/models/lm/config.json", {"model_type": "llama", "num_hidden_layers": 2})
+    storage.write_json(f"{bucket_uri}/models/vision/config.json", vision, options=options)
+    storage.write_json(f"{bucket_uri}/models/lm/config.json", {"model_type": "llama", "num_hidden_layers": 2},
+                       options=options)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         data = b'{"caption": "a red circle"}'
         info = tarfile.TarInfo("000000.json")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    fs, path = storage.filesystem(f"{storage_uri}/data/train.tar")
+    fs, path = storage.filesystem(f"{storage_uri}/data/train.tar", options)
     fs.pipe(path, buf.getvalue())
 
 

@@ -13,6 +13,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
+from conftest import write_stand_in_inputs
 from k8s_harness import NS, Cluster, wait_for
 from s3_server import SeaweedS3
 from vlm_trainer import storage
@@ -248,6 +249,8 @@ async def test_two_jobs_on_two_s3_endpoints_are_each_verified_with_their_own(
         }
         async with c.http.post(f"api/v1/namespaces/{NS}/secrets", json=secret) as r:
             assert r.status in (200, 201)
+        b = storage.s3_options(endpoint_url=other.endpoint, key=other.access_key, secret=other.secret_key)
+        write_stand_in_inputs(f"s3://{other.bucket}", c.storage_uri, b)  # what preflight reads, on B
         stages = [("align", "align"), ("instruct", "instruct")]
         on_b = job_doc(c, "on-b", stages, max_steps=2)
         on_b["spec"]["storage"] = {"uri": c.storage_uri, "secretRef": "s3-creds-b", "endpointUrl": other.endpoint}
@@ -257,7 +260,6 @@ async def test_two_jobs_on_two_s3_endpoints_are_each_verified_with_their_own(
         await c.wait_phase("on-b", "Succeeded", timeout=90)
 
         final_b = f"{c.storage_uri}/on-b/instruct/final"
-        b = storage.s3_options(endpoint_url=other.endpoint, key=other.access_key, secret=other.secret_key)
         assert storage.verify_committed(final_b, options=b).ok
         # the process' environment (server A) does not hold job B's outputs, and A holds job A's
         assert not storage.verify_committed(final_b).ok
