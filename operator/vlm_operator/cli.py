@@ -46,7 +46,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     from vlm_operator.builders import render_job
 
     job = _load_or_exit(args.job)
-    objs = render_job(job, args.namespace)
+    # -n wins; else the job's own metadata.namespace; else "default" (as kubectl apply would do).
+    objs = render_job(job, args.namespace or job.metadata.namespace or "default")
     sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
     return 0
 
@@ -91,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("render", help="print the Kubernetes objects the operator creates (a dry run)")
     d.add_argument("job")
-    d.add_argument("-n", "--namespace", default="default")
+    d.add_argument(
+        "-n", "--namespace", default=None, help="namespace (default: the job's metadata.namespace, else 'default')"
+    )
     d.set_defaults(func=cmd_render)
 
     o = sub.add_parser("operator", help="run the Kopf operator (see `vlmctl operator --help`)", add_help=False)

@@ -75,12 +75,16 @@ def _start_stage(
     prev_stage = next((s for s in prev.stages if s.name == stage.name), None)
     launch = observe.next_launch(prev_stage, jobs_by_stage[i])
     objs = builders.build_stage_objects(job, i, ns, launch=launch, restarts=action.restarts, owner=body)
-    kube.apply_configmap(objs[0])
-    kube.create(objs[1])
-    kube.create(objs[2])
+    *support, stage_job = objs
+    for obj in support:
+        if obj["kind"] == "ConfigMap":
+            kube.apply_configmap(obj)
+        else:
+            kube.create(obj)
+    kube.create(stage_job)
     if action.restart:
         metrics.STAGE_RESTARTS.labels(stage_type=stage.type).inc()
-    return objs[2]["metadata"]["name"]
+    return stage_job["metadata"]["name"]
 
 
 def reconcile(

@@ -195,7 +195,9 @@ class ResourcesSpec(Strict):
     procs_per_node: int = Field(1, gt=0, description="torchrun --nproc_per_node: processes (GPUs) per node.")
     gpus_per_node: int = Field(0, ge=0, description="nvidia.com/gpu per pod (0 on CPU).")
     cpu: str | None = Field(None, description="CPU request/limit per pod, e.g. '8'.")
-    memory: str | None = Field(None, description="Memory request/limit per pod, e.g. '64Gi'.")
+    memory: str | None = Field(
+        None, description="Memory request/limit per pod, e.g. '64Gi' (Kubernetes default when omitted: 32Gi)."
+    )
 
 
 _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -326,6 +328,11 @@ class RunPolicySpec(Strict):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     queue_name: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    service_account_name: str | None = Field(
+        None,
+        description="ServiceAccount of the trainer pods (default: vlm-trainer, created by the chart); "
+        "its API token is never mounted.",
+    )
 
 
 class ImageSpec(Strict):
