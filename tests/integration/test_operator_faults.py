@@ -124,7 +124,7 @@ async def test_s3_outage_during_a_handoff_holds_the_next_stage_until_storage_ret
 async def test_a_stage_job_deleted_by_hand_is_recreated_and_resumes(cluster: Cluster) -> None:
     c = cluster
     c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
-    await c.create(job_doc(c, "handdel", [("align", "align")], max_steps=14, every=2))
+    await c.create(job_doc(c, "handdel", [("align", "align")], max_steps=10, every=2))
     output = f"{c.storage_uri}/handdel/align"
     await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 4, 60, message="checkpoint-4")
     t0 = time.monotonic()
