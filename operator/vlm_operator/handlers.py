@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = float(os.environ.get("VLM_OPERATOR_RESYNC_SECONDS", "10"))
 RETRY_SECONDS = float(os.environ.get("VLM_OPERATOR_RETRY_SECONDS", "5"))
+# How often a running stage's progress.json is read into status (storage sends no events).
+PROGRESS_SECONDS = float(os.environ.get("VLM_OPERATOR_PROGRESS_SECONDS", str(3 * RESYNC_SECONDS)))
 _RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 _PREFIX = API_GROUP
 
@@ -66,7 +68,11 @@ def _indexed(index: kopf.Index | None, namespace: str, name: str) -> list[Any] |
 def _reconcile(namespace: str, name: str, retry: bool, index: kopf.Index | None = None) -> str | None:
     try:
         return reconcile.reconcile(
-            namespace, name, jobs=_indexed(index, namespace, name), resync_seconds=RESYNC_SECONDS
+            namespace,
+            name,
+            jobs=_indexed(index, namespace, name),
+            resync_seconds=RESYNC_SECONDS,
+            progress_seconds=PROGRESS_SECONDS,
         )
     except Exception as err:
         metrics.RECONCILE_ERRORS.inc()

@@ -139,22 +139,28 @@ storage_checks = StorageChecks()
 _next_resync: dict[tuple[str, str], float] = {}
 
 
-def next_resync_delay(phase: str | None, resync_seconds: float, handoff_backoff: float | None) -> float:
-    """Seconds until the timer should reconcile a job again (watch events reconcile it sooner):
-    a running stage is polled for progress every `resync_seconds`; a pending handoff when its storage
-    backoff ends; a waiting (Pending/Queued/Suspended) job six times slower; a finished one never
-    (its TTL is scheduled by `reconcile`)."""
+def next_resync_delay(
+    phase: str | None, resync_seconds: float, handoff_backoff: float | None, progress_seconds: float | None = None
+) -> float:
+    """Seconds until the timer should reconcile a job again (watch events reconcile it sooner, and every
+    reconcile, whatever triggered it, pushes this back): a pending handoff when its storage backoff
+    ends; a running job every `progress_seconds` (default 3 periods: its stage's progress.json; storage
+    sends no events); a waiting
+    (Pending/Queued/Suspended) job every 6; a finished one never (its TTL is scheduled by `reconcile`)."""
     if phase in ("Succeeded", "Failed", None):
         return float("inf")
     if handoff_backoff is not None:
         return max(handoff_backoff, 0.5)
     if phase == "Running":
-        return resync_seconds
+        return progress_seconds if progress_seconds is not None else resync_seconds * 3
     return resync_seconds * 6
 
 
 def resync_due(namespace: str, name: str) -> bool:
-    """Whether the adaptive timer should reconcile this job now (unknown jobs: yes)."""
+    """Whether the adaptive timer should reconcile this job now (unknown jobs: yes; not while another
+    reconcile of it runs or waits: that one sees the same state)."""
+    if _lock(namespace, name).locked():
+        return False
     return time.monotonic() >= _next_resync.get((namespace, name), 0.0)
 
 
@@ -231,6 +237,7 @@ def reconcile(
     verify: Callable[[str], storage.Verification] | None = None,
     jobs: Sequence[Mapping[str, Any]] | None = None,
     resync_seconds: float = 10.0,
+    progress_seconds: float | None = None,
 ) -> str | None:
     """Reconcile one VLMTrainingJob; returns its phase (None if it is gone or being deleted).
 
@@ -240,7 +247,9 @@ def reconcile(
         if phase is None:
             _next_resync.pop((namespace, name), None)
         else:
-            delay = next_resync_delay(phase, resync_seconds, storage_checks.pending(namespace, name))
+            delay = next_resync_delay(
+                phase, resync_seconds, storage_checks.pending(namespace, name), progress_seconds
+            )
             _schedule(namespace, name, min(delay, ttl_left) if ttl_left is not None else delay)
         return phase
 

@@ -79,7 +79,7 @@ def test_unreachable_storage_is_a_failed_check_not_a_crash() -> None:
 
 
 def test_the_resync_timer_adapts_to_the_phase() -> None:
-    assert next_resync_delay("Running", 10, None) == 10  # progress of a running stage
+    assert next_resync_delay("Running", 10, None) == 30  # progress of a running stage
     assert next_resync_delay("Running", 10, 4.0) == 4.0  # a pending handoff: at its backoff
     assert next_resync_delay("Queued", 10, None) == 60 and next_resync_delay("Pending", 10, None) == 60
     assert next_resync_delay("Succeeded", 10, None) == float("inf")  # finished: events only (and TTL)
