@@ -101,10 +101,11 @@ def resync(namespace: str | None, name: str, **kw: Any) -> None:
 @kopf.on.event("batch", "v1", "jobs", labels=_JOB_LABELS)
 def on_stage_job(body: kopf.Body, type: str | None, **kw: Any) -> None:
     """A stage Job changed (completed, failed, suspended or resumed by Kueue, deleted by hand): reconcile
-    its VLMTrainingJob now. The creation of a Job (our own write) needs no reconcile."""
+    its VLMTrainingJob now. The creation of a Job (our own write) needs no reconcile, nor does the
+    initial listing (type None): the resume handler reconciles every VLMTrainingJob at start-up."""
     labels = body.get("metadata", {}).get("labels") or {}
     owner = labels.get(contract.LABEL_JOB)
-    if not owner or type == "ADDED" or (type is None and not (body.get("status") or {}).get("conditions")):
+    if not owner or type in (None, "ADDED"):
         return
     _reconcile(body["metadata"]["namespace"], owner, retry=False, index=kw.get("stage_jobs"))
 
