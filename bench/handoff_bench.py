@@ -262,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--serve"]:
         asyncio.run(serve(int(argv[1]), int(argv[2]), argv[3]))
         return 0
+    if argv[:1] == ["--report"]:  # --report LOG COMMAND NOTE: the runs a killed invocation printed
+        with open(argv[1]) as f:
+            runs = [json.loads(line) for line in f if line.startswith("{")]
+        write_report(runs, argv[2], os.path.join(ROOT, "bench", "results"), argv[3] if len(argv) > 3 else "")
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--stages", type=int, default=3)
@@ -276,9 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.jobs:
         runs.append(asyncio.run(run(n, args.stages, args.timeout)))
         print(json.dumps(runs[-1]), flush=True)
+    write_report(runs, "python bench/handoff_bench.py " + " ".join(argv), args.out)
+    return 0
+
+
+def write_report(runs: list[dict[str, Any]], command: str, out: str, note: str = "") -> None:
+    """operator.json and operator.md under `out` (also used by --report on a run's printed lines)."""
     result = {
         "benchmark": "operator handoff latency, throughput and cost (Kubernetes API emulator, instant kubelet)",
-        "command": "python bench/handoff_bench.py " + " ".join(argv),
+        "command": command,
         "machine": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
@@ -286,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_at_end": os.getloadavg(),
         },
         "resync_seconds": float(os.environ["VLM_OPERATOR_RESYNC_SECONDS"]),
+        "note": note,
         "runs": runs,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "operator.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "operator.json"), "w") as f:
         json.dump(result, f, indent=2)
     lines = [
         "# Operator benchmark: handoff latency, throughput and cost",
@@ -315,10 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "API requests by kind (largest run):", ""]
     for kind, n in runs[-1]["api_requests_by_kind"].items():
         lines.append(f"- `{kind}`: {n} ({n / runs[-1]['jobs']:.2f} per job)")
-    with open(os.path.join(args.out, "operator.md"), "w") as f:
+    if note:
+        lines += ["", note]
+    with open(os.path.join(out, "operator.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":
