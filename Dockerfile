@@ -5,11 +5,13 @@
 # ($VERSION: `python -c "import vlm_trainer; print(vlm_trainer.__version__)"`, the chart's appVersion.)
 # Every `name==version` below must equal pyproject.toml's pin (tests/unit/test_dockerfile.py checks).
 # Bases are pinned by tag; wheels are built in throw-away stages so the final images carry no
-# compilers, no build backends and no source tree. Both run as the non-root uid 10001.
+# compilers, no build backends and no source tree. Both run as the non-root uid APP_UID (10001), the
+# number the chart's securityContext and the operator's trainer pods use (tests/unit/test_security.py).
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 # torch comes from this image (2.11, CUDA 12.8), not from the project's CPU pin.
 ARG PYTORCH_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+ARG APP_UID=10001
 
 # ---------------------------------------------------------------------------------------------
 # operator: Kopf + the planner. No torch: vlm_operator never imports it.
@@ -34,6 +36,7 @@ RUN pip install --no-deps . \
  && python -c "import kopf, kubernetes, vlm_operator.planner, vlm_trainer.spec"
 
 FROM ${PYTHON_IMAGE} AS operator
+ARG APP_UID
 LABEL org.opencontainers.image.title="vlm-operator" \
       org.opencontainers.image.description="Kopf operator for staged VLM training (VLMTrainingJob)" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -41,8 +44,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 COPY --from=operator-build /opt/venv /opt/venv
-RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin vlm
-USER 10001:10001
+RUN useradd --uid "${APP_UID}" --user-group --no-create-home --shell /usr/sbin/nologin vlm
+USER ${APP_UID}:${APP_UID}
 # 8080: Prometheus metrics; 8081: Kopf liveness (/healthz).
 EXPOSE 8080 8081
 ENTRYPOINT ["vlmctl"]
@@ -61,6 +64,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
  && DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation --wheel-dir /wheels deepspeed==0.19.8
 
 FROM ${PYTORCH_IMAGE} AS trainer
+ARG APP_UID
 LABEL org.opencontainers.image.title="vlm-trainer" \
       org.opencontainers.image.description="Trainer for staged VLM training, run by torchrun in each stage's pods" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -87,8 +91,9 @@ RUN --mount=type=bind,from=trainer-build,source=/wheels,target=/wheels \
       prometheus-client==0.26.0 \
       bitsandbytes==0.50.2 \
  && python -c "import torch, transformers, peft, webdataset, vlm_trainer.metrics"
-RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin vlm
-USER 10001:10001
+# HOME (/home/vlm) is an emptyDir in stage pods (read-only root filesystem), owned by fsGroup APP_UID.
+RUN useradd --uid "${APP_UID}" --user-group --create-home --shell /usr/sbin/nologin vlm
+USER ${APP_UID}:${APP_UID}
 WORKDIR /home/vlm
 # 9400 + local rank: Prometheus metrics per trainer process; 29400: torchrun rendezvous.
 EXPOSE 9400 29400

@@ -37,9 +37,11 @@ lint: install
 	$(BIN)/mypy
 
 # The CRD is generated from the typed spec; the chart carries a byte copy (tests fail on drift).
+# The chart's RBAC rules are generated from vlm_operator/rbac.py the same way.
 crd: install
 	$(BIN)/python -m vlm_operator.crd > crds/training.vlm.dev_vlmtrainingjobs.yaml
 	cp crds/training.vlm.dev_vlmtrainingjobs.yaml charts/vlm-operator/files/crds/
+	$(BIN)/python -m vlm_operator.rbac > charts/vlm-operator/files/rbac.yaml
 
 clean:
 	rm -rf $(VENV) $(QUICKDIR)

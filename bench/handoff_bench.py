@@ -1,15 +1,18 @@
-"""Benchmark (not a test): operator handoff latency and reconcile throughput with many jobs.
+"""Benchmark (not a test): operator handoff latency, throughput and cost with many concurrent jobs.
 
-Runs the real operator (Kopf, in-process) against the Kubernetes API emulator used by the integration
-tests. An instant kubelet stands in for training: for each stage Job it commits the stage's final/
-(through vlm_trainer.storage, on file://) and marks the Job Complete, so what is measured is the
-operator's own overhead:
+Two processes: this one runs only the real operator (Kopf, the handlers of vlm_operator); a child
+(`--serve`) runs the Kubernetes API emulator of the integration tests and an instant kubelet, which for
+each stage Job commits the stage's final/ (vlm_trainer.storage, file://) and marks the Job Complete.
+So what is measured is the operator's own overhead:
 
 - handoff latency: stage k Job complete (its completionTime) -> stage k+1 Job created
   (its creationTimestamp), per handoff;
-- makespan and throughput: N jobs x S stages from creation to all Succeeded; reconciles per second.
+- makespan: N jobs x S stages, all created at once, until all Succeeded; reconciles per second
+  (= the operator's GETs of a VLMTrainingJob, one per reconcile);
+- API requests per job, by verb and resource (the emulator counts what the operator's clients send);
+- the operator process' CPU seconds and peak RSS.
 
-    .venv/bin/python bench/handoff_bench.py --jobs 50 --stages 3
+    .venv/bin/python bench/handoff_bench.py --jobs 1 100 1000 --stages 3
 
 Writes bench/results/operator.json and bench/results/operator.md.
 """
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -33,9 +38,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
 os.environ.setdefault("VLM_OPERATOR_RESYNC_SECONDS", "5")
 
 import aiohttp  # noqa: E402
-from k8s_harness import CRD_RESOURCE, KubeAPI, OperatorRunner, use_kubeconfig, write_kubeconfig  # noqa: E402
+from k8s_harness import KubeAPI, OperatorRunner, use_kubeconfig, write_kubeconfig  # noqa: E402
 from kmock import Server  # noqa: E402
-from vlm_operator import reconcile  # noqa: E402
 from vlm_trainer import contract, storage  # noqa: E402
 
 NS = "bench"
@@ -68,19 +72,24 @@ def job_doc(name: str, stages: int, uri: str) -> dict[str, Any]:
     }
 
 
-async def instant_kubelet(http: aiohttp.ClientSession, stop: asyncio.Event, done_dir: str) -> None:
-    """Completes every new stage Job at once, after committing the stage's final/ like a trainer."""
+async def instant_kubelet(api: KubeAPI, http: aiohttp.ClientSession, stop: asyncio.Event, done_dir: str) -> None:
+    """Completes every new stage Job at once, after committing the stage's final/ like a trainer. It
+    follows the emulator's Job event log (like a watch), so its own cost does not grow with the number
+    of Jobs and does not crowd out the API server it shares a process with."""
     seen: set[str] = set()
     payload = os.path.join(done_dir, "payload")
     os.makedirs(payload, exist_ok=True)
     with open(os.path.join(payload, "model.safetensors"), "wb") as f:
         f.write(b"\0" * 1024)
+    position = 0
     while not stop.is_set():
-        async with http.get("apis/batch/v1/jobs") as r:
-            jobs = (await r.json()).get("items", [])
-        for j in jobs:
+        logs = [events for res, events in api._log.items() if res.group == "batch" and res.plural == "jobs"]
+        new = logs[0][position:] if logs else []
+        position += len(new)
+        for _rv, event in new:
+            j = event["object"]
             uid = j["metadata"]["uid"]
-            if uid in seen or (j.get("status") or {}).get("conditions"):
+            if event["type"] != "ADDED" or uid in seen or (j.get("status") or {}).get("conditions"):
                 continue
             seen.add(uid)
             cm_name = j["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
@@ -111,79 +120,132 @@ async def instant_kubelet(http: aiohttp.ClientSession, stop: asyncio.Event, done
         await asyncio.sleep(0.02)
 
 
+def _succeeded(api: KubeAPI) -> int:
+    """VLMTrainingJobs whose status says Succeeded (read in place: no copies of every object)."""
+    return sum(
+        1
+        for (res, _ns, _name), obj in list(api._objects.items())
+        if res.plural == "vlmtrainingjobs" and not obj.deleted
+        and ((obj.raw.get("status") or {}).get("phase") == "Succeeded")
+    )
+
+
+async def serve(n_jobs: int, n_stages: int, tmp: str) -> None:
+    """The child: emulator + instant kubelet. Prints its URL, creates the jobs when the parent says
+    `go`, prints `done` when all succeeded (or on `stop`), then one JSON line of measurements."""
+    async with KubeAPI() as api, Server(api) as server:
+        async with aiohttp.ClientSession(str(server.url)) as http:
+            print(json.dumps({"url": str(server.url)}), flush=True)
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader()
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+            assert (await reader.readline()).strip() == b"go"
+            api.operator_requests.clear()  # the operator's start-up (lists, watches) is counted apart
+            stop = asyncio.Event()
+            kubelet = asyncio.create_task(instant_kubelet(api, http, stop, tmp))
+            t0 = time.perf_counter()
+            for i in range(n_jobs):
+                doc = job_doc(f"job-{i:04d}", n_stages, f"file://{tmp}/store")
+                async with http.post(
+                    f"apis/training.vlm.dev/v1alpha1/namespaces/{NS}/vlmtrainingjobs", json=doc
+                ) as r:
+                    assert r.status in (200, 201), await r.text()
+            stopper = asyncio.create_task(reader.readline())
+            while not stopper.done():
+                if _succeeded(api) == n_jobs:
+                    break
+                await asyncio.sleep(0.2)
+            makespan = time.perf_counter() - t0
+            print("done", flush=True)
+            stop.set()
+            await kubelet
+            await asyncio.sleep(2.0)  # what the operator still sends once everything finished
+            requests = dict(api.operator_requests)
+            jobs = api.list_objects("batch/v1/jobs", NS)
+            succeeded = _succeeded(api)
+            print(json.dumps({
+                "makespan": makespan,
+                "requests": [[*k, v] for k, v in requests.items()],
+                "jobs": [
+                    {
+                        "name": j["metadata"]["name"],
+                        "owner": j["metadata"]["labels"][contract.LABEL_JOB],
+                        "index": int(j["metadata"]["labels"][contract.LABEL_STAGE_INDEX]),
+                        "created": j["metadata"]["creationTimestamp"],
+                        "completed": (j.get("status") or {}).get("completionTime"),
+                    }
+                    for j in jobs
+                ],
+                "succeeded": succeeded,
+            }), flush=True)
+            stopper.cancel()
+
+
 async def run(n_jobs: int, n_stages: int, timeout: float) -> dict[str, Any]:
-    calls = {"n": 0}
-    original = reconcile.reconcile
-
-    def counting(*a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        return original(*a, **kw)
-
-    reconcile.reconcile = counting  # type: ignore[assignment]
+    """The parent: the operator alone in this process, against the child's emulator."""
     with tempfile.TemporaryDirectory() as tmp:
-        async with KubeAPI() as api, Server(api) as server:
-            with use_kubeconfig(write_kubeconfig(str(server.url), os.path.join(tmp, "kubeconfig"))):
-                async with aiohttp.ClientSession(str(server.url)) as http:
-                    operator = OperatorRunner()
-                    await operator.start()
-                    stop = asyncio.Event()
-                    kubelet = asyncio.create_task(instant_kubelet(http, stop, tmp))
-                    t0 = time.perf_counter()
-                    for i in range(n_jobs):
-                        doc = job_doc(f"job-{i:04d}", n_stages, f"file://{tmp}/store")
-                        async with http.post(
-                            f"apis/training.vlm.dev/v1alpha1/namespaces/{NS}/vlmtrainingjobs", json=doc
-                        ) as r:
-                            assert r.status in (200, 201), await r.text()
-                    deadline = time.monotonic() + timeout
-                    while time.monotonic() < deadline:
-                        phases = [
-                            ((o.get("status") or {}).get("phase")) for o in api.list_objects(CRD_RESOURCE, NS)
-                        ]
-                        if phases.count("Succeeded") == n_jobs:
-                            break
-                        await asyncio.sleep(0.05)
-                    makespan = time.perf_counter() - t0
-                    stop.set()
-                    await kubelet
-                    await operator.stop()
-                    jobs = api.list_objects("batch/v1/jobs", NS)
-                    succeeded = sum(
-                        1
-                        for o in api.list_objects(CRD_RESOURCE, NS)
-                        if (o.get("status") or {}).get("phase") == "Succeeded"
-                    )
-    reconcile.reconcile = original  # type: ignore[assignment]
-
-    by_key = {
-        (
-            j["metadata"]["labels"][contract.LABEL_JOB],
-            int(j["metadata"]["labels"][contract.LABEL_STAGE_INDEX]),
-        ): j
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.abspath(__file__), "--serve", str(n_jobs), str(n_stages), tmp,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=256 * 1024 * 1024,
+        )
+        assert child.stdin is not None and child.stdout is not None
+        timed_out = False
+        try:
+            url = json.loads(await child.stdout.readline())["url"]
+            with use_kubeconfig(write_kubeconfig(url, os.path.join(tmp, "kubeconfig"))):
+                operator = OperatorRunner()
+                await operator.start(timeout=60)
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                child.stdin.write(b"go\n")
+                await child.stdin.drain()
+                try:
+                    line = await asyncio.wait_for(child.stdout.readline(), timeout)
+                except TimeoutError:  # report what finished by then
+                    timed_out = True
+                    child.stdin.write(b"stop\n")
+                    await child.stdin.drain()
+                    line = await child.stdout.readline()
+                assert line.strip() == b"done", line
+                stats = json.loads(await child.stdout.readline())
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                await operator.stop()
+        finally:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    makespan = stats["makespan"]
+    jobs = stats["jobs"]
+    by_key = {(j["owner"], j["index"]): j for j in jobs}
+    handoffs = sorted(
+        _ts(j["created"]) - _ts(by_key[(j["owner"], j["index"] - 1)]["completed"])
         for j in jobs
-    }
-    handoffs = []
-    for (name, idx), j in by_key.items():
-        prev = by_key.get((name, idx - 1))
-        if prev is not None and (prev.get("status") or {}).get("completionTime"):
-            handoffs.append(_ts(j["metadata"]["creationTimestamp"]) - _ts(prev["status"]["completionTime"]))
-    handoffs.sort()
+        if j["index"] > 0 and (by_key.get((j["owner"], j["index"] - 1)) or {}).get("completed")
+    )
+    requests: collections.Counter = collections.Counter()
+    for group, res, verb, count in stats["requests"]:
+        requests[f"{verb} {group + '/' if group else ''}{res}"] += count
+    reconciles = requests.get("get training.vlm.dev/vlmtrainingjobs", 0)
 
     def pct(p: float) -> float:
-        return (
-            round(handoffs[min(len(handoffs) - 1, int(p * len(handoffs)))], 4) if handoffs else float("nan")
-        )
+        return round(handoffs[min(len(handoffs) - 1, int(p * len(handoffs)))], 4) if handoffs else float("nan")
 
     return {
         "jobs": n_jobs,
         "stages_per_job": n_stages,
-        "succeeded": succeeded,
+        "timed_out_after_seconds": timeout if timed_out else None,
+        "succeeded": stats["succeeded"],
         "stage_jobs_created": len(jobs),
         "duplicate_jobs": len(jobs) - n_jobs * n_stages,
         "makespan_seconds": round(makespan, 3),
-        "stages_per_second": round(n_jobs * n_stages / makespan, 2),
-        "reconciles": calls["n"],
-        "reconciles_per_second": round(calls["n"] / makespan, 1),
+        "stages_per_second": round(sum(1 for j in jobs if j["completed"]) / makespan, 2),
+        "reconciles": reconciles,
+        "reconciles_per_second": round(reconciles / makespan, 1),
+        "api_requests": sum(requests.values()),
+        "api_requests_per_job": round(sum(requests.values()) / n_jobs, 2),
+        "api_requests_by_kind": dict(sorted(requests.items(), key=lambda kv: -kv[1])),
+        "operator_cpu_seconds": round(cpu, 2),
+        "operator_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "handoffs": len(handoffs),
         "handoff_latency_seconds": {
             "p50": pct(0.5),
@@ -196,53 +258,80 @@ async def run(n_jobs: int, n_stages: int, timeout: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:
+        asyncio.run(serve(int(argv[1]), int(argv[2]), argv[3]))
+        return 0
+    if argv[:1] == ["--report"]:  # --report LOG COMMAND NOTE: the runs a killed invocation printed
+        with open(argv[1]) as f:
+            runs = [json.loads(line) for line in f if line.startswith("{")]
+        write_report(runs, argv[2], os.path.join(ROOT, "bench", "results"), argv[3] if len(argv) > 3 else "")
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kopf").setLevel(logging.ERROR)
-    runs = [asyncio.run(run(n, args.stages, args.timeout)) for n in args.jobs]
+    runs = []
+    for n in args.jobs:
+        runs.append(asyncio.run(run(n, args.stages, args.timeout)))
+        print(json.dumps(runs[-1]), flush=True)
+    write_report(runs, "python bench/handoff_bench.py " + " ".join(argv), args.out)
+    return 0
+
+
+def write_report(runs: list[dict[str, Any]], command: str, out: str, note: str = "") -> None:
+    """operator.json and operator.md under `out` (also used by --report on a run's printed lines)."""
     result = {
-        "benchmark": "operator handoff latency and reconcile throughput (Kubernetes API emulator, instant kubelet)",
-        "command": "python bench/handoff_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "benchmark": "operator handoff latency, throughput and cost (Kubernetes API emulator, instant kubelet)",
+        "command": command,
         "machine": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
+            "load_average_at_end": os.getloadavg(),
         },
         "resync_seconds": float(os.environ["VLM_OPERATOR_RESYNC_SECONDS"]),
+        "note": note,
         "runs": runs,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "operator.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "operator.json"), "w") as f:
         json.dump(result, f, indent=2)
     lines = [
-        "# Operator benchmark: handoff latency and reconcile throughput",
+        "# Operator benchmark: handoff latency, throughput and cost",
         "",
-        f"`{result['command']}` on {result['machine']['cpus']} CPUs, Python {result['machine']['python']}; "
-        "real Kopf operator against the kmock-based API emulator; an instant kubelet commits each stage's "
-        "final/ (file://) and completes its Job, so the numbers are operator overhead only.",
+        f"`{result['command']}` on {result['machine']['cpus']} shared CPUs (load average at the end "
+        f"{result['machine']['load_average_at_end'][0]:.1f}), Python {result['machine']['python']}; the real "
+        "Kopf operator alone in one process, against the kmock-based API emulator and an instant kubelet in "
+        "another (each stage's final/ committed on file://, its Job completed at once), so the numbers are "
+        "operator overhead only. Peak RSS is the operator process' high-water mark since it started.",
         "",
-        "| jobs | stages | succeeded | stage Jobs (dup) | makespan s | stages/s | reconciles/s | "
-        "handoff p50 s | p90 s | p99 s | max s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| jobs | stages | succeeded | stage Jobs (dup) | makespan s | reconciles/s | API req/job | "
+        "operator CPU s | peak RSS MiB | handoff p50 s | p90 s | p99 s | max s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         h = r["handoff_latency_seconds"]
         lines.append(
             f"| {r['jobs']} | {r['stages_per_job']} | {r['succeeded']} | {r['stage_jobs_created']} "
-            f"({r['duplicate_jobs']}) | {r['makespan_seconds']} | {r['stages_per_second']} | "
-            f"{r['reconciles_per_second']} | {h['p50']} | {h['p90']} | {h['p99']} | {h['max']} |"
+            f"({r['duplicate_jobs']}) | {r['makespan_seconds']} | {r['reconciles_per_second']} | "
+            f"{r['api_requests_per_job']} | {r['operator_cpu_seconds']} | {r['operator_peak_rss_mib']} | "
+            f"{h['p50']} | {h['p90']} | {h['p99']} | {h['max']} |"
         )
-    with open(os.path.join(args.out, "operator.md"), "w") as f:
+    lines += ["", "API requests by kind (largest run):", ""]
+    for kind, n in runs[-1]["api_requests_by_kind"].items():
+        lines.append(f"- `{kind}`: {n} ({n / runs[-1]['jobs']:.2f} per job)")
+    if note:
+        lines += ["", note]
+    with open(os.path.join(out, "operator.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,8 +31,21 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set on pods by the Job controller
 CONTAINER_NAME = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
-RUN_AS_USER = 1000
+# The image's non-root user: the Dockerfile's `ARG APP_UID` and the chart's `securityContext` use the
+# same number (tests/unit/test_security.py reads all three), so HOME in the image is writable by it.
+RUN_AS_USER = 10001
 SHM_SIZE = "8Gi"  # NCCL and DataLoader workers use /dev/shm; the container default (64 MiB) is too small
+# Trainer pods run under their own ServiceAccount (created by the chart in every watched namespace;
+# spec.runPolicy.serviceAccountName overrides it) with no API token mounted: the trainer never calls
+# the Kubernetes API.
+TRAINER_SERVICE_ACCOUNT = "vlm-trainer"
+# A pod always gets a memory limit: a stage without resources.memory gets this one (documented in
+# the README and the field's description). Memory-backed /dev/shm counts against it.
+DEFAULT_MEMORY = "32Gi"
+HOME_DIR = "/home/vlm"  # the image's HOME (Dockerfile); an emptyDir, since the root filesystem is read-only
+TMP_DIR = "/tmp"
+TMP_SIZE = "16Gi"  # torch.compile/Triton caches and fsspec temp files
+HOME_SIZE = "8Gi"  # ~/.cache (HF, Triton), ~/.triton
 _BASE_MAX = 50  # <base>-<launch>-<pod index> stays a 63-character DNS label (pod hostnames)
 
 
@@ -130,6 +143,38 @@ def build_stage_service(
     }
 
 
+def networkpolicy_name(job_name: str, stage_name: str) -> str:
+    return f"{stage_base_name(job_name, stage_name)}-gang"
+
+
+def build_stage_network_policy(
+    job: VLMTrainingJob, index: int, namespace: str, owner: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Ingress to a stage's pods: from the pods of the same gang on any port (rendezvous, NCCL/gloo pick
+    their own ports) and to the metrics ports from anywhere (Prometheus). Egress stays open: storage and
+    the data live at addresses only the job knows."""
+    stage = job.spec.stages[index]
+    gang = {contract.LABEL_JOB: job.name, contract.LABEL_STAGE: stage.name}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(networkpolicy_name(job.name, stage.name), namespace, stage_labels(job, index), owner),
+        "spec": {
+            "podSelector": {"matchLabels": dict(gang)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": dict(gang)}}]},
+                {
+                    "ports": [
+                        {"port": contract.METRICS_PORT + r, "protocol": "TCP"}
+                        for r in range(min(stage.resources.procs_per_node, 8))
+                    ]
+                },
+            ],
+        },
+    }
+
+
 def torchrun_command(job: VLMTrainingJob, index: int, launch: int) -> list[str]:
     """The container command; `$(JOB_COMPLETION_INDEX)` is expanded by the kubelet from the pod env."""
     stage = job.spec.stages[index]
@@ -155,8 +200,7 @@ def _resources(job: VLMTrainingJob, index: int) -> dict[str, Any]:
     amounts: dict[str, str] = {}
     if r.cpu:
         amounts["cpu"] = r.cpu
-    if r.memory:
-        amounts["memory"] = r.memory
+    amounts["memory"] = r.memory or DEFAULT_MEMORY
     limits = dict(amounts)
     if r.gpus_per_node:
         limits[GPU_RESOURCE] = str(r.gpus_per_node)  # extended resources: requests default to limits
@@ -217,10 +261,14 @@ def build_stage_job(
         "volumeMounts": [
             {"name": "config", "mountPath": contract.CONFIG_MOUNT_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": TMP_DIR},
+            {"name": "home", "mountPath": HOME_DIR},
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
         },
     }
@@ -232,6 +280,8 @@ def build_stage_job(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": service_name(job.name, stage.name),
+        "serviceAccountName": policy.service_account_name or TRAINER_SERVICE_ACCOUNT,
+        "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,
@@ -243,6 +293,8 @@ def build_stage_job(
         "volumes": [
             {"name": "config", "configMap": {"name": configmap_name(job.name, stage.name)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
+            {"name": "home", "emptyDir": {"sizeLimit": HOME_SIZE}},
         ],
     }
     if policy.node_selector:
@@ -275,10 +327,12 @@ def build_stage_objects(
     restarts: int = 0,
     owner: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """ConfigMap, Service and Job of one stage, in the order they must be created."""
+    """ConfigMap, Service, NetworkPolicy and Job of one stage, in the order they must be created
+    (the Job last)."""
     return [
         build_stage_configmap(job, index, namespace, owner),
         build_stage_service(job, index, namespace, owner),
+        build_stage_network_policy(job, index, namespace, owner),
         build_stage_job(job, index, namespace, launch, restarts, owner),
     ]
 

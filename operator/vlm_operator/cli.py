@@ -50,7 +50,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     from vlm_operator.builders import render_job
 
     job = _load_or_exit(args.job)
-    objs = render_job(job, args.namespace)
+    # -n wins; else the job's own metadata.namespace; else "default" (as kubectl apply would do).
+    objs = render_job(job, args.namespace or job.metadata.namespace or "default")
     # The spec refuses inline credentials; anything credential-shaped that still got this far is masked.
     sys.stdout.write(yaml.safe_dump_all(redact_obj(objs), sort_keys=False))
     return 0
@@ -112,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("render", help="print the Kubernetes objects the operator creates (a dry run)")
     d.add_argument("job")
-    d.add_argument("-n", "--namespace", default="default")
+    d.add_argument(
+        "-n", "--namespace", default=None, help="namespace (default: the job's metadata.namespace, else 'default')"
+    )
     d.set_defaults(func=cmd_render)
 
     e = sub.add_parser("estimate", help="memory per GPU, compute and time per stage (reads config.json only)")

@@ -1,12 +1,15 @@
 """Thin Kopf handlers: every trigger runs the same `reconcile.reconcile(namespace, name)`.
 
-Triggers: create/resume/update of a VLMTrainingJob, a periodic timer (progress, storage handoff
-checks), and events of the stage Jobs it owns. Delete removes the children explicitly. Handlers are
-plain `def` (Kopf runs them in threads) because `kube` uses the synchronous client.
+Triggers: create/resume/update of a VLMTrainingJob, events of the stage Jobs it owns, and an adaptive
+resync timer (progress of a running stage, a pending handoff's storage backoff, a TTL; idle and
+finished jobs cost nothing). The stage Jobs come from a Kopf index (an in-memory cache fed by the
+Job watch), so no reconcile lists them. Delete removes the children explicitly. Handlers are plain
+`def` (Kopf runs them in threads) because `kube` uses the synchronous client.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -21,6 +24,8 @@ log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = float(os.environ.get("VLM_OPERATOR_RESYNC_SECONDS", "10"))
 RETRY_SECONDS = float(os.environ.get("VLM_OPERATOR_RETRY_SECONDS", "5"))
+# How often a running stage's progress.json is read into status (storage sends no events).
+PROGRESS_SECONDS = float(os.environ.get("VLM_OPERATOR_PROGRESS_SECONDS", str(3 * RESYNC_SECONDS)))
 _RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 _PREFIX = API_GROUP
 
@@ -42,9 +47,33 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_config()
 
 
-def _reconcile(namespace: str, name: str, retry: bool) -> str | None:
+_JOB_LABELS = {contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+
+
+@kopf.index("batch", "v1", "jobs", labels=_JOB_LABELS)
+def stage_jobs(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    """Every stage Job by (namespace, VLMTrainingJob name): what reconciles read instead of a LIST."""
+    owner = labels.get(contract.LABEL_JOB)
+    if not owner:
+        return None
+    return {(namespace, owner): copy.deepcopy(dict(body))}
+
+
+def _indexed(index: kopf.Index | None, namespace: str, name: str) -> list[Any] | None:
+    if index is None:
+        return None
+    return list(index.get((namespace, name), []))
+
+
+def _reconcile(namespace: str, name: str, retry: bool, index: kopf.Index | None = None) -> str | None:
     try:
-        return reconcile.reconcile(namespace, name)
+        return reconcile.reconcile(
+            namespace,
+            name,
+            jobs=_indexed(index, namespace, name),
+            resync_seconds=RESYNC_SECONDS,
+            progress_seconds=PROGRESS_SECONDS,
+        )
     except Exception as err:
         metrics.RECONCILE_ERRORS.inc()
         log.exception("reconcile of %s/%s failed", namespace, name)
@@ -56,23 +85,29 @@ def _reconcile(namespace: str, name: str, retry: bool) -> str | None:
 @kopf.on.create(*_RESOURCE)
 @kopf.on.resume(*_RESOURCE)
 @kopf.on.update(*_RESOURCE, field="spec")
-def on_change(namespace: str | None, name: str, **_: Any) -> None:
-    _reconcile(namespace or "", name, retry=True)
+def on_change(namespace: str | None, name: str, **kw: Any) -> None:
+    _reconcile(namespace or "", name, retry=True, index=kw.get("stage_jobs"))
 
 
+# The timer ticks at the resync period but reconciles only when the job is due (reconcile schedules
+# it): running stages for progress, pending handoffs at their backoff, waiting jobs 6x slower,
+# finished jobs never (or at their TTL). Storage changes send no events; this is the only poller.
 @kopf.timer(*_RESOURCE, interval=RESYNC_SECONDS, idle=0)
-def resync(namespace: str | None, name: str, **_: Any) -> None:
-    """Level-triggered safety net and progress/handoff polling (storage changes send no events)."""
-    _reconcile(namespace or "", name, retry=False)
+def resync(namespace: str | None, name: str, **kw: Any) -> None:
+    if reconcile.resync_due(namespace or "", name):
+        _reconcile(namespace or "", name, retry=False, index=kw.get("stage_jobs"))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={contract.LABEL_MANAGED_BY: contract.MANAGED_BY})
-def on_stage_job(body: kopf.Body, type: str | None, **_: Any) -> None:
-    """A stage Job changed (pods failed, completed): reconcile its VLMTrainingJob now, not at the next timer."""
+@kopf.on.event("batch", "v1", "jobs", labels=_JOB_LABELS)
+def on_stage_job(body: kopf.Body, type: str | None, **kw: Any) -> None:
+    """A stage Job changed (completed, failed, suspended or resumed by Kueue, deleted by hand): reconcile
+    its VLMTrainingJob now. The creation of a Job (our own write) needs no reconcile, nor does the
+    initial listing (type None): the resume handler reconciles every VLMTrainingJob at start-up."""
     labels = body.get("metadata", {}).get("labels") or {}
     owner = labels.get(contract.LABEL_JOB)
-    if owner and type != "DELETED":
-        _reconcile(body["metadata"]["namespace"], owner, retry=False)
+    if not owner or type in (None, "ADDED"):
+        return
+    _reconcile(body["metadata"]["namespace"], owner, retry=False, index=kw.get("stage_jobs"))
 
 
 @kopf.on.delete(*_RESOURCE)

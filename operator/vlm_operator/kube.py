@@ -58,6 +58,10 @@ def _batch() -> kubernetes.client.BatchV1Api:
     return kubernetes.client.BatchV1Api(api_client())
 
 
+def _networking() -> kubernetes.client.NetworkingV1Api:
+    return kubernetes.client.NetworkingV1Api(api_client())
+
+
 def _custom() -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(api_client())
 
@@ -72,7 +76,7 @@ def now() -> str:
 
 
 def create(obj: Mapping[str, Any]) -> bool:
-    """Create a namespaced ConfigMap, Service or Job. False when it already exists (idempotent)."""
+    """Create a namespaced ConfigMap, Service, NetworkPolicy or Job. False when it already exists."""
     ns = obj["metadata"]["namespace"]
     kind = obj["kind"]
     try:
@@ -80,6 +84,8 @@ def create(obj: Mapping[str, Any]) -> bool:
             _core().create_namespaced_config_map(ns, obj, _preload_content=False)
         elif kind == "Service":
             _core().create_namespaced_service(ns, obj, _preload_content=False)
+        elif kind == "NetworkPolicy":
+            _networking().create_namespaced_network_policy(ns, obj, _preload_content=False)
         elif kind == "Job":
             _batch().create_namespaced_job(ns, obj, _preload_content=False)
         else:
@@ -155,7 +161,7 @@ def delete_stage_job(namespace: str, name: str) -> None:
 
 
 def delete_children(namespace: str, job_name: str) -> int:
-    """Delete every Job, pod, Service and ConfigMap the operator created for a VLMTrainingJob."""
+    """Delete every Job, pod, Service, NetworkPolicy and ConfigMap the operator created for a job."""
     labels = _owned(job_name)
     count = 0
     for j in list_stage_jobs(namespace, job_name):
@@ -173,6 +179,7 @@ def delete_children(namespace: str, job_name: str) -> int:
     for lister, deleter in (
         (_core().list_namespaced_service, _core().delete_namespaced_service),
         (_core().list_namespaced_config_map, _core().delete_namespaced_config_map),
+        (_networking().list_namespaced_network_policy, _networking().delete_namespaced_network_policy),
     ):
         for obj in _raw(lister(namespace, label_selector=sel, _preload_content=False)).get("items", []):
             if _matches(obj, labels):

@@ -15,7 +15,7 @@ from datetime import datetime
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 METRICS_PORT = 8080
-PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
 
 JOBS = Gauge("vlm_operator_jobs", "VLMTrainingJobs by phase", ["phase"])
 STAGE_DURATION = Histogram(

@@ -75,6 +75,17 @@ def job_phase(job_obj: Mapping[str, Any]) -> tuple[str, str]:
     return "Running", ""
 
 
+def job_queued(job_obj: Mapping[str, Any] | None) -> bool:
+    """A stage Job that exists but is suspended: Kueue's webhook creates queue-labelled Jobs suspended
+    and unsuspends them on admission (and suspends them again on preemption). The planner sees such a
+    Job as Running (it must not be created twice); the status shows it as Queued."""
+    if job_obj is None:
+        return False
+    if (job_obj.get("spec") or {}).get("suspend") is not True:
+        return False
+    return job_phase(job_obj)[0] == "Running"
+
+
 def _prev_stage(prev: JobStatus, index: int, name: str) -> StageStatus | None:
     for s in prev.stages:
         if s.name == name:
@@ -182,6 +193,8 @@ def compute_status(
                 restarts = action.restarts
         elif isinstance(action, planner.Suspend) and action.index == i:
             stage_phase = "Suspended"
+        elif o.phase == "Running" and job_queued(cur):
+            stage_phase = "Queued"
         elif o.phase == "Succeeded":
             completion = completion or now
         pr = progress.get(i, contract.ProgressRecord())
@@ -216,6 +229,13 @@ def compute_status(
         phase, message = "Suspended", "suspended by spec.suspend"
     elif isinstance(action, planner.StartStage):
         phase, message = "Running", f"stage {stages[action.index].name!r} started"
+    elif index is not None and stages[index].phase == "Queued":
+        queue = job.spec.run_policy.queue_name
+        phase = "Queued"
+        message = (
+            f"stage {stages[index].name!r}: Job {stages[index].job_name} is suspended, waiting for admission"
+            + (f" by Kueue LocalQueue {queue!r}" if queue else "")
+        )
     elif any(s.phase in ("Running", "Succeeded") for s in stages):
         phase = "Running"
         message = action.reason if isinstance(action, planner.Wait) else None
@@ -229,6 +249,14 @@ def compute_status(
             "True" if phase == "Running" else "False",
             "StageRunning" if phase == "Running" else phase,
             message or "",
+            now,
+        ),
+        _condition(
+            prev,
+            "Queued",
+            "True" if phase == "Queued" else "False",
+            "WaitingForAdmission" if phase == "Queued" else "NotQueued",
+            (message or "") if phase == "Queued" else "",
             now,
         ),
         _condition(

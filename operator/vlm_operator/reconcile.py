@@ -4,6 +4,12 @@ Level-triggered and idempotent: everything is recomputed from the stage Jobs, st
 status each time, Job names are deterministic (a second create is a 409, never a duplicate), and the
 status is written only when it changed. A per-job lock keeps the timer and the Job watch of the same
 VLMTrainingJob from interleaving inside this one process (the operator runs as one replica).
+
+At scale (1,000 jobs) nothing is listed per reconcile: the stage Jobs come from Kopf's in-memory index
+(fed by the Job watch; complete before any handler runs, so a restarted operator sees every Job),
+overlaid with the Jobs this process just created or deleted until the watch reports them (`JobCache`).
+Storage is asked only when its answer can have changed: a stage Job finished, or a pending handoff's
+backoff elapsed (`StorageChecks`). The resync timer is adaptive (`next_resync_delay`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from vlm_trainer import contract, storage
@@ -29,6 +36,138 @@ def _lock(namespace: str, name: str) -> threading.Lock:
         return _locks.setdefault((namespace, name), threading.Lock())
 
 
+class JobCache:
+    """The stage Jobs this process created or deleted, until the watch (Kopf's index) reports them.
+
+    Kopf's index lags our own writes by one watch event. Without this overlay a reconcile that runs in
+    that gap (the timer, another Job's event) would not see the Job just created and plan its stage
+    again under the next launch number: a duplicate gang."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._created: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
+        self._deleted: dict[tuple[str, str], set[str]] = {}
+
+    def created(self, namespace: str, owner: str, obj: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._created.setdefault((namespace, owner), {})[obj["metadata"]["name"]] = obj
+
+    def deleted(self, namespace: str, owner: str, job_name: str) -> None:
+        with self._lock:
+            self._deleted.setdefault((namespace, owner), set()).add(job_name)
+            self._created.get((namespace, owner), {}).pop(job_name, None)
+
+    def merge(self, namespace: str, owner: str, indexed: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The indexed Jobs plus ours not indexed yet, minus ours deleted (forgotten once the index agrees)."""
+        key = (namespace, owner)
+        jobs = {j["metadata"]["name"]: j for j in indexed}
+        with self._lock:
+            created = self._created.get(key, {})
+            for name in [n for n in created if n in jobs]:
+                del created[name]  # the watch caught up
+            deleted = self._deleted.get(key, set())
+            for name in [n for n in deleted if n not in jobs]:
+                deleted.discard(name)
+            out = [j for n, j in jobs.items() if n not in deleted]
+            out.extend(created.values())
+            if not created:
+                self._created.pop(key, None)
+            if not deleted:
+                self._deleted.pop(key, None)
+        return out
+
+    def forget(self, namespace: str, owner: str) -> None:
+        with self._lock:
+            self._created.pop((namespace, owner), None)
+            self._deleted.pop((namespace, owner), None)
+
+
+class StorageChecks:
+    """Backoff for handoff checks that failed: storage is asked again when the stage's Job changed (it
+    finished, or a new one did) or when the backoff (1 s doubling to 30 s) elapsed, not on every trigger."""
+
+    FIRST_SECONDS = 1.0
+    MAX_SECONDS = 30.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failed: dict[tuple[str, str, str], tuple[str, float, float, storage.Verification]] = {}
+
+    def verifier(
+        self, namespace: str, owner: str, marker: Callable[[str], str], check: Callable[[str], storage.Verification]
+    ) -> Callable[[str], storage.Verification]:
+        """`check`, skipped while a failed answer for the same (uri, marker) is within its backoff."""
+
+        def verify(uri: str) -> storage.Verification:
+            key, mark, now = (namespace, owner, uri), marker(uri), self._clock()
+            with self._lock:
+                cached = self._failed.get(key)
+            if cached is not None and cached[0] == mark and now < cached[1]:
+                return cached[3]
+            try:
+                result = check(uri)
+            except Exception as err:  # unreachable or failing storage: a pending handoff, not a crash
+                result = storage.Verification(False, f"storage check failed: {type(err).__name__}: {err}")
+            with self._lock:
+                if result.ok:
+                    self._failed.pop(key, None)
+                else:
+                    delay = self.FIRST_SECONDS if cached is None or cached[0] != mark else min(
+                        cached[2] * 2, self.MAX_SECONDS
+                    )
+                    self._failed[key] = (mark, now + delay, delay, result)
+            return result
+
+        return verify
+
+    def pending(self, namespace: str, owner: str) -> float | None:
+        """Seconds until the earliest backoff of this job's failed checks ends (None: none pending)."""
+        now = self._clock()
+        with self._lock:
+            due = [c[1] for k, c in self._failed.items() if k[:2] == (namespace, owner)]
+        return max(0.0, min(due) - now) if due else None
+
+    def forget(self, namespace: str, owner: str) -> None:
+        with self._lock:
+            for k in [k for k in self._failed if k[:2] == (namespace, owner)]:
+                del self._failed[k]
+
+
+job_cache = JobCache()
+storage_checks = StorageChecks()
+_next_resync: dict[tuple[str, str], float] = {}
+
+
+def next_resync_delay(
+    phase: str | None, resync_seconds: float, handoff_backoff: float | None, progress_seconds: float | None = None
+) -> float:
+    """Seconds until the timer should reconcile a job again (watch events reconcile it sooner, and every
+    reconcile, whatever triggered it, pushes this back): a pending handoff when its storage backoff
+    ends; a running job every `progress_seconds` (default 3 periods: its stage's progress.json; storage
+    sends no events); a waiting
+    (Pending/Queued/Suspended) job every 6; a finished one never (its TTL is scheduled by `reconcile`)."""
+    if phase in ("Succeeded", "Failed", None):
+        return float("inf")
+    if handoff_backoff is not None:
+        return max(handoff_backoff, 0.5)
+    if phase == "Running":
+        return progress_seconds if progress_seconds is not None else resync_seconds * 3
+    return resync_seconds * 6
+
+
+def resync_due(namespace: str, name: str) -> bool:
+    """Whether the adaptive timer should reconcile this job now (unknown jobs: yes; not while another
+    reconcile of it runs or waits: that one sees the same state)."""
+    if _lock(namespace, name).locked():
+        return False
+    return time.monotonic() >= _next_resync.get((namespace, name), 0.0)
+
+
+def _schedule(namespace: str, name: str, delay: float) -> None:
+    _next_resync[(namespace, name)] = time.monotonic() + delay
+
+
 def known_jobs() -> int:
     """VLMTrainingJobs this process has reconciled (and not seen deleted)."""
     with _locks_guard:
@@ -38,6 +177,9 @@ def known_jobs() -> int:
 def forget(namespace: str, name: str) -> None:
     with _locks_guard:
         _locks.pop((namespace, name), None)
+    job_cache.forget(namespace, name)
+    storage_checks.forget(namespace, name)
+    _next_resync.pop((namespace, name), None)
     metrics.set_job_phase(namespace, name, None)
 
 
@@ -72,73 +214,124 @@ def _start_stage(
     for old in jobs_by_stage[i]:  # a failed gang goes as a whole, pods included
         if not old.get("metadata", {}).get("deletionTimestamp"):
             kube.delete_stage_job(ns, old["metadata"]["name"])
+            job_cache.deleted(ns, job.name, old["metadata"]["name"])
     prev_stage = next((s for s in prev.stages if s.name == stage.name), None)
     launch = observe.next_launch(prev_stage, jobs_by_stage[i])
     objs = builders.build_stage_objects(job, i, ns, launch=launch, restarts=action.restarts, owner=body)
-    kube.apply_configmap(objs[0])
-    kube.create(objs[1])
-    kube.create(objs[2])
+    *support, stage_job = objs
+    for obj in support:
+        if obj["kind"] == "ConfigMap":
+            kube.apply_configmap(obj)
+        else:
+            kube.create(obj)
+    kube.create(stage_job)
+    job_cache.created(ns, job.name, stage_job)
     if action.restart:
         metrics.STAGE_RESTARTS.labels(stage_type=stage.type).inc()
-    return objs[2]["metadata"]["name"]
+    return stage_job["metadata"]["name"]
 
 
 def reconcile(
-    namespace: str, name: str, verify: Callable[[str], storage.Verification] | None = None
+    namespace: str,
+    name: str,
+    verify: Callable[[str], storage.Verification] | None = None,
+    jobs: Sequence[Mapping[str, Any]] | None = None,
+    resync_seconds: float = 10.0,
+    progress_seconds: float | None = None,
 ) -> str | None:
-    """Reconcile one VLMTrainingJob; returns its phase (None if it is gone or being deleted)."""
+    """Reconcile one VLMTrainingJob; returns its phase (None if it is gone or being deleted).
+
+    `jobs`: its stage Jobs as the watch knows them (Kopf's index); None lists them from the API."""
     with _lock(namespace, name):
-        body = kube.get_training_job(namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
-        prev = observe.parse_status(body.get("status"))
-        generation = body["metadata"].get("generation")
-        try:
-            job = parse_job(body)
-        except SpecError as err:
-            return _invalid(body, prev, generation, err)
-        if prev.phase in ("Succeeded", "Failed") and prev.observed_generation == generation:
-            _expire(job, body, prev)
-            metrics.set_job_phase(namespace, name, prev.phase)
-            return prev.phase
-        # The job's Secret is read only when storage is actually asked (a handoff check, progress).
-        options = functools.cache(lambda: storage_options(job, namespace))
-        check = verify or (lambda uri: storage.verify_committed(uri, options=options()))
-        jobs_by_stage = observe.group_jobs_by_stage(job, kube.list_stage_jobs(namespace, name))
-        observed = observe.observe_stages(job, prev, jobs_by_stage, check)
-        action = planner.plan(job, observed, admit=admission.checker(job, options=options))
-        if isinstance(action, planner.StartStage) and not action.restart:
-            # Before any pod exists: inputs present and agreeing with the spec; a problem here is a
-            # configuration error, failed at once rather than retried.
-            problems = preflight.check_stage(job, action.index, options())
-            if problems:
-                action = planner.Fail(action.index, preflight.summary(problems), code="PreflightFailed")
-        launched: dict[int, str] = {}
-        now = kube.now()
-        if isinstance(action, planner.StartStage):
-            launched[action.index] = _start_stage(job, body, action, prev, jobs_by_stage)
-        elif isinstance(action, planner.Suspend) and action.index is not None:
-            for j in jobs_by_stage[action.index]:
-                kube.delete_stage_job(namespace, j["metadata"]["name"])
-        progress = {}
-        if (
-            isinstance(action, planner.Wait)
-            and action.index is not None
-            and observed[action.index].phase == "Running"
-        ):
-            progress[action.index] = read_progress(job, action.index, options())
-        status = observe.compute_status(
-            job, generation, prev, observed, action, jobs_by_stage, now, launched=launched, progress=progress
-        )
-        _record_metrics(job, prev, status, launched)
-        new, old = observe.dump_status(status), observe.dump_status(prev)
-        if new != old:
-            # A merge patch keeps keys it does not mention: clear the ones that no longer apply.
-            kube.patch_status(namespace, name, {**dict.fromkeys(old), **new})
-        for type_, reason, message in observe.stage_events(prev, status):
-            kube.post_event(body, type_, reason, message)
-        metrics.set_job_phase(namespace, name, status.phase)
-        return status.phase
+        phase, ttl_left = _reconcile_locked(namespace, name, verify, jobs)
+        if phase is None:
+            _next_resync.pop((namespace, name), None)
+        else:
+            delay = next_resync_delay(
+                phase, resync_seconds, storage_checks.pending(namespace, name), progress_seconds
+            )
+            _schedule(namespace, name, min(delay, ttl_left) if ttl_left is not None else delay)
+        return phase
+
+
+def _reconcile_locked(
+    namespace: str,
+    name: str,
+    verify: Callable[[str], storage.Verification] | None,
+    jobs: Sequence[Mapping[str, Any]] | None,
+) -> tuple[str | None, float | None]:
+    """(phase, seconds until its TTL deletion is due, if one is pending)."""
+    body = kube.get_training_job(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None, None
+    prev = observe.parse_status(body.get("status"))
+    generation = body["metadata"].get("generation")
+    try:
+        job = parse_job(body)
+    except SpecError as err:
+        return _invalid(body, prev, generation, err), None
+    if prev.phase in ("Succeeded", "Failed") and prev.observed_generation == generation:
+        ttl_left = _expire(job, body, prev)
+        metrics.set_job_phase(namespace, name, prev.phase)
+        return prev.phase, ttl_left
+    # The job's Secret is read only when storage is actually asked (a handoff check, progress).
+    options = functools.cache(lambda: storage_options(job, namespace))
+    listed = kube.list_stage_jobs(namespace, name) if jobs is None else jobs
+    jobs_by_stage = observe.group_jobs_by_stage(job, job_cache.merge(namespace, name, listed))
+    check = storage_checks.verifier(
+        namespace,
+        name,
+        functools.partial(_stage_marker, job, jobs_by_stage),
+        verify or (lambda uri: storage.verify_committed(uri, options=options())),
+    )
+    observed = observe.observe_stages(job, prev, jobs_by_stage, check)
+    action = planner.plan(job, observed, admit=admission.checker(job, options=options))
+    if isinstance(action, planner.StartStage) and not action.restart:
+        # Before any pod exists: inputs present and agreeing with the spec; a problem here is a
+        # configuration error, failed at once rather than retried.
+        problems = preflight.check_stage(job, action.index, options())
+        if problems:
+            action = planner.Fail(action.index, preflight.summary(problems), code="PreflightFailed")
+    launched: dict[int, str] = {}
+    now = kube.now()
+    if isinstance(action, planner.StartStage):
+        launched[action.index] = _start_stage(job, body, action, prev, jobs_by_stage)
+    elif isinstance(action, planner.Suspend) and action.index is not None:
+        for j in jobs_by_stage[action.index]:
+            kube.delete_stage_job(namespace, j["metadata"]["name"])
+            job_cache.deleted(namespace, name, j["metadata"]["name"])
+    progress = {}
+    if (
+        isinstance(action, planner.Wait)
+        and action.index is not None
+        and observed[action.index].phase == "Running"
+    ):
+        progress[action.index] = read_progress(job, action.index, options())
+    status = observe.compute_status(
+        job, generation, prev, observed, action, jobs_by_stage, now, launched=launched, progress=progress
+    )
+    _record_metrics(job, prev, status, launched)
+    new, old = observe.dump_status(status), observe.dump_status(prev)
+    if new != old:
+        # A merge patch keeps keys it does not mention: clear the ones that no longer apply.
+        kube.patch_status(namespace, name, {**dict.fromkeys(old), **new})
+    for type_, reason, message in observe.stage_events(prev, status):
+        kube.post_event(body, type_, reason, message)
+    metrics.set_job_phase(namespace, name, status.phase)
+    ttl = job.spec.run_policy.ttl_seconds_after_finished
+    return status.phase, (float(ttl) if ttl is not None and status.phase in ("Succeeded", "Failed") else None)
+
+
+def _stage_marker(job: VLMTrainingJob, jobs_by_stage: list[list[Mapping[str, Any]]], uri: str) -> str:
+    """What must change for a failed handoff check to be worth repeating at once: the stage's current
+    Job (its name and completion time)."""
+    for i in range(len(job.spec.stages)):
+        if planner.final_uri(job, i) == uri:
+            cur = observe.current_job(jobs_by_stage[i])
+            if cur is None:
+                return ""
+            return f"{cur['metadata']['name']}@{(cur.get('status') or {}).get('completionTime', '')}"
+    return ""
 
 
 def _record_metrics(
@@ -186,12 +379,15 @@ def _invalid(body: Mapping[str, Any], prev: observe.JobStatus, generation: int |
     return "Failed"
 
 
-def _expire(job: VLMTrainingJob, body: Mapping[str, Any], status: observe.JobStatus) -> None:
-    """runPolicy.ttlSecondsAfterFinished: delete a finished job once its time is up."""
+def _expire(job: VLMTrainingJob, body: Mapping[str, Any], status: observe.JobStatus) -> float | None:
+    """runPolicy.ttlSecondsAfterFinished: delete a finished job once its time is up. Returns the seconds
+    left until then (None: no TTL, or deleted now)."""
     ttl = job.spec.run_policy.ttl_seconds_after_finished
     if ttl is None or not status.completion_time:
-        return
+        return None
     age = metrics.seconds_between(status.completion_time, kube.now())
     if age is not None and age >= ttl:
         log.info("deleting %s: finished %.0f s ago (ttlSecondsAfterFinished %d)", job.name, age, ttl)
         kube.delete_training_job(body["metadata"]["namespace"], job.name)
+        return None
+    return ttl - (age or 0.0)

@@ -11,8 +11,9 @@ from typing import Literal
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-JobPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
-StagePhaseStatus = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+# Queued: the current stage's Job exists but is suspended (Kueue holds it until admitted).
+JobPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+StagePhaseStatus = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 
 
 class _Wire(BaseModel):
@@ -27,7 +28,7 @@ class _Wire(BaseModel):
 class Condition(_Wire):
     """A standard Kubernetes condition."""
 
-    type: str = Field(description="Running, Suspended, HandoffReady, Admitted, Succeeded or Failed.")
+    type: str = Field(description="Running, Queued, Suspended, HandoffReady, Admitted, Succeeded or Failed.")
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(description="CamelCase machine-readable reason.")
     message: str = Field("", description="Human-readable detail.")
@@ -55,7 +56,7 @@ class StageStatus(_Wire):
 class JobStatus(_Wire):
     """status of a VLMTrainingJob, written by the operator."""
 
-    phase: JobPhase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
+    phase: JobPhase = Field("Pending", description="Pending, Queued, Running, Succeeded, Failed or Suspended.")
     current_stage: str | None = Field(None, description="Name of the stage running or next to run.")
     current_stage_index: int | None = None
     progress: str | None = Field(None, description="Stages done / total, e.g. '1/3'.")

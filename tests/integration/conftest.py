@@ -22,6 +22,7 @@ from s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 # The operator reads these when its handlers module is first imported (in OperatorRunner.start).
 os.environ.setdefault("VLM_OPERATOR_RESYNC_SECONDS", "1")
 os.environ.setdefault("VLM_OPERATOR_RETRY_SECONDS", "1")
+os.environ.setdefault("VLM_OPERATOR_PROGRESS_SECONDS", "1")
 FAKE_TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_trainer.py")
 
 

@@ -92,6 +92,9 @@ class KubeAPI(KubernetesEmulator):
     _watchers: dict[Any, set[asyncio.Queue]] = attrs.field(
         factory=lambda: collections.defaultdict(set), init=False
     )
+    # (group, resource[/subresource], verb) -> count of the requests the operator sent (its clients:
+    # Kopf and the `kubernetes` client), checked against vlm_operator.rbac and counted by the bench.
+    operator_requests: collections.Counter = attrs.field(factory=collections.Counter, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -115,7 +118,27 @@ class KubeAPI(KubernetesEmulator):
         self._rv += 1
         return str(self._rv)
 
+    def _audit(self, request: Any) -> None:
+        agent = str((getattr(request, "headers", None) or {}).get("User-Agent", ""))
+        if request.resource is None or not request.resource.plural:
+            return  # discovery (/api, /apis/<group>/<version>): open to every authenticated client
+        if not agent.startswith(("kopf", "OpenAPI-Generator")):
+            return
+        verb = {
+            action.LIST: "list",
+            action.WATCH: "watch",
+            action.FETCH: "get",
+            action.CREATE: "create",
+            action.DELETE: "delete",
+        }.get(request.action)
+        if request.action == action.UPDATE:
+            verb = "update" if str(getattr(request, "method", "")).upper() == "PUT" else "patch"
+        sub = getattr(request, "subresource", None)
+        resource = f"{request.resource.plural}/{sub}" if sub else request.resource.plural
+        self.operator_requests[(request.resource.group or "", resource, verb)] += 1
+
     async def _handle(self, request: Any) -> Any:  # noqa: C901 (one switch over the verbs)
+        self._audit(request)
         # kmock matches each request against views over its whole request history (O(n) per
         # request); nothing here asserts on old requests, so keep a bounded window of recent ones.
         if len(self._requests) > REQUEST_HISTORY:
@@ -403,6 +426,9 @@ class Kubelet:
     poll_seconds: float = 0.2
     pods: dict[tuple[str, str], PodProcess] = field(default_factory=dict)
     started_jobs: set[str] = field(default_factory=set)  # Job uids
+    # When set (and not yet released), a Job whose pods all succeeded is reported Complete only once
+    # this event is set: a test can fault storage between a stage's commit and its handoff.
+    completion_gate: asyncio.Event | None = None
     _task: asyncio.Task | None = None
     _session: aiohttp.ClientSession | None = None
 
@@ -643,6 +669,8 @@ class Kubelet:
                 }
             ]
         elif succeeded == job["spec"]["completions"]:
+            if self.completion_gate is not None:
+                await self.completion_gate.wait()
             patch["conditions"] = [{"type": "Complete", "status": "True", "lastTransitionTime": _now()}]
             patch["completionTime"] = _now()
         else:

@@ -18,6 +18,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from vlm_operator import builders, rbac
 from vlm_trainer import contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,6 +165,13 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def operator_account(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The operator's ServiceAccount (the chart also creates the trainer pods' one)."""
+    found = [d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"] != builders.TRAINER_SERVICE_ACCOUNT]
+    assert len(found) == 1, f"expected one operator ServiceAccount, got {len(found)}"
+    return found[0]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_chart_lints_clean_in_strict_mode(case: str) -> None:
     report = helm_python.lint(
@@ -213,11 +221,11 @@ def test_defaults_run_one_hardened_cluster_wide_operator(chart: helm_python.Char
     assert binding["subjects"] == [
         {
             "kind": "ServiceAccount",
-            "name": one(docs, "ServiceAccount")["metadata"]["name"],
+            "name": operator_account(docs)["metadata"]["name"],
             "namespace": NAMESPACE,
         }
     ]
-    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    assert pod["serviceAccountName"] == operator_account(docs)["metadata"]["name"]
 
     service = one(docs, "Service")
     assert service["spec"]["selector"] == spec["selector"]["matchLabels"]
@@ -238,34 +246,33 @@ def _rules(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
 
 
 @pytest.mark.parametrize("case", ["defaults", "single-namespace-monitoring"])
-def test_rbac_grants_what_the_operator_needs_and_no_more(chart: helm_python.Chart, case: str) -> None:
+def test_rbac_grants_exactly_the_operators_list(chart: helm_python.Chart, case: str) -> None:
+    """The role is rendered from vlm_operator.rbac (what the operator's code uses), nothing more or less;
+    the integration tests check every request the operator sends against the same list."""
+    cluster = case == "defaults"
     docs = render(chart, CASES[case])
-    role = one(docs, "ClusterRole" if case == "defaults" else "Role")
-    granted = _rules(role)
-    needed = {
-        ("training.vlm.dev", "vlmtrainingjobs"): {"get", "list", "watch", "patch"},
-        ("training.vlm.dev", "vlmtrainingjobs/status"): {"get", "patch"},
-        ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
-        ("", "pods"): {"get", "list", "watch", "delete"},
-        ("", "services"): {"create", "delete"},
-        ("", "configmaps"): {"create", "delete"},
-        ("", "events"): {"create"},
-        ("", "secrets"): {"get"},
-        ("kopf.dev", "clusterkopfpeerings" if case == "defaults" else "kopfpeerings"): {
-            "get",
-            "list",
-            "watch",
-            "patch",
-        },
-    }
-    for key, verbs in needed.items():
-        assert verbs <= granted.get(key, set()), f"{key} lacks {verbs - granted.get(key, set())}"
-    for (group, resource), verbs in granted.items():
-        assert "*" not in verbs and group != "*" and resource != "*"
-        if resource == "secrets":  # a job's storage Secret, read by name for its handoff checks
-            assert verbs == {"get"}, f"secrets must be get-only (no list/watch): {verbs}"
-        if resource in {"pods", "namespaces", "customresourcedefinitions"}:
-            assert not verbs & {"create", "update", "patch"}, f"{resource} must stay read-only: {verbs}"
+    granted = _rules(one(docs, "ClusterRole" if cluster else "Role"))
+    wanted: dict[tuple[str, str], set[str]] = {}
+    for r in rbac.rules(cluster):
+        wanted.setdefault((r.group, r.resource), set()).update(r.verbs)
+    assert granted == wanted
+
+
+def test_trainer_service_account_without_token_in_each_namespace(chart: helm_python.Chart) -> None:
+    for values, namespaces in (
+        ({}, [NAMESPACE]),
+        ({"operator": {"singleNamespace": True, "watchNamespace": "team-a"}}, ["team-a"]),
+        ({"trainer": {"serviceAccount": {"namespaces": ["ml-a", "ml-b"]}}}, ["ml-a", "ml-b"]),
+    ):
+        accounts = [
+            d for d in render(chart, values)
+            if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == builders.TRAINER_SERVICE_ACCOUNT
+        ]
+        assert [a["metadata"]["namespace"] for a in accounts] == namespaces
+        assert all(a["automountServiceAccountToken"] is False for a in accounts)
+    docs = render(chart, {"trainer": {"serviceAccount": {"create": False}}, "networkPolicy": {"enabled": False}})
+    assert builders.TRAINER_SERVICE_ACCOUNT not in [d["metadata"]["name"] for d in by_kind(docs, "ServiceAccount")]
+    assert by_kind(docs, "NetworkPolicy") == []
 
 
 def test_single_namespace_mode_and_monitoring(chart: helm_python.Chart) -> None:
@@ -312,7 +319,7 @@ def test_crds_off_custom_image(chart: helm_python.Chart) -> None:
     assert pod["containers"][0]["image"] == "registry.example.com/ml/vlm-operator:1.2.3"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["serviceAccountName"] == "vlm-bot"
-    assert one(docs, "ServiceAccount")["metadata"]["name"] == "vlm-bot"
+    assert operator_account(docs)["metadata"]["name"] == "vlm-bot"
     assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == "vlm-bot"
 
 

@@ -15,9 +15,9 @@ def test_render_prints_every_stage_object_as_yaml():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     docs = list(yaml.safe_load_all(out.stdout))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Job"] * 2
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "NetworkPolicy", "Job"] * 2
     assert {d["metadata"]["namespace"] for d in docs} == {"team-a"}
-    job = docs[2]
+    job = docs[3]
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
     command = " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"]
                        + job["spec"]["template"]["spec"]["containers"][0].get("args", []))
@@ -36,3 +36,14 @@ def test_render_rejects_an_invalid_job_by_field(tmp_path):
 def test_operator_subcommand_has_its_own_help():
     out = subprocess.run([*VLMCTL, "operator", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--liveness-port" in out.stdout
+
+
+def test_render_uses_the_jobs_own_namespace_unless_n_overrides_it(tmp_path):
+    doc = yaml.safe_load((ROOT / "crds/examples/align-instruct-s3.yaml").read_text())
+    doc["metadata"]["namespace"] = "team-b"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    for extra, want in (([], "team-b"), (["-n", "team-c"], "team-c")):
+        out = subprocess.run([*VLMCTL, "render", str(path), *extra], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(out.stdout)} == {want}

@@ -124,8 +124,9 @@ def test_no_secret_ref_means_no_env_from() -> None:
 @pytest.mark.parametrize(
     "index,gpus,expect_requests,expect_limits",
     [
-        (0, 0, None, None),
-        (0, 8, None, {"nvidia.com/gpu": "8"}),
+        # no resources.memory: the documented default memory limit, always (never unbounded)
+        (0, 0, {"memory": builders.DEFAULT_MEMORY}, {"memory": builders.DEFAULT_MEMORY}),
+        (0, 8, {"memory": builders.DEFAULT_MEMORY}, {"memory": builders.DEFAULT_MEMORY, "nvidia.com/gpu": "8"}),
         (1, 0, {"cpu": "8", "memory": "64Gi"}, {"cpu": "8", "memory": "64Gi"}),
         (1, 4, {"cpu": "8", "memory": "64Gi"}, {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "4"}),
     ],
@@ -178,8 +179,8 @@ def test_labels_and_owner_references_match_kopf_adopt() -> None:
         del bare["metadata"]["ownerReferences"]
         kopf.adopt(bare, owner=owner())
         assert obj["metadata"]["ownerReferences"] == bare["metadata"]["ownerReferences"]
-    j = objs[2]
-    assert j["metadata"]["name"] == "demo-instruct-2"
+    j = objs[3]
+    assert j["kind"] == "Job" and j["metadata"]["name"] == "demo-instruct-2"
     assert j["metadata"]["annotations"][builders.ANNOTATION_RESTARTS] == "1"
     assert j["spec"]["template"]["metadata"]["labels"][builders.LABEL_LAUNCH] == "2"
 
@@ -215,7 +216,7 @@ def test_names_fit_dns_limits_and_stay_distinct(job_name: str, stage_name: str) 
 
 def test_render_job_returns_every_object_of_every_stage() -> None:
     objs = builders.render_job(job(nodes=2), NS)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"] * 2
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "NetworkPolicy", "Job"] * 2
     assert all("ownerReferences" not in o["metadata"] for o in objs)
     owned = builders.render_job(job(nodes=2), NS, uid=UID)
     assert all(o["metadata"]["ownerReferences"][0]["uid"] == UID for o in owned)

@@ -266,7 +266,9 @@ class ResourcesSpec(Strict):
     procs_per_node: int = Field(1, gt=0, le=64, description="torchrun --nproc_per_node: processes (GPUs) per node.")
     gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod (0 on CPU).")
     cpu: str | None = Field(None, description="CPU request/limit per pod, a Kubernetes quantity, e.g. '8' or '500m'.")
-    memory: str | None = Field(None, description="Memory request/limit per pod, a Kubernetes quantity, e.g. '64Gi'.")
+    memory: str | None = Field(
+        None, description="Memory request/limit per pod, a Kubernetes quantity, e.g. '64Gi' (default when omitted: 32Gi)."
+    )
     gpu_memory_gib: float | None = Field(
         None, gt=0, le=4096, alias="gpuMemoryGiB", description="Memory of one GPU in GiB (e.g. 79.6 for an H100 80GB). The operator estimates "
         "each stage's memory per GPU before starting it and refuses a stage that does not fit "
@@ -409,6 +411,11 @@ class RunPolicySpec(Strict):
         None, description="GPU-memory admission of each stage: enforce (do not start a stage whose estimate "
         "exceeds resources.gpuMemoryGiB), warn (start it with a Warning event) or off. Default: enforce where "
         "a stage declares gpuMemoryGiB."
+    )
+    service_account_name: str | None = Field(
+        None,
+        description="ServiceAccount of the trainer pods (default: vlm-trainer, created by the chart); "
+        "its API token is never mounted.",
     )
 
 
