@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import io
 import json
 import os
 import platform
 import resource
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from datetime import datetime
@@ -56,7 +58,7 @@ def job_doc(name: str, stages: int, uri: str) -> dict[str, Any]:
         "kind": "VLMTrainingJob",
         "metadata": {"name": name, "namespace": NS},
         "spec": {
-            "model": {"visionEncoder": "v", "languageModel": "l"},
+            "model": {"visionEncoder": f"{uri}/models/vision", "languageModel": f"{uri}/models/lm"},
             "storage": {"uri": uri},
             "stages": [
                 {
@@ -70,6 +72,21 @@ def job_doc(name: str, stages: int, uri: str) -> dict[str, Any]:
             ],
         },
     }
+
+
+def write_inputs(uri: str) -> None:
+    """What the operator's preflight reads before a stage starts: the models' config.json and a tar shard
+    (the instant kubelet's stages read none of it)."""
+    vision = {"model_type": "siglip_vision_model", "image_size": 336, "patch_size": 42, "num_hidden_layers": 2}
+    storage.write_json(f"{uri}/models/vision/config.json", vision)
+    storage.write_json(f"{uri}/models/lm/config.json", {"model_type": "llama", "num_hidden_layers": 2})
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("000000.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"ok"))
+    fs, path = storage.filesystem(f"{uri}/d.tar")
+    fs.pipe(path, buf.getvalue())
 
 
 async def instant_kubelet(api: KubeAPI, http: aiohttp.ClientSession, stop: asyncio.Event, done_dir: str) -> None:
@@ -143,6 +160,7 @@ async def serve(n_jobs: int, n_stages: int, tmp: str) -> None:
             api.operator_requests.clear()  # the operator's start-up (lists, watches) is counted apart
             stop = asyncio.Event()
             kubelet = asyncio.create_task(instant_kubelet(api, http, stop, tmp))
+            write_inputs(f"file://{tmp}/store")
             t0 = time.perf_counter()
             for i in range(n_jobs):
                 doc = job_doc(f"job-{i:04d}", n_stages, f"file://{tmp}/store")
