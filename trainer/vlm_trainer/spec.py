@@ -335,6 +335,8 @@ def _strategy_rule_problems(stage: Mapping[str, Any]) -> list[str]:
     if offload == "optimizer_and_params" and strategy not in ("fsdp", "zero3"):
         out.append(f"offload: 'optimizer_and_params' needs strategy fsdp or zero3 (parameters are not sharded "
                    f"under {strategy!r})")
+    if lora is not None and strategy != "ddp":
+        out.append(f"lora: supports strategy ddp only (adapters are small; the base is replicated), got {strategy!r}")
     if qlora is True:
         if lora is None:
             out.append("qlora: true needs lora settings (stage.lora) for the adapters trained on the 4-bit base")
