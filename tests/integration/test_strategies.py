@@ -162,3 +162,62 @@ def _rank_markers(strategy: str) -> list[str]:
     if strategy == "fsdp":
         return ["__0_", "__1_"]
     return ["zero_pp_rank_0_", "zero_pp_rank_1_"]
+
+
+def test_lora_trains_adapters_and_projector_only_and_dpo_references_work(parts, tmp_path):
+    """instruct with LoRA (2 ranks, ddp) -> dpo with LoRA (reference = adapter disabled) -> dpo with fsdp
+    (reference = a sharded copy). Each DPO stage starts at loss log 2: policy == reference at step 1."""
+    from peft import PeftModel
+    from vlm_trainer.model import assemble_vlm
+
+    data = {"shards": parts["train"], "evalShards": parts["heldout"], "maxLength": 64, "shuffleBuffer": 0}
+    common = {"precision": "fp32", "batch": {"globalSize": 8, "microSize": 2}, "resources": {"procsPerNode": 2},
+              "checkpoint": {"everySteps": 100}, "schedule": {"type": "constant", "warmupRatio": 0}}
+    pref = {**data, "shards": [p.replace("conversation", "preference") for p in parts["train"]],
+            "evalShards": [p.replace("conversation", "preference") for p in parts["heldout"]], "format": "preference"}
+    job = parse_job({
+        "apiVersion": "training.vlm.dev/v1alpha1", "kind": "VLMTrainingJob", "metadata": {"name": "lora"},
+        "spec": {"model": {"visionEncoder": parts["vision"], "languageModel": parts["lm"], "imageSize": 32,
+                           "visionFeatureSelectStrategy": "full"},
+                 "storage": {"uri": f"file://{tmp_path}/storage"},
+                 "stages": [
+                     {"name": "instruct", "type": "instruct", "maxSteps": 8, **common,
+                      "data": {**data, "format": "conversation"}, "optimizer": {"lr": 5e-3, "projectorLrMultiplier": 1},
+                      "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}},
+                     {"name": "dpo-lora", "type": "dpo", "maxSteps": 2, **common, "data": pref,
+                      "optimizer": {"lr": 1e-3}, "lora": {"rank": 4, "dropout": 0.0}},
+                     {"name": "dpo-fsdp", "type": "dpo", "maxSteps": 2, **common, "data": pref,
+                      "optimizer": {"lr": 1e-3}, "strategy": "fsdp", "dpo": {"reference": "sharded"}},
+                 ]},
+    })
+    events = []
+    for index in range(3):
+        config = resolve_stage(job, index)
+        path = tmp_path / f"stage{index}.json"
+        path.write_text(json.dumps(config.dump()))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vlm_trainer", "--config", str(path)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", contract.METRICS_PORT_ENV: "0"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+        assert proc.returncode == 0, f"stage {index}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        events.append([json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"event"')])
+
+    losses = step_losses(events[0])
+    assert losses[8] < losses[1], f"LoRA did not learn: {losses}"
+    final = storage.local_path(resolve_stage(job, 0).output) + "/final"
+    trained = LlavaForConditionalGeneration.from_pretrained(final).state_dict()
+    start = assemble_vlm(job.spec.model, seed=0).model
+    initial = start.state_dict()
+    changed = {k for k in initial if not torch.equal(initial[k], trained[k])}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert {k for k in changed if "multi_modal_projector" in k} == {k for k in initial if "multi_modal_projector" in k}
+    lm_changed = changed - {k for k in changed if "multi_modal_projector" in k}
+    assert lm_changed and all("language_model" in k and k.split(".")[-2] in targets for k in lm_changed), lm_changed
+    # final/adapter/ is a PEFT adapter: on the starting model it gives final/'s weights.
+    merged = PeftModel.from_pretrained(start, final + "/adapter").merge_and_unload().state_dict()
+    assert max(float((merged[k] - trained[k]).abs().max()) for k in trained) < 1e-6
+
+    for stage_events in events[1:]:
+        first = step_losses(stage_events)[1]
+        assert first == pytest.approx(0.6931, abs=1e-4), "the policy must start equal to its DPO reference"
+    assert storage.verify_committed(resolve_stage(job, 2).output + "/final", check_sha256=True).ok
