@@ -114,9 +114,10 @@ def materialize_from_rank0(model: nn.Module, env: DistEnv) -> None:
     """Give every rank rank 0's parameters and buffers. Other ranks built the model on the meta device
     (no memory, nothing read); they allocate it here and receive the values by broadcast, so only rank 0
     ever read the checkpoint files."""
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
         to_empty_keeping_ties(model, env.device)
-    else:
+    elif any(t.device != env.device for t in tensors):  # (a 4-bit QLoRA model is loaded on its device already)
         model.to(env.device)
     if env.distributed:
         seen: set[int] = set()

@@ -83,6 +83,11 @@ class ZeroStrategy(Strategy):
         import deepspeed
 
         config = self._config()
+        # With bf16 the engine casts the module to bf16; frozen parameters never change, so rank 0 keeps
+        # their fp32 values (it read them anyway) and final/ holds them bit-identical to the inputs.
+        self.frozen_fp32 = {
+            n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if not p.requires_grad
+        } if self.bf16 and self.env.is_main else {}
         self._materialize(module, config)
         self.optimizer = make_optimizer(module)
         engine, _opt, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=config)
@@ -143,6 +148,10 @@ class ZeroStrategy(Strategy):
                     out[name] = out[seen[id(param)]]
                 continue
             seen[id(param)] = name
+            if not param.requires_grad and self.bf16:  # the same decision on every rank: no gather at all
+                if self.env.is_main:
+                    out[name] = self.frozen_fp32[name]
+                continue
             if param.requires_grad:
                 full = safe_get_full_fp32_param(param)
             else:
