@@ -228,7 +228,11 @@ class StageSpec(Strict):
     batch: BatchSpec = Field(default_factory=BatchSpec)
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; exactly one of maxSteps or epochs.")
     epochs: float | None = Field(None, gt=0, description="Passes over the data; exactly one of maxSteps or epochs.")
-    precision: Precision = Field("bf16", description="bf16 autocast (CUDA) or fp32. CPU runs always use fp32.")
+    precision: Precision = Field(
+        "bf16",
+        description="bf16 or fp32 compute. bf16 on CUDA: autocast (ddp), bf16 compute with fp32 reduce (fsdp), "
+        "DeepSpeed bf16 (zero2/zero3); master weights and optimizer state stay fp32. CPU runs compute in fp32.",
+    )
     strategy: Strategy = Field(
         "ddp",
         description="How the model is spread over processes: ddp (replicated, DistributedDataParallel), fsdp "
