@@ -93,7 +93,7 @@ def worker(parts_json: str, strategy: str, mode: str) -> None:
     if env.is_main:
         total = sum(p.numel() for p in vlm.model.parameters()) if mode == "before" else None
         print("RESULT " + json.dumps({"strategy": strategy, "mode": mode, "ranks": rows, "params": total}), flush=True)
-    dist.destroy_process_group()
+    dist.barrier()  # then exit: destroy_process_group() after the peer left hung in gloo here
 
 
 SIZES = {
