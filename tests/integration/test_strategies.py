@@ -6,7 +6,7 @@ zero2, zero3): the first-step loss equals the 1-process loss, the parameters aft
 PARAM_ATOL of it, the frozen vision tower is bit-identical to its input, every rank wrote its own
 checkpoint shard (no full-state gather on rank 0), and a run interrupted after its checkpoint resumes to
 the same next-step loss. An fsdp checkpoint written by 2 processes resumes on 1 and finishes (the refusal
-for zero2/zero3 is a pure rule, tested in tests/unit/test_strategies.py). LoRA trains on CPU: the loss falls, only the adapters
+for zero2/zero3 is a pure rule, tested in tests/unit/test_strategy_rules.py). LoRA trains on CPU: the loss falls, only the adapters
 and the projector change, and final/ and final/adapter/ load.
 """
 
