@@ -148,3 +148,12 @@ def test_freezing_and_param_groups_work_by_module_under_peft():
     apply_freezing(plain, ["projector"])
     assert {n for n, p in plain.named_parameters() if p.requires_grad} == {
         n for n, _ in plain.named_parameters() if n.startswith("model.multi_modal_projector.")}
+
+
+def test_deepspeed_and_bitsandbytes_are_imported_only_when_used():
+    code = ("import sys, torch; from vlm_trainer import trainer, strategies; "
+            "from vlm_trainer.parallel import DistEnv; "
+            "print(sorted(m for m in ('deepspeed', 'bitsandbytes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
