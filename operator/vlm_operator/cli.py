@@ -85,7 +85,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     qdir = os.path.abspath(args.dir)
     py = sys.executable
     print(f"quickstart: preparing synthetic data and stage-0 models in {qdir}", flush=True)
-    rc = subprocess.call([py, "-m", "vlm_trainer.quickstart", "prepare", "--dir", qdir, "--seed", str(args.seed)])
+    rc = subprocess.call([py, "-m", "vlm_trainer.quickstart", "prepare", "--dir", qdir, "--seed", str(args.seed),
+                          "--instruct", args.instruct])
     if rc:
         return rc
     for name in ("job.yaml", "naive.yaml"):
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dir", default="quickstart", help="working folder (data, models, storage, report)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("-v", "--verbose", action="store_true")
+    q.add_argument("--instruct", choices=["full", "zero2", "lora"], default="full",
+                   help="instruct stage: full fine-tune (ddp), DeepSpeed ZeRO-2, or LoRA adapters")
     q.set_defaults(func=cmd_quickstart)
     return p
 

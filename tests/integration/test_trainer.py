@@ -260,7 +260,8 @@ def test_killed_rank_resumes_from_last_committed_checkpoint(parts, tmp_path):
     assert len(committed) >= 2
     (older_step, _), (newest_step, newest_uri) = committed[-2], committed[-1]
     # A newest checkpoint whose bytes no longer match its manifest is skipped (same size, other sha256)...
-    model_file = storage.local_path(newest_uri) + "/model.pt"
+    (state_file,) = [f["path"] for f in storage.read_manifest(newest_uri)["files"] if f["path"] == "state/.metadata"]
+    model_file = storage.local_path(newest_uri) + "/" + state_file
     data = bytearray(open(model_file, "rb").read())
     data[-1] ^= 0xFF
     open(model_file, "wb").write(bytes(data))

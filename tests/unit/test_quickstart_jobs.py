@@ -79,3 +79,18 @@ def test_evaluate_fails_naming_the_missing_stage_output(prepared, capsys):
     out = capsys.readouterr().out
     assert "quickstart/align/final" in out and "manifest.json" in out
     assert not (tmp_path / "storage" / "quickstart" / "report.json").exists()
+
+
+@pytest.mark.parametrize("variant", ["zero2", "lora"])
+def test_instruct_variants_change_only_the_instruct_stage(prepared, variant):
+    tmp_path, paths = prepared
+    default, _ = job_documents(str(tmp_path), paths, seed=0, recipe=Recipe())
+    doc, _ = job_documents(str(tmp_path), paths, seed=0, recipe=Recipe(instruct_variant=variant))
+    job = parse_job(doc)
+    instruct = job.spec.stages[1]
+    if variant == "zero2":
+        assert instruct.strategy == "zero2" and instruct.lora is None
+    else:
+        assert instruct.strategy == "ddp" and instruct.lora.rank == 16 and instruct.optimizer.lr == pytest.approx(1e-3)
+    assert doc["spec"]["stages"][0] == default["spec"]["stages"][0]
+    assert doc["spec"]["stages"][2] == default["spec"]["stages"][2]

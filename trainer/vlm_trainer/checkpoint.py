@@ -1,17 +1,25 @@
 """Resumable checkpoints and the stage's published `final/`, through the storage layer.
 
-`<output>/checkpoint-<step>/` holds the COMPLETE resume state:
-- `model.pt`: the trainable parameters (full tensors, by name). Frozen parameters are not copied: they
-  are rebuilt bit-identically from the stage's inputs (initFrom or the component checkpoints);
-- `optimizer.pt`: AdamW state (by parameter name) and the LR scheduler's state;
-- `rng.pt`: Python, NumPy, torch (and CUDA) RNG states of every rank;
-- `trainer_state.json`: step, total steps, world size, every rank's data position, running stats.
-Rank 0 writes them to a local temp folder after gathering the per-rank parts, then `storage.commit_dir`
-uploads files first and `manifest.json` (sha256 of each file) last, then old checkpoints are pruned.
-A folder without a manifest is never loaded; a checkpoint whose hashes do not match is skipped.
+`<output>/checkpoint-<step>/` holds the COMPLETE resume state, written per rank (nothing is gathered on
+rank 0):
+- `state/`: the strategy's own sharded files: torch.distributed.checkpoint (`ddp`, `fsdp`: one
+  `__<rank>_0.distcp` per rank + `.metadata`) or DeepSpeed's checkpoint (`zero2`, `zero3`: one optimizer
+  partition per rank). Trainable parameters and optimizer state only; frozen parameters are rebuilt
+  bit-identically from the stage's inputs (initFrom or the component checkpoints);
+- `scheduler.pt`: the LR scheduler's state; `rng.pt`: Python, NumPy, torch (and CUDA) RNG states of every rank;
+- `trainer_state.json`: step, total steps, world size, strategy, every rank's data position, running stats.
+Each rank writes its files to a local temp folder and uploads them (`storage.upload_files`); then rank 0
+commits with `storage.commit_dir`, which writes `manifest.json` (sha256 of every rank's files) LAST, and
+old checkpoints are pruned. A folder without a manifest is never loaded; one whose hashes do not match is
+skipped.
 
-`<output>/final/`: `LlavaForConditionalGeneration.save_pretrained` (safetensors) + the processor, so
-`from_pretrained` loads it as is; once committed, the stage is done and a re-run does nothing.
+Resume on another world size: `ddp` and `fsdp` (DCP reshards; each new rank continues the epoch at the
+old ranks' mean position, so the order of the rest of that epoch differs from an uninterrupted run);
+`zero2`/`zero3` refuse with a message naming the strategy.
+
+`<output>/final/`: a Hugging Face folder (`config.json`, `model.safetensors` in fp32, generation config,
+processor) that `LlavaForConditionalGeneration.from_pretrained` loads as is; with LoRA also `adapter/`.
+Once committed, the stage is done and a re-run does nothing.
 """
 
 from __future__ import annotations
@@ -23,32 +31,24 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from vlm_trainer import contract, storage
 from vlm_trainer.data import DataPosition
 from vlm_trainer.parallel import DistEnv, barrier, gather_objects
+from vlm_trainer.strategies import Strategy
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
-OPTIMIZER_FILE = "optimizer.pt"
+STATE_DIR = "state"
+SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
-
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -59,6 +59,7 @@ class ResumeState:
     data_position: DataPosition
     stats: dict[str, Any] = field(default_factory=dict)
     uri: str | None = None
+    world_size: int | None = None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -78,6 +79,15 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resplit_positions(positions: list[dict[str, int]], world_size: int) -> list[DataPosition]:
+    """Data positions for another world size: every new rank resumes the oldest epoch still running, having
+    consumed the old ranks' mean share of it (samples consumed in that epoch / new world size)."""
+    old = [DataPosition.from_dict(p) for p in positions]
+    epoch = min(p.epoch for p in old)
+    consumed = sum(p.consumed if p.epoch == epoch else 0 for p in old)
+    return [DataPosition(epoch=epoch, consumed=consumed // world_size) for _ in range(world_size)]
 
 
 class Checkpointer:
@@ -102,8 +112,7 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        strategy: Strategy,
         scheduler: Any,
         position: DataPosition,
         *,
@@ -112,33 +121,38 @@ class Checkpointer:
     ) -> float:
         """Collective: every rank calls it. Returns the seconds it took (files committed, pruned)."""
         started = time.perf_counter()
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        model_sd = get_model_state_dict(model, options=_FULL)
-        optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
-        rngs = gather_objects(capture_rng(), self.env)
-        positions = gather_objects(position.to_dict(), self.env)
+        uri = storage.join(self.output, f"{contract.CHECKPOINT_PREFIX}{step}")
         if self.env.is_main:
-            tmp = tempfile.mkdtemp(prefix=f"vlm-{self.stage}-ckpt-")
-            try:
-                torch.save({k: v for k, v in model_sd.items() if k in trainable}, os.path.join(tmp, MODEL_FILE))
-                torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict()}, os.path.join(tmp, OPTIMIZER_FILE))
+            storage.remove(uri)  # a leftover of a crashed save: never mix its files (or manifest) with ours
+        barrier(self.env)
+        tmp = tempfile.mkdtemp(prefix=f"vlm-{self.stage}-ckpt-")
+        try:
+            strategy.save(os.path.join(tmp, STATE_DIR))
+            rngs = gather_objects(capture_rng(), self.env)
+            positions = gather_objects(position.to_dict(), self.env)
+            uploaded = [] if self.env.is_main else storage.upload_files(tmp, uri)
+            everyone = gather_objects(uploaded, self.env)  # also waits for every rank's upload
+            if self.env.is_main:
+                torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
                 torch.save(rngs, os.path.join(tmp, RNG_FILE))
                 state = {
                     "step": step,
                     "total_steps": total_steps,
                     "world_size": self.env.world_size,
                     "stage": self.stage,
+                    "strategy": strategy.name,
+                    "format": strategy.checkpoint_format,
                     "data_positions": positions,
-                    "trainable": sorted(trainable),
+                    "trainable": sorted(strategy.trainable_names()),
                     "stats": stats,
                 }
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump(state, f, indent=2)
-                uri = storage.join(self.output, f"{contract.CHECKPOINT_PREFIX}{step}")
-                storage.commit_dir(tmp, uri, step=step, stage=self.stage)
+                files = [entry for rank_files in everyone for entry in rank_files]
+                storage.commit_dir(tmp, uri, step=step, stage=self.stage, uploaded=files)
                 storage.prune_checkpoints(self.output, self.keep_last)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         barrier(self.env)
         return time.perf_counter() - started
 
@@ -153,53 +167,70 @@ class Checkpointer:
             log.warning("skipping checkpoint %s: %s", uri, verification.reason)
         return None
 
-    def load(
-        self, uri: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-    ) -> ResumeState:
-        """Collective: restore model (trainable part), optimizer, scheduler, this rank's RNG and data position."""
-        path = storage.download_dir(uri, tempfile.mkdtemp(prefix=f"vlm-{self.stage}-resume-"))
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
-        if state["world_size"] != self.env.world_size:
-            raise ValueError(
-                f"checkpoint {uri} was written by {state['world_size']} processes, this run has "
-                f"{self.env.world_size}: data positions are per rank, so resume with the same world size"
-            )
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(state["trainable"]) != trainable:
-            raise ValueError(f"checkpoint {uri} trained other parameters than this stage's stage.trainable")
-        model_sd = torch.load(os.path.join(path, MODEL_FILE), map_location="cpu", weights_only=True)
-        set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=False))
-        bundle = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(
-            model, optimizer, bundle["optimizer"], options=StateDictOptions(full_state_dict=True)
-        )
-        scheduler.load_state_dict(bundle["scheduler"])
-        # Our own file, written by rank 0 of this stage: it holds NumPy/Python RNG tuples, not just tensors.
-        rngs = torch.load(os.path.join(path, RNG_FILE), map_location="cpu", weights_only=False)
-        restore_rng(rngs[self.env.rank])
+    def load(self, uri: str, strategy: Strategy, scheduler: Any) -> ResumeState:
+        """Collective: restore trainable parameters, optimizer, scheduler, this rank's RNG and data position."""
+        tmp = tempfile.mkdtemp(prefix=f"vlm-{self.stage}-resume-")
+        try:
+            path = storage.download_dir(uri, tmp)
+            with open(os.path.join(path, STATE_FILE)) as f:
+                state = json.load(f)
+            check_resumable(state, uri, strategy, self.env)
+            strategy.load(os.path.join(path, STATE_DIR))
+            scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=True))
+            # Our own file, written by rank 0 of this stage: it holds NumPy/Python RNG tuples, not just tensors.
+            rngs = torch.load(os.path.join(path, RNG_FILE), map_location="cpu", weights_only=False)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        same_world = state["world_size"] == self.env.world_size
+        if same_world:
+            restore_rng(rngs[self.env.rank])
+            position = DataPosition.from_dict(state["data_positions"][self.env.rank])
+        else:
+            position = resplit_positions(state["data_positions"], self.env.world_size)[self.env.rank]
+            seed = int(state["step"]) * 1000 + self.env.rank
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
         return ResumeState(
-            step=int(state["step"]),
-            data_position=DataPosition.from_dict(state["data_positions"][self.env.rank]),
-            stats=state.get("stats", {}),
-            uri=uri,
+            step=int(state["step"]), data_position=position, stats=state.get("stats", {}), uri=uri,
+            world_size=int(state["world_size"]),
         )
 
     # --- final ------------------------------------------------------------------------------------
 
-    def publish_final(self, model: nn.Module, processor: Any, *, step: int, extra: dict[str, Any] | None = None) -> str:
-        """Collective: gather full weights, rank 0 saves HF format + processor and commits final/."""
-        model_sd = get_model_state_dict(model, options=_FULL)
-        if getattr(model.config, "tie_word_embeddings", False):
-            # Gathered copies of tied tensors are distinct; the head is re-tied on load, so store it once.
-            model_sd.pop("lm_head.weight", None)
+    def publish_final(
+        self,
+        write: Callable[[str], None],
+        *,
+        step: int,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """Rank 0: `write(folder)` fills a local folder, which is committed as final/. Collective (barrier)."""
         if self.env.is_main:
             tmp = tempfile.mkdtemp(prefix=f"vlm-{self.stage}-final-")
             try:
-                model.save_pretrained(tmp, state_dict=model_sd)
-                processor.save_pretrained(tmp)
+                write(tmp)
                 storage.commit_dir(tmp, self.final_uri, step=step, stage=self.stage, extra=extra)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         barrier(self.env)
         return self.final_uri
+
+
+def check_resumable(state: dict[str, Any], uri: str, strategy: Strategy, env: DistEnv) -> None:
+    """Refuse, with a message a user can act on, a checkpoint this run cannot continue from."""
+    fmt = state.get("format", "dcp")
+    if fmt != strategy.checkpoint_format:
+        raise ValueError(
+            f"stage.strategy: checkpoint {uri} was written by strategy {state.get('strategy')!r} ({fmt} format); "
+            f"this run uses {strategy.name!r} ({strategy.checkpoint_format}); resume with the same strategy"
+        )
+    if state["world_size"] != env.world_size and not strategy.reshardable:
+        raise ValueError(
+            f"checkpoint {uri} was written by {state['world_size']} processes, this run has {env.world_size}: "
+            f"strategy {strategy.name!r} cannot resume on another world size (its optimizer partitions are "
+            f"per rank); resume with {state['world_size']} processes, or use strategy fsdp or ddp"
+        )
+    trainable = strategy.trainable_names()
+    if set(state["trainable"]) != trainable:
+        raise ValueError(f"checkpoint {uri} trained other parameters than this stage's stage.trainable")

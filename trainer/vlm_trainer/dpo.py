@@ -56,15 +56,31 @@ def dpo_loss(
 
 
 class DPOObjective:
-    """Sum of per-pair DPO losses of a batch laid out as [chosen_1..chosen_B, rejected_1..rejected_B]."""
+    """Sum of per-pair DPO losses of a batch laid out as [chosen_1..chosen_B, rejected_1..rejected_B].
+
+    The reference is either a frozen module (`reference`, placed by the strategy like the policy) or,
+    for LoRA, the policy's own PEFT model with its adapter disabled (`adapter_host`): same base weights,
+    no second copy.
+    """
 
     stat_names = ("reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward")
 
-    def __init__(self, reference: nn.Module, beta: float):
+    def __init__(self, reference: nn.Module | None, beta: float, *, adapter_host: nn.Module | None = None):
+        if (reference is None) == (adapter_host is None):
+            raise ValueError("DPOObjective: give exactly one of reference or adapter_host")
         self.reference = reference
+        self.adapter_host = adapter_host
         self.beta = beta
-        reference.eval()
-        reference.requires_grad_(False)
+        if reference is not None:
+            reference.eval()
+            reference.requires_grad_(False)
+
+    def reference_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.reference is not None:
+            return self.reference(**inputs, use_cache=False).logits
+        assert self.adapter_host is not None
+        with self.adapter_host.disable_adapter():  # type: ignore[operator]
+            return self.adapter_host(**inputs, use_cache=False).logits
 
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> int:
@@ -74,7 +90,7 @@ class DPOObjective:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         policy = sequence_logps(model(**inputs, use_cache=False).logits, batch["labels"])
         with torch.no_grad():
-            reference = sequence_logps(self.reference(**inputs, use_cache=False).logits, batch["labels"])
+            reference = sequence_logps(self.reference_logits(inputs), batch["labels"])
         n = self.count(batch)
         terms = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta)
         stats = {

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoProcessor,
@@ -90,25 +91,37 @@ def _hw(size: object) -> tuple[int, int]:
     raise ModelConfigError(f"image processor size {size!r} has neither height/width nor shortest_edge")
 
 
-def build_vlm(model_spec: ModelSpec, init_from: str | None, *, seed: int) -> VLM:
-    """The stage's starting model: from `init_from` (previous stage's final/) or assembled from parts."""
+def build_vlm(model_spec: ModelSpec, init_from: str | None, *, seed: int, materialize: bool = True) -> VLM:
+    """The stage's starting model: from `init_from` (previous stage's final/) or assembled from parts.
+
+    `materialize=False` builds the same model on the meta device (config and processor only, no weights
+    read): ranks other than 0 do that, and the strategy fills them from rank 0 (memory-safe build).
+    """
     if init_from is not None:
-        return load_vlm(init_from)
-    return assemble_vlm(model_spec, seed=seed)
+        return load_vlm(init_from, materialize=materialize)
+    return assemble_vlm(model_spec, seed=seed, materialize=materialize)
 
 
-def load_vlm(uri: str) -> VLM:
+def load_vlm(uri: str, *, materialize: bool = True) -> VLM:
     """A committed stage output (`final/`): LlavaForConditionalGeneration + AutoProcessor, fp32."""
     verification = storage.verify_committed(uri, check_sha256=True)
     if not verification.ok:
         raise ModelConfigError(f"initFrom: {verification.reason}")
     path = local_dir(uri, "initFrom")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(path)
+    if not materialize:
+        return VLM(skeleton(LlavaConfig.from_pretrained(path)), processor)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     return VLM(model, processor)
 
 
-def assemble_vlm(model_spec: ModelSpec, *, seed: int) -> VLM:
+def skeleton(config: LlavaConfig) -> LlavaForConditionalGeneration:
+    """The model's structure on the meta device: no memory, no initialisation; weights come later."""
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config)
+
+
+def assemble_vlm(model_spec: ModelSpec, *, seed: int, materialize: bool = True) -> VLM:
     """Join a pretrained vision encoder and causal LM with a new projector (seeded: every rank builds
     the same initial projector, which FSDP requires and DDP checks)."""
     vision_path = local_dir(model_spec.vision_encoder, "spec.model.visionEncoder")
@@ -122,18 +135,19 @@ def assemble_vlm(model_spec: ModelSpec, *, seed: int) -> VLM:
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
+    added_image_token = IMAGE_TOKEN not in tokenizer.get_vocab()
+    if added_image_token:
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-        lm.resize_token_embeddings(len(tokenizer))
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    lm_config = AutoConfig.from_pretrained(lm_path)
+    if added_image_token:
+        lm_config.vocab_size = len(tokenizer)
 
-    vision = AutoModel.from_pretrained(vision_path, dtype=torch.float32)
-    vision_config = vision.config
+    vision_config = AutoConfig.from_pretrained(vision_path)
     if getattr(vision_config, "model_type", "") not in ("siglip_vision_model", "clip_vision_model"):
         raise ModelConfigError(
             f"spec.model.visionEncoder: expected a SigLIP or CLIP vision model, got "
-            f"{type(vision).__name__} ({vision_config.model_type})"
+            f"{type(vision_config).__name__} ({vision_config.model_type})"
         )
     if vision_config.image_size != model_spec.image_size:
         raise ModelConfigError(
@@ -161,18 +175,26 @@ def assemble_vlm(model_spec: ModelSpec, *, seed: int) -> VLM:
 
     config = LlavaConfig(
         vision_config=vision_config.to_dict(),
-        text_config=lm.config.to_dict(),
+        text_config=lm_config.to_dict(),
         image_token_index=image_token_id,
         image_seq_length=image_token_count(processor),
         projector_hidden_act="gelu",
         vision_feature_layer=model_spec.vision_feature_layer,
         vision_feature_select_strategy=model_spec.vision_feature_select_strategy,
-        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+        tie_word_embeddings=bool(getattr(lm_config, "tie_word_embeddings", False)),
     )
+    if not materialize:
+        return VLM(skeleton(config), processor)
+
+    lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)
+    if added_image_token:
+        lm.resize_token_embeddings(len(tokenizer))
+    vision = AutoModel.from_pretrained(vision_path, dtype=torch.float32)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(vision.state_dict())
     lm_state = lm.state_dict()
+    del lm, vision
     model.model.language_model.load_state_dict(
         {k.removeprefix("model."): v for k, v in lm_state.items() if k.startswith("model.")}
     )
@@ -185,52 +207,69 @@ def assemble_vlm(model_spec: ModelSpec, *, seed: int) -> VLM:
     return VLM(model, processor)
 
 
-def part_modules(model: LlavaForConditionalGeneration) -> dict[str, list[nn.Module]]:
-    """The three trainable parts by name (the LM part includes the LM head, tied or not)."""
+def llava_of(model: nn.Module) -> LlavaForConditionalGeneration:
+    """The LlavaForConditionalGeneration inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def part_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The three parts as modules (the LM part includes the LM head, tied or not). Parts are found by
+    module, not by parameter name, so a PEFT-wrapped model needs no special case."""
+    llava = llava_of(model)
     return {
-        "projector": [model.model.multi_modal_projector],
-        "language_model": [model.model.language_model, model.lm_head],
-        "vision_tower": [model.model.vision_tower],
+        "projector": [llava.model.multi_modal_projector],
+        "language_model": [llava.model.language_model, llava.lm_head],
+        "vision_tower": [llava.model.vision_tower],
     }
 
 
-def part_of(name: str) -> str:
-    """Which part a parameter name of LlavaForConditionalGeneration belongs to."""
-    if name.startswith("model.multi_modal_projector."):
-        return "projector"
-    if name.startswith("model.vision_tower."):
-        return "vision_tower"
-    if name.startswith(("model.language_model.", "lm_head.")):
-        return "language_model"
-    raise ValueError(f"parameter {name!r} belongs to no known part of LlavaForConditionalGeneration")
+def parameter_parts(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> the part it belongs to."""
+    out: dict[int, str] = {}
+    for part, modules in part_modules(model).items():
+        for module in modules:
+            for p in module.parameters():
+                out.setdefault(id(p), part)
+    return out
 
 
-def apply_freezing(model: LlavaForConditionalGeneration, trainable: list[str]) -> None:
-    """Only the stage's trainable parts get gradients; a frozen vision tower runs in eval mode."""
+def check_parts(trainable: list[str]) -> None:
     unknown = set(trainable) - set(PARTS)
     if unknown:
         raise ValueError(f"stage.trainable: unknown parts {sorted(unknown)}; allowed: {list(PARTS)}")
+
+
+def apply_freezing(model: nn.Module, trainable: list[str]) -> None:
+    """Only the stage's trainable parts get gradients; a frozen vision tower runs in eval mode."""
+    check_parts(trainable)
+    parts = parameter_parts(model)
     for name, param in model.named_parameters():
-        param.requires_grad_(part_of(name) in trainable)
+        if id(param) not in parts:
+            raise ValueError(f"parameter {name!r} belongs to no known part of LlavaForConditionalGeneration")
+        param.requires_grad_(parts[id(param)] in trainable)
+    set_train_modes(model, trainable)
+
+
+def set_train_modes(model: nn.Module, trainable: list[str]) -> None:
+    """Train mode, except a frozen vision tower (eval: no dropout in a part that does not learn)."""
     model.train()
     if "vision_tower" not in trainable:
-        model.model.vision_tower.eval()
+        llava_of(model).model.vision_tower.eval()
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def param_groups(model: LlavaForConditionalGeneration, stage: StageSpec) -> list[dict]:
-    """AdamW groups: projector at lr x projectorLrMultiplier, the rest at lr; no decay on norms/biases."""
+def param_groups(model: nn.Module, stage: StageSpec) -> list[dict]:
+    """AdamW groups: projector at lr x projectorLrMultiplier, the rest at lr; no decay on norms/biases.
+    Each group carries `part` ("projector" or "model") so the loop can report the lr actually used."""
     opt = stage.optimizer
     lr = float(opt.lr)
     mult = float(opt.projector_lr_multiplier)
+    parts = parameter_parts(model)
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
-        key = (part_of(name) == "projector", param.ndim >= 2)
+        key = (parts.get(id(param)) == "projector", param.ndim >= 2)
         buckets.setdefault(key, []).append(param)
     groups = []
     for (is_projector, decays), params in sorted(buckets.items()):
@@ -238,5 +277,6 @@ def param_groups(model: LlavaForConditionalGeneration, stage: StageSpec) -> list
             "params": params,
             "lr": lr * mult if is_projector else lr,
             "weight_decay": opt.weight_decay if decays else 0.0,
+            "part": "projector" if is_projector else "model",
         })
     return groups

@@ -1,14 +1,12 @@
-"""Process group, device, and data parallelism applied to a single-device model from outside.
+"""Process group, device, and the few collectives the loop and the strategies use.
 
-The model never sees a rank: `apply_ddp` wraps it, `apply_fsdp` shards it in place with FSDP2
-(`fully_shard` per decoder/encoder layer, then the root), in that fixed order after activation
-checkpointing. Collectives used by the loop (sums, object gathers) live here too.
+The model never sees a rank: how it is replicated or sharded is a strategy's business
+(`vlm_trainer.strategies`), applied from outside after freezing and activation checkpointing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -71,43 +68,12 @@ def set_threads(env: DistEnv) -> int:
     return threads
 
 
-def apply_ddp(model: nn.Module, env: DistEnv, *, find_unused_parameters: bool) -> DistributedDataParallel:
-    """Replicate with DDP. Buffers are not re-broadcast each forward: they are constants here (rotary
-    frequencies, position ids) and the broadcast would be a collective inside eval forwards."""
-    # torch 2.13 renamed the per-forward switch; older releases (the GPU machine's 2.11) only know the old one.
-    params = inspect.signature(DistributedDataParallel.__init__).parameters
-    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    return DistributedDataParallel(
-        model,
-        device_ids=[env.device.index] if env.device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters,
-        **no_buffer_sync,
-    )
-
-
-def apply_fsdp(model: nn.Module, *, layers: list[nn.Module]) -> nn.Module:
-    """FSDP2: shard each transformer block, then the root (embeddings, projector, heads). In place."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
 def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     """Element-wise sum over ranks (float64 on the collective's device)."""
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
     if env.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
-
-
-def all_reduce_max(value: int, env: DistEnv) -> int:
-    t = torch.tensor([value], dtype=torch.long, device=env.device)
-    if env.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
@@ -131,3 +97,31 @@ def parameter_sha256(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def to_empty_keeping_ties(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device model on `device` (uninitialised). Tensors are swapped in place, so a
+    parameter shared by two modules (tied embeddings/LM head) stays one parameter."""
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def materialize_from_rank0(model: nn.Module, env: DistEnv) -> None:
+    """Give every rank rank 0's parameters and buffers. Other ranks built the model on the meta device
+    (no memory, nothing read); they allocate it here and receive the values by broadcast, so only rank 0
+    ever read the checkpoint files."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        to_empty_keeping_ties(model, env.device)
+    elif any(t.device != env.device for t in tensors):  # (a 4-bit QLoRA model is loaded on its device already)
+        model.to(env.device)
+    if env.distributed:
+        seen: set[int] = set()
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                dist.broadcast(t.data, src=0)

@@ -38,7 +38,9 @@ StageType = Literal["align", "instruct", "dpo"]
 DataFormat = Literal["caption", "conversation", "preference"]
 TrainablePart = Literal["projector", "language_model", "vision_tower"]
 Precision = Literal["bf16", "fp32"]
-Strategy = Literal["ddp", "fsdp"]
+Strategy = Literal["ddp", "fsdp", "zero2", "zero3"]
+Offload = Literal["none", "optimizer", "optimizer_and_params"]
+DPOReference = Literal["auto", "sharded", "adapter_disabled"]
 
 # Upper bounds, each with the reason a user sees when a value is past it.
 BOUND_REASONS: dict[str, str] = {
@@ -250,6 +252,28 @@ class DPOSpec(Strict):
     """Direct Preference Optimization (Rafailov et al. 2023) with a frozen reference model."""
 
     beta: float = Field(0.1, gt=0, le=100, description="KL strength; the implicit reward is beta * log-ratio.")
+    reference: DPOReference = Field(
+        "auto",
+        description="Where the frozen reference's log-probs come from. sharded: a second copy of the "
+        "starting weights, placed by the stage's strategy like the policy (FSDP/ZeRO-3 shard it); "
+        "adapter_disabled: the policy with its "
+        "LoRA adapter switched off (lora stages only). auto: adapter_disabled with lora, else sharded.",
+    )
+
+
+class LoRASpec(Strict):
+    """PEFT LoRA on the language model: frozen base weights plus trainable low-rank adapters."""
+
+    rank: int = Field(16, gt=0, le=4096, description="LoRA rank r of each adapter.")
+    alpha: float = Field(32.0, gt=0, le=65536, description="LoRA scaling numerator (scale = alpha / rank).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names (last path component) of the language model that get adapters; default "
+        "the LM's attention and MLP projections. Vision-tower modules get adapters only if 'vision_tower' "
+        "is in stage.trainable. The projector is always fully trained (PEFT modules_to_save).",
+    )
 
 
 class CheckpointSpec(Strict):
@@ -304,8 +328,30 @@ class StageSpec(Strict):
     batch: BatchSpec = Field(default_factory=BatchSpec)
     max_steps: int | None = Field(None, gt=0, le=1_000_000_000, description="Optimizer steps; exactly one of maxSteps or epochs.")
     epochs: float | None = Field(None, gt=0, le=10_000, description="Passes over the data; exactly one of maxSteps or epochs.")
-    precision: Precision = Field("bf16", description="bf16 autocast (CUDA) or fp32. CPU runs always use fp32.")
-    strategy: Strategy = Field("ddp", description="Data parallelism: ddp (replicated) or fsdp (FSDP2 fully_shard).")
+    precision: Precision = Field(
+        "bf16",
+        description="bf16 or fp32 compute. bf16 on CUDA: autocast (ddp), bf16 compute with fp32 reduce (fsdp), "
+        "DeepSpeed bf16 (zero2/zero3); master weights and optimizer state stay fp32. CPU runs compute in fp32.",
+    )
+    strategy: Strategy = Field(
+        "ddp",
+        description="How the model is spread over processes: ddp (replicated, DistributedDataParallel), fsdp "
+        "(FSDP2 fully_shard per block, bf16 compute / fp32 reduce and master weights), zero2 (DeepSpeed ZeRO-2: "
+        "optimizer state and gradients sharded) or zero3 (DeepSpeed ZeRO-3: parameters sharded too).",
+    )
+    offload: Offload = Field(
+        "none",
+        description="CPU offload: none, optimizer (optimizer state in host memory; fsdp, zero2, zero3) or "
+        "optimizer_and_params (parameters too; fsdp and zero3).",
+    )
+    lora: LoRASpec | None = Field(
+        None, description="Train PEFT LoRA adapters on the language model instead of its full weights."
+    )
+    qlora: bool = Field(
+        False,
+        description="QLoRA: the frozen base in 4-bit NF4 with double quantisation (bitsandbytes), bf16 compute, "
+        "paged AdamW. Needs lora and CUDA GPUs (resources.gpusPerNode > 0); strategy ddp only.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, data order and dropout (rank r uses seed + r).")
     dpo: DPOSpec | None = Field(None, description="DPO settings (type dpo only).")
@@ -379,6 +425,7 @@ def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
             out.append(f"dpo: only valid for type dpo, this stage is {stype!r}")
         if fmt == "preference":
             out.append(f"data.format: 'preference' data needs type dpo, this stage is {stype!r}")
+    out += _strategy_rule_problems(stage)
     batch, res = stage.get("batch") or {}, stage.get("resources") or {}
     sizes = (num(batch, BatchSpec, "globalSize"), num(batch, BatchSpec, "microSize"),
              num(res, ResourcesSpec, "nodes"), num(res, ResourcesSpec, "procsPerNode"))
@@ -387,6 +434,34 @@ def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
         if glob % (micro * nodes * procs):
             out.append(f"batch.globalSize: {glob} must be a multiple of batch.microSize ({micro}) x world size "
                        f"({nodes * procs} = resources.nodes x resources.procsPerNode)")
+    return out
+
+
+def _strategy_rule_problems(stage: Mapping[str, Any]) -> list[str]:
+    """Rules tying strategy, offload, lora, qlora and the DPO reference together."""
+    out = []
+    strategy, offload = stage.get("strategy", "ddp"), stage.get("offload", "none")
+    lora, qlora = stage.get("lora"), stage.get("qlora", False)
+    raw_res = stage.get("resources")
+    res: Mapping[str, Any] = raw_res if isinstance(raw_res, Mapping) else {}
+    if offload == "optimizer" and strategy == "ddp":
+        out.append("offload: 'optimizer' needs strategy fsdp, zero2 or zero3 (ddp keeps everything on the device)")
+    if offload == "optimizer_and_params" and strategy not in ("fsdp", "zero3"):
+        out.append(f"offload: 'optimizer_and_params' needs strategy fsdp or zero3 (parameters are not sharded "
+                   f"under {strategy!r})")
+    if lora is not None and strategy != "ddp":
+        out.append(f"lora: supports strategy ddp only (adapters are small; the base is replicated), got {strategy!r}")
+    if qlora is True:
+        if lora is None:
+            out.append("qlora: true needs lora settings (stage.lora) for the adapters trained on the 4-bit base")
+        if res.get("gpusPerNode", 0) == 0:
+            out.append("qlora: true needs CUDA GPUs (bitsandbytes 4-bit); set resources.gpusPerNode > 0 or "
+                       "use lora without qlora on CPU")
+        if strategy != "ddp":
+            out.append(f"qlora: true supports strategy ddp only, got {strategy!r}")
+    dpo = stage.get("dpo")
+    if isinstance(dpo, Mapping) and dpo.get("reference") == "adapter_disabled" and lora is None:
+        out.append("dpo.reference: 'adapter_disabled' needs lora (the reference is the base without adapters)")
     return out
 
 

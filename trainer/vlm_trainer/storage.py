@@ -124,12 +124,38 @@ def _sha256(f: Any) -> str:
     return h.hexdigest()
 
 
-def commit_dir(local_dir: str, uri: str, *, step: int, stage: str, extra: dict[str, Any] | None = None,
-               options: Options | None = None) -> str:
+def upload_files(local_dir: str, uri: str, *, options: Options | None = None) -> list[dict[str, Any]]:
+    """Upload every file under `local_dir` into `uri` (no manifest) and return their manifest entries, for
+    a folder that several processes write and one commits (`commit_dir(..., uploaded=entries)`)."""
+    fs, path = filesystem(uri, options)
+    entries = []
+    for root, _dirs, names in os.walk(local_dir):
+        for n in sorted(names):
+            full = os.path.join(root, n)
+            rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
+            dst = f"{path}/{rel}"
+            fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(full, dst)
+            with open(full, "rb") as fh:
+                entries.append({"path": rel, "size": os.path.getsize(full), "sha256": _sha256(fh)})
+    return entries
+
+
+def commit_dir(
+    local_dir: str,
+    uri: str,
+    *,
+    step: int,
+    stage: str,
+    extra: dict[str, Any] | None = None,
+    uploaded: list[dict[str, Any]] | None = None,
+    options: Options | None = None,
+) -> str:
     """Publish a local folder at `uri` as a committed checkpoint: files first, manifest.json last.
 
     A stale manifest at `uri` is removed first, so a crash mid-upload never leaves a manifest that
-    lists files from another save.
+    lists files from another save. `uploaded`: entries of files other processes already put there
+    (`upload_files`); the manifest lists them too.
     """
     files: list[dict[str, Any]] = []
     for root, _dirs, names in os.walk(local_dir):
@@ -150,6 +176,7 @@ def commit_dir(local_dir: str, uri: str, *, step: int, stage: str, extra: dict[s
         if "/" in f["path"]:
             fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(src, dst)
+    files += uploaded or []
     manifest = {"step": step, "stage": stage, "files": files, "committed_at": time.time(), **(extra or {})}
     with fs.open(f"{path}/{MANIFEST}", "w") as fh:
         fh.write(json.dumps(manifest, indent=2))

@@ -1,15 +1,15 @@
 """The training loop of one stage: a `Trainer` whose parts are typed attributes, built once, run once.
 
-Order of assembly (torchtitan's): model (from initFrom or the parts) -> freezing -> activation
-checkpointing -> data parallelism (DDP or FSDP2) -> optimizer and schedule -> resume from the newest
-verified checkpoint. Then: steps with gradient accumulation, clipping, checkpoints every N steps,
+Order of assembly (torchtitan's): model (from initFrom or the parts; on rank 0 only, other ranks build it
+on the meta device) -> freezing or LoRA adapters -> activation checkpointing -> the stage's strategy
+(`vlm_trainer.strategies`: DDP, FSDP2 or DeepSpeed ZeRO-2/3) materialises and wraps model and optimizer
+together -> schedule -> resume from the newest verified checkpoint. The loop has no strategy branches. Then: steps with gradient accumulation, clipping, checkpoints every N steps,
 progress lines and Prometheus metrics; at the end evaluation on the held-out shards, `eval.json`, and
 `final/` (published last: a committed final/ means the stage is done, and a re-run does nothing).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -21,27 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from vlm_trainer import accounting, contract, storage
+from vlm_trainer import accounting, contract, lora, storage
 from vlm_trainer.checkpoint import Checkpointer, ResumeState
 from vlm_trainer.data import DataPosition, TrainStream, count_samples, eval_samples
 from vlm_trainer.dpo import DPOObjective
+from vlm_trainer.final import write_hf_folder
 from vlm_trainer.metrics import TrainerMetrics
-from vlm_trainer.model import VLM, apply_freezing, build_vlm, param_groups
+from vlm_trainer.model import VLM, apply_freezing, build_vlm, llava_of, param_groups, set_train_modes
 from vlm_trainer.objective import CausalLMObjective, Objective
-from vlm_trainer.optim import build_optimizer, build_scheduler, lr_multiplier
-from vlm_trainer.parallel import (
-    DistEnv,
-    all_reduce_sum,
-    apply_ddp,
-    apply_fsdp,
-    gather_objects,
-    parameter_sha256,
-)
+from vlm_trainer.optim import build_optimizer, build_scheduler
+from vlm_trainer.parallel import DistEnv, all_reduce_sum
 from vlm_trainer.progress import ProgressReporter, emit
 from vlm_trainer.samples import SampleEncoder, collate, collate_pairs
-from vlm_trainer.spec import TrainerConfig
+from vlm_trainer.spec import StageSpec, TrainerConfig
+from vlm_trainer.strategies import Strategy, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +51,18 @@ def total_steps_of(config: TrainerConfig) -> int:
     return max(1, math.ceil(stage.epochs * samples / stage.batch.global_size))
 
 
+def dpo_reference_mode(stage: StageSpec) -> str:
+    """stage.dpo.reference with `auto` resolved: the adapter-disabled policy for LoRA, else a sharded copy."""
+    assert stage.dpo is not None
+    if stage.dpo.reference != "auto":
+        return stage.dpo.reference
+    return "adapter_disabled" if stage.lora is not None else "sharded"
+
+
 @dataclass
 class StepResult:
     loss: float
+    lr: float  # the base (non-projector) learning rate the optimizer used for this step
     grad_norm: float
     tokens: int
     samples: int
@@ -76,9 +79,8 @@ class Trainer:
     config: TrainerConfig
     env: DistEnv
     vlm: VLM
-    model: nn.Module  # the module trained through: DDP wrapper, FSDP2-sharded model, or the model itself
+    strategy: Strategy  # owns the wrapped model, the optimizer, backward/step and sharded state
     objective: Objective
-    optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     encoder: SampleEncoder
     stream: TrainStream
@@ -94,40 +96,47 @@ class Trainer:
         self.config, self.env = config, env
         stage = config.stage
         self.started = time.perf_counter()
+        lora.check_qlora_device(stage, env.device)
         self.total_steps = total_steps_of(config)
         self.checkpointer = Checkpointer(
             config.output, stage.name, every_steps=stage.checkpoint.every_steps,
             keep_last=stage.checkpoint.keep_last, env=env,
         )
+        self.strategy = build_strategy(stage, env)
 
-        self.vlm = build_vlm(config.model, config.init_from, seed=stage.seed)
-        hf = self.vlm.model
-        apply_freezing(hf, list(stage.trainable))
+        # Memory-safe build: only rank 0 reads the weights (each rank its own 4-bit copy for QLoRA).
+        reads_weights = env.is_main or stage.qlora
+        self.vlm = build_vlm(config.model, config.init_from, seed=stage.seed, materialize=reads_weights)
+        module: nn.Module = self.vlm.model
+        if stage.qlora:
+            module = lora.quantized_copy(self.vlm, env.device)
+        if stage.lora is not None:
+            module = lora.apply_lora(module, stage, env.device)
+            set_train_modes(module, list(stage.trainable))
+        else:
+            apply_freezing(module, list(stage.trainable))
         if stage.gradient_checkpointing:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        hf.to(env.device)
-        self.model = self._parallelize(hf)
+            llava_of(module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        make_optimizer = lora.paged_adamw if stage.qlora else build_optimizer
+        self.strategy.prepare(module, lambda m: make_optimizer(param_groups(m, stage), stage))
 
         if stage.type == "dpo":
-            reference = build_vlm(config.model, config.init_from, seed=stage.seed).model.to(env.device)
-            self.objective = DPOObjective(reference, beta=stage.dpo.beta)
+            self.objective = self._dpo_objective(reads_weights)
         else:
             self.objective = CausalLMObjective()
 
-        self.optimizer = build_optimizer(param_groups(hf, stage), stage)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, stage.schedule)
+        self.scheduler = build_scheduler(self.strategy.optimizer, self.total_steps, stage.schedule)
         self.encoder = SampleEncoder(self.vlm.processor, self.vlm.image_token_count, stage.data.max_length)
-        self.n_parameters = sum(p.numel() for p in hf.parameters())
-        self.flop_rates = accounting.flops_for_trainer(hf.config.to_dict(), stage)  # the estimator's FLOPs (MFU)
+        self.flop_rates = accounting.flops_for_trainer(llava_of(module).config.to_dict(), stage)  # the estimator's FLOPs (MFU)
 
         self.step, self.stats = 0, {}
         position = DataPosition()
         self.resumed: ResumeState | None = None
         latest = self.checkpointer.latest_verified()
         if latest is not None:
-            self.resumed = self.checkpointer.load(latest[1], hf, self.optimizer, self.scheduler)
+            self.resumed = self.checkpointer.load(latest[1], self.strategy, self.scheduler)
             self.step, self.stats, position = self.resumed.step, self.resumed.stats, self.resumed.data_position
-            self._emit("resume", step=self.step, checkpoint=self.resumed.uri)
+            self._emit("resume", step=self.step, checkpoint=self.resumed.uri, from_world_size=self.resumed.world_size)
         else:
             # Different data-order/dropout streams per rank; the model was initialised identically above.
             random.seed(stage.seed + env.rank)
@@ -144,19 +153,18 @@ class Trainer:
 
     @property
     def hf_model(self) -> nn.Module:
-        """The LlavaForConditionalGeneration itself (for FSDP2, the sharded root)."""
-        return self.vlm.model
+        """The model itself (PEFT-wrapped with LoRA; sharded in place under FSDP2/ZeRO-3)."""
+        return self.strategy.module
 
-    def _parallelize(self, hf: nn.Module) -> nn.Module:
-        stage, env = self.config.stage, self.env
-        if not env.distributed:
-            return hf
-        if stage.strategy == "fsdp":
-            layers = list(hf.model.language_model.layers) + list(_vision_layers(hf))
-            return apply_fsdp(hf, layers=layers)
-        # A trainable vision tower has parameters outside the selected feature layer (last block,
-        # post-norm, pooling head) that never get a gradient; DDP must be told to expect that.
-        return apply_ddp(hf, env, find_unused_parameters="vision_tower" in stage.trainable)
+    def _dpo_objective(self, reads_weights: bool) -> DPOObjective:
+        stage = self.config.stage
+        assert stage.dpo is not None
+        mode = dpo_reference_mode(stage)
+        if mode == "adapter_disabled":
+            return DPOObjective(None, beta=stage.dpo.beta, adapter_host=self.hf_model)
+        reference = build_vlm(self.config.model, self.config.init_from, seed=stage.seed, materialize=reads_weights).model
+        reference.requires_grad_(False)
+        return DPOObjective(self.strategy.prepare_frozen(reference), beta=stage.dpo.beta)
 
     def _start_metrics(self) -> TrainerMetrics | None:
         try:
@@ -184,19 +192,6 @@ class Trainer:
         items = [self.encoder.encode(next(self.stream), fmt) for _ in range(self.config.stage.batch.micro_size)]
         return self._collate(items)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.env.device.type == "cuda" and self.config.stage.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-        if isinstance(self.model, DistributedDataParallel):
-            return contextlib.nullcontext() if sync else self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):
-            self.model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-
     # --- one optimizer step -----------------------------------------------------------------------
 
     def train_step(self) -> StepResult:
@@ -212,25 +207,26 @@ class Trainer:
         loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
         stat_sums = {name: 0.0 for name in self.objective.stat_names}
         local_tokens = local_samples = 0
+        strategy = self.strategy
         for i, batch in enumerate(batches):
-            with self._grad_sync(i == len(batches) - 1):
-                with self._autocast():
-                    micro_loss, stats = self.objective(self.model, batch)
-                (micro_loss * scale).backward()
+            with strategy.micro_step(last=i == len(batches) - 1):
+                with strategy.autocast():
+                    micro_loss, stats = self.objective(strategy.model, batch)
+                strategy.backward(micro_loss * scale)
             loss_sum += micro_loss.detach().double()
             for name, value in stats.items():
                 stat_sums[name] += float(value)
             local_tokens += int(batch["attention_mask"].sum())
             local_samples += self.objective.count(batch) if stage.type == "dpo" else batch["input_ids"].shape[0]
-        grad_norm = self._clip_gradients()
-        self.optimizer.step()
+        lr_used = self._current_lr()
+        grad_norm = strategy.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         names = list(stat_sums)
         sums = all_reduce_sum([float(loss_sum), local_tokens, local_samples, *stat_sums.values()], env)
         denominator = max(global_units, 1.0)
         return StepResult(
             loss=sums[0] / denominator,
+            lr=lr_used,
             grad_norm=grad_norm,
             tokens=int(sums[1]),
             samples=int(sums[2]),
@@ -241,15 +237,11 @@ class Trainer:
             stats={n: sums[3 + i] / max(sums[2], 1.0) for i, n in enumerate(names)},
         )
 
-    def _clip_gradients(self) -> float:
-        params = [p for p in self.hf_model.parameters() if p.requires_grad and p.grad is not None]
-        if not params:
-            return 0.0
-        max_norm = self.config.stage.optimizer.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+    def _current_lr(self) -> float:
+        """The learning rate the optimizer is about to use (base group; the projector's is a multiple)."""
+        groups = self.strategy.optimizer.param_groups
+        base = [g for g in groups if g.get("part") != "projector"] or groups
+        return float(base[0]["lr"])
 
     # --- the stage --------------------------------------------------------------------------------
 
@@ -261,7 +253,6 @@ class Trainer:
         )
         progress = ProgressReporter(self.config.output, self.total_steps, is_main=env.is_main, start_step=self.step)
         while self.step < self.total_steps:
-            lr_now = float(stage.optimizer.lr) * lr_multiplier(self.step, self.total_steps, stage.schedule)
             result = self.train_step()
             self.step += 1
             self.stats.setdefault("train_loss_first", result.loss)
@@ -270,16 +261,16 @@ class Trainer:
                 self.step,
                 step_seconds=result.seconds,
                 loss=result.loss,
-                lr=lr_now,
+                lr=result.lr,
                 tokens_per_second=result.tokens / result.seconds,
                 samples_per_second=result.samples / result.seconds,
                 grad_norm=result.grad_norm,
                 **result.stats,
             )
-            self._observe(result, lr_now, eta)
+            self._observe(result, result.lr, eta)
             if self.checkpointer.due(self.step, self.total_steps):
                 seconds = self.checkpointer.save(
-                    self.step, self.hf_model, self.optimizer, self.scheduler, self.stream.position,
+                    self.step, self.strategy, self.scheduler, self.stream.position,
                     total_steps=self.total_steps, stats=self.stats,
                 )
                 if self.metrics is not None:
@@ -302,15 +293,31 @@ class Trainer:
         if env.is_main:
             storage.write_json(storage.join(self.config.output, contract.EVAL_FILE), report)
         self._emit("eval", **evaluation)
-        final = self.checkpointer.publish_final(
-            self.hf_model, self.vlm.processor, step=self.total_steps, extra={"eval": evaluation}
-        )
+        final = self._publish_final(evaluation)
         progress.write(self.step, loss=self.stats.get("train_loss_last"), tokens_per_second=None)
         self._emit("done", final=final, steps=self.total_steps, wall_seconds=report["wall_seconds"])
         if self.metrics is not None:
             self.metrics.set_progress(self.step, self.total_steps)
             self.metrics.close()
         return report
+
+    def _publish_final(self, evaluation: dict[str, Any]) -> str:
+        """final/: the full model in Hugging Face format (merged, plus adapter/, for LoRA). Collective."""
+        stage, llava = self.config.stage, llava_of(self.hf_model)
+        state: dict[str, torch.Tensor] = {}
+        if stage.lora is None:
+            state = self.strategy.full_state_dict()
+
+        def write(folder: str) -> None:
+            weights = state
+            if stage.lora is not None:
+                adapter = f"{folder}/adapter"
+                self.hf_model.save_pretrained(adapter)
+                base = build_vlm(self.config.model, self.config.init_from, seed=stage.seed).model
+                weights = lora.merged_state_dict(base, adapter)
+            write_hf_folder(folder, llava.config, llava.generation_config, weights, self.vlm.processor)
+
+        return self.checkpointer.publish_final(write, step=self.total_steps, extra={"eval": evaluation})
 
     def _observe(self, result: StepResult, lr: float, eta_seconds: float | None) -> None:
         if self.metrics is None:
@@ -331,10 +338,10 @@ class Trainer:
         self.metrics.observe_memory()
 
     def _check_replicas(self) -> None:
-        """DDP replicas must hold bit-identical parameters; a mismatch is a bug, not noise."""
-        if not self.env.distributed or self.config.stage.strategy != "ddp":
+        """Replicas (DDP) must hold bit-identical parameters; a mismatch is a bug, not noise."""
+        fingerprints = self.strategy.replica_fingerprints()
+        if fingerprints is None:
             return
-        fingerprints = gather_objects(parameter_sha256(self.hf_model), self.env)
         self._emit("replicas", parameter_sha256=fingerprints, equal=len(set(fingerprints)) == 1)
         if len(set(fingerprints)) != 1:
             raise RuntimeError(f"DDP replicas diverged: parameter sha256 per rank {fingerprints}")
@@ -374,7 +381,7 @@ class Trainer:
         loss_sum, units, pairs = 0.0, 0, 0
         stat_sums = dict.fromkeys(names, 0.0)
         for batch, counts in self._eval_batches():
-            with self._autocast():
+            with self.strategy.autocast():
                 batch_loss, stats = self.objective(model, batch)
             if counts:
                 loss_sum += float(batch_loss)
@@ -382,19 +389,13 @@ class Trainer:
                 pairs += batch["input_ids"].shape[0] // 2
                 for n in names:
                     stat_sums[n] += float(stats[n])
-        apply_freezing(model, list(stage.trainable))  # back to train modes (frozen vision tower stays eval)
+        set_train_modes(model, list(stage.trainable))  # back to train modes (frozen vision tower stays eval)
         sums = all_reduce_sum([loss_sum, units, pairs, *stat_sums.values()], self.env)
         result: dict[str, Any] = {"eval_loss": sums[0] / max(sums[1], 1.0), "eval_units": int(sums[1])}
         if stage.type == "dpo":
             stats = {n: sums[3 + i] / max(sums[2], 1.0) for i, n in enumerate(names)}
             result.update(stats)
         return result
-
-
-def _vision_layers(hf: nn.Module) -> list[nn.Module]:
-    tower = hf.model.vision_tower
-    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-    return list(encoder.layers) if encoder is not None else []
 
 
 def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:

@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads for stage-0 training (1 is robust on a shared machine)",
     )
+    prep.add_argument(
+        "--instruct",
+        choices=["full", "zero2", "lora"],
+        default="full",
+        help="how the instruct stage trains: full (ddp), zero2 (DeepSpeed ZeRO-2) or lora (PEFT adapters)",
+    )
     ev = sub.add_parser("evaluate", help="measure every stage on the held-out split; write report.json")
     ev.add_argument("--dir", required=True, help="the folder `prepare` wrote")
     ev.add_argument("--strict", action="store_true", help="exit 1 when a quality claim is not met")
@@ -33,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars, per tiny file
     if args.command == "prepare":
-        from vlm_trainer.quickstart.prepare import prepare
+        from vlm_trainer.quickstart.prepare import Recipe, prepare
 
-        prepare(args.dir, seed=args.seed)
+        prepare(args.dir, seed=args.seed, recipe=Recipe(instruct_variant=args.instruct))
         return 0
     from vlm_trainer.quickstart.evaluate import evaluate
 

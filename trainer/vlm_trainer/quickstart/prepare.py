@@ -55,6 +55,26 @@ class Recipe:
     max_length: int = 96
     lm_pretrain_steps: int = 150
     vision_pretrain_steps: int = 300
+    # How the instruct stage trains: "full" (ddp, the default), "zero2" (DeepSpeed ZeRO-2) or "lora"
+    # (PEFT adapters on the LM's projections + the projector; a LoRA lr is ~10x a full fine-tune's).
+    instruct_variant: str = "full"
+    instruct_lora_lr: float = 1e-3
+    instruct_lora_rank: int = 16
+
+
+INSTRUCT_VARIANTS = ("full", "zero2", "lora")
+
+
+def instruct_variant_fields(recipe: Recipe) -> dict[str, Any]:
+    """Extra instruct-stage fields for `recipe.instruct_variant`."""
+    if recipe.instruct_variant not in INSTRUCT_VARIANTS:
+        raise ValueError(f"instruct variant: expected one of {list(INSTRUCT_VARIANTS)}, got {recipe.instruct_variant!r}")
+    if recipe.instruct_variant == "zero2":
+        return {"strategy": "zero2"}
+    if recipe.instruct_variant == "lora":
+        rank = recipe.instruct_lora_rank
+        return {"lora": {"rank": rank, "alpha": 2 * rank, "dropout": 0.0}, "optimizer": {"lr": recipe.instruct_lora_lr}}
+    return {}
 
 
 def _uris(paths: list[str]) -> list[str]:
@@ -122,6 +142,7 @@ def job_documents(out_dir: str, data_paths: list[str], seed: int, recipe: Recipe
     def data(fmt: str) -> tuple[list[str], list[str]]:
         return _uris(shard_paths(train, fmt)), _uris(shard_paths(heldout, fmt))
 
+    variant = instruct_variant_fields(recipe)
     staged = [
         _stage(
             "align", "align", *data("caption"), "caption", recipe.align_steps, recipe.align_lr, recipe, seed
@@ -136,7 +157,10 @@ def job_documents(out_dir: str, data_paths: list[str], seed: int, recipe: Recipe
             recipe.instruct_lr,
             recipe,
             seed,
-            optimizer={"projectorLrMultiplier": recipe.instruct_projector_mult},
+            **{
+                **variant,
+                "optimizer": {"projectorLrMultiplier": recipe.instruct_projector_mult, **variant.get("optimizer", {})},
+            },
         ),
         _stage(
             "dpo",
