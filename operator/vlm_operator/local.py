@@ -127,7 +127,7 @@ class TrainerError:
 
     @property
     def retryable(self) -> bool:
-        return self.type_name not in contract.CONFIGURATION_ERRORS
+        return self.type_name not in contract.NOT_RETRIED_ERRORS
 
     def __str__(self) -> str:
         return redact(self.message if self.rank is None else f"rank {self.rank}: {self.message}")

@@ -130,6 +130,14 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: s
             logs.setdefault(stage, []).append(json.dumps(event) + "\n")
             if len(logs[stage]) >= 20:
                 flush(stage)
+        elif event and event.get("event") in ("checkpoint_skipped", "resume") and rank in (0, None):
+            # what resume did is said in the normal output, not only with -v
+            text = (f"{stage}: skipped checkpoint {event.get('checkpoint')}: {event.get('reason')}"
+                    if event["event"] == "checkpoint_skipped"
+                    else f"{stage}: resumed at step {event.get('step')} from {event.get('checkpoint')}")
+            progress.console.print(redact(text), markup=False, highlight=False, soft_wrap=True)
+            if verbose:
+                progress.console.print(redact(line.rstrip()), markup=False, highlight=False)
         elif verbose:
             progress.console.print(redact(line.rstrip()), markup=False, highlight=False)
 

@@ -109,14 +109,17 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_the_rerun_resumes(tmp_path:
     committed = storage.latest_checkpoint(f"file://{store}/job/align")
     assert committed is not None and committed[0] >= 2
 
-    # the re-run resumes from that checkpoint (stopped again once it is past it)
-    proc = subprocess.Popen([*VLMCTL, "run", job, "-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # the re-run resumes from that checkpoint (stopped again once it is past it), and says which
+    # checkpoint folders it passed over and why, in the normal output
+    (store / "job" / "align" / "checkpoint-999").mkdir()  # an interrupted save: no manifest
+    proc = subprocess.Popen([*VLMCTL, "run", job], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=ENV)
     wait_for_step(proc, store, committed[0] + 1)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output
-    assert f'"event": "resume", "stage": "align", "step": {committed[0]}' in output
+    assert f"align: resumed at step {committed[0]} from" in output
+    assert "align: skipped checkpoint" in output and "checkpoint-999: no manifest.json" in output
 
 
 def test_sigkill_of_vlmctl_leaves_no_trainer_behind(tmp_path: Path, parts: dict) -> None:
@@ -144,9 +147,47 @@ def test_the_stage_lease_is_exclusive_on_a_real_s3_server(s3_server) -> None:
     from vlm_trainer import lease
 
     out = f"s3://{s3_server.bucket}/lease-test-{time.time_ns()}/job/align"
-    first = lease.Lease.acquire(out, job="job", stage="align", holder="runner-a")
+    first = lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=3, holder="runner-a")
+    first.keep_alive(0.5)
     with pytest.raises(lease.LeaseHeldError, match="being written by runner-a"):
-        lease.Lease.acquire(out, job="job", stage="align", holder="runner-b")
-    first.renew()
+        lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=3, holder="runner-b")
     first.release()
     lease.Lease.acquire(out, job="job", stage="align", holder="runner-b").release()
+
+
+def test_two_concurrent_runs_of_one_job_the_second_refuses(tmp_path: Path, parts: dict) -> None:
+    store = tmp_path / "store"
+    job = job_file(tmp_path / "job.yaml", "job", parts, store, steps=100_000, every=50)
+    first = subprocess.Popen([*VLMCTL, "run", job], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        wait_for_step(first, store, 1)
+        second = run(job)
+        assert second.returncode == 1, second.stdout
+        text = " ".join(second.stdout.split())
+        assert "LeaseHeldError" in text and "is being written by" in text and "not retried" in text
+        assert first.poll() is None  # the first run goes on untouched
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+
+
+def test_a_non_finite_loss_never_commits_a_final(tmp_path: Path, parts: dict) -> None:
+    """A vision encoder whose weights hold Inf (a corrupted checkpoint): the loss is NaN at step 1, the
+    stage stops naming the step, is not retried, and neither a checkpoint nor final/ is published."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    vision = tmp_path / "vision"
+    shutil.copytree(parts["vision"], vision)
+    weights = next(vision.glob("*.safetensors"))
+    state = load_file(str(weights))
+    name = next(k for k in state if k.endswith("weight") and state[k].dim() > 1)
+    state[name][0, 0] = float("inf")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    store = tmp_path / "store"
+    out = run(job_file(tmp_path / "job.yaml", "job", {**parts, "vision": str(vision)}, store, max_restarts=2))
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 1, out.stdout
+    assert "NonFiniteError: step 1" in text and "not retried" in text
+    assert not list(store.rglob("manifest.json"))  # no checkpoint, no final/

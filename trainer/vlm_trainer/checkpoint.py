@@ -159,11 +159,17 @@ class Checkpointer:
     # --- load -------------------------------------------------------------------------------------
 
     def latest_verified(self) -> tuple[int, str] | None:
-        """Newest committed checkpoint whose files match their manifest sha256 (others are skipped)."""
-        for step, uri in reversed(storage.list_checkpoints(self.output)):
+        """Newest committed checkpoint whose files match their manifest sha256. The ones passed over (and
+        checkpoint folders without a manifest) are listed in `self.skipped` with the reason."""
+        self.skipped: list[dict[str, Any]] = []
+        committed = storage.list_checkpoints(self.output)
+        for uri in storage.uncommitted_checkpoints(self.output):
+            self.skipped.append({"checkpoint": uri, "reason": "no manifest.json (an interrupted save)"})
+        for step, uri in reversed(committed):
             verification = storage.verify_committed(uri, check_sha256=True)
             if verification.ok:
                 return step, uri
+            self.skipped.append({"checkpoint": uri, "reason": verification.reason})
             log.warning("skipping checkpoint %s: %s", uri, verification.reason)
         return None
 

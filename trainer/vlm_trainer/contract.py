@@ -22,9 +22,11 @@ CONFIG_FILE = "config.json"
 # and torchrun copies the first failure's record to the path in its own environment.
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 
-# Exception types a trainer raises for a configuration problem: a restart cannot fix them, so a stage
-# failing with one (by torchelastic's error record) is failed at once, not retried.
-CONFIGURATION_ERRORS = ("ModelConfigError", "SpecError", "ValidationError", "ConfigurationError", "LeaseHeldError")
+# Exception types a restart cannot fix (a configuration problem, another writer holding the stage, a
+# non-finite loss that would recur from the same checkpoint): a stage failing with one (by torchelastic's
+# error record) is failed at once, not retried.
+NOT_RETRIED_ERRORS = ("ModelConfigError", "SpecError", "ValidationError", "ConfigurationError", "LeaseHeldError",
+                      "NonFiniteError")
 
 # Storage layout under <storage.uri>/<job>/<stage>/
 FINAL_DIR = "final"  # HF-format weights, published when the stage ends (committed, manifest last)

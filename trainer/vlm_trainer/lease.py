@@ -22,7 +22,7 @@ from typing import Any
 from vlm_trainer import storage
 
 LEASE_FILE = "lease.json"
-DEFAULT_TTL_SECONDS = 120.0
+DEFAULT_TTL_SECONDS = 30.0  # renewed every ttl/3: a crashed holder's lease is free within this
 
 
 class LeaseHeldError(RuntimeError):
@@ -95,17 +95,31 @@ class Lease:
         now = time.time()
         record = LeaseRecord(holder or holder_identity(), job, stage, now, now + ttl_seconds)
         text = json.dumps(asdict(record))
-        for _ in range(3):
+        seen: LeaseRecord | None = None
+        unreadable_since: float | None = None
+        deadline = time.monotonic() + ttl_seconds + 5
+        while time.monotonic() < deadline:
             if _create_exclusive(uri, text, options):
                 return cls(uri, record, ttl_seconds, options)
             current = read(uri, options)
-            if current is not None and not current.expired():
+            if current is None:  # being written this instant, or corrupt: give the writer a moment
+                unreadable_since = unreadable_since or time.monotonic()
+                if time.monotonic() - unreadable_since > 2.0:
+                    storage.remove(uri, options=options)
+                time.sleep(0.05)
+                continue
+            unreadable_since = None
+            if current.expired():
+                storage.remove(uri, options=options)  # a crashed holder: take over
+                continue
+            if seen is not None and current.holder == seen.holder and current.expires_at > seen.expires_at:
+                # it renewed while we waited: a live writer, not a crashed one (a gang restart just waits)
                 raise LeaseHeldError(
-                    f"stage {stage!r} of job {job!r} is being written by {current.holder} (lease {uri}, "
-                    f"renewed until {time.strftime('%H:%M:%S', time.localtime(current.expires_at))}); "
-                    "wait for it to finish, or stop it. A crashed holder's lease expires by itself."
+                    f"stage {stage!r} of job {job!r} is being written by {current.holder} (lease {uri}); "
+                    "another run of this job is training this stage: wait for it to finish, or stop it"
                 )
-            storage.remove(uri, options=options)  # expired (or unreadable): take over
+            seen = current
+            time.sleep(min(1.0, max(0.05, current.expires_at - time.time())))
         raise LeaseHeldError(f"stage {stage!r} of job {job!r}: could not take the lease {uri} (contended)")
 
     def renew(self) -> None:

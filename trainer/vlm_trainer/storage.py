@@ -242,6 +242,21 @@ def list_checkpoints(output: str, *, options: Options | None = None) -> list[tup
     return sorted(found)
 
 
+def uncommitted_checkpoints(output: str, *, options: Options | None = None) -> list[str]:
+    """checkpoint-<step>/ folders under `output` that have no manifest (never loaded; reported)."""
+    fs, path = filesystem(output, options)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in entries:
+        name = e.rstrip("/").rsplit("/", 1)[-1]
+        if _CKPT_RE.match(name) and read_manifest(join(output, name), options=options) is None:
+            out.append(join(output, name))
+    return sorted(out)
+
+
 def latest_checkpoint(output: str, *, options: Options | None = None) -> tuple[int, str] | None:
     """The newest committed checkpoint under `output` (folders without a manifest are skipped)."""
     ckpts = list_checkpoints(output, options=options)

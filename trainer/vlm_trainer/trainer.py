@@ -27,6 +27,7 @@ from vlm_trainer.checkpoint import Checkpointer, ResumeState
 from vlm_trainer.data import DataPosition, TrainStream, count_samples, eval_samples
 from vlm_trainer.dpo import DPOObjective
 from vlm_trainer.final import write_hf_folder
+from vlm_trainer.lease import Lease, LeaseHeldError
 from vlm_trainer.metrics import TrainerMetrics
 from vlm_trainer.model import VLM, apply_freezing, build_vlm, llava_of, param_groups, set_train_modes
 from vlm_trainer.objective import CausalLMObjective, Objective
@@ -57,6 +58,10 @@ def dpo_reference_mode(stage: StageSpec) -> str:
     if stage.dpo.reference != "auto":
         return stage.dpo.reference
     return "adapter_disabled" if stage.lora is not None else "sharded"
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient norm or weight: the stage stops and commits nothing (not retried)."""
 
 
 @dataclass
@@ -133,6 +138,8 @@ class Trainer:
         position = DataPosition()
         self.resumed: ResumeState | None = None
         latest = self.checkpointer.latest_verified()
+        for skipped in self.checkpointer.skipped:  # said in the normal output and the stage report
+            self._emit("checkpoint_skipped", **skipped)
         if latest is not None:
             self.resumed = self.checkpointer.load(latest[1], self.strategy, self.scheduler)
             self.step, self.stats, position = self.resumed.step, self.resumed.stats, self.resumed.data_position
@@ -219,11 +226,18 @@ class Trainer:
             local_tokens += int(batch["attention_mask"].sum())
             local_samples += self.objective.count(batch) if stage.type == "dpo" else batch["input_ids"].shape[0]
         lr_used = self._current_lr()
-        grad_norm = strategy.step()
-        self.scheduler.step()
         names = list(stat_sums)
         sums = all_reduce_sum([float(loss_sum), local_tokens, local_samples, *stat_sums.values()], env)
         denominator = max(global_units, 1.0)
+        step = self.step + 1
+        if not math.isfinite(sums[0]):  # before the optimizer step: the weights are still clean
+            raise NonFiniteError(f"step {step}: the loss is {sums[0] / denominator} (non-finite); stopped before the "
+                                 "optimizer step, nothing was committed. Lower optimizer.lr or check the data")
+        grad_norm = strategy.step()
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError(f"step {step}: the gradient norm is {grad_norm} (non-finite); stopped, nothing "
+                                 "was committed. Lower optimizer.lr, set optimizer.gradClip, or check the data")
+        self.scheduler.step()
         return StepResult(
             loss=sums[0] / denominator,
             lr=lr_used,
@@ -287,6 +301,7 @@ class Trainer:
             "train_loss_last": self.stats.get("train_loss_last"),
             "wall_seconds": round(time.perf_counter() - self.started, 3),
             "resumed_from_step": self.resumed.step if self.resumed else None,
+            "skipped_checkpoints": self.checkpointer.skipped,
             "world_size": env.world_size,
             **evaluation,
         }
@@ -315,6 +330,9 @@ class Trainer:
                 self.hf_model.save_pretrained(adapter)
                 base = build_vlm(self.config.model, self.config.init_from, seed=stage.seed).model
                 weights = lora.merged_state_dict(base, adapter)
+            bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:  # the last line of defence: final/ is never published with NaN/Inf weights
+                raise NonFiniteError(f"final/ not published: {len(bad)} tensor(s) hold NaN/Inf, e.g. {bad[0]}")
             write_hf_folder(folder, llava.config, llava.generation_config, weights, self.vlm.processor)
 
         return self.checkpointer.publish_final(write, step=self.total_steps, extra={"eval": evaluation})
@@ -398,6 +416,34 @@ class Trainer:
         return result
 
 
-def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
-    """Train one stage to its final/ and return the eval report (`__main__` skips a stage already done)."""
-    return Trainer.build(config, env).run()
+def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any] | None:
+    """Train one stage to its final/ and return the eval report (`__main__` skips a stage already done).
+
+    Rank 0 holds the stage's lease (one writer per stage output) from before anything is built until
+    final/ is committed, or the stage fails: a gang restart takes it over at once."""
+    held: Lease | None = None
+    refusal: LeaseHeldError | None = None
+    final = storage.join(config.output, contract.FINAL_DIR)
+    verdict = 0.0  # rank 0 decides for all: 0 train, 1 already done, 2 refused (another writer)
+    if env.is_main:
+        try:
+            held = Lease.acquire(config.output, job=config.job, stage=config.stage.name)
+            held.keep_alive()
+            # a run that waited for the lease may find the stage finished by the holder
+            verdict = 1.0 if storage.verify_committed(final).ok else 0.0
+        except LeaseHeldError as err:
+            refusal, verdict = err, 2.0
+    try:
+        (verdict,) = all_reduce_sum([verdict], env)  # every rank learns it (a bare exit would hang them)
+        if verdict >= 2:
+            if refusal is not None:
+                raise refusal  # rank 0 reports; the others stop quietly
+            return None
+        if verdict >= 1:
+            if env.is_main:
+                emit("skip", stage=config.stage.name, reason=f"{final} was committed by the previous holder")
+            return None
+        return Trainer.build(config, env).run()
+    finally:
+        if held is not None:
+            held.release()
