@@ -4,6 +4,7 @@ the seed's hand-computed 7B table, sharding per strategy, LoRA/QLoRA, and DeepSp
 from __future__ import annotations
 
 import pytest
+import torch
 from vlm_trainer import accounting as A
 
 GB = 1e9
@@ -67,7 +68,9 @@ def test_assembled_llava_count_and_image_tokens_match(vision):
     from_parts = A.ModelShape.from_configs(v.to_dict(), t.to_dict(), feature_select="default")
     assert from_llava.params == from_parts.params == numel(model)
     assert from_parts.params_by_part["projector"] == numel(model.model.multi_modal_projector)
-    assert from_parts.image_tokens == 16  # 4x4 patches; CLIP's CLS dropped by "default", SigLIP has none
+    # what transformers computes: "default" drops the first position (CLIP's CLS; for SigLIP a real patch)
+    features = model.model.get_image_features(pixel_values=torch.zeros(1, 3, 32, 32)).pooler_output
+    assert from_parts.image_tokens == features[0].shape[0] == (16 if vision == "clip" else 15)
 
 
 def _seven_b(trainable=("language_model",)):

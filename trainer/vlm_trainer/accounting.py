@@ -290,7 +290,7 @@ class ModelShape:
     def image_tokens(self) -> int:
         """LM tokens per image (what transformers' LLaVA processor expands `<image>` to)."""
         n = self.vision.positions
-        if self.feature_select == "default" and self.vision.kind == "clip":
+        if self.feature_select == "default":  # LLaVA drops the first position, CLS or not (model_config's rule)
             n -= 1
         return n
 
