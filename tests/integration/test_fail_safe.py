@@ -5,18 +5,16 @@ a run cleanly (and a re-run resumes), a killed vlmctl leaves no process behind, 
 from __future__ import annotations
 
 import glob
-import io
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from tiny_parts import build_parts, job_file
+from tiny_parts import build_parts, job_file, write_imageless_shard
 from vlm_trainer import storage
 
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli"]
@@ -74,14 +72,8 @@ def test_a_missing_model_fails_in_seconds_without_retries(tmp_path: Path, parts:
 def test_a_bad_sample_ends_with_the_trainers_own_error_as_plain_text(tmp_path: Path, parts: dict) -> None:
     """A shard that is a valid tar (preflight passes) but holds a sample with no image: the rank's own
     exception line and its rank are on screen, never read as console markup."""
-    bad = tmp_path / "bad.tar"
-    with tarfile.open(bad, "w") as tar:
-        for i in range(8):
-            data = f"[/__w/pytorch/gloo/pair.cc:553] caption {i}".encode()
-            info = tarfile.TarInfo(f"{i:06d}.txt")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    job = job_file(tmp_path / "job.yaml", "job", {**parts, "shards": [f"file://{bad}"]}, tmp_path / "store")
+    bad = write_imageless_shard(tmp_path / "bad.tar", "[/__w/pytorch/gloo/pair.cc:553] caption {i}")
+    job = job_file(tmp_path / "job.yaml", "job", {**parts, "shards": [bad]}, tmp_path / "store")
     out = run(job)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "MarkupError" not in out.stdout + out.stderr and "Traceback" not in out.stdout

@@ -4,11 +4,8 @@ a configuration error is not retried at all (tests/integration/test_fail_safe.py
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import pytest
-from tiny_parts import build_parts, job_file
+from tiny_parts import build_parts, job_file, write_imageless_shard
 from vlm_operator.local import LocalRunner
 from vlm_trainer.spec import load_job
 
@@ -19,14 +16,8 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_failing_stage_is_retried_then_fails_with_the_reason(tmp_path, parts):
-    bad = tmp_path / "bad.tar"  # a real tar (preflight passes) whose samples carry no image
-    with tarfile.open(bad, "w") as tar:
-        for i in range(8):
-            data = f"caption {i}".encode()
-            info = tarfile.TarInfo(f"{i:06d}.txt")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    job = load_job(job_file(tmp_path / "job.yaml", "broken", {**parts, "shards": [f"file://{bad}"]},
+    bad = write_imageless_shard(tmp_path / "bad.tar")
+    job = load_job(job_file(tmp_path / "job.yaml", "broken", {**parts, "shards": [bad]},
                             tmp_path / "store", max_restarts=1))
     lines: list[str] = []
     result = LocalRunner(job, log_dir=str(tmp_path / "logs"), on_line=lambda s, line, r, e: lines.append(line)).run()

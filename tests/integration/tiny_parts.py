@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import yaml
@@ -39,3 +41,14 @@ def job_file(path: Path, name: str, parts: dict, storage: Path, *, steps: int = 
     }
     path.write_text(yaml.safe_dump(doc))
     return str(path)
+
+
+def write_imageless_shard(path: Path, caption: str = "caption {i}", samples: int = 8) -> str:
+    """A real tar (preflight passes) whose samples carry text but no image: the trainer fails at run time."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(samples):
+            data = caption.format(i=i).encode()
+            info = tarfile.TarInfo(f"{i:06d}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return f"file://{path}"

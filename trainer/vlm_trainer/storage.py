@@ -224,8 +224,8 @@ def verify_committed(uri: str, *, check_sha256: bool = False, options: Options |
     return Verification(True, "committed", manifest)
 
 
-def list_checkpoints(output: str, *, options: Options | None = None) -> list[tuple[int, str]]:
-    """(step, uri) of every committed checkpoint-<step>/ under `output`, oldest first."""
+def _checkpoint_folders(output: str, options: Options | None) -> list[tuple[int, str, bool]]:
+    """(step, uri, committed) of every checkpoint-<step>/ folder under `output`, oldest first."""
     fs, path = filesystem(output, options)
     try:
         entries = fs.ls(path, detail=False)
@@ -237,24 +237,18 @@ def list_checkpoints(output: str, *, options: Options | None = None) -> list[tup
         m = _CKPT_RE.match(name)
         if m:
             uri = join(output, name)
-            if read_manifest(uri, options=options) is not None:
-                found.append((int(m.group(1)), uri))
+            found.append((int(m.group(1)), uri, read_manifest(uri, options=options) is not None))
     return sorted(found)
+
+
+def list_checkpoints(output: str, *, options: Options | None = None) -> list[tuple[int, str]]:
+    """(step, uri) of every committed checkpoint-<step>/ under `output`, oldest first."""
+    return [(step, uri) for step, uri, committed in _checkpoint_folders(output, options) if committed]
 
 
 def uncommitted_checkpoints(output: str, *, options: Options | None = None) -> list[str]:
     """checkpoint-<step>/ folders under `output` that have no manifest (never loaded; reported)."""
-    fs, path = filesystem(output, options)
-    try:
-        entries = fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return []
-    out = []
-    for e in entries:
-        name = e.rstrip("/").rsplit("/", 1)[-1]
-        if _CKPT_RE.match(name) and read_manifest(join(output, name), options=options) is None:
-            out.append(join(output, name))
-    return sorted(out)
+    return [uri for _step, uri, committed in _checkpoint_folders(output, options) if not committed]
 
 
 def latest_checkpoint(output: str, *, options: Options | None = None) -> tuple[int, str] | None:
