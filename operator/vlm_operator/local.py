@@ -241,6 +241,16 @@ class LocalRunner:
                 shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def _run(self) -> RunResult:
+        from torchx.schedulers.local_scheduler import SignalException
+
+        try:
+            return self._plan_and_run()
+        except SignalException as sig:  # TorchX's handler outside a stage's run (between stages, preflight)
+            raise Interrupted(sig.sigval, self.current, self.last_step.get(self.current or "")) from None
+        except KeyboardInterrupt:
+            raise Interrupted(signal.SIGINT, self.current, self.last_step.get(self.current or "")) from None
+
+    def _plan_and_run(self) -> RunResult:
         result = RunResult(False)
         attempts: dict[int, int] = {}
         started: dict[int, float] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import time
 
 from rich.console import Console
@@ -141,6 +142,10 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: s
         elif verbose:
             progress.console.print(redact(line.rstrip()), markup=False, highlight=False)
 
+    def on_sigterm(signum: int, _frame: object) -> None:  # before TorchX installs its own handler
+        raise Interrupted(signum, None, None)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     t0 = time.monotonic()
     try:
         with progress:
@@ -150,7 +155,8 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: s
             finally:
                 for stage in list(logs):
                     flush(stage)
-    except Interrupted as stop:
+    except (Interrupted, KeyboardInterrupt) as caught:
+        stop = caught if isinstance(caught, Interrupted) else Interrupted(signal.SIGINT, None, None)
         console.print(f"{stop}. The stage's processes are stopped; its committed checkpoints are kept.",
                       markup=False, highlight=False, soft_wrap=True)
         console.print(f"Run `vlmctl run {job_file or '<job.yaml>'}` again to resume from the last checkpoint.",

@@ -83,7 +83,7 @@ def test_a_bad_sample_ends_with_the_trainers_own_error_as_plain_text(tmp_path: P
 
 def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_the_rerun_resumes(tmp_path: Path, parts: dict) -> None:
     store = tmp_path / "store"
-    job = job_file(tmp_path / "job.yaml", "job", parts, store, steps=400, every=2)
+    job = job_file(tmp_path / "job.yaml", "job", parts, store, steps=100_000, every=2)
     before = set(glob.glob("/tmp/vlmctl-job-*"))
     proc = subprocess.Popen([*VLMCTL, "run", job], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     wait_for_step(proc, store, 3)
@@ -104,6 +104,7 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_the_rerun_resumes(tmp_path:
     # the re-run resumes from that checkpoint (stopped again once it is past it), and says which
     # checkpoint folders it passed over and why, in the normal output
     (store / "job" / "align" / "checkpoint-999").mkdir()  # an interrupted save: no manifest
+    (store / "job" / "align" / "progress.json").unlink()  # wait for the new run's own progress
     proc = subprocess.Popen([*VLMCTL, "run", job], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=ENV)
     wait_for_step(proc, store, committed[0] + 1)
@@ -116,7 +117,7 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_the_rerun_resumes(tmp_path:
 
 def test_sigkill_of_vlmctl_leaves_no_trainer_behind(tmp_path: Path, parts: dict) -> None:
     store = tmp_path / "store"
-    job = job_file(tmp_path / "job.yaml", "job", parts, store, steps=400, every=50)
+    job = job_file(tmp_path / "job.yaml", "job", parts, store, steps=100_000, every=50)
     proc = subprocess.Popen([*VLMCTL, "run", job], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     wait_for_step(proc, store, 2)
     assert trainers_of(store), "the stage's processes are running"
