@@ -11,6 +11,7 @@ win). Torch-free.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vlm_trainer import storage
+
+log = logging.getLogger(__name__)
 
 LEASE_FILE = "lease.json"
 DEFAULT_TTL_SECONDS = 30.0  # renewed every ttl/3: a crashed holder's lease is free within this
@@ -139,8 +142,11 @@ class Lease:
             while not self._stop.wait(interval):
                 try:
                     self.renew()
-                except (OSError, LeaseHeldError):
+                except LeaseHeldError as err:
+                    log.error("%s", err)
                     return
+                except OSError as err:  # a storage hiccup: try again at the next interval
+                    log.warning("could not renew the lease %s: %s", self.uri, err)
 
         self._thread = threading.Thread(target=loop, name="vlm-lease", daemon=True)
         self._thread.start()
