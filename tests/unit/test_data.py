@@ -87,7 +87,7 @@ def test_caption_trains_only_the_caption_and_end_of_turn(word_processor):
     # Everything before the answer (role headers, image tokens, the user's end-of-turn) is masked.
     first_answer = tokens.index("a", tokens.index("assistant"))
     assert all(lab == IGNORE_INDEX for lab in enc.labels[:first_answer])
-    assert enc.pixel_values.shape == (3, 16, 16)
+    assert [p.shape for p in enc.pixel_values] == [(3, 16, 16)]
 
 
 def test_multi_turn_conversation_trains_every_assistant_turn_and_no_user_turn(word_processor):

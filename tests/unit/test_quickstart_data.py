@@ -178,5 +178,5 @@ def test_trainer_encodes_the_shards_with_labels_on_answers_only(shards):
     trained = tok.decode([t for t in out.labels if t != -100])
     answers = " </s> ".join(t["content"] for t in rec["conversations"][1::2]) + " </s>"
     assert trained.split() == answers.split()
-    assert out.pixel_values.shape == (3, 32, 32)
+    assert [p.shape for p in out.pixel_values] == [(3, 32, 32)]
     assert Image.open(io.BytesIO(png)).size == (32, 32)

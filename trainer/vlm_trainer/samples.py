@@ -36,11 +36,12 @@ class SampleError(ValueError):
 
 @dataclass
 class Encoded:
-    """One tokenized conversation: ids, labels (-100 where not trained) and the image's pixel values."""
+    """One tokenized sample: ids, labels (-100 where not trained) and its images' pixel values, one tensor per
+    image in the order their image tokens appear in `input_ids` (the order Llava merges features in)."""
 
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor
+    pixel_values: list[torch.Tensor]
 
     @property
     def num_label_tokens(self) -> int:
@@ -199,7 +200,7 @@ class SampleEncoder:
                     "raise maxLength"
                 )
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        return Encoded(ids, labels, pixel_values)
+        return Encoded(ids, labels, [pixel_values])
 
     def encode(self, raw: dict[str, Any], fmt: str) -> Encoded | EncodedPair:
         """One raw WebDataset sample (dict of member bytes) in format `fmt`."""
@@ -230,7 +231,7 @@ def collate(items: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "pixel_values": torch.stack([e.pixel_values for e in items]),
+        "pixel_values": torch.stack([p for e in items for p in e.pixel_values]),
     }
 
 
