@@ -130,7 +130,7 @@ def _stage_rules() -> list[dict[str, str]]:
             "reason": "FieldValueForbidden",
         },
         {
-            "rule": "(self.type == 'dpo') == (self.data.format == 'preference')",
+            "rule": "!has(self.data.format) || (self.type == 'dpo') == (self.data.format == 'preference')",
             "message": "data.format: a dpo stage needs 'preference' data, and 'preference' data needs type dpo",
             "fieldPath": ".data.format",
             "reason": "FieldValueInvalid",

@@ -90,7 +90,10 @@ def resolve_shard(job: VLMTrainingJob, shard: str) -> str:
 def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
     """The trainer config of stage `index`: init_from = stage index-1's committed final/, output = its prefix."""
     stage = job.spec.stages[index].model_copy(deep=True)
-    stage.data.shards = [resolve_shard(job, s) for s in stage.data.shards]
+    if stage.data.shards is not None:
+        stage.data.shards = [resolve_shard(job, s) for s in stage.data.shards]
+    for source in stage.data.sources:
+        source.shards = [resolve_shard(job, s) for s in source.shards]
     stage.data.eval_shards = [resolve_shard(job, s) for s in stage.data.eval_shards]
     stage.max_restarts = max_restarts(job, index)
     # Fields validate by their camelCase aliases (the wire form), so build it by alias.

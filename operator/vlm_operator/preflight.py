@@ -73,7 +73,9 @@ def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None
         problem = max_length_problem(job.spec.model, facts, stage.data.max_length, f"spec.stages[{index}].data.maxLength")
         if problem:
             out.append(problem)
-    _shards(job, index, "shards", stage.data.shards, options, out)
+    _shards(job, index, "shards", stage.data.shards or [], options, out)
+    for i, source in enumerate(stage.data.sources):
+        _shards(job, index, f"sources[{i}].shards", source.shards, options, out)
     _shards(job, index, "evalShards", stage.data.eval_shards, options, out)
     return out
 

@@ -130,14 +130,14 @@ def test_bpe_chatml_answer_masking_keeps_exactly_the_answer_text(bpe_processor):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
-def test_truncation_keeps_the_image_and_cutting_through_it_is_an_error(word_processor):
+def test_a_sample_longer_than_max_length_is_refused_never_cut(word_processor):
     doc = {"caption": "a red circle and a blue square"}
-    enc = SampleEncoder(word_processor, N_IMAGE, max_length=12).encode(_raw(doc), "caption")
-    assert len(enc.input_ids) == 12 and len(enc.labels) == 12
     with pytest.raises(ValueError, match="maxLength"):
         SampleEncoder(word_processor, N_IMAGE, max_length=4)
-    with pytest.raises(SampleError, match="maxLength"):
-        SampleEncoder(word_processor, N_IMAGE, max_length=5).encode(_raw(doc), "caption")
+    for max_length in (5, 12):  # through the image tokens or after them: never silently cut
+        with pytest.raises(SampleError, match="maxLength") as err:
+            SampleEncoder(word_processor, N_IMAGE, max_length=max_length).encode(_raw(doc), "caption")
+        assert err.value.reason == "too_long"
 
 
 def test_malformed_samples_name_the_key_and_the_field(word_processor):

@@ -7,7 +7,9 @@ rank 0):
   partition per rank). Trainable parameters and optimizer state only; frozen parameters are rebuilt
   bit-identically from the stage's inputs (initFrom or the component checkpoints);
 - `scheduler.pt`: the LR scheduler's state; `rng.pt`: Python, NumPy, torch (and CUDA) RNG states of every rank;
-- `trainer_state.json`: step, total steps, world size, strategy, every rank's data position, running stats.
+- `trainer_state.json`: step, total steps, world size, strategy, every rank's data position
+  (`data.LoaderPosition`: per source epoch/consumed, mix counts, bad-sample counters; an older checkpoint's
+  `{epoch, consumed}` loads as one source), running stats.
 Each rank writes its files to a local temp folder and uploads them (`storage.upload_files`); then rank 0
 commits with `storage.commit_dir`, which writes `manifest.json` (sha256 of every rank's files) LAST, and
 old checkpoints are pruned. A folder without a manifest is never loaded; one whose hashes do not match is
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 
 from vlm_trainer import contract, storage
-from vlm_trainer.data import DataPosition
+from vlm_trainer.data import DataPosition, LoaderPosition
 from vlm_trainer.parallel import DistEnv, barrier, gather_objects
 from vlm_trainer.strategies import Strategy
 
@@ -56,7 +58,7 @@ class ResumeState:
     """What the loop continues from."""
 
     step: int
-    data_position: DataPosition
+    data_position: LoaderPosition
     stats: dict[str, Any] = field(default_factory=dict)
     uri: str | None = None
     world_size: int | None = None
@@ -90,6 +92,27 @@ def resplit_positions(positions: list[dict[str, int]], world_size: int) -> list[
     return [DataPosition(epoch=epoch, consumed=consumed // world_size) for _ in range(world_size)]
 
 
+def resplit_loader_positions(positions: list[dict[str, Any]], world_size: int) -> list[LoaderPosition]:
+    """`resplit_positions` per data source; the bad-sample counters of all old ranks go to new rank 0."""
+    old = [LoaderPosition.from_dict(p) for p in positions]
+    n_sources = len(old[0].sources)
+    per_source = [resplit_positions([p.sources[i].to_dict() for p in old], world_size) for i in range(n_sources)]
+    new = [
+        LoaderPosition(
+            sources=[per_source[i][r] for i in range(n_sources)],
+            drawn=[sum(p.drawn[i] for p in old) // world_size for i in range(n_sources)],
+        )
+        for r in range(world_size)
+    ]
+    for p in old:
+        new[0].seen += p.seen
+        for shard, reasons in p.bad_by_shard.items():
+            for reason, n in reasons.items():
+                for _ in range(n):
+                    new[0].count_bad(reason, shard)
+    return new
+
+
 class Checkpointer:
     """Saves, finds, verifies and loads this stage's checkpoints; publishes final/."""
 
@@ -114,7 +137,7 @@ class Checkpointer:
         step: int,
         strategy: Strategy,
         scheduler: Any,
-        position: DataPosition,
+        position: LoaderPosition,
         *,
         total_steps: int,
         stats: dict[str, Any],
@@ -190,9 +213,9 @@ class Checkpointer:
         same_world = state["world_size"] == self.env.world_size
         if same_world:
             restore_rng(rngs[self.env.rank])
-            position = DataPosition.from_dict(state["data_positions"][self.env.rank])
+            position = LoaderPosition.from_dict(state["data_positions"][self.env.rank])
         else:
-            position = resplit_positions(state["data_positions"], self.env.world_size)[self.env.rank]
+            position = resplit_loader_positions(state["data_positions"], self.env.world_size)[self.env.rank]
             seed = int(state["step"]) * 1000 + self.env.rank
             random.seed(seed)
             np.random.seed(seed)

@@ -3,18 +3,27 @@
 Training order of one rank, epoch e:
 1. the stage's shard list (brace patterns expanded) is shuffled with a RNG seeded by (seed, e), the same
    on every rank (`shuffle_buffer: 0` keeps the given order);
-2. shards are split across ranks with `wds.split_by_node` (and across DataLoader workers with
-   `wds.split_by_worker`, a no-op here: samples are read in the trainer process). With fewer shards
-   than ranks, every rank reads every shard and keeps every world-size-th sample instead;
-3. each shard is opened with `storage.filesystem` (so `s3://` honours AWS_ENDPOINT_URL), expanded with
-   WebDataset's tar iterators and grouped into samples by key;
+2. shards are split across ranks (rank r reads shards r, r+world, ...). With fewer shards than ranks,
+   every rank reads every shard and keeps every world-size-th sample instead;
+3. each shard is opened with `storage.filesystem` (so `s3://` honours AWS_ENDPOINT_URL), its members are
+   read in order and grouped into samples by key (WebDataset's naming: `<key>.<ext>`). A shard that ends
+   early (a truncated tar: cut inside a member, or at a member boundary without the end-of-archive block,
+   which Python's tarfile would accept in silence) yields the samples before the cut and then one marker
+   `{"__bad__": "truncated_shard", "__url__": ...}` that the loader counts and reports: never silently
+   shortened;
 4. samples pass a shuffle buffer seeded by (seed, e, rank).
 Epochs repeat forever; the loop stops by step count.
+
+Several sources (`data.sources: [{shards, format, weight}]`) are several such streams, each with its own
+epochs, interleaved by `mix_order`: draw n goes to the source whose realised count lags its weight's share
+the most (ties: the first source), so every prefix of the mix is within one sample per source of the
+exact ratios, and the choice needs only the counts drawn so far (part of the position).
 
 Resume: a rank's position is (epoch, samples it consumed in that epoch). Because every step above is
 deterministic, re-creating the epoch's stream and skipping that many raw samples (before image decoding
 and tokenization) lands exactly where the interrupted run stopped. Skipping costs reading those samples
-again; it is honest and simple, and bounded by one epoch.
+again; it is honest and simple, and bounded by one epoch. `LoaderPosition` is what a checkpoint stores per
+rank: every source's DataPosition, the mix counts, and the loader's bad-sample counters.
 """
 
 from __future__ import annotations
@@ -23,12 +32,12 @@ import itertools
 import random
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import braceexpand
 import webdataset as wds
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
 from vlm_trainer import storage
 
@@ -46,6 +55,69 @@ class DataPosition:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataPosition:
         return cls(epoch=int(d["epoch"]), consumed=int(d["consumed"]))
+
+
+@dataclass
+class LoaderPosition:
+    """One rank's whole data position: per source (epoch, consumed), samples drawn from each source, the
+    worker count that produced it (informational: the order does not depend on it), and the bad-sample
+    counters (`bad[reason]`, `bad_by_shard[url][reason]`, `seen` = raw samples taken, good or bad)."""
+
+    sources: list[DataPosition] = field(default_factory=lambda: [DataPosition()])
+    drawn: list[int] = field(default_factory=lambda: [0])
+    workers: int = 0
+    seen: int = 0
+    bad: dict[str, int] = field(default_factory=dict)
+    bad_by_shard: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, n_sources: int, workers: int = 0) -> LoaderPosition:
+        return cls([DataPosition() for _ in range(n_sources)], [0] * n_sources, workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["epoch"], d["consumed"] = self.sources[0].epoch, self.sources[0].consumed  # readable by older code
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoaderPosition:
+        """A checkpoint's position; a pre-loader one ({epoch, consumed}) is one source with nothing counted."""
+        if "sources" not in d:
+            return cls([DataPosition.from_dict(d)], [int(d["consumed"])])
+        return cls(
+            sources=[DataPosition.from_dict(p) for p in d["sources"]],
+            drawn=[int(n) for n in d["drawn"]],
+            workers=int(d.get("workers", 0)),
+            seen=int(d.get("seen", 0)),
+            bad={str(k): int(v) for k, v in d.get("bad", {}).items()},
+            bad_by_shard={str(u): {str(k): int(v) for k, v in r.items()} for u, r in d.get("bad_by_shard", {}).items()},
+        )
+
+    def count_bad(self, reason: str, shard: str) -> None:
+        self.bad[reason] = self.bad.get(reason, 0) + 1
+        per_shard = self.bad_by_shard.setdefault(shard, {})
+        per_shard[reason] = per_shard.get(reason, 0) + 1
+
+
+def check_sources(position: LoaderPosition, n_sources: int) -> None:
+    """A resumed position must describe the stage's sources."""
+    if len(position.sources) != n_sources or len(position.drawn) != n_sources:
+        raise ValueError(
+            f"resume: the checkpoint's data position has {len(position.sources)} source(s), the stage has "
+            f"{n_sources}; stage.data.sources cannot change within a stage"
+        )
+
+
+def mix_order(weights: list[float], drawn: list[int]) -> Iterator[int]:
+    """Endless source choices for weights, continuing after `drawn` (counts per source so far)."""
+    total = float(sum(weights))
+    shares = [w / total for w in weights]
+    counts = list(drawn)
+    while True:
+        n = sum(counts) + 1
+        best = max(range(len(shares)), key=lambda i: (n * shares[i] - counts[i], -i))
+        counts[best] += 1
+        yield best
 
 
 def expand_shards(shards: Iterable[str]) -> list[str]:
@@ -70,6 +142,55 @@ def open_with_fsspec(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             stream.close()
 
 
+TRUNCATED_SHARD = "truncated_shard"
+_BLOCK = tarfile.BLOCKSIZE
+
+
+def _end_block_present(url: str, offset: int) -> bool:
+    """Whether an uncompressed tar holds its end-of-archive (zero) block at `offset`."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(_BLOCK) == b"\0" * _BLOCK
+
+
+def expand_tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Opened shards -> samples (member bytes by lower-case extension, `__key__`, `__url__`), in tar order.
+
+    A truncated shard ends with the complete samples before the cut and one `TRUNCATED_SHARD` marker; the
+    sample that was being read when the data ended is dropped with it (it may be missing members)."""
+    for item in src:
+        url = item["url"]
+        current: dict[str, Any] | None = None
+        detail = None
+        try:
+            with tarfile.open(fileobj=item["stream"], mode="r|*") as tar:
+                for info in tar:
+                    if not info.isreg():
+                        continue
+                    prefix, suffix = base_plus_ext(info.name)
+                    if prefix is None or suffix is None:
+                        continue
+                    member = tar.extractfile(info)
+                    data = member.read() if member is not None else b""
+                    if current is None or current["__key__"] != prefix:
+                        if current is not None:
+                            yield current
+                        current = {"__key__": prefix, "__url__": url}
+                    current[suffix.lower()] = data
+                end = tar.offset
+            plain = not url.rstrip("/").lower().endswith((".gz", ".tgz", ".bz2", ".xz", ".zst"))
+            if plain and not _end_block_present(url, end):
+                detail = f"no end-of-archive block after byte {end}"
+        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+            detail = f"{type(err).__name__}: {err}"
+        if detail is not None:
+            yield {"__bad__": TRUNCATED_SHARD, "__url__": url, "__key__": current["__key__"] if current else None,
+                   "__detail__": f"shard {url} is truncated or corrupt ({detail}); the samples before the cut were read"}
+        elif current is not None:
+            yield current
+
+
 def _every_nth(rank: int, world: int) -> Callable[[Iterable[Any]], Iterator[Any]]:
     def split(src: Iterable[Any]) -> Iterator[Any]:
         return itertools.islice(src, rank, None, world)
@@ -91,16 +212,13 @@ def raw_samples(
     if shard_seed is not None:
         random.Random(str(shard_seed)).shuffle(urls)
     by_shard = len(urls) >= world
-    stages: list[Any] = [wds.SimpleShardList(urls)]
-    if by_shard:
-        # split_by_node reads RANK/WORLD_SIZE (set by torchrun) like torch.distributed does.
-        stages += [wds.split_by_node, wds.split_by_worker]
-    else:
-        stages += [wds.split_by_worker]
+    # Shards split across ranks like wds.split_by_node (rank r reads shards r, r+world, ...). DataLoader
+    # workers do NOT split shards: each reads its rank's whole stream and encodes every W-th sample
+    # (vlm_trainer.loader), which keeps the order independent of the worker count.
+    stages: list[Any] = [wds.SimpleShardList(urls[rank::world] if by_shard else urls)]
     stages += [
         open_with_fsspec,
-        tar_file_expander,
-        group_by_keys,
+        expand_tar_samples,
     ]
     if not by_shard:
         stages.append(_every_nth(rank, world))
@@ -172,7 +290,7 @@ class TrainStream:
 def eval_samples(shards: list[str], *, rank: int, world: int) -> Iterator[dict[str, Any]]:
     """One unshuffled pass over held-out shards; rank r keeps samples r, r+world, ... (balanced to +-1)."""
     urls = expand_shards(shards)
-    stages = [wds.SimpleShardList(urls), open_with_fsspec, tar_file_expander, group_by_keys, _every_nth(rank, world)]
+    stages = [wds.SimpleShardList(urls), open_with_fsspec, expand_tar_samples, _every_nth(rank, world)]
     return iter(wds.DataPipeline(*stages))
 
 

@@ -228,6 +228,23 @@ class TrainerMetrics:
         self.total_steps = gauge(p + "total_steps", "Optimizer steps this stage runs in total.")
         self.eta_seconds = gauge(p + "eta_seconds", "Estimated seconds until the stage's last step.")
         self.peak_flops.set(self.peak_flops_per_second)
+        # Data loader (vlm_trainer.loader): skipped samples by reason, and how full the batches' rows are.
+        self._bad_samples = Counter(
+            p + "bad_samples", "Samples skipped as corrupt or unusable, by reason (truncated_shard, image_decode, "
+            "bad_json, missing_field, no_assistant_turn, too_long, identical_pair, ...).", (*LABELS, "reason"),
+            registry=self.registry,
+        )
+        self.packing_efficiency = gauge(
+            p + "packing_efficiency_ratio", "Real tokens over row capacity of the last step's micro-batches "
+            "(packed: rows x tokensPerMicroBatch; padded: rows x longest sample)."
+        )
+
+    def observe_bad_sample(self, reason: str) -> None:
+        """One skipped sample of this process."""
+        self._bad_samples.labels(self.job, self.stage, str(self.rank), reason).inc()
+
+    def observe_packing(self, efficiency: float) -> None:
+        self.packing_efficiency.set(efficiency)
 
     def start_server(self) -> int | None:
         """Serve /metrics; returns the bound port, or None when disabled or the port is taken.

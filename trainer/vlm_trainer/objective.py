@@ -38,7 +38,8 @@ class CausalLMObjective:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            attention_mask=batch.get("attention_mask"),  # 4D block-diagonal, or None (varlen), when packed
+            position_ids=batch.get("position_ids"),  # restarts per sample when packed (vlm_trainer.packing)
             pixel_values=batch["pixel_values"],
             use_cache=False,
         )

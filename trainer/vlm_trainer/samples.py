@@ -31,7 +31,12 @@ _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "user": "user", "assistant
 
 
 class SampleError(ValueError):
-    """A sample does not match its declared format; the message names the sample key and the field."""
+    """A sample does not match its declared format; the message names the sample key and the field, `reason`
+    is a short name the loader counts skipped samples by (missing_field, bad_json, image_decode, ...)."""
+
+    def __init__(self, message: str, reason: str = "invalid_sample"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -59,17 +64,25 @@ class EncodedPair:
 def decode_image(raw: dict[str, Any]) -> Image.Image:
     for ext in _IMAGE_EXTS:
         if ext in raw:
-            return Image.open(io.BytesIO(raw[ext])).convert("RGB")
-    raise SampleError(f"sample {raw.get('__key__')!r}: no image member (.png/.jpg/.jpeg/.webp); has {_members(raw)}")
+            try:
+                return Image.open(io.BytesIO(raw[ext])).convert("RGB")
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                raise SampleError(f"sample {raw.get('__key__')!r}: .{ext} cannot be decoded ({err})", "image_decode") from None
+    raise SampleError(
+        f"sample {raw.get('__key__')!r}: no image member (.png/.jpg/.jpeg/.webp); has {_members(raw)}", "missing_field"
+    )
 
 
 def decode_json(raw: dict[str, Any]) -> dict[str, Any]:
     if "json" not in raw:
-        raise SampleError(f"sample {raw.get('__key__')!r}: no .json member; has {_members(raw)}")
+        raise SampleError(f"sample {raw.get('__key__')!r}: no .json member; has {_members(raw)}", "missing_field")
     try:
-        return json.loads(raw["json"])
-    except json.JSONDecodeError as err:
-        raise SampleError(f"sample {raw.get('__key__')!r}: .json is not valid JSON ({err})") from None
+        doc = json.loads(raw["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SampleError(f"sample {raw.get('__key__')!r}: .json is not valid JSON ({err})", "bad_json") from None
+    if not isinstance(doc, dict):
+        raise SampleError(f"sample {raw.get('__key__')!r}: .json must hold an object, got {type(doc).__name__}", "bad_json")
+    return doc
 
 
 def _members(raw: dict[str, Any]) -> list[str]:
@@ -83,7 +96,7 @@ def caption_messages(raw: dict[str, Any]) -> list[dict[str, str]]:
     else:
         caption = raw["txt"].decode("utf-8") if "txt" in raw else None
     if not isinstance(caption, str) or not caption.strip():
-        raise SampleError(f"sample {raw.get('__key__')!r}: caption format needs a non-empty json 'caption' (or .txt)")
+        raise SampleError(f"sample {raw.get('__key__')!r}: caption format needs a non-empty json 'caption' (or .txt)", "missing_field")
     return [{"role": "user", "content": IMAGE_TOKEN}, {"role": "assistant", "content": caption.strip()}]
 
 
@@ -92,7 +105,7 @@ def conversation_messages(raw: dict[str, Any]) -> list[dict[str, str]]:
     turns = doc.get("conversations")
     key = raw.get("__key__")
     if not isinstance(turns, list) or not turns:
-        raise SampleError(f"sample {key!r}: conversation format needs a non-empty json 'conversations' list")
+        raise SampleError(f"sample {key!r}: conversation format needs a non-empty json 'conversations' list", "missing_field")
     messages = []
     for i, turn in enumerate(turns):
         role = _ROLE_ALIASES.get(str(turn.get("role", turn.get("from", ""))))
@@ -100,11 +113,11 @@ def conversation_messages(raw: dict[str, Any]) -> list[dict[str, str]]:
         if role is None or not isinstance(content, str):
             raise SampleError(
                 f"sample {key!r}: conversations[{i}] needs role user|assistant|system (or from human|gpt) "
-                f"and string content, got {turn!r}"
+                f"and string content, got {turn!r}", "missing_field"
             )
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
-        raise SampleError(f"sample {key!r}: conversations has no assistant turn, nothing to train on")
+        raise SampleError(f"sample {key!r}: conversations has no assistant turn, nothing to train on", "no_assistant_turn")
     return with_image_token(messages, key)
 
 
@@ -113,7 +126,9 @@ def preference_messages(raw: dict[str, Any]) -> tuple[list[dict[str, str]], list
     key = raw.get("__key__")
     for field in ("prompt", "chosen", "rejected"):
         if not isinstance(doc.get(field), str):
-            raise SampleError(f"sample {key!r}: preference format needs string json '{field}'")
+            raise SampleError(f"sample {key!r}: preference format needs string json '{field}'", "missing_field")
+    if doc["chosen"].strip() == doc["rejected"].strip():
+        raise SampleError(f"sample {key!r}: chosen == rejected, the pair carries no preference", "identical_pair")
     prompt = with_image_token([{"role": "user", "content": doc["prompt"]}], key)
     return (
         prompt + [{"role": "assistant", "content": doc["chosen"]}],
@@ -125,11 +140,11 @@ def with_image_token(messages: list[dict[str, str]], key: Any) -> list[dict[str,
     """Exactly one `<image>` in the conversation; without one the image goes before the first user text."""
     count = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if count > 1:
-        raise SampleError(f"sample {key!r}: {count} {IMAGE_TOKEN} markers, but a sample carries one image")
+        raise SampleError(f"sample {key!r}: {count} {IMAGE_TOKEN} markers, but a sample carries one image", "too_many_images")
     if count == 0:
         first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
         if first_user is None:
-            raise SampleError(f"sample {key!r}: no user turn to attach the image to")
+            raise SampleError(f"sample {key!r}: no user turn to attach the image to", "missing_field")
         messages = [dict(m) for m in messages]
         messages[first_user]["content"] = f"{IMAGE_TOKEN}\n{messages[first_user]['content']}"
     return messages
@@ -192,13 +207,11 @@ class SampleEncoder:
                 f"sample {key!r}: {n_image} image tokens after tokenization, expected {self.image_token_count} "
                 f"(does the tokenizer keep {IMAGE_TOKEN} as one special token?)"
             )
-        if len(ids) > self.max_length:
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-            if sum(1 for t in ids if t == self.image_token_id) != self.image_token_count:
-                raise SampleError(
-                    f"sample {key!r}: stage.data.maxLength ({self.max_length}) cuts through the image tokens; "
-                    "raise maxLength"
-                )
+        if len(ids) > self.max_length:  # never cut: a cut through image tokens hangs multi-GPU training
+            raise SampleError(
+                f"sample {key!r}: {len(ids)} tokens after image expansion exceed stage.data.maxLength "
+                f"({self.max_length}); skipped (raise maxLength to train on it)", "too_long"
+            )
         pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         return Encoded(ids, labels, [pixel_values])
 

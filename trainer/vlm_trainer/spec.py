@@ -165,17 +165,48 @@ class StorageSpec(Strict):
         return validators.endpoint_url(v) if v is not None else None
 
 
-class DataSpec(Strict):
-    """Training data of a stage: WebDataset shards."""
+class DataSourceSpec(Strict):
+    """One data source of a mix: shards in one format, drawn in proportion to its weight."""
 
-    shards: list[str] = Field(
-        min_length=1,
+    shards: list[str] = Field(min_length=1, description="WebDataset shard URLs of this source (brace patterns allowed).")
+    format: DataFormat = Field(description="The samples' format (see data.format).")
+    weight: float = Field(1.0, gt=0, le=1e6, description="Relative share of this source in the mix (> 0).")
+
+    @field_validator("shards")
+    @classmethod
+    def _no_credentials(cls, v: list[str]) -> list[str]:
+        for url in v:
+            validators.no_credentials(url)
+        return v
+
+
+class DataSpec(Strict):
+    """Training data of a stage: WebDataset shards (`shards` + `format`), or a weighted mix (`sources`)."""
+
+    shards: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
         description="WebDataset shard URLs (brace patterns allowed, e.g. data/train-{000..003}.tar); "
-        "relative ones resolve against spec.storage.uri.",
+        "relative ones resolve against spec.storage.uri. Set shards + format, or sources.",
     )
-    format: DataFormat = Field(
+    format: DataFormat | None = Field(
+        None,
         description="caption: {png|jpg, txt|json.caption}; conversation: json.conversations; "
-        "preference: json.prompt/chosen/rejected."
+        "preference: json.prompt/chosen/rejected. Required with shards.",
+    )
+    sources: list[DataSourceSpec] = Field(
+        default_factory=list,
+        description="Instead of shards + format: several sources mixed in deterministic ratios of their weights, "
+        "e.g. [{shards: [caps-{000..009}.tar], format: caption, weight: 3}, {shards: [qa-000.tar], format: "
+        "conversation, weight: 1}]. evalShards are read in the first source's format.",
+    )
+    workers: int = Field(
+        0, ge=0, le=64, description="DataLoader worker processes per rank that read, decode and tokenize off the "
+        "training process; 0 does it in the training process. The order (and resume) does not depend on it.",
+    )
+    max_bad_sample_share: float = Field(
+        0.01, ge=0, le=1, description="Corrupt samples (undecodable image, bad JSON, no assistant turn, too long, "
+        "chosen == rejected, truncated shard) are skipped and counted; the stage fails once more than this share "
+        "of the samples read (by all ranks) is bad, checked from 1/share samples on (0: the first bad sample fails).",
     )
     eval_shards: list[str] = Field(
         default_factory=list, description="Held-out shards in the same format, evaluated when the stage ends."
@@ -189,10 +220,35 @@ class DataSpec(Strict):
 
     @field_validator("shards", "eval_shards")
     @classmethod
-    def _no_credentials(cls, v: list[str]) -> list[str]:
-        for url in v:
+    def _no_credentials(cls, v: list[str] | None) -> list[str] | None:
+        for url in v or []:
             validators.no_credentials(url)
         return v
+
+    @model_validator(mode="after")
+    def _shards_or_sources(self) -> DataSpec:
+        if bool(self.shards) == bool(self.sources):
+            raise ValueError("set exactly one of data.shards (with data.format) or data.sources")
+        if self.shards and self.format is None:
+            raise ValueError("data.format: required with data.shards (caption | conversation | preference)")
+        if self.sources and self.format is not None:
+            raise ValueError("data.format: not used with data.sources (each source has its own format)")
+        return self
+
+    def source_list(self) -> list[DataSourceSpec]:
+        """The stage's sources: `sources`, or `shards` + `format` as one source of weight 1."""
+        if self.sources:
+            return list(self.sources)
+        assert self.shards is not None and self.format is not None
+        return [DataSourceSpec(shards=self.shards, format=self.format)]
+
+    @property
+    def eval_format(self) -> DataFormat:
+        return self.source_list()[0].format
+
+    @property
+    def formats(self) -> set[str]:
+        return {s.format for s in self.source_list()}
 
 
 class OptimizerSpec(Strict):
@@ -246,6 +302,12 @@ class BatchSpec(Strict):
 
     global_size: int = Field(32, gt=0, le=65536, description="Samples per optimizer step across all ranks.")
     micro_size: int = Field(8, gt=0, le=65536, description="Samples per forward/backward on one rank.")
+    tokens_per_micro_batch: int | None = Field(
+        None, gt=0, le=10_000_000, description="Sequence packing: instead of microSize samples padded to the "
+        "longest, each forward/backward takes one row packed with whole samples, in order, up to this many tokens "
+        "(image tokens count; no attention across samples; loss as unpacked). Must be >= data.maxLength. Steps "
+        "still take globalSize / (microSize x world size) micro-batches. align/instruct only.",
+    )
 
 
 class DPOSpec(Strict):
@@ -413,17 +475,28 @@ def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
     out = []
     stype, data = stage.get("type"), stage.get("data")
     fmt = data.get("format") if isinstance(data, Mapping) else None
+    fmts = {fmt} if isinstance(fmt, str) else set()
+    if isinstance(data, Mapping) and isinstance(data.get("sources"), list):
+        fmts |= {s["format"] for s in data["sources"] if isinstance(s, Mapping) and isinstance(s.get("format"), str)}
+    tokens = (stage.get("batch") or {}).get("tokensPerMicroBatch")
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        if stype == "dpo":
+            out.append("batch.tokensPerMicroBatch: packing is for align/instruct stages, not dpo (pairs are not packed)")
+        max_length = data.get("maxLength", field_default(DataSpec, "maxLength")) if isinstance(data, Mapping) else None
+        if isinstance(max_length, int) and tokens < max_length:
+            out.append(f"batch.tokensPerMicroBatch: {tokens} must be >= data.maxLength ({max_length}) so that every "
+                       "sample fits in a row")
     if stage.get("trainable") == []:
         out.append("trainable: at least one part must train, got []")
     if (stage.get("maxSteps") is None) == (stage.get("epochs") is None):
         out.append(f"maxSteps: set exactly one of maxSteps or epochs (got maxSteps={stage.get('maxSteps')}, "
                    f"epochs={stage.get('epochs')})")
-    if stype == "dpo" and fmt is not None and fmt != "preference":
-        out.append(f"data.format: a dpo stage needs 'preference' data, got {fmt!r}")
+    if stype == "dpo" and fmts - {"preference"}:
+        out.append(f"data.format: a dpo stage needs 'preference' data, got {', '.join(repr(f) for f in sorted(fmts))}")
     if stype in ("align", "instruct"):
         if stage.get("dpo") is not None:
             out.append(f"dpo: only valid for type dpo, this stage is {stype!r}")
-        if fmt == "preference":
+        if "preference" in fmts:
             out.append(f"data.format: 'preference' data needs type dpo, this stage is {stype!r}")
     out += _strategy_rule_problems(stage)
     batch, res = stage.get("batch") or {}, stage.get("resources") or {}

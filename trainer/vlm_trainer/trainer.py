@@ -24,17 +24,19 @@ from torch import nn
 
 from vlm_trainer import accounting, contract, lora, storage
 from vlm_trainer.checkpoint import Checkpointer, ResumeState
-from vlm_trainer.data import DataPosition, TrainStream, count_samples, eval_samples
+from vlm_trainer.data import LoaderPosition, count_samples, eval_samples
 from vlm_trainer.dpo import DPOObjective
 from vlm_trainer.final import write_hf_folder
 from vlm_trainer.lease import Lease, LeaseHeldError
+from vlm_trainer.loader import Source, TrainLoader, bad_data_message, bad_share_exceeded, data_report
 from vlm_trainer.metrics import TrainerMetrics
 from vlm_trainer.model import VLM, apply_freezing, build_vlm, llava_of, param_groups, set_train_modes
 from vlm_trainer.objective import CausalLMObjective, Objective
 from vlm_trainer.optim import build_optimizer, build_scheduler
-from vlm_trainer.parallel import DistEnv, all_reduce_sum
+from vlm_trainer.packing import efficiency, pack_row, packing_mode
+from vlm_trainer.parallel import DistEnv, all_reduce_sum, gather_objects
 from vlm_trainer.progress import ProgressReporter, emit
-from vlm_trainer.samples import SampleEncoder, collate, collate_pairs
+from vlm_trainer.samples import Encoded, SampleEncoder, SampleError, collate, collate_pairs
 from vlm_trainer.spec import StageSpec, TrainerConfig
 from vlm_trainer.strategies import Strategy, build_strategy
 
@@ -46,7 +48,7 @@ def total_steps_of(config: TrainerConfig) -> int:
     stage = config.stage
     if stage.max_steps is not None:
         return stage.max_steps
-    samples = count_samples(stage.data.shards)
+    samples = count_samples([url for source in stage.data.source_list() for url in source.shards])
     if samples == 0:
         raise ValueError("stage.data.shards: the shards hold no samples")
     return max(1, math.ceil(stage.epochs * samples / stage.batch.global_size))
@@ -58,6 +60,10 @@ def dpo_reference_mode(stage: StageSpec) -> str:
     if stage.dpo.reference != "auto":
         return stage.dpo.reference
     return "adapter_disabled" if stage.lora is not None else "sharded"
+
+
+class BadDataError(RuntimeError):
+    """More than data.maxBadSampleShare of the samples read is bad: the stage stops (the message names shards)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -88,7 +94,7 @@ class Trainer:
     objective: Objective
     scheduler: torch.optim.lr_scheduler.LambdaLR
     encoder: SampleEncoder
-    stream: TrainStream
+    loader: TrainLoader
     checkpointer: Checkpointer
     metrics: TrainerMetrics | None
     total_steps: int
@@ -135,7 +141,7 @@ class Trainer:
         self.flop_rates = accounting.flops_for_trainer(llava_of(module).config.to_dict(), stage)  # the estimator's FLOPs (MFU)
 
         self.step, self.stats = 0, {}
-        position = DataPosition()
+        position: LoaderPosition | None = None
         self.resumed: ResumeState | None = None
         latest = self.checkpointer.latest_verified()
         for skipped in self.checkpointer.skipped:  # said in the normal output and the stage report
@@ -149,11 +155,17 @@ class Trainer:
             random.seed(stage.seed + env.rank)
             np.random.seed(stage.seed + env.rank)
             torch.manual_seed(stage.seed + env.rank)
-        self.stream = TrainStream(
-            stage.data.shards, seed=stage.seed, rank=env.rank, world=env.world_size,
-            shuffle_buffer=stage.data.shuffle_buffer, position=position,
-        )
         self.metrics = self._start_metrics()
+        self.loader = TrainLoader(
+            [Source(s.shards, s.format, s.weight) for s in stage.data.source_list()], self.encoder.encode,
+            seed=stage.seed, rank=env.rank, world=env.world_size, shuffle_buffer=stage.data.shuffle_buffer,
+            workers=stage.data.workers, position=position,
+            on_bad=self.metrics.observe_bad_sample if self.metrics is not None else None,
+        )
+        attn = getattr(llava_of(module).config.get_text_config(), "_attn_implementation", None)
+        self.packing = packing_mode(attn)
+        self._step_data = {"samples": 0, "tokens": 0, "capacity": 0}
+        self._data_totals = {"tokens": 0, "capacity": 0}
         return self
 
     # --- assembly helpers -------------------------------------------------------------------------
@@ -192,20 +204,46 @@ class Trainer:
     def _collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         pad = self.vlm.processor.tokenizer.pad_token_id
         batch = collate_pairs(items, pad) if self.config.stage.type == "dpo" else collate(items, pad)
+        return self._to_device(batch)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.env.device.type == "cuda":  # pinned host memory: the copy overlaps the previous step's kernels
+            return {k: v.pin_memory().to(self.env.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        fmt = self.config.stage.data.format
-        items = [self.encoder.encode(next(self.stream), fmt) for _ in range(self.config.stage.batch.micro_size)]
-        return self._collate(items)
+        """One micro-batch from the loader: microSize samples padded, or one packed row (tokensPerMicroBatch)."""
+        stage = self.config.stage
+        capacity = stage.batch.tokens_per_micro_batch
+        if capacity is not None:
+            items: list[Any] = self.loader.next_packed(capacity)
+            mask_dtype = torch.float32 if self.packing == "mask" and self._eager_attention() else None
+            batch = self._to_device(pack_row(items, mode=self.packing, mask_dtype=mask_dtype))
+            lengths = [len(e.input_ids) for e in items]
+        else:
+            items = self.loader.next_samples(stage.batch.micro_size)
+            batch = self._collate(items)
+            seqs = [e for p in items for e in ((p,) if isinstance(p, Encoded) else (p.chosen, p.rejected))]
+            lengths = [len(e.input_ids) for e in seqs]
+            capacity = max(lengths) * len(lengths) if lengths else 0
+        self._step_data["samples"] += len(items)
+        self._step_data["tokens"] += sum(lengths)
+        self._step_data["capacity"] += capacity
+        return batch
+
+    def _eager_attention(self) -> bool:
+        config = llava_of(self.hf_model).config.get_text_config()
+        return getattr(config, "_attn_implementation", None) == "eager"
 
     # --- one optimizer step -----------------------------------------------------------------------
 
     def train_step(self) -> StepResult:
         stage, env = self.config.stage, self.env
         started = time.perf_counter()
+        self._step_data = {"samples": 0, "tokens": 0, "capacity": 0}
         batches = [self._next_batch() for _ in range(stage.grad_accum_steps)]
         data_wait = time.perf_counter() - started
+        step_data = self._step_data
         local_units = sum(self.objective.count(b) for b in batches)
         (global_units,) = all_reduce_sum([local_units], env)
         # Gradients are averaged over ranks by DDP/FSDP; scaling by world / global units makes the step's
@@ -213,7 +251,6 @@ class Trainer:
         scale = env.world_size / max(global_units, 1.0)
         loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
         stat_sums = {name: 0.0 for name in self.objective.stat_names}
-        local_tokens = local_samples = 0
         strategy = self.strategy
         for i, batch in enumerate(batches):
             with strategy.micro_step(last=i == len(batches) - 1):
@@ -223,13 +260,21 @@ class Trainer:
             loss_sum += micro_loss.detach().double()
             for name, value in stats.items():
                 stat_sums[name] += float(value)
-            local_tokens += int(batch["attention_mask"].sum())
-            local_samples += self.objective.count(batch) if stage.type == "dpo" else batch["input_ids"].shape[0]
+        local_tokens, local_samples = step_data["tokens"], step_data["samples"]
         lr_used = self._current_lr()
         names = list(stat_sums)
-        sums = all_reduce_sum([float(loss_sum), local_tokens, local_samples, *stat_sums.values()], env)
+        position = self.loader.position
+        sums = all_reduce_sum(
+            [float(loss_sum), local_tokens, local_samples, *stat_sums.values(), sum(position.bad.values()), position.seen],
+            env,
+        )
         denominator = max(global_units, 1.0)
         step = self.step + 1
+        self._check_bad_share(bad=sums[-2], seen=sums[-1])
+        self._data_totals["tokens"] += local_tokens
+        self._data_totals["capacity"] += step_data["capacity"]
+        if self.metrics is not None:
+            self.metrics.observe_packing(efficiency(local_tokens, step_data["capacity"]))
         if not math.isfinite(sums[0]):  # before the optimizer step: the weights are still clean
             raise NonFiniteError(f"step {step}: the loss is {sums[0] / denominator} (non-finite); stopped before the "
                                  "optimizer step, nothing was committed. Lower optimizer.lr or check the data")
@@ -250,6 +295,25 @@ class Trainer:
             data_wait_seconds=data_wait,
             stats={n: sums[3 + i] / max(sums[2], 1.0) for i, n in enumerate(names)},
         )
+
+    def _check_bad_share(self, bad: float, seen: float) -> None:
+        """Collective decision (all ranks see the same sums): fail past data.maxBadSampleShare, naming shards."""
+        max_share = self.config.stage.data.max_bad_sample_share
+        if bad_share_exceeded(bad, seen, max_share):
+            positions = gather_objects(self.loader.position, self.env)
+            raise BadDataError(bad_data_message(positions, max_share))
+
+    def _data_section(self) -> dict[str, Any]:
+        """Collective: the stage report's data section over all ranks (bad samples by reason and shard)."""
+        positions = gather_objects(self.loader.position, self.env)
+        (tokens, capacity) = all_reduce_sum([self._data_totals["tokens"], self._data_totals["capacity"]], self.env)
+        stage = self.config.stage
+        return {
+            **data_report(positions),
+            "workers": stage.data.workers,
+            "packed": stage.batch.tokens_per_micro_batch is not None,
+            "packing_efficiency": round(efficiency(int(tokens), int(capacity)), 4),
+        }
 
     def _current_lr(self) -> float:
         """The learning rate the optimizer is about to use (base group; the projector's is a multiple)."""
@@ -284,14 +348,17 @@ class Trainer:
             self._observe(result, result.lr, eta)
             if self.checkpointer.due(self.step, self.total_steps):
                 seconds = self.checkpointer.save(
-                    self.step, self.strategy, self.scheduler, self.stream.position,
+                    self.step, self.strategy, self.scheduler, self.loader.position,
                     total_steps=self.total_steps, stats=self.stats,
                 )
                 if self.metrics is not None:
                     self.metrics.observe_checkpoint(seconds)
                 self._emit("checkpoint", step=self.step, seconds=round(seconds, 3))
 
+        self.loader.close()
         self._check_replicas()
+        data = self._data_section()
+        self._emit("data", **{k: v for k, v in data.items() if k != "bad_samples_by_shard"})
         evaluation = self.evaluate()
         report = {
             "stage": stage.name,
@@ -303,6 +370,7 @@ class Trainer:
             "resumed_from_step": self.resumed.step if self.resumed else None,
             "skipped_checkpoints": self.checkpointer.skipped,
             "world_size": env.world_size,
+            "data": data,
             **evaluation,
         }
         if env.is_main:
@@ -377,15 +445,30 @@ class Trainer:
         filler: dict[str, torch.Tensor] | None = None
         for _ in range(n_batches):
             raws = [raw for _, raw in zip(range(stage.batch.micro_size), samples, strict=False)]
-            if raws:
-                batch = self._collate([self.encoder.encode(r, stage.data.format) for r in raws])
+            encoded = [e for e in map(self._encode_eval, raws) if e is not None]
+            if encoded:
+                batch = self._collate(encoded)
                 filler = batch
                 yield batch, True
             else:
                 if filler is None:
-                    first = next(eval_samples(stage.data.eval_shards, rank=0, world=1))
-                    filler = self._collate([self.encoder.encode(first, stage.data.format)])
+                    good = (e for e in map(self._encode_eval, eval_samples(stage.data.eval_shards, rank=0, world=1)) if e)
+                    first = next(good, None)
+                    if first is None:
+                        raise BadDataError(f"stage.data.evalShards: no usable sample in {stage.data.eval_shards}")
+                    filler = self._collate([first])
                 yield filler, False
+
+    def _encode_eval(self, raw: dict[str, Any]) -> Any:
+        """A held-out sample encoded, or None when it is bad (skipped like training samples, logged)."""
+        if "__bad__" in raw:
+            log.warning("eval: %s", raw.get("__detail__"))
+            return None
+        try:
+            return self.encoder.encode(raw, self.config.stage.data.eval_format)
+        except SampleError as err:
+            log.warning("eval: skipped a bad sample (%s) in %s: %s", err.reason, raw.get("__url__"), err)
+            return None
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
