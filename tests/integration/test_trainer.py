@@ -7,16 +7,19 @@ run resumes, and whether `final/` loads in transformers and generates.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import psutil
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration, SiglipVisionModel
 from vlm_operator.local import LocalRunner
 from vlm_operator.planner import resolve_stage
@@ -130,14 +133,41 @@ def lm_state(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for k, v in model.model.language_model.state_dict().items()}
 
 
+def write_bad_shard(path) -> str:
+    """Two conversations without an assistant turn (each of 2 ranks reads one of them)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
+    with tarfile.open(path, "w") as tar:
+        for i in range(2):
+            doc = json.dumps({"conversations": [{"role": "user", "content": "<image> what is it?"}]}).encode()
+            for ext, data in (("png", buf.getvalue()), ("json", doc)):
+                info = tarfile.TarInfo(f"bad{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return f"file://{path}"
+
+
 @pytest.fixture(scope="module")
 def staged(parts, tmp_path_factory) -> dict:
-    """align (projector only) then instruct (LM only, so the projector must come through unchanged)."""
+    """align (projector only) then instruct (LM only, so the projector must come through unchanged).
+
+    instruct also runs the loader's features: 2 worker processes per rank, packing, a conversation +
+    caption mix, and a third source whose samples are all bad (skipped, counted, named in the report)."""
     tmp = tmp_path_factory.mktemp("staged")
+    bad_shard = write_bad_shard(tmp / "bad-000.tar")
+    instruct_data = {
+        "sources": [
+            {"shards": parts["train"]["conversation"], "format": "conversation", "weight": 3},
+            {"shards": parts["train"]["caption"], "format": "caption", "weight": 1},
+            {"shards": [bad_shard], "format": "conversation", "weight": 0.25},
+        ],
+        "evalShards": parts["heldout"]["conversation"], "maxLength": 64, "workers": 2, "maxBadSampleShare": 0.2,
+    }
     job = make_job("staged", f"file://{tmp}/storage", parts, [
         stage_doc("align", "align", "caption", parts, steps=8, optimizer={"lr": 5e-3}),
         stage_doc("instruct", "instruct", "conversation", parts, steps=6, trainable=["language_model"],
-                  optimizer={"lr": 1e-3}),
+                  optimizer={"lr": 1e-3}, data=instruct_data,
+                  batch={"globalSize": 8, "microSize": 2, "tokensPerMicroBatch": 160}),
         stage_doc("dpo", "dpo", "preference", parts, steps=4, optimizer={"lr": 1e-3}, dpo={"beta": 0.1}),
     ])
     return {"job": job, "tmp": tmp, "seconds": {}, "events": {}}
@@ -197,6 +227,32 @@ def test_instruct_starts_from_align_final_and_keeps_the_vision_tower(instruct_do
     assert same_tensors(instruct_final.model.vision_tower.state_dict(), vision.state_dict())
     before, after = lm_state(align_final), lm_state(instruct_final)
     assert any(not torch.equal(before[k], after[k]) for k in before), "instruct did not train the LM"
+
+
+def test_instruct_loader_packs_mixes_and_skips_bad_samples_with_workers(instruct_done):
+    job = instruct_done["job"]
+    data = json.loads(open(storage.local_path(resolve_stage(job, 1).output) + "/eval.json").read())["data"]
+    assert data["workers"] == 2 and data["packed"] and 0.3 < data["packing_efficiency"] <= 1.0
+    bad_shard = resolve_stage(job, 1).stage.data.sources[2].shards[0]
+    assert data["bad_samples"] >= 2 and data["bad_samples_by_reason"] == {"no_assistant_turn": data["bad_samples"]}
+    assert list(data["bad_samples_by_shard"]) == [bad_shard]
+    assert data["bad_samples"] / data["samples_read"] < 0.2
+
+
+def test_past_the_bad_sample_share_the_stage_fails_naming_the_shard(parts, tmp_path):
+    bad_shard = write_bad_shard(tmp_path / "bad-000.tar")
+    job = make_job("toobad", f"file://{tmp_path}/storage", parts, [stage_doc(
+        "align", "align", "caption", parts, steps=4, data={
+            "sources": [{"shards": parts["train"]["caption"], "format": "caption", "weight": 1},
+                        {"shards": [bad_shard], "format": "conversation", "weight": 1}],
+            "maxLength": 64, "maxBadSampleShare": 0.1,
+        })])
+    proc = subprocess.run(torchrun_command(write_config(job, 0, tmp_path)), env=trainer_env(), capture_output=True,
+                          text=True, timeout=STAGE_TIMEOUT_SECONDS)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "data.maxBadSampleShare 0.1" in out and bad_shard in out and "no_assistant_turn" in out
+    assert not storage.verify_committed(resolve_stage(job, 0).output + "/final").ok
 
 
 def test_final_loads_in_transformers_and_generates(instruct_done, parts):

@@ -17,8 +17,9 @@ batches the uninterrupted run would have, sample for sample.
 Bad samples (`SampleError.reason`: missing_field, bad_json, image_decode, no_assistant_turn, too_long,
 identical_pair, too_many_images, ...; `truncated_shard` from the tar reader) are skipped, counted by reason
 and by shard in the position (so the counts survive a resume), logged with the shard and key, and passed
-to `on_bad` (the Prometheus counter). The share check (`data.maxBadSampleShare`) runs in the trainer over
-all ranks' counts (`bad_share_exceeded`).
+to `on_bad` (the Prometheus counter). The share rule (`data.maxBadSampleShare`, `bad_share_exceeded`) is
+checked here on this rank's counts as each bad sample arrives (so data that is all bad fails instead of
+being searched forever) and by the trainer after every step on all ranks' counts (one decision for all).
 
 Packing (`next_packed`): consecutive good samples while they fit the token budget; the first sample that
 does not fit is held back (not yet counted as consumed) and opens the next row.
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 Encode = Callable[[dict[str, Any], str], Encoded | EncodedPair]
 _LOGGED_BAD_PER_REASON = 5  # each rank logs the first few skips of each reason; all are counted
+
+
+class BadDataError(RuntimeError):
+    """More than data.maxBadSampleShare of the samples read is bad: the stage stops (the message names shards)."""
 
 
 @dataclass
@@ -141,13 +146,14 @@ class TrainLoader:
         position: LoaderPosition | None = None,
         prefetch_factor: int = 4,
         on_bad: Callable[[str], None] | None = None,
+        max_bad_share: float | None = None,
     ):
         if not sources:
             raise ValueError("stage.data: no sources")
         self.position = copy.deepcopy(position) if position is not None else LoaderPosition.fresh(len(sources))
         check_sources(self.position, len(sources))
         self.position.workers = workers
-        self.on_bad = on_bad
+        self.on_bad, self.max_bad_share = on_bad, max_bad_share
         self.dataset = MixedSamples(
             sources, encode, seed=seed, rank=rank, world=world, shuffle_buffer=shuffle_buffer, position=self.position
         )
@@ -188,6 +194,9 @@ class TrainLoader:
                 log.warning("skipped a bad sample (%s) in %s: %s", item.reason, item.shard, item.detail)
             if self.on_bad is not None:
                 self.on_bad(item.reason)
+            share = self.max_bad_share
+            if share is not None and bad_share_exceeded(sum(self.position.bad.values()), self.position.seen, share):
+                raise BadDataError(bad_data_message([self.position], share) + " (counted on this rank)")
 
     def next_good(self) -> Item:
         while True:

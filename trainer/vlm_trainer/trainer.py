@@ -28,7 +28,14 @@ from vlm_trainer.data import LoaderPosition, count_samples, eval_samples
 from vlm_trainer.dpo import DPOObjective
 from vlm_trainer.final import write_hf_folder
 from vlm_trainer.lease import Lease, LeaseHeldError
-from vlm_trainer.loader import Source, TrainLoader, bad_data_message, bad_share_exceeded, data_report
+from vlm_trainer.loader import (
+    BadDataError,
+    Source,
+    TrainLoader,
+    bad_data_message,
+    bad_share_exceeded,
+    data_report,
+)
 from vlm_trainer.metrics import TrainerMetrics
 from vlm_trainer.model import VLM, apply_freezing, build_vlm, llava_of, param_groups, set_train_modes
 from vlm_trainer.objective import CausalLMObjective, Objective
@@ -60,10 +67,6 @@ def dpo_reference_mode(stage: StageSpec) -> str:
     if stage.dpo.reference != "auto":
         return stage.dpo.reference
     return "adapter_disabled" if stage.lora is not None else "sharded"
-
-
-class BadDataError(RuntimeError):
-    """More than data.maxBadSampleShare of the samples read is bad: the stage stops (the message names shards)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -161,6 +164,7 @@ class Trainer:
             seed=stage.seed, rank=env.rank, world=env.world_size, shuffle_buffer=stage.data.shuffle_buffer,
             workers=stage.data.workers, position=position,
             on_bad=self.metrics.observe_bad_sample if self.metrics is not None else None,
+            max_bad_share=stage.data.max_bad_sample_share,
         )
         attn = getattr(llava_of(module).config.get_text_config(), "_attn_implementation", None)
         self.packing = packing_mode(attn)
