@@ -169,7 +169,7 @@ class Trainer:
         attn = getattr(llava_of(module).config.get_text_config(), "_attn_implementation", None)
         self.packing = packing_mode(attn)
         self._step_data = {"samples": 0, "tokens": 0, "capacity": 0}
-        self._data_totals = {"tokens": 0, "capacity": 0}
+        self._data_totals = {"tokens": 0, "capacity": 0, "wait_seconds": 0.0, "step_seconds": 0.0}
         return self
 
     # --- assembly helpers -------------------------------------------------------------------------
@@ -277,6 +277,7 @@ class Trainer:
         self._check_bad_share(bad=sums[-2], seen=sums[-1])
         self._data_totals["tokens"] += local_tokens
         self._data_totals["capacity"] += step_data["capacity"]
+        self._data_totals["wait_seconds"] += data_wait
         if self.metrics is not None:
             self.metrics.observe_packing(efficiency(local_tokens, step_data["capacity"]))
         if not math.isfinite(sums[0]):  # before the optimizer step: the weights are still clean
@@ -310,13 +311,18 @@ class Trainer:
     def _data_section(self) -> dict[str, Any]:
         """Collective: the stage report's data section over all ranks (bad samples by reason and shard)."""
         positions = gather_objects(self.loader.position, self.env)
-        (tokens, capacity) = all_reduce_sum([self._data_totals["tokens"], self._data_totals["capacity"]], self.env)
+        totals = self._data_totals
+        tokens, capacity, wait, busy = all_reduce_sum(
+            [totals["tokens"], totals["capacity"], totals["wait_seconds"], totals["step_seconds"]], self.env
+        )
         stage = self.config.stage
         return {
             **data_report(positions),
             "workers": stage.data.workers,
             "packed": stage.batch.tokens_per_micro_batch is not None,
             "packing_efficiency": round(efficiency(int(tokens), int(capacity)), 4),
+            # this run's steps (a resumed run: since the resume), summed over ranks
+            "data_wait_share": round(wait / busy, 4) if busy > 0 else None,
         }
 
     def _current_lr(self) -> float:
@@ -336,6 +342,7 @@ class Trainer:
         progress = ProgressReporter(self.config.output, self.total_steps, is_main=env.is_main, start_step=self.step)
         while self.step < self.total_steps:
             result = self.train_step()
+            self._data_totals["step_seconds"] += result.seconds
             self.step += 1
             self.stats.setdefault("train_loss_first", result.loss)
             self.stats["train_loss_last"] = result.loss
