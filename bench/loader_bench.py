@@ -5,10 +5,11 @@
         SAME mixed-length samples, padded micro-batches (microSize 8, padded to the longest) vs packed rows
         (tokensPerMicroBatch 1024, block-diagonal 4D mask), alternating in one process, 1 thread.
 
-    python bench/loader_bench.py wait --dir /tmp/qs [--steps 60] [--out bench/results/issue10/data_wait.json]
+    python bench/loader_bench.py wait --dir /tmp/qs [--steps 60] [--procs 2] [--workers 0 2] [--out ...]
         The quickstart's align stage (prepared with `python -m vlm_trainer.quickstart prepare --dir DIR` if
-        missing), run through the planner and torchrun (2 ranks) with data.workers 0 and then 2; the stage
-        report's data_wait_share (data-wait seconds / step seconds over all steps and ranks) of each.
+        missing), run through the planner and torchrun (`--procs` ranks; the global batch of 64 kept by
+        gradient accumulation) once per data.workers value; the stage report's data_wait_share (data-wait
+        seconds / step seconds over all steps and ranks) of each.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def packing_bench(samples: int, out: str) -> dict[str, Any]:
     return result
 
 
-def wait_bench(work_dir: str, steps: int, out: str) -> dict[str, Any]:
+def wait_bench(work_dir: str, steps: int, procs: int, worker_counts: list[int], out: str) -> dict[str, Any]:
     import yaml
     from vlm_operator.planner import resolve_stage
     from vlm_trainer.spec import parse_job
@@ -114,10 +115,13 @@ def wait_bench(work_dir: str, steps: int, out: str) -> dict[str, Any]:
         subprocess.run([sys.executable, "-m", "vlm_trainer.quickstart", "prepare", "--dir", work_dir], check=True)
     doc = yaml.safe_load(open(os.path.join(work_dir, "job.yaml")))
     result: dict[str, Any] = {
-        "command": f"python bench/loader_bench.py wait --dir {work_dir} --steps {steps}",
-        "stage": "quickstart align (2 torchrun ranks, micro 32, global 64)", "steps": steps, "runs": {},
+        "command": f"python bench/loader_bench.py wait --dir {work_dir} --steps {steps} --procs {procs} "
+                   f"--workers {' '.join(map(str, worker_counts))} --out {out}",
+        "stage": f"quickstart align ({procs} torchrun rank(s), 1 thread each, micro 32, global 64)", "steps": steps,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, shared with other sessions' processes",
+        "runs": {},
     }
-    for workers in (0, 2):
+    for workers in worker_counts:
         run_doc = json.loads(json.dumps(doc))
         run_doc["metadata"]["name"] = f"waitbench-w{workers}-{int(time.time())}"
         stage = run_doc["spec"]["stages"][0]
@@ -125,6 +129,7 @@ def wait_bench(work_dir: str, steps: int, out: str) -> dict[str, Any]:
         stage["data"]["workers"] = workers
         stage["data"]["evalShards"] = []
         stage["checkpoint"]["everySteps"] = steps + 1
+        stage["resources"]["procsPerNode"] = procs
         job = parse_job(run_doc)
         config_path = os.path.join(work_dir, f"waitbench-w{workers}.json")
         with open(config_path, "w") as f:
@@ -132,7 +137,7 @@ def wait_bench(work_dir: str, steps: int, out: str) -> dict[str, Any]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "VLM_METRICS_PORT": "0"}
         started = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlm_trainer",
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), "-m", "vlm_trainer",
              "--config", config_path], env=env, capture_output=True, text=True, timeout=900,
         )
         if proc.returncode != 0:
@@ -140,7 +145,8 @@ def wait_bench(work_dir: str, steps: int, out: str) -> dict[str, Any]:
         report_path = resolve_stage(job, 0).output.removeprefix("file://") + "/eval.json"
         data = json.load(open(report_path))["data"]
         result["runs"][f"workers={workers}"] = {"data_wait_share": data["data_wait_share"],
-                                                "stage_wall_seconds": round(time.perf_counter() - started, 1)}
+                                                "stage_wall_seconds": round(time.perf_counter() - started, 1),
+                                                "load_average_1min_after": round(os.getloadavg()[0], 2)}
         print(workers, result["runs"][f"workers={workers}"], flush=True)
     _write(out, result)
     return result
@@ -162,12 +168,14 @@ def main() -> None:
     w = sub.add_parser("wait")
     w.add_argument("--dir", required=True)
     w.add_argument("--steps", type=int, default=60)
+    w.add_argument("--procs", type=int, default=2)
+    w.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     w.add_argument("--out", default="bench/results/issue10/data_wait.json")
     args = parser.parse_args()
     if args.command == "packing":
         packing_bench(args.samples, args.out)
     else:
-        wait_bench(args.dir, args.steps, args.out)
+        wait_bench(args.dir, args.steps, args.procs, args.workers, args.out)
 
 
 if __name__ == "__main__":

@@ -242,6 +242,17 @@ class TrainLoader:
         self._it = None
 
 
+MAX_PREFETCHED_SAMPLES = 1024
+
+
+def prefetch_per_worker(samples_per_step: int, workers: int) -> int:
+    """Samples each worker may run ahead: two steps' worth in all (so workers keep encoding while the step
+    computes, instead of idling on a full queue), at most MAX_PREFETCHED_SAMPLES per rank (host memory)."""
+    if workers <= 0:
+        return 2
+    return max(2, min(math.ceil(2 * samples_per_step / workers), MAX_PREFETCHED_SAMPLES // workers))
+
+
 def bad_share_exceeded(bad: float, seen: float, max_share: float) -> bool:
     """More than `max_share` of the samples read is bad, judged once at least 1/max_share samples were read
     (before that a single bad sample would already exceed the share); a share of 0 fails on the first."""

@@ -35,6 +35,7 @@ from vlm_trainer.loader import (
     bad_data_message,
     bad_share_exceeded,
     data_report,
+    prefetch_per_worker,
 )
 from vlm_trainer.metrics import TrainerMetrics
 from vlm_trainer.model import VLM, apply_freezing, build_vlm, llava_of, param_groups, set_train_modes
@@ -163,6 +164,7 @@ class Trainer:
             [Source(s.shards, s.format, s.weight) for s in stage.data.source_list()], self.encoder.encode,
             seed=stage.seed, rank=env.rank, world=env.world_size, shuffle_buffer=stage.data.shuffle_buffer,
             workers=stage.data.workers, position=position,
+            prefetch_factor=prefetch_per_worker(stage.batch.micro_size * stage.grad_accum_steps, stage.data.workers),
             on_bad=self.metrics.observe_bad_sample if self.metrics is not None else None,
             max_bad_share=stage.data.max_bad_sample_share,
         )
