@@ -10,7 +10,10 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+)
 from vlm_trainer import family, resolution
 from vlm_trainer.model import assemble_vlm, param_groups
 from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
