@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoProcessor
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
@@ -122,7 +123,7 @@ def test_multi_image_batches_carry_the_processors_image_tokens_and_forward(vlms)
         assert err.value.reason == "image_mismatch"
 
 
-def test_fixed_resolution_raise_interpolates_positions_and_anyres_carries_weights(vlms):
+def test_fixed_resolution_raise_interpolates_positions_and_anyres_carries_weights(vlms, tmp_path):
     fixed, anyres = vlms
     bigger = resolution.apply(fixed, ResolutionSpec(policy="fixed", imageSize=64), seed=0)
     assert bigger.model.config.vision_config.image_size == 64 and bigger.model.config.image_seq_length == 64
@@ -138,6 +139,15 @@ def test_fixed_resolution_raise_interpolates_positions_and_anyres_carries_weight
     with torch.no_grad():
         out = bigger.model(**{k: v for k, v in collate([enc], 0).items() if k != "labels"}, use_cache=False)
     assert torch.isfinite(out.logits).all()
+    # what the stage's final/ holds loads back at the new size (the next stage starts there)
+    saved = tmp_path / "final"
+    bigger.model.save_pretrained(saved)
+    bigger.processor.save_pretrained(saved)
+    reloaded, processor = family.load_model(str(saved)), AutoProcessor.from_pretrained(saved)
+    assert reloaded.config.vision_config.image_size == 64 and reloaded.config.image_seq_length == 64
+    assert torch.equal(reloaded.state_dict()[key], new)
+    assert SampleEncoder(processor, max_length=256).encode(
+        {"__key__": "k", "png": _png("red"), "txt": b"red"}, "caption").image_tokens == [64]
     # fixed -> anyres: every weight carried, image_newline new and in the projector's optimizer group
     state, carried = fixed.model.state_dict(), anyres.model.state_dict()
     assert set(carried) - set(state) == {"model.image_newline"}
