@@ -1,12 +1,16 @@
 """A fixed -> dynamic resolution stage sequence, for real (local backend, torchrun, 2 ranks on CPU): stage 1
-trains Llava at 32px, stage 2 (`data.resolution.policy: anyres`) starts from stage 1's final/, converts it to
-LlavaNext with the weights carried over, trains on AnyRes tiles, and publishes a LlavaNext final/."""
+trains Llava at 32px on captions, stage 2 (`data.resolution.policy: anyres`) starts from stage 1's final/,
+converts it to LlavaNext with the weights carried over, trains on AnyRes tiles of interleaved two-image
+documents of several sizes, and publishes a LlavaNext final/."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,9 +18,31 @@ from tiny_parts import build_parts, job_file
 from vlm_operator.local import LocalRunner
 from vlm_trainer import family, storage
 from vlm_trainer.model import load_vlm
+from vlm_trainer.quickstart.shapes import draw_shape
 from vlm_trainer.spec import load_job
 
 pytestmark = pytest.mark.integration
+
+
+def write_interleaved_shard(path, samples: int = 16) -> str:
+    """Two images per document (0.png, 1.png; 32x32 and 64x32 quickstart shapes), text around them."""
+    rng = np.random.default_rng(0)
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(path, "w") as tar:
+        for i in range(samples):
+            for j, (colour, size) in enumerate((("red", 32), ("blue", 64))):
+                buf = io.BytesIO()
+                draw_shape(rng, colour, "circle", size).crop((0, 0, size, 32)).save(buf, format="PNG")
+                add(tar, f"d{i:04d}.{j}.png", buf.getvalue())
+            doc = {"segments": [{"text": "here is a red circle ."}, {"image": "0.png"},
+                                {"text": "and here a blue circle ."}, {"image": "1.png"}]}
+            add(tar, f"d{i:04d}.json", json.dumps(doc).encode())
+    return f"file://{path}"
 
 
 def test_fixed_then_anyres_stages_train_and_hand_the_weights_over(tmp_path):
@@ -27,7 +53,8 @@ def test_fixed_then_anyres_stages_train_and_hand_the_weights_over(tmp_path):
     first["data"]["maxLength"] = 96
     second = json.loads(json.dumps(first))
     second["name"] = "tiles"
-    second["data"]["resolution"] = {"policy": "anyres", "gridPinpoints": [[32, 64], [64, 32], [64, 64]]}
+    second["data"].update(shards=[write_interleaved_shard(tmp_path / "docs.tar")], format="interleaved", maxImages=2, maxLength=160,
+                          resolution={"policy": "anyres", "gridPinpoints": [[32, 64], [64, 32], [64, 64]]})
     doc["spec"]["stages"].append(second)
     open(path, "w").write(yaml.safe_dump(doc))
 
