@@ -135,7 +135,7 @@ BAD_KINDS = [
     ("undecodable image", "caption", ({"caption": "a red circle"}, b"\x89PNG broken"), "image_decode"),
     ("json missing the caption", "caption", ({"text": "a red circle"}, _png()), "missing_field"),
     ("json that does not parse", "caption", (b'{"caption": "a red', _png()), "bad_json"),
-    ("no image member", "caption", ({"caption": "a red circle"}, None), "missing_field"),
+    ("no image member", "caption", ({"caption": "a red circle"}, None), "no_image"),
     ("conversation without an assistant turn", "conversation",
      ({"conversations": [{"role": "user", "content": "<image> what colour is it ?"}]}, _png()), "no_assistant_turn"),
     ("longer than maxLength after image expansion", "caption", ({"caption": " ".join(["red"] * 40)}, _png()), "too_long"),

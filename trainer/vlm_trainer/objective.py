@@ -41,6 +41,7 @@ class CausalLMObjective:
             attention_mask=batch.get("attention_mask"),  # 4D block-diagonal, or None (varlen), when packed
             position_ids=batch.get("position_ids"),  # restarts per sample when packed (vlm_trainer.packing)
             pixel_values=batch["pixel_values"],
+            **{k: batch[k] for k in ("image_sizes",) if k in batch},  # LlavaNext (AnyRes) needs each image's size
             use_cache=False,
         )
         logits = out.logits[:, :-1].float()

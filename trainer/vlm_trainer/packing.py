@@ -14,7 +14,8 @@ tokens included) fits T. In the row:
 - the label of every sample's FIRST token is -100: unpacked, nothing predicts it (the loss shifts by one),
   packed it would be predicted from the previous sample's last token. With that, the summed loss and the
   count of labelled tokens are exactly those of the unpacked samples, so the token-mean is unchanged.
-Images: pixel values are stacked in row order, the order Llava merges image features in.
+Images: pixel values are stacked in row order, the order Llava merges image features in (with
+`image_sizes` for AnyRes tiles, as `samples.collate` does).
 
 Packing efficiency = real tokens / row capacity (T), reported per step and in the stage report.
 """
@@ -25,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from vlm_trainer.samples import IGNORE_INDEX, Encoded
+from vlm_trainer.samples import IGNORE_INDEX, Encoded, stack_images
 
 PackingMode = Literal["mask", "position_ids"]
 
@@ -73,7 +74,7 @@ def pack_row(items: list[Encoded], *, mode: PackingMode = "mask", mask_dtype: to
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": position_ids,
-        "pixel_values": torch.stack([p for e in items for p in e.pixel_values]),
+        **stack_images(items),  # pixel values in row order (+ image_sizes for AnyRes tiles)
     }
     if mode == "mask":
         batch["attention_mask"] = block_causal_mask(position_ids, mask_dtype)
