@@ -13,7 +13,7 @@ from typing import Any
 import braceexpand
 from vlm_trainer import storage
 from vlm_trainer.model_config import VisionFacts, max_length_problem, vision_facts, vision_problems
-from vlm_trainer.spec import VLMTrainingJob
+from vlm_trainer.spec import CurateStage, VLMTrainingJob
 
 from vlm_operator import planner
 
@@ -47,9 +47,9 @@ def _vision(job: VLMTrainingJob, index: int, options: storage.Options | None, ou
 
 
 def _shards(job: VLMTrainingJob, index: int, field: str, patterns: list[str],
-            options: storage.Options | None, out: list[str]) -> None:
+            options: storage.Options | None, out: list[str], section: str = "data") -> None:
     for j, pattern in enumerate(patterns):
-        where = f"spec.stages[{index}].data.{field}[{j}]"
+        where = f"spec.stages[{index}].{section}.{field}[{j}]"
         urls = list(braceexpand.braceexpand(planner.resolve_shard(job, pattern)))
         missing = [u for u in urls if not storage.exists(u, options=options)]
         if missing:
@@ -68,6 +68,9 @@ def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None
     """Every problem with stage `index`'s inputs; empty when it may start."""
     out: list[str] = []
     stage = job.spec.stages[index]
+    if isinstance(stage, CurateStage):  # reads no model; its input shards must exist
+        _shards(job, index, "shards", stage.input.shards, options, out, section="input")
+        return out
     facts = _vision(job, index, options, out)
     if facts is not None:
         problem = max_length_problem(job.spec.model, facts, stage.data.max_length, f"spec.stages[{index}].data.maxLength")
