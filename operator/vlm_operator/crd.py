@@ -249,11 +249,11 @@ def spec_schema() -> dict[str, Any]:
         node["maxItems"] = 1024 if "hards" in path[-1] else 3
         node["items"]["maxLength"] = 2048
     item["properties"]["data"]["properties"]["shards"]["minItems"] = 1  # absent (fromStage), never empty
-    curate_lists = {("input", "shards"): 1024, ("filters", "text", "extraPatterns"): 64,
+    curate_lists: dict[tuple[str, ...], int] = {("input", "shards"): 1024, ("filters", "text", "extraPatterns"): 64,
                     ("filters", "text", "languages"): 16, ("filters", "balance", "concepts"): 100_000}
-    for path, most in curate_lists.items():
+    for curate_path, most in curate_lists.items():
         node = item
-        for p in path:
+        for p in curate_path:
             node = node["properties"][p]
         node["maxItems"] = most
         node["items"]["maxLength"] = 2048

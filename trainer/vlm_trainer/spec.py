@@ -529,7 +529,7 @@ class NearDedupSpec(Strict):
     enabled: bool = Field(True, description="Run near deduplication (global across ranks and shards).")
     hash: Literal["phash", "dhash"] = Field("phash", description="64-bit perceptual hash: phash (DCT) or dhash (gradient).")
     max_distance: int = Field(
-        6, ge=0, le=64, description="Images whose hashes differ in at most this many bits are duplicates."
+        4, ge=0, le=64, description="Images whose hashes differ in at most this many bits are duplicates."
     )
 
 
@@ -622,6 +622,10 @@ class CurateStage(Strict):
     @classmethod
     def _enc(cls, v: str | None) -> str | None:
         return validators.no_credentials(v) if v is not None else None
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nodes * self.resources.procs_per_node
 
     @model_validator(mode="after")
     def _encoder_needed(self) -> CurateStage:
@@ -914,8 +918,8 @@ def parse_job(doc: dict[str, Any]) -> VLMTrainingJob:
         # Job-level rules only run once every stage is valid; report duplicates now too.
         raw = (doc.get("spec") or {}).get("stages") if isinstance(doc.get("spec"), dict) else None
         if isinstance(raw, list):
-            stages = [s if isinstance(s, dict) else {} for s in raw]
-            data = [s.get("data") if isinstance(s.get("data"), dict) else {} for s in stages]
+            stages: list[dict[str, Any]] = [s if isinstance(s, dict) else {} for s in raw]
+            data: list[dict[str, Any]] = [d if isinstance(d := s.get("data"), dict) else {} for s in stages]
             for p in [*duplicate_stage_names([s.get("name") for s in stages]),
                       *from_stage_problems([(s.get("type"), s.get("name"), d.get("fromStage"))
                                             for s, d in zip(stages, data, strict=True)])]:
