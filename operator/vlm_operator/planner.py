@@ -123,7 +123,8 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
         init_from = None
     else:
         if stage.data.from_stage is not None:
-            stage.data.shards = curated_shards(job, stage.data.from_stage)
+            # the trainer gets plain shard URLs (a resolved config names no stage to look up)
+            stage.data.shards, stage.data.from_stage = curated_shards(job, stage.data.from_stage), None
         else:
             stage.data.shards = [resolve_shard(job, s) for s in stage.data.shards]
         stage.data.eval_shards = [resolve_shard(job, s) for s in stage.data.eval_shards]

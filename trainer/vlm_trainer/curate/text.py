@@ -21,7 +21,7 @@ TEXT_CHECKS = ("missing", "word_count", "junk_pattern", "special_chars", "repeat
 _URL = r"(?:https?://|www\.)\S+|\b[\w-]+\.(?:com|net|org|io|html?|php)\b"
 _FILE = r"\b[\w-]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg)\b|\b(?:img|dsc|dscn|dcim|pxl|screenshot)[_-]?\d+"
 # Boilerplate alt text: matched anywhere, or (the second list) as the whole caption.
-_BOILERPLATE_ANYWHERE = r"click here|lorem ipsum|no description|image not found|placeholder|stock photo|all rights reserved"
+_BOILERPLATE_ANYWHERE = r"click here|\buntitled\b|lorem ipsum|no description|image not found|placeholder|stock photo|all rights reserved"
 _BOILERPLATE_WHOLE = r"untitled|image|photo|picture|img|thumbnail|default|download|null|none|n/?a|\d+"
 
 # unicodedata name prefixes -> script (the names accepted by filters.text.languages).
