@@ -9,8 +9,6 @@ import collections
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
 import pytest
@@ -117,21 +115,52 @@ def test_a_rerun_resumes_without_redoing_finished_shards(one_rank):
     assert storage.verify_committed(final, check_sha256=True).ok
 
 
-def test_two_ranks_decide_exactly_as_one_rank(one_rank):
-    cfg = _config(one_rank["noisy"].shards, f"file://{one_rank['tmp']}/store", "two")
-    path = one_rank["tmp"] / "two.json"
-    path.write_text(json.dumps(cfg.dump()))
-    env = {**os.environ, contract.METRICS_PORT_ENV: "off", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "vlm_trainer", "--config", str(path)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    final = _final(cfg)
-    assert storage.verify_committed(final, check_sha256=True).ok
+def test_curate_align_instruct_runs_as_one_job_with_vlmctl_and_2_ranks_decide_as_1(one_rank, capsys):
+    """`vlmctl run` of curate (2 ranks) -> align (data: fromStage curate) -> instruct: the 2-rank curate
+    decides exactly as the 1-rank run, align reads the committed curated shards and starts only after the
+    commit, and weights go align -> instruct."""
+    from tiny_parts import build_parts
+    from vlm_operator import cli
+
+    tmp = one_rank["tmp"]
+    parts = build_parts(tmp / "parts")
+    train = {"precision": "fp32", "maxSteps": 1, "batch": {"globalSize": 2, "microSize": 2},
+             "checkpoint": {"everySteps": 1, "keepLast": 1}}
+    doc = {
+        "apiVersion": "training.vlm.dev/v1alpha1", "kind": "VLMTrainingJob", "metadata": {"name": "local"},
+        "spec": {
+            "model": {"visionEncoder": parts["vision"], "languageModel": parts["lm"], "imageSize": 32},
+            "storage": {"uri": f"file://{tmp}/store"},
+            "stages": [
+                {**curate_stage(one_rank["noisy"].shards), "resources": {"procsPerNode": 2}},
+                {"name": "align", "type": "align", "data": {"fromStage": "curate", "format": "caption", "maxLength": 64},
+                 **train},
+                {"name": "instruct", "type": "instruct", "data": {"shards": parts["shards"], "format": "caption",
+                                                                  "maxLength": 64}, **train},
+            ],
+        },
+    }
+    path = tmp / "local.yaml"
+    path.write_text(json.dumps(doc))
+    os.environ[contract.METRICS_PORT_ENV] = "off"
+    assert cli.main(["run", str(path)]) == 0, capsys.readouterr().out[-3000:]
+    out = capsys.readouterr().out
+    assert "curate: kept 460 -> 290 samples" in out
+    store = f"file://{tmp}/store/local"
+    final = f"{store}/curate/final"
+    committed = storage.verify_committed(final, check_sha256=True)
+    assert committed.ok, committed.reason
     assert storage.read_text(storage.join(final, contract.DECISIONS_FILE)) == one_rank["decisions"]
-    doc = storage.read_json(storage.join(final, contract.FUNNEL_FILE))
-    assert doc["world_size"] == 2 and [t["rank"] for t in doc["throughput"]] == [0, 1]
-    assert all(t["shards"] == 2 and t["samples_per_second"] > 0 for t in doc["throughput"])
-    assert storage.read_json(storage.join(cfg.output, contract.PROGRESS_FILE))["step"] == 4  # rank 0: 2 shards x 2
+    funnel_doc = storage.read_json(storage.join(final, contract.FUNNEL_FILE))
+    assert funnel_doc["world_size"] == 2 and [t["rank"] for t in funnel_doc["throughput"]] == [0, 1]
+    assert all(t["shards"] == 2 and t["samples_per_second"] > 0 for t in funnel_doc["throughput"])
+    assert storage.read_json(f"{store}/curate/{contract.PROGRESS_FILE}")["step"] == 4  # rank 0: 2 shards x 2 phases
+    align = storage.read_json(f"{store}/align/{contract.CONFIG_FILE}")
+    assert align["stage"]["data"]["shards"] == [contract.curated_shard(final, i) for i in range(4)]
+    assert align["initFrom"] is None  # the first training stage starts from spec.model
+    launched = os.path.getmtime(storage.local_path(f"{store}/align/{contract.CONFIG_FILE}"))
+    assert launched >= committed.manifest["committed_at"]  # the consumer started after the commit
+    assert storage.read_json(f"{store}/instruct/{contract.CONFIG_FILE}")["initFrom"] == f"{store}/align/final"
+    assert storage.verify_committed(f"{store}/instruct/final").ok
+    report = storage.read_text(f"{store}/report.md")
+    assert "curate: 460 -> 290 samples" in report and "samples/s per rank" in report
