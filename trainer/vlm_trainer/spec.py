@@ -43,6 +43,7 @@ SCRIPTS = ("latin", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "thai
 # Fields only training stages have: a curate stage naming one is rejected with the field's name.
 TRAINING_ONLY_FIELDS = ("data", "trainable", "optimizer", "schedule", "batch", "maxSteps", "epochs", "precision",
                         "strategy", "offload", "lora", "qlora", "gradientCheckpointing", "dpo", "checkpoint")
+CURATE_ONLY_FIELDS = ("input", "filters", "output", "encoder")  # and a training stage naming one is rejected too
 DataFormat = Literal["caption", "conversation", "preference"]
 TrainablePart = Literal["projector", "language_model", "vision_tower"]
 Precision = Literal["bf16", "fp32"]
@@ -385,6 +386,16 @@ class StageSpec(Strict):
     @classmethod
     def _dns(cls, v: str) -> str:
         return validators.dns_label(v, max_length=40)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_curate_fields(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            found = [k for k in CURATE_ONLY_FIELDS if k in data]
+            if found:
+                raise ValueError("\n".join(f"{k}: only valid for type curate, this stage is {data.get('type')!r}"
+                                           for k in found))
+        return data
 
     @model_validator(mode="after")
     def _defaults_and_rules(self) -> StageSpec:
