@@ -196,7 +196,7 @@ def checker(
 
     def admit(index: int) -> Admission | None:
         stage = job.spec.stages[index]
-        if policy == "off" or stage.resources.gpu_memory_gib is None:
+        if policy == "off" or stage.resources.gpu_memory_gib is None or not isinstance(stage, StageSpec):
             return None
         try:
             if not cache:

@@ -44,9 +44,44 @@ def _deref(node: Any, defs: dict[str, Any]) -> Any:
     return {k: _deref(v, defs) for k, v in node.items()}
 
 
+def _merge_variants(variants: list[dict[str, Any]]) -> dict[str, Any]:
+    """A union of object schemas (a discriminated union such as the stage kinds) as ONE structural object:
+    every variant's properties (a property that several variants share must have one schema there, except
+    for enums, which are joined: the discriminator), required = what every variant requires. A property only
+    some variants have loses its scalar default, so the API server never adds it to a variant without it.
+    Which property belongs to which variant is checked by CEL rules (and by the typed spec)."""
+    props: dict[str, Any] = {}
+    owners: dict[str, int] = {}
+    for v in variants:
+        if v.get("type") != "object":
+            raise ValueError(f"cannot merge a non-object union variant: {v!r}")
+        for name, p in v.get("properties", {}).items():
+            owners[name] = owners.get(name, 0) + 1
+            if name not in props:
+                props[name] = copy.deepcopy(p)
+            elif "enum" in p and "enum" in props[name]:
+                props[name]["enum"] = [*props[name]["enum"], *(e for e in p["enum"] if e not in props[name]["enum"])]
+            elif {k: x for k, x in p.items() if k != "description"} != {
+                k: x for k, x in props[name].items() if k != "description"
+            }:
+                raise ValueError(f"union variants give property {name!r} different schemas")
+    for name, count in owners.items():
+        if count < len(variants):
+            props[name].pop("default", None)
+    required = [r for r in variants[0].get("required", []) if all(r in v.get("required", []) for v in variants)]
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        out["required"] = required
+    return out
+
+
 def _structural(node: dict[str, Any]) -> dict[str, Any]:
     """One pydantic JSON Schema node (refs already inlined) as an OpenAPI v3.0 structural schema node."""
     node = dict(node)
+    if "oneOf" in node:
+        merged = _merge_variants([_structural(v) for v in node.pop("oneOf")])
+        node.pop("discriminator", None)
+        return {**merged, **{k: v for k, v in node.items() if k in ("description",)}}
     out: dict[str, Any] = {}
     any_of = node.pop("anyOf", None)
     if any_of is not None:
@@ -116,8 +151,55 @@ def _or_default(path: str) -> str:
 
 
 def _stage_rules() -> list[dict[str, str]]:
+    return _training_rules() + _kind_rules()
+
+
+def _kind_rules() -> list[dict[str, str]]:
+    """Which fields belong to which stage kind (the typed spec's discriminated union, on the merged schema)."""
+    rules = [
+        {
+            "rule": f"self.type != '{S.CURATE_TYPE}' || !has(self.{field})",
+            "message": f"{field}: a curate stage has no training fields",
+            "fieldPath": f".{field}",
+            "reason": "FieldValueForbidden",
+        }
+        for field in S.TRAINING_ONLY_FIELDS
+    ]
+    curate_only = [n for n in S.CurateStage.model_json_schema(by_alias=True)["properties"]
+                   if n not in S.StageSpec.model_json_schema(by_alias=True)["properties"]]
+    rules += [
+        {
+            "rule": f"self.type != '{S.CURATE_TYPE}' || has(self.input)",
+            "message": "input: a curate stage needs input.shards",
+            "fieldPath": ".input",
+            "reason": "FieldValueRequired",
+        },
+        {
+            "rule": f"self.type == '{S.CURATE_TYPE}' || has(self.data)",
+            "message": "data: a training stage needs data",
+            "fieldPath": ".data",
+            "reason": "FieldValueRequired",
+        },
+        {
+            "rule": f"self.type == '{S.CURATE_TYPE}' || ({' && '.join(f'!has(self.{n})' for n in curate_only)})",
+            "message": f"{', '.join(curate_only)}: only valid for type curate",
+            "reason": "FieldValueForbidden",
+        },
+        {
+            "rule": "!has(self.data) || ((has(self.data.shards) && size(self.data.shards) > 0) ? 1 : 0) + "
+                    "(has(self.data.fromStage) ? 1 : 0) + ((has(self.data.sources) && size(self.data.sources) > 0) ? 1 : 0) == 1",
+            "message": "data.shards: set exactly one of data.shards, data.fromStage or data.sources",
+            "fieldPath": ".data",
+            "reason": "FieldValueInvalid",
+        },
+    ]
+    return rules
+
+
+def _training_rules() -> list[dict[str, str]]:
+    """Cross-field rules of training stages (a curate stage passes them: it has none of these fields)."""
     world = f"{_or_default('batch.microSize')} * {_or_default('resources.nodes')} * {_or_default('resources.procsPerNode')}"
-    return [
+    rules = [
         {
             "rule": "has(self.maxSteps) != has(self.epochs)",
             "message": "set exactly one of maxSteps or epochs",
@@ -130,7 +212,7 @@ def _stage_rules() -> list[dict[str, str]]:
             "reason": "FieldValueForbidden",
         },
         {
-            "rule": "!has(self.data.format) || (self.type == 'dpo') == (self.data.format == 'preference')",
+            "rule": "!has(self.data) || !has(self.data.format) || (self.type == 'dpo') == (self.data.format == 'preference')",
             "message": "data.format: a dpo stage needs 'preference' data, and 'preference' data needs type dpo",
             "fieldPath": ".data.format",
             "reason": "FieldValueInvalid",
@@ -147,6 +229,7 @@ def _stage_rules() -> list[dict[str, str]]:
             "reason": "FieldValueInvalid",
         },
     ]
+    return [{**r, "rule": f"self.type == '{S.CURATE_TYPE}' || ({r['rule']})"} for r in rules]
 
 
 def spec_schema() -> dict[str, Any]:
@@ -165,6 +248,15 @@ def spec_schema() -> dict[str, Any]:
         for p in path:
             node = node["properties"][p]
         node["maxItems"] = 1024 if "hards" in path[-1] else 3
+        node["items"]["maxLength"] = 2048
+    item["properties"]["data"]["properties"]["shards"]["minItems"] = 1  # absent (fromStage), never empty
+    curate_lists: dict[tuple[str, ...], int] = {("input", "shards"): 1024, ("filters", "text", "extraPatterns"): 64,
+                    ("filters", "text", "languages"): 16, ("filters", "balance", "concepts"): 100_000}
+    for curate_path, most in curate_lists.items():
+        node = item
+        for p in curate_path:
+            node = node["properties"][p]
+        node["maxItems"] = most
         node["items"]["maxLength"] = 2048
     spec["properties"]["runPolicy"]["properties"]["tolerations"]["maxItems"] = 64
     uri = spec["properties"]["storage"]["properties"]["uri"]

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from vlm_trainer import accounting as A
-from vlm_trainer.spec import VLMTrainingJob
+from vlm_trainer.spec import StageSpec, VLMTrainingJob
 
 from vlm_operator import admission
 
@@ -44,6 +44,8 @@ def estimate_job(
     card = A.gpu_named(gpu or DEFAULT_GPU)
     stages = []
     for stage in job.spec.stages:
+        if not isinstance(stage, StageSpec):  # curate stages train nothing: no model memory or FLOPs
+            continue
         inp = A.stage_input(stage, on_gpu=True)
         mem = A.estimate_memory(shape, inp)
         declared = stage.resources.gpu_memory_gib

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 from vlm_trainer import contract, storage
 from vlm_trainer.redact import redact
-from vlm_trainer.spec import VLMTrainingJob
+from vlm_trainer.spec import CURATE_TYPE, VLMTrainingJob
 
 from vlm_operator import planner
 from vlm_operator.local import Interrupted, LocalRunner, RunResult
@@ -95,8 +95,18 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
         cells += [f"{w.wall_seconds:.1f}", str(w.attempts)] if w else ["- (earlier run)", "-"]
         lines.append(f"| {st.name} | {st.type} | " + " | ".join(cells) + " |")
     lines.append("")
+    for i, st in enumerate(job.spec.stages):
+        final = planner.final_uri(job, i)
+        if st.type == CURATE_TYPE and storage.exists(storage.join(final, contract.FUNNEL_FILE)):
+            doc = storage.read_json(storage.join(final, contract.FUNNEL_FILE))
+            rates = ", ".join(f"{t.get('samples_per_second')}" for t in doc.get("throughput", []))
+            lines.append(f"{st.name}: {doc['input']} -> {doc['kept']} samples (removed: "
+                         + ", ".join(f"{k} {v}" for k, v in doc["removed"].items() if v)
+                         + f"); samples/s per rank: {rates}; funnel: {storage.join(final, contract.FUNNEL_CHART)}")
+            lines.append("")
     for st in job.spec.stages:
-        lines.append(f"![{st.name} loss](loss-{st.name}.png)")
+        if st.type != CURATE_TYPE:
+            lines.append(f"![{st.name} loss](loss-{st.name}.png)")
     uri = storage.join(base, "report.md")
     storage.write_text(uri, "\n".join(lines) + "\n")
     return uri
@@ -131,6 +141,14 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: s
             logs.setdefault(stage, []).append(json.dumps(event) + "\n")
             if len(logs[stage]) >= 20:
                 flush(stage)
+        elif event and event.get("event") == "curate" and rank in (0, None):  # a curate stage's shards
+            if stage not in bars:
+                bars[stage] = progress.add_task(stage, stage=stage, total=event.get("total"), loss="-", tps="-", eta="-")
+            progress.update(bars[stage], completed=event.get("step"), total=event.get("total"))
+        elif event and event.get("event") == "curated" and rank in (0, None):
+            progress.console.print(f"{stage}: kept {event.get('input')} -> {event.get('kept')} samples; removed "
+                                   + ", ".join(f"{k} {v}" for k, v in (event.get("removed") or {}).items() if v),
+                                   markup=False, highlight=False, soft_wrap=True)
         elif event and event.get("event") in ("checkpoint_skipped", "resume") and rank in (0, None):
             # what resume did is said in the normal output, not only with -v
             text = (f"{stage}: skipped checkpoint {event.get('checkpoint')}: {event.get('reason')}"

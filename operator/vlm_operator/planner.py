@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import braceexpand
 from vlm_trainer import contract, storage
-from vlm_trainer.spec import TrainerConfig, VLMTrainingJob
+from vlm_trainer.spec import CURATE_TYPE, CurateStage, TrainerConfig, VLMTrainingJob
 
 if TYPE_CHECKING:
     from vlm_operator.admission import Admission
@@ -87,14 +88,50 @@ def resolve_shard(job: VLMTrainingJob, shard: str) -> str:
     return storage.join(job.spec.storage.uri, shard)
 
 
+def previous_training_stage(job: VLMTrainingJob, index: int) -> int | None:
+    """The last training (non-curate) stage before `index`: whose final/ weights stage `index` starts from."""
+    for i in range(index - 1, -1, -1):
+        if job.spec.stages[i].type != CURATE_TYPE:
+            return i
+    return None
+
+
+def curated_shards(job: VLMTrainingJob, name: str) -> list[str]:
+    """The committed output shards of curate stage `name`: one per input shard, under its final/."""
+    index = [s.name for s in job.spec.stages].index(name)
+    stage = job.spec.stages[index]
+    assert isinstance(stage, CurateStage), f"stage {name!r} is not a curate stage"
+    n = len(expand_shards(stage.input.shards))
+    return [contract.curated_shard(final_uri(job, index), i) for i in range(n)]
+
+
+def expand_shards(shards: list[str]) -> list[str]:
+    """Brace patterns (`train-{000..003}.tar`) expanded, order kept (the same expansion the trainer does)."""
+    return [u for pattern in shards for u in braceexpand.braceexpand(pattern)]
+
+
 def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
-    """The trainer config of stage `index`: init_from = stage index-1's committed final/, output = its prefix."""
+    """The trainer config of stage `index`: its inputs made explicit.
+
+    weights: init_from = the previous *training* stage's committed final/ (None for the first training stage,
+    and for curate stages, which read no weights); data: shard URLs resolved against spec.storage.uri, and
+    `data.fromStage` resolved to that curate stage's committed shards; output = the stage's prefix.
+    """
     stage = job.spec.stages[index].model_copy(deep=True)
-    if stage.data.shards is not None:
-        stage.data.shards = [resolve_shard(job, s) for s in stage.data.shards]
-    for source in stage.data.sources:
-        source.shards = [resolve_shard(job, s) for s in source.shards]
-    stage.data.eval_shards = [resolve_shard(job, s) for s in stage.data.eval_shards]
+    if isinstance(stage, CurateStage):
+        stage.input.shards = [resolve_shard(job, s) for s in stage.input.shards]
+        init_from = None
+    else:
+        if stage.data.from_stage is not None:
+            # the trainer gets plain shard URLs (a resolved config names no stage to look up)
+            stage.data.shards, stage.data.from_stage = curated_shards(job, stage.data.from_stage), None
+        else:
+            stage.data.shards = [resolve_shard(job, s) for s in stage.data.shards]
+        for source in stage.data.sources:
+            source.shards = [resolve_shard(job, s) for s in source.shards]
+        stage.data.eval_shards = [resolve_shard(job, s) for s in stage.data.eval_shards]
+        prev = previous_training_stage(job, index)
+        init_from = final_uri(job, prev) if prev is not None else None
     stage.max_restarts = max_restarts(job, index)
     # Fields validate by their camelCase aliases (the wire form), so build it by alias.
     return TrainerConfig.model_validate({
@@ -103,7 +140,7 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
         "stage": stage,
         "model": job.spec.model,
         "storage": job.spec.storage,
-        "initFrom": final_uri(job, index - 1) if index > 0 else None,
+        "initFrom": init_from,
         "output": stage_output(job, index),
     })
 

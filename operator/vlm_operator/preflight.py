@@ -19,7 +19,7 @@ from vlm_trainer.model_config import (
     vision_facts,
     vision_problems,
 )
-from vlm_trainer.spec import VLMTrainingJob
+from vlm_trainer.spec import CurateStage, VLMTrainingJob
 
 from vlm_operator import planner
 
@@ -53,9 +53,9 @@ def _vision(job: VLMTrainingJob, index: int, options: storage.Options | None, ou
 
 
 def _shards(job: VLMTrainingJob, index: int, field: str, patterns: list[str],
-            options: storage.Options | None, out: list[str]) -> None:
+            options: storage.Options | None, out: list[str], section: str = "data") -> None:
     for j, pattern in enumerate(patterns):
-        where = f"spec.stages[{index}].data.{field}[{j}]"
+        where = f"spec.stages[{index}].{section}.{field}[{j}]"
         urls = list(braceexpand.braceexpand(planner.resolve_shard(job, pattern)))
         missing = [u for u in urls if not storage.exists(u, options=options)]
         if missing:
@@ -74,6 +74,9 @@ def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None
     """Every problem with stage `index`'s inputs; empty when it may start."""
     out: list[str] = []
     stage = job.spec.stages[index]
+    if isinstance(stage, CurateStage):  # reads no model; its input shards must exist
+        _shards(job, index, "shards", stage.input.shards, options, out, section="input")
+        return out
     facts = _vision(job, index, options, out)
     if facts is not None:
         size = stage_image_size(job.spec.model, list(job.spec.stages[: index + 1]))  # a stage may raise it

@@ -147,7 +147,7 @@ async def test_a_pod_failing_every_time_fails_after_max_restarts_and_ttl_cleans_
     doc: dict[str, Any] = job_doc(c, "flappy", [("align", "align")], max_restarts=2)
     doc["spec"]["runPolicy"]["ttlSecondsAfterFinished"] = 2
     await c.create(doc)
-    status = await c.wait_phase("flappy", "Failed", timeout=60)
+    status = await c.wait_phase("flappy", "Failed", timeout=150)
     failed_at = time.monotonic()
     assert status["stages"][0]["restarts"] == 2
     failed = next(x for x in status["conditions"] if x["type"] == "Failed")

@@ -1,9 +1,9 @@
 """Stage 0 of the quickstart: the vision encoder learns shape, the language model learns the text.
 
 Trains the real components briefly on one process (~20 s on 2 cores) and checks what stage 1 needs:
-a linear probe reads shape from the pretrained encoder's features far better than chance (a random
-encoder carries colour but hardly shape), and the LM's held-out perplexity falls to near the floor
-of the documents' randomness.
+a linear probe reads shape from the features of the dual encoder's image tower (the VLM's vision
+encoder) far better than chance (a random encoder carries colour but hardly shape), and the LM's
+held-out perplexity falls to near the floor of the documents' randomness.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 from vlm_trainer.quickstart.components import vision_encoder_config
+from vlm_trainer.quickstart.dual_encoder import export_vision_tower, train_dual_encoder
 from vlm_trainer.quickstart.pretrain import (
     pixel_tensor,
     pretrain_language_model,
-    pretrain_vision_encoder,
     text_perplexity,
     vision_features,
 )
@@ -46,12 +46,14 @@ def _shape_probe_accuracy(model: SiglipVisionModel, train, heldout) -> float:
 
 
 def test_contrastive_pretraining_puts_shape_into_the_vision_features(tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     train = make_samples("train", 1500, seed=1)
     heldout = make_samples("heldout", 300, seed=1)
-    result = pretrain_vision_encoder(str(tmp_path / "ve"), train, seed=1, steps=300)
+    result = train_dual_encoder(
+        str(tmp_path / "de"), [s.image() for s in train], [s.caption for s in train], seed=1, steps=300
+    )
     assert result.loss_last < result.loss_first * 0.6
-    pretrained = SiglipVisionModel.from_pretrained(str(tmp_path / "ve"))
+    pretrained = SiglipVisionModel.from_pretrained(export_vision_tower(str(tmp_path / "de"), str(tmp_path / "ve")))
     torch.manual_seed(1)
     random_init = SiglipVisionModel(vision_encoder_config())
     probe_pretrained = _shape_probe_accuracy(pretrained, train[:1000], heldout)
@@ -62,7 +64,7 @@ def test_contrastive_pretraining_puts_shape_into_the_vision_features(tmp_path):
 
 
 def test_language_model_pretraining_drops_heldout_perplexity(tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     heldout = text_documents(200, seed=1, split="text-heldout")
     result = pretrain_language_model(str(tmp_path / "lm"), seed=1, steps=150, heldout_docs=heldout)
     # Untrained: about the vocabulary size (~36); trained: near the documents' own randomness (~1.5).

@@ -86,7 +86,7 @@ def test_crd_metadata_columns_and_subresources() -> None:
     stages = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["stages"]
     assert stages["x-kubernetes-list-type"] == "map" and stages["x-kubernetes-list-map-keys"] == ["name"]
     rules = [r["rule"] for r in stages["items"]["x-kubernetes-validations"]]
-    assert "has(self.maxSteps) != has(self.epochs)" in rules
+    assert "self.type == 'curate' || (has(self.maxSteps) != has(self.epochs))" in rules
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p) for p in EXAMPLES])
@@ -95,7 +95,7 @@ def test_examples_pass_the_crd_schema_and_the_typed_spec(path: str) -> None:
     errors = sorted(str(e.message) for e in _validator().iter_errors(doc))
     assert errors == []
     job = parse_job(doc)
-    assert job.spec.stages[0].type == "align"
+    assert [s.type for s in job.spec.stages][-2:] == ["align", "instruct"] or job.spec.stages[0].type == "align"
 
 
 def test_there_are_the_two_promised_examples() -> None:
@@ -205,6 +205,8 @@ CEL_BAD = [
     ({"type": "dpo"}, "preference"),
     ({"trainable": []}, "at least one part must train"),
     ({"batch": {"globalSize": 100, "microSize": 32}}, "multiple of batch.microSize"),
+    ({"input": {"shards": ["raw.tar"]}}, "only valid for type curate"),
+    ({"data": {"fromStage": "curate", "shards": ["a.tar"], "format": "caption"}}, "exactly one of data.shards, data.fromStage or data.sources"),
 ]
 
 
@@ -221,3 +223,29 @@ def test_cel_rules_reject_what_the_typed_spec_rejects(mutation: dict[str, Any], 
     assert any(message in m for m in failing), failing
     with pytest.raises(SpecError):
         parse_job(doc)
+
+
+def _curate_stage() -> dict[str, Any]:
+    doc = _load(os.path.join(ROOT, "crds", "examples", "curate-align-instruct.yaml"))
+    return doc["spec"]["stages"][0]
+
+
+@pytest.mark.parametrize("field", ["optimizer", "maxSteps", "batch", "strategy", "data"])
+def test_cel_rules_reject_a_curate_stage_with_training_fields(field: str) -> None:
+    stage = {**_curate_stage(), field: {"shards": ["a.tar"], "format": "caption"} if field == "data" else
+             {"lr": 0.1} if field == "optimizer" else 3 if field == "maxSteps" else
+             {"globalSize": 8} if field == "batch" else "ddp"}
+    failing = [r["message"] for rule, r in _cel_rules(crd.openapi_schema()) if not _eval_cel(rule, stage)]
+    assert f"{field}: a curate stage has no training fields" in failing
+
+
+def test_the_merged_stage_schema_documents_both_kinds() -> None:
+    item = crd.spec_schema()["properties"]["stages"]["items"]
+    props = item["properties"]
+    assert props["type"]["enum"] == ["align", "instruct", "dpo", "curate"]
+    assert item["required"] == ["name", "type"]  # data is required for training kinds by a CEL rule
+    # kubectl explain documents the curate fields too, down to the thresholds
+    near = props["filters"]["properties"]["nearDedup"]["properties"]["maxDistance"]
+    assert "bits" in near["description"] and near["default"] == 4
+    assert "fromStage" in props["data"]["properties"] and props["data"]["properties"]["fromStage"]["description"]
+    assert "default" not in props["strategy"]  # a training-only default would be stamped onto curate stages

@@ -35,6 +35,11 @@ PROGRESS_FILE = "progress.json"  # a ProgressRecord, rewritten periodically by r
 EVAL_FILE = "eval.json"  # end-of-stage metrics (loss, DPO reward accuracy/margin), written by rank 0
 TRAIN_LOG_FILE = "train-log.jsonl"  # the local runner's per-step history of a stage
 REPORT_FILE = "report.json"  # per job, under <storage.uri>/<job>/
+# A curate stage's committed final/: one output shard per input shard, and its reports.
+CURATED_SHARD = "curated-{index:06d}.tar"
+FUNNEL_FILE = "funnel.json"  # counts entering/leaving each filter, per reason, examples, throughput
+DECISIONS_FILE = "decisions.jsonl"  # one {"key", "kept", "reason"} line per input sample
+FUNNEL_CHART = "funnel.png"
 
 # Prometheus endpoint per trainer process: port METRICS_PORT + local rank.
 METRICS_PORT = 9400
@@ -63,6 +68,11 @@ def stage_output(storage_uri: str, job: str, stage: str) -> str:
 def stage_final(storage_uri: str, job: str, stage: str) -> str:
     """<storage.uri>/<job>/<stage>/final: the stage's committed Hugging Face output."""
     return join(stage_output(storage_uri, job, stage), FINAL_DIR)
+
+
+def curated_shard(final: str, index: int) -> str:
+    """<final>/curated-<index>.tar: the curate stage's output shard for input shard `index`."""
+    return join(final, CURATED_SHARD.format(index=index))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from pydantic import (
     AliasGenerator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -34,7 +36,14 @@ API_VERSION = "v1alpha1"
 KIND = "VLMTrainingJob"
 PLURAL = "vlmtrainingjobs"
 
-StageType = Literal["align", "instruct", "dpo"]
+StageType = Literal["align", "instruct", "dpo"]  # training stages (StageSpec)
+CURATE_TYPE = "curate"  # the data-curation stage (CurateStage)
+# Scripts the curate stage's built-in language (script) detector tells apart.
+SCRIPTS = ("latin", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "thai", "hangul", "kana", "han")
+# Fields only training stages have: a curate stage naming one is rejected with the field's name.
+TRAINING_ONLY_FIELDS = ("data", "trainable", "optimizer", "schedule", "batch", "maxSteps", "epochs", "precision",
+                        "strategy", "offload", "lora", "qlora", "gradientCheckpointing", "dpo", "checkpoint")
+CURATE_ONLY_FIELDS = ("input", "filters", "output", "encoder")  # and a training stage naming one is rejected too
 DataFormat = Literal["caption", "conversation", "interleaved", "preference"]
 ResolutionPolicy = Literal["fixed", "anyres"]
 TrainablePart = Literal["projector", "language_model", "vision_tower"]
@@ -221,10 +230,16 @@ class DataSourceSpec(Strict):
 class DataSpec(Strict):
     """Training data of a stage: WebDataset shards (`shards` + `format`), or a weighted mix (`sources`)."""
 
-    shards: Annotated[list[str], Field(min_length=1)] | None = Field(
-        None,
+    shards: list[str] = Field(
+        default_factory=list,
         description="WebDataset shard URLs (brace patterns allowed, e.g. data/train-{000..003}.tar); "
-        "relative ones resolve against spec.storage.uri. Set shards + format, or sources.",
+        "relative ones resolve against spec.storage.uri. Exactly one of shards, fromStage or sources.",
+    )
+    from_stage: str | None = Field(
+        None,
+        description="Name of an earlier curate stage whose committed output shards are this stage's data "
+        "(resolved by the planner; the stage starts only once they are committed). Exactly one of shards, "
+        "fromStage or sources.",
     )
     format: DataFormat | None = Field(
         None,
@@ -274,29 +289,29 @@ class DataSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _shards_or_sources(self) -> DataSpec:
-        if bool(self.shards) == bool(self.sources):
-            raise ValueError("set exactly one of data.shards (with data.format) or data.sources")
-        if self.shards and self.format is None:
-            raise ValueError("data.format: required with data.shards (caption | conversation | interleaved | preference)")
+    def _one_source(self) -> DataSpec:
+        given = [bool(self.shards), self.from_stage is not None, bool(self.sources)]
+        if sum(given) != 1:
+            raise ValueError("shards: set exactly one of data.shards (a non-empty list), data.fromStage or data.sources "
+                             f"(got shards={self.shards!r}, fromStage={self.from_stage!r}, {len(self.sources)} sources)")
         if self.sources and self.format is not None:
             raise ValueError("data.format: not used with data.sources (each source has its own format)")
+        if not self.sources and self.format is None:
+            raise ValueError("data.format: required with data.shards or data.fromStage "
+                             "(caption | conversation | interleaved | preference)")
         return self
 
     def source_list(self) -> list[DataSourceSpec]:
-        """The stage's sources: `sources`, or `shards` + `format` as one source of weight 1."""
+        """The stage's sources: `sources`, or `shards` + `format` as one source of weight 1 (the planner has
+        turned fromStage into shards by the time the trainer reads it)."""
         if self.sources:
             return list(self.sources)
-        assert self.shards is not None and self.format is not None
+        assert self.format is not None
         return [DataSourceSpec(shards=self.shards, format=self.format)]
 
     @property
     def eval_format(self) -> DataFormat:
         return self.source_list()[0].format
-
-    @property
-    def formats(self) -> set[str]:
-        return {s.format for s in self.source_list()}
 
 
 class OptimizerSpec(Strict):
@@ -428,7 +443,8 @@ class StageSpec(Strict):
     """One stage: what trains, on which data, how long, how distributed."""
 
     name: str = Field(description="DNS label, unique in the job; names the stage's storage prefix and Job.")
-    type: StageType = Field(description="align (projector only), instruct (LM + projector) or dpo (preference).")
+    type: StageType = Field(description="align (projector only), instruct (LM + projector), dpo (preference) or "
+                            "curate (data curation: a CurateStage; see input, filters, output).")
     data: DataSpec
     trainable: list[TrainablePart] | None = Field(
         None, description="Parts that train; everything else is frozen. Default by type."
@@ -474,6 +490,16 @@ class StageSpec(Strict):
     def _dns(cls, v: str) -> str:
         return validators.dns_label(v, max_length=40)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_curate_fields(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            found = [k for k in CURATE_ONLY_FIELDS if k in data]
+            if found:
+                raise ValueError("\n".join(f"{k}: only valid for type curate, this stage is {data.get('type')!r}"
+                                           for k in found))
+        return data
+
     @model_validator(mode="after")
     def _defaults_and_rules(self) -> StageSpec:
         d = _TYPE_DEFAULTS[self.type]
@@ -497,6 +523,245 @@ class StageSpec(Strict):
     @property
     def grad_accum_steps(self) -> int:
         return self.batch.global_size // (self.batch.micro_size * self.world_size)
+
+
+class CurateInputSpec(Strict):
+    """Raw image-text pairs to curate: WebDataset caption shards ({png|jpg|webp, txt|json.caption})."""
+
+    shards: list[str] = Field(
+        min_length=1,
+        description="WebDataset shard URLs (brace patterns allowed); relative ones resolve against spec.storage.uri. "
+        "Ranks take shards round-robin; each input shard gives one output shard.",
+    )
+
+    @field_validator("shards")
+    @classmethod
+    def _no_credentials(cls, v: list[str]) -> list[str]:
+        for url in v:
+            validators.no_credentials(url)
+        return v
+
+
+class TextFilterSpec(Strict):
+    """Caption filters (reason 'text'): length, junk patterns, special and repeated characters, script."""
+
+    enabled: bool = Field(True, description="Run the text filter.")
+    min_words: int = Field(2, ge=0, le=10_000, description="Fewest words a caption may have.")
+    max_words: int = Field(128, gt=0, le=100_000, description="Most words a caption may have.")
+    junk_patterns: bool = Field(
+        True, description="Drop captions that are a URL, a file name ('IMG_0371.jpg') or boilerplate ('click here', "
+        "'untitled', 'image', 'no description')."
+    )
+    extra_patterns: list[str] = Field(
+        default_factory=list, description="More junk patterns: Python regular expressions, matched case-insensitively "
+        "anywhere in the caption."
+    )
+    max_special_share: float = Field(
+        0.3, ge=0, le=1, description="Largest share of characters that are neither letters, digits nor whitespace."
+    )
+    max_repeated_chars: int = Field(
+        4, gt=0, le=1000, description="Longest run of one repeated character ('!!!!!', 'aaaaa' is 5)."
+    )
+    languages: list[str] = Field(
+        default_factory=list,
+        description="Allowed scripts of the caption's letters, as detected by the built-in script detector (no model "
+        "download): latin, cyrillic, greek, arabic, hebrew, devanagari, thai, hangul, kana, han. Empty: any.",
+    )
+
+    @field_validator("extra_patterns")
+    @classmethod
+    def _regex(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as err:
+                raise ValueError(f"{p!r} is not a valid regular expression: {err}") from None
+        return v
+
+    @field_validator("languages")
+    @classmethod
+    def _scripts(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if x not in SCRIPTS]
+        if bad:
+            raise ValueError(f"unknown scripts {bad}; accepted: {', '.join(SCRIPTS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TextFilterSpec:
+        if self.min_words > self.max_words:
+            raise ValueError(f"minWords: {self.min_words} is above maxWords ({self.max_words})")
+        return self
+
+
+class ImageFilterSpec(Strict):
+    """Image filters: decodable (reason image_decode), smallest side (image_size), aspect ratio (aspect_ratio)."""
+
+    enabled: bool = Field(True, description="Run the image filter.")
+    min_side: int = Field(32, ge=1, le=65536, description="Smallest allowed width or height in pixels.")
+    max_aspect_ratio: float = Field(
+        3.0, ge=1, le=1000, description="Largest allowed long side / short side."
+    )
+
+
+class ClipScoreSpec(Strict):
+    """Image-text cosine similarity from the stage's dual encoder (reason clip_score)."""
+
+    threshold: float | None = Field(None, ge=-1, le=1, description="Drop pairs whose cosine is below this.")
+    keep_top_fraction: float | None = Field(
+        None, gt=0, le=1, description="Keep this share of the pairs reaching this filter, by highest score "
+        "(DataComp's clip_score_*_30_percent is 0.3); global across ranks."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> ClipScoreSpec:
+        if self.threshold is None and self.keep_top_fraction is None:
+            raise ValueError("threshold: set threshold or keepTopFraction (or both: a sample must pass both)")
+        return self
+
+
+class NsfwSpec(Strict):
+    """A linear probe over the dual encoder's image embeddings (reason nsfw). Off unless given."""
+
+    probe: str = Field(description="Path or URI of the probe file (weights and bias over the image embedding).")
+    threshold: float = Field(0.5, ge=0, le=1, description="Drop images whose probe probability is at least this.")
+
+    @field_validator("probe")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        return validators.no_credentials(v)
+
+
+class ExactDedupSpec(Strict):
+    """Identical decoded pixels (reason exact_duplicate); the first sample in input order is kept."""
+
+    enabled: bool = Field(True, description="Run exact deduplication (global across ranks and shards).")
+
+
+class NearDedupSpec(Strict):
+    """Perceptual-hash near duplicates (reason near_duplicate); the first sample of each group is kept."""
+
+    enabled: bool = Field(True, description="Run near deduplication (global across ranks and shards).")
+    hash: Literal["phash", "dhash"] = Field("phash", description="64-bit perceptual hash: phash (DCT) or dhash (gradient).")
+    max_distance: int = Field(
+        4, ge=0, le=64, description="Images whose hashes differ in at most this many bits are duplicates."
+    )
+
+
+class SemanticDedupSpec(Strict):
+    """SemDeDup over the dual encoder's image embeddings (reason semantic_duplicate). Off unless given."""
+
+    clusters: int = Field(8, gt=0, le=1_000_000, description="k-means clusters the embeddings are split into.")
+    threshold: float = Field(
+        0.95, ge=-1, le=1, description="Pairs in one cluster with cosine at least this are duplicates."
+    )
+
+
+class BalanceSpec(Strict):
+    """MetaCLIP-style balancing (reason concept_cap): captions matched to concepts, at most `perConceptCap`
+    kept per concept (in input order). Off unless given."""
+
+    concepts: list[str] = Field(
+        default_factory=list, description="Concepts, matched as whole words or phrases in the caption (case-insensitive)."
+    )
+    concepts_file: str | None = Field(
+        None, description="Path or URI of a text file with one concept per line (added to `concepts`)."
+    )
+    per_concept_cap: int = Field(gt=0, le=10**12, description="Most samples kept per concept.")
+    drop_unmatched: bool = Field(False, description="Drop samples whose caption matches no concept (MetaCLIP does).")
+
+    @model_validator(mode="after")
+    def _some(self) -> BalanceSpec:
+        if not self.concepts and self.concepts_file is None:
+            raise ValueError("concepts: give concepts or conceptsFile")
+        return self
+
+
+class CurateFiltersSpec(Strict):
+    """The filter pipeline, run in this order; each one switchable."""
+
+    text: TextFilterSpec = Field(default_factory=TextFilterSpec)
+    image: ImageFilterSpec = Field(default_factory=ImageFilterSpec)
+    clip_score: ClipScoreSpec | None = Field(None, description="CLIP-score filter; needs the stage's encoder. Off unless given.")
+    nsfw: NsfwSpec | None = Field(None, description="NSFW probe; needs the stage's encoder. Off unless given.")
+    exact_dedup: ExactDedupSpec = Field(default_factory=ExactDedupSpec)
+    near_dedup: NearDedupSpec = Field(default_factory=NearDedupSpec)
+    semantic_dedup: SemanticDedupSpec | None = Field(
+        None, description="SemDeDup; needs the stage's encoder. Off unless given."
+    )
+    balance: BalanceSpec | None = Field(None, description="Per-concept cap. Off unless given.")
+
+
+class CurateOutputSpec(Strict):
+    """What the stage writes to <output>/final/ (committed like a checkpoint: files first, manifest last)."""
+
+    examples_per_reason: int = Field(
+        5, ge=0, le=1000, description="Example keys and captions per reason in funnel.json."
+    )
+
+
+class CurateStage(Strict):
+    """A data-curation stage: filters, deduplicates and balances raw image-text shards into curated shards
+    that a later training stage reads with `data: {fromStage: <this stage's name>}`."""
+
+    name: str = Field(description="DNS label, unique in the job; names the stage's storage prefix and Job.")
+    type: Literal["curate"] = Field(description="curate: filter the input shards into committed output shards.")
+    input: CurateInputSpec
+    filters: CurateFiltersSpec = Field(default_factory=CurateFiltersSpec)
+    output: CurateOutputSpec = Field(default_factory=CurateOutputSpec)
+    encoder: str | None = Field(
+        None, description="Path or URI of a CLIP-style dual encoder (transformers CLIPModel or SiglipModel with its "
+        "processor) for clipScore, nsfw and semanticDedup; GPU when present."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, data order and dropout (rank r uses seed + r).")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_restarts: int | None = Field(None, ge=0, le=1000, description="Gang restarts of this stage; default spec.runPolicy.maxRestarts.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_training_fields(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            found = [k for k in TRAINING_ONLY_FIELDS if k in data]
+            if found:
+                raise ValueError("\n".join(
+                    f"{k}: a curate stage has no training fields (its fields: name, type, input, filters, output, "
+                    "encoder, seed, resources, maxRestarts)" for k in found))
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, v: str) -> str:
+        return validators.dns_label(v, max_length=40)
+
+    @field_validator("encoder")
+    @classmethod
+    def _enc(cls, v: str | None) -> str | None:
+        return validators.no_credentials(v) if v is not None else None
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nodes * self.resources.procs_per_node
+
+    @model_validator(mode="after")
+    def _encoder_needed(self) -> CurateStage:
+        f = self.filters
+        for field, value in (("clipScore", f.clip_score), ("nsfw", f.nsfw), ("semanticDedup", f.semantic_dedup)):
+            if value is not None and self.encoder is None:
+                raise ValueError(f"filters.{field}: needs the stage's encoder (a CLIP-style dual encoder URI)")
+        return self
+
+
+def _stage_kind(v: Any) -> str:
+    """The union's tag: 'curate' for curate stages, 'training' for every other type (whose own Literal then
+    names the accepted types). A callable discriminator, because Strict's before-validator runs on `type`."""
+    t = v.get("type") if isinstance(v, Mapping) else getattr(v, "type", None)
+    return "curate" if t == CURATE_TYPE else "training"
+
+
+AnyStage = Annotated[
+    Annotated[StageSpec, Tag("training")] | Annotated[CurateStage, Tag("curate")], Discriminator(_stage_kind)
+]
+STAGE_TYPES = (*get_args(StageType), CURATE_TYPE)
+STAGE_TAGS = ("training", "curate")  # union tags in validation error locations (left out of field paths)
 
 
 def field_default(model: type[Strict], camel_name: str) -> Any:
@@ -632,7 +897,10 @@ class JobSpec(Strict):
 
     model: ModelSpec
     storage: StorageSpec
-    stages: list[StageSpec] = Field(min_length=1, description="Run in order; stage k starts from stage k-1's final/.")
+    stages: list[AnyStage] = Field(
+        min_length=1, description="Run in order. A training stage starts from the previous training stage's final/ "
+        "(spec.model for the first); a curate stage's output is read by a later stage's data.fromStage."
+    )
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     image: ImageSpec = Field(default_factory=ImageSpec)
     suspend: bool = Field(False, description="Suspend the job (Kueue-compatible); same as runPolicy.suspend.")
@@ -642,7 +910,25 @@ class JobSpec(Strict):
         dups = duplicate_stage_names([s.name for s in self.stages])
         if dups:
             raise ValueError("; ".join(dups))
+        refs = from_stage_problems([(s.type, s.name, s.data.from_stage if isinstance(s, StageSpec) else None)
+                                    for s in self.stages])
+        if refs:
+            raise ValueError("\n".join(refs))
         return self
+
+
+def from_stage_problems(stages: list[tuple[Any, Any, Any]]) -> list[str]:
+    """One 'stages[i].data.fromStage: ...' problem per (type, name, fromStage) whose fromStage does not name an
+    earlier curate stage."""
+    out = []
+    for i, (_type, _name, ref) in enumerate(stages):
+        if ref is None:
+            continue
+        earlier = [n for t, n, _ in stages[:i] if t == CURATE_TYPE]
+        if ref not in earlier:
+            accepted = ", ".join(repr(n) for n in earlier) or "none before this stage"
+            out.append(f"stages[{i}].data.fromStage: {ref!r} is not an earlier curate stage (curate stages: {accepted})")
+    return out
 
 
 def duplicate_stage_names(names: list[Any]) -> list[str]:
@@ -711,10 +997,12 @@ class SpecError(ValueError):
 
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
     out = ""
+    prev: Any = None
     for part in loc:
+        tag, prev = isinstance(prev, int) and part in STAGE_TAGS, part
         if isinstance(part, int):
             out += f"[{part}]"
-        elif str(part).startswith(("function-", "tagged-union")):
+        elif tag or str(part).startswith(("function-", "tagged-union")):
             continue
         else:
             out += ("." if out else "") + str(part)
@@ -755,12 +1043,17 @@ def parse_job(doc: dict[str, Any]) -> VLMTrainingJob:
         # Job-level rules only run once every stage is valid; report duplicates now too.
         raw = (doc.get("spec") or {}).get("stages") if isinstance(doc.get("spec"), dict) else None
         if isinstance(raw, list):
-            for p in duplicate_stage_names([s.get("name") if isinstance(s, dict) else None for s in raw]):
+            stages: list[dict[str, Any]] = [s if isinstance(s, dict) else {} for s in raw]
+            data: list[dict[str, Any]] = [d if isinstance(d := s.get("data"), dict) else {} for s in stages]
+            for p in [*duplicate_stage_names([s.get("name") for s in stages]),
+                      *from_stage_problems([(s.get("type"), s.get("name"), d.get("fromStage"))
+                                            for s, d in zip(stages, data, strict=True)])]:
                 if f"spec.{p}" not in problems:
                     problems.append(f"spec.{p}")
             # A stage with a bad field never reached its cross-field rules; run them on the raw input.
             for i, stage in enumerate(raw):
-                for p in stage_rule_problems(stage) if isinstance(stage, dict) else []:
+                training = isinstance(stage, dict) and stage.get("type") != CURATE_TYPE
+                for p in stage_rule_problems(stage) if training else []:
                     if f"spec.stages[{i}].{p}" not in problems:
                         problems.append(f"spec.stages[{i}].{p}")
         raise SpecError(problems) from None
@@ -819,7 +1112,11 @@ def load_job(path: str) -> VLMTrainingJob:
 
 def dump_job(job: VLMTrainingJob) -> dict[str, Any]:
     """The job as a camelCase dict with defaults filled in (what the operator and trainer see)."""
-    return job.model_dump(by_alias=True, mode="json", exclude_none=True)
+    doc = job.model_dump(by_alias=True, mode="json", exclude_none=True)
+    for stage in doc["spec"]["stages"]:
+        if stage.get("data", {}).get("fromStage") is not None:
+            stage["data"].pop("shards", None)  # the planner fills them in; the CRD wants none or some
+    return doc
 
 
 class TrainerConfig(Strict):
@@ -831,7 +1128,7 @@ class TrainerConfig(Strict):
 
     job: str
     stage_index: int = Field(ge=0)
-    stage: StageSpec
+    stage: AnyStage
     model: ModelSpec
     storage: StorageSpec
     init_from: str | None = None

@@ -45,7 +45,7 @@ from vlm_trainer.packing import efficiency, pack_row, packing_mode
 from vlm_trainer.parallel import DistEnv, all_reduce_sum, gather_objects
 from vlm_trainer.progress import ProgressReporter, emit
 from vlm_trainer.samples import Encoded, SampleEncoder, SampleError, collate, collate_pairs
-from vlm_trainer.spec import StageSpec, TrainerConfig
+from vlm_trainer.spec import CURATE_TYPE, StageSpec, TrainerConfig
 from vlm_trainer.strategies import Strategy, build_strategy
 
 log = logging.getLogger(__name__)
@@ -542,6 +542,10 @@ def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any] | None:
             if env.is_main:
                 emit("skip", stage=config.stage.name, reason=f"{final} was committed by the previous holder")
             return None
+        if config.stage.type == CURATE_TYPE:  # the same launch, lease and handoff; a different job
+            from vlm_trainer.curate.runner import run_curate
+
+            return run_curate(config, env)
         return Trainer.build(config, env).run()
     finally:
         if held is not None:

@@ -21,11 +21,8 @@ from typing import Any
 
 import yaml
 
-from vlm_trainer.quickstart.pretrain import (
-    VISION_FEATURE_LAYER,
-    pretrain_language_model,
-    pretrain_vision_encoder,
-)
+from vlm_trainer.quickstart.dual_encoder import export_vision_tower, train_dual_encoder
+from vlm_trainer.quickstart.pretrain import VISION_FEATURE_LAYER, pretrain_language_model
 from vlm_trainer.quickstart.shapes import IMAGE_SIZE, make_samples, shard_paths, text_documents, write_shards
 from vlm_trainer.spec import API_GROUP, API_VERSION, KIND, dump_job, parse_job
 
@@ -218,17 +215,23 @@ def prepare(out_dir: str, seed: int = 0, recipe: Recipe | None = None, log: Any 
         f"stage 0 language model: {lm.steps} steps, loss {lm.loss_first:.2f} -> {lm.loss_last:.2f}, held-out "
         f"perplexity {lm.perplexity_before:.2f} -> {lm.perplexity_after:.2f} ({lm.wall_seconds:.1f} s)"
     )
-    ve = pretrain_vision_encoder(
-        os.path.join(stage0, "vision_encoder"),
-        make_samples("train", TRAIN_SAMPLES, seed),
+    # The dual encoder learns from clean pairs, like a CLIP pretrained elsewhere; its image tower is
+    # the VLM's vision encoder and the whole of it scores the raw pairs in the curate stage.
+    clean = make_samples("train", TRAIN_SAMPLES, seed)
+    de = train_dual_encoder(
+        os.path.join(stage0, "dual_encoder"),
+        [s.image() for s in clean],
+        [s.caption for s in clean],
         seed,
         steps=recipe.vision_pretrain_steps,
     )
+    export_vision_tower(os.path.join(stage0, "dual_encoder"), os.path.join(stage0, "vision_encoder"))
     log(
-        f"stage 0 vision encoder: {ve.steps} contrastive steps, loss {ve.loss_first:.2f} -> {ve.loss_last:.2f} ({ve.wall_seconds:.1f} s)"
+        f"stage 0 dual encoder (SigLIP image + text towers): {de.steps} contrastive steps, loss "
+        f"{de.loss_first:.2f} -> {de.loss_last:.2f} ({de.wall_seconds:.1f} s); its image tower is the VLM's vision encoder"
     )
     with open(os.path.join(stage0, "pretrain.json"), "w") as f:
-        json.dump({"language_model": asdict(lm), "vision_encoder": asdict(ve)}, f, indent=2)
+        json.dump({"language_model": asdict(lm), "dual_encoder": asdict(de)}, f, indent=2)
 
     job, naive = job_documents(out_dir, paths, seed, recipe)
     files = {}

@@ -3,9 +3,9 @@
 - The language model learns the quickstart's text from multi-sentence documents whose later
   sentences repeat earlier attributes, so it learns to copy from context (what it later does with
   image tokens). Single sentences fail (TESTING.md); over-training (400+ steps) hurts stage 1.
-- The vision encoder learns CLIP-style against a throwaway text tower (one embedding per caption);
-  identical captions in a batch count as positives. A random frozen encoder carries colour but not
-  shape, so without this stage 1 cannot learn shape.
+- The vision encoder is the image tower of a CLIP-style dual encoder trained here too
+  (`dual_encoder.py`). A random frozen encoder carries colour but not shape, so without it stage 1
+  cannot learn shape.
 
 Both are saved as Hugging Face folders in the formats `components.py` writes, so the trainer loads
 them through its real loading code.
@@ -29,10 +29,8 @@ from vlm_trainer.quickstart.components import (
     build_image_processor,
     build_tokenizer,
     language_model_config,
-    vision_encoder_config,
 )
-from vlm_trainer.quickstart.shapes import ShapeSample, text_documents
-from vlm_trainer.quickstart.vocab import COLOURS, SHAPES
+from vlm_trainer.quickstart.shapes import text_documents
 from vlm_trainer.spec import ScheduleSpec
 
 # The encoder layer whose patch features LLaVA reads (job.yaml's visionFeatureLayer); stage 0 trains
@@ -95,7 +93,7 @@ def text_perplexity(
     return math.exp(total / count)
 
 
-def _adamw(params: Any, lr: float, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def adamw(params: Any, lr: float, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with the trainer's own schedule (`optim.build_scheduler`): 10 warmup steps, then cosine to 0."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = ScheduleSpec.model_validate({"type": "cosine", "warmupRatio": 10 / steps, "minLrRatio": 0.0})
@@ -119,7 +117,7 @@ def pretrain_language_model(
     heldout = heldout_docs if heldout_docs is not None else text_documents(300, seed, "text-heldout")
     before = text_perplexity(model, tokenizer, heldout)
     ids_all, mask_all = encode_documents(tokenizer, docs)
-    opt, schedule = _adamw(model.parameters(), lr, steps)
+    opt, schedule = adamw(model.parameters(), lr, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     t0 = time.perf_counter()
@@ -155,59 +153,6 @@ def pixel_tensor(images: list, image_size: int = 32) -> torch.Tensor:
 def vision_features(model: SiglipVisionModel, pixels: torch.Tensor) -> torch.Tensor:
     """Patch features of the layer LLaVA reads, mean-pooled: (batch, hidden)."""
     return model(pixel_values=pixels, output_hidden_states=True).hidden_states[VISION_FEATURE_LAYER].mean(1)
-
-
-def caption_class(sample: ShapeSample) -> int:
-    return COLOURS.index(sample.colour) * len(SHAPES) + SHAPES.index(sample.shape)
-
-
-def pretrain_vision_encoder(
-    out_dir: str,
-    samples: list[ShapeSample],
-    seed: int,
-    steps: int = 300,
-    batch: int = 64,
-    lr: float = 2e-3,
-    temperature: float = 0.1,
-) -> PretrainResult:
-    """CLIP-style contrastive training of the tiny SigLIP on (image, caption) pairs; save to `out_dir`.
-
-    The text side is a throwaway embedding per caption (12 captions). Targets spread evenly over
-    every batch item with the same caption, in both directions.
-    """
-    torch.manual_seed(seed)
-    model = SiglipVisionModel(vision_encoder_config())
-    dim = model.config.hidden_size
-    image_head = torch.nn.Linear(dim, dim)
-    text_tower = torch.nn.Embedding(len(COLOURS) * len(SHAPES), dim)
-    pixels_all = pixel_tensor([s.image() for s in samples])
-    labels_all = torch.tensor([caption_class(s) for s in samples])
-    params = [*model.parameters(), *image_head.parameters(), *text_tower.parameters()]
-    opt, schedule = _adamw(params, lr, steps)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    t0 = time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(samples), (batch,), generator=gen)
-        labels = labels_all[idx]
-        img = F.normalize(image_head(vision_features(model, pixels_all[idx])), dim=-1)
-        txt = F.normalize(text_tower(labels), dim=-1)
-        logits = img @ txt.T / temperature
-        same = (labels[:, None] == labels[None, :]).float()
-        targets = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
-        losses.append(loss.item())
-    wall = time.perf_counter() - t0
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    build_image_processor(model.config.image_size).save_pretrained(out_dir)
-    return PretrainResult(steps, losses[0], losses[-1], wall)
 
 
 def load_language_model(path: str) -> torch.nn.Module:

@@ -1,0 +1,1 @@
+"""The curate stage: filters, deduplication, balancing and the funnel report."""

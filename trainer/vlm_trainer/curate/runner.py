@@ -1,0 +1,357 @@
+"""The curate stage, run by every rank of the same torchrun launch that trains (`run_stage` dispatches here).
+
+1. Analyse (per shard, resumable): rank r takes input shards r, r+W, r+2W, ...; for each sample it runs
+   the local filters (text, image), hashes the decoded pixels (exact) and the image (perceptual), and
+   with a dual encoder computes CLIP score, NSFW flag and the image embedding. The result is written to
+   `<output>/curate-work/analysis-<shard>.json` (embeddings first, the JSON last: its presence marks the
+   shard done), so a killed stage resumes without redoing finished shards.
+2. Decide (global): the records are exchanged with torch.distributed's all_gather_object and every rank
+   runs `select.decide` on all of them in global input order: the same decisions for any number of ranks.
+3. Write (per shard, resumable): each rank copies the kept samples of its input shards, byte for byte, to
+   `<output>/final/curated-<shard>.tar` (one output shard per input shard: sized like the input, less what
+   was dropped); a marker records each finished shard.
+4. Commit: rank 0 writes decisions.jsonl, funnel.json and funnel.png and commits final/ like a
+   checkpoint (`storage.commit_dir`: files first, manifest.json last, listing the shards). A later
+   training stage reads the shards with `data: {fromStage: <this stage>}` once the manifest verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from vlm_trainer import contract, storage
+from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_hash
+from vlm_trainer.curate.report import decision_lines, funnel, funnel_chart_png
+from vlm_trainer.curate.select import decide
+from vlm_trainer.curate.text import text_problem
+from vlm_trainer.data import expand_shards
+from vlm_trainer.parallel import DistEnv, barrier, gather_objects
+from vlm_trainer.progress import emit
+from vlm_trainer.spec import CurateStage, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = "curate-work"  # per-shard analyses and write markers, under the stage's output prefix
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+CAPTION_CHARS = 300  # a caption is cut to this in the records and the funnel's examples
+
+
+def read_samples(url: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, [(member name, bytes), ...]) of each sample of a WebDataset tar, in order (members grouped by
+    key = the member's path up to the first dot of its file name, as WebDataset does)."""
+    fs, path = storage.filesystem(url)
+    try:
+        stream = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"stage.input.shards: shard {url} does not exist") from None
+    with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        key: str | None = None
+        members: list[tuple[str, bytes]] = []
+        for m in tar:
+            if not m.isfile():
+                continue
+            folder, _, base = m.name.rpartition("/")
+            k = (folder + "/" if folder else "") + base.split(".", 1)[0]
+            f = tar.extractfile(m)
+            data = f.read() if f is not None else b""
+            if k != key and members:
+                yield key or "", members
+                members = []
+            key = k
+            members.append((m.name, data))
+        if members:
+            yield key or "", members
+
+
+def _ext(name: str) -> str:
+    return name.rpartition("/")[2].split(".", 1)[1].lower() if "." in name.rpartition("/")[2] else ""
+
+
+def sample_parts(members: list[tuple[str, bytes]]) -> tuple[str | None, bytes | None]:
+    """The caption (txt, or json's "caption") and the image bytes of one sample."""
+    parts = {_ext(n): d for n, d in members}
+    caption = None
+    if "txt" in parts:
+        caption = parts["txt"].decode("utf-8", errors="replace")
+    elif "json" in parts:
+        try:
+            doc = json.loads(parts["json"])
+            caption = doc.get("caption") if isinstance(doc, dict) and isinstance(doc.get("caption"), str) else None
+        except (ValueError, UnicodeDecodeError):
+            caption = None
+    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    return caption, image
+
+
+def fingerprint(stage: CurateStage) -> str:
+    """What an analysis depends on: a changed filter spec or encoder invalidates earlier analyses."""
+    doc = {"filters": stage.filters.model_dump(mode="json"), "encoder": stage.encoder}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Analyser:
+    """Per-sample work of step 1 (the dual encoder, when the stage names one, is loaded once)."""
+
+    def __init__(self, stage: CurateStage):
+        self.stage = stage
+        self.encoder: Any = None
+        f = stage.filters
+        if stage.encoder is not None and (f.clip_score or f.nsfw or f.semantic_dedup):
+            from vlm_trainer.curate import embed
+
+            self.encoder = embed.load_dual_encoder(stage.encoder)
+
+    def shard(self, url: str) -> tuple[list[dict[str, Any]], Any]:
+        """The records of one shard, and its image embeddings (a tensor, or None without an encoder)."""
+        f = self.stage.filters
+        hasher = phash if f.near_dedup.hash == "phash" else dhash
+        records: list[dict[str, Any]] = []
+        passed: list[tuple[int, Any, str]] = []
+        for pos, (key, members) in enumerate(read_samples(url)):
+            caption, data = sample_parts(members)
+            rec: dict[str, Any] = {"key": key, "pos": pos, "caption": caption[:CAPTION_CHARS] if caption else caption,
+                                   "reason": None}
+            detail = text_problem(caption, f.text) if f.text.enabled else None
+            if detail is not None:
+                rec.update(reason="text", detail=detail)
+            image = decode(data)
+            if rec["reason"] is None and f.image.enabled:
+                rec["reason"] = image_problem(image, f.image)
+            if rec["reason"] is None and image is None:
+                rec["reason"] = "image_decode"  # nothing to hash or embed, whatever the switches say
+            if rec["reason"] is None:
+                assert image is not None
+                rec["pixel"] = pixel_hash(image)
+                rec["phash"] = hasher(image)
+                passed.append((pos, image, caption or ""))
+            records.append(rec)
+        embeddings = self._embed(records, passed) if self.encoder is not None else None
+        return records, embeddings
+
+    def _embed(self, records: list[dict[str, Any]], passed: list[tuple[int, Any, str]]) -> Any:
+        import torch
+
+        from vlm_trainer.curate import embed
+
+        f = self.stage.filters
+        out = torch.zeros(len(records), self.encoder.dim)
+        if not passed:
+            return out
+        img, txt = self.encoder.embed([p[1] for p in passed], [p[2] for p in passed])
+        scores = embed.clip_scores(img, txt)
+        flags = embed.nsfw_flags(img, f.nsfw.probe, f.nsfw.threshold) if f.nsfw is not None else None
+        for j, (pos, _, _) in enumerate(passed):
+            records[pos]["clip"] = round(float(scores[j]), 6)
+            if flags is not None:
+                records[pos]["nsfw"] = bool(flags[j])
+            out[pos] = img[j].float().cpu()
+        return out
+
+
+def _load_analysis(work: str, index: int, fp: str) -> dict[str, Any] | None:
+    uri = storage.join(work, f"analysis-{index:06d}.json")
+    if not storage.exists(uri):
+        return None
+    try:
+        doc = storage.read_json(uri)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("fingerprint") == fp else None
+
+
+def _save_tensor(uri: str, tensor: Any) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    fs, path = storage.filesystem(uri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        fh.write(buf.getvalue())
+
+
+def _load_tensor(uri: str) -> Any:
+    import torch
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as fh:
+        return torch.load(io.BytesIO(fh.read()), weights_only=True)
+
+
+def write_output_shard(src: str, dst: str, keep_positions: set[int]) -> dict[str, Any]:
+    """Copy the kept samples of `src` (by position) to `dst`, members byte for byte; its manifest entry."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for pos, (_key, members) in enumerate(read_samples(src)):
+            if pos not in keep_positions:
+                continue
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    fs, path = storage.filesystem(dst)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        fh.write(data)
+    return {"path": dst.rsplit("/", 1)[1], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_concepts(stage: CurateStage) -> list[str]:
+    b = stage.filters.balance
+    if b is None:
+        return []
+    concepts = list(b.concepts)
+    if b.concepts_file is not None:
+        concepts += [line.strip() for line in storage.read_text(b.concepts_file).splitlines()
+                     if line.strip() and not line.startswith("#")]
+    return concepts
+
+
+class _Progress:
+    """Rank 0's progress: `curate` JSON lines on stdout, progress.json, and the metrics' step gauges."""
+
+    def __init__(self, config: TrainerConfig, env: DistEnv, total: int, metrics: Any):
+        self.config, self.env, self.total, self.metrics = config, env, total, metrics
+        self.done = 0
+
+    def advance(self, phase: str, **fields: Any) -> None:
+        self.done += 1
+        if self.metrics is not None:
+            self.metrics.set_progress(self.done, self.total)
+        if not self.env.is_main:
+            return
+        emit("curate", stage=self.config.stage.name, phase=phase, step=self.done, total=self.total, **fields)
+        record = contract.ProgressRecord(step=self.done, total=self.total, updated_at=time.time())
+        try:
+            storage.write_json(storage.join(self.config.output, contract.PROGRESS_FILE), record.to_doc())
+        except OSError as err:  # progress is advisory
+            log.warning("could not write progress: %s", err)
+
+
+def _start_metrics(config: TrainerConfig) -> Any:
+    try:
+        from vlm_trainer.metrics import TrainerMetrics
+
+        metrics = TrainerMetrics.from_env(config.job, config.stage.name)
+        metrics.start_server()
+        return metrics
+    except (ValueError, OSError) as err:  # metrics are advisory; a bad port must not stop the stage
+        log.warning("metrics disabled: %s", err)
+        return None
+
+
+def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
+    """Curate this stage's input into committed output shards; returns the funnel (on every rank)."""
+    stage = config.stage
+    assert isinstance(stage, CurateStage)
+    started = time.perf_counter()
+    urls = expand_shards(stage.input.shards)
+    final = storage.join(config.output, contract.FINAL_DIR)
+    work = storage.join(config.output, WORK_DIR)
+    mine = list(range(env.rank, len(urls), env.world_size))
+    fp = fingerprint(stage)
+    metrics = _start_metrics(config)
+    progress = _Progress(config, env, 2 * len(mine), metrics)
+    analyser: Analyser | None = None
+    wants_embeddings = stage.filters.semantic_dedup is not None
+
+    # 1. analyse my shards (or take the analyses an earlier run finished)
+    analyses: dict[int, dict[str, Any]] = {}
+    analysed_samples, analyse_seconds, resumed = 0, 0.0, 0
+    for i in mine:
+        doc = _load_analysis(work, i, fp)
+        if doc is None:
+            t0 = time.perf_counter()
+            analyser = analyser or Analyser(stage)
+            records, embeddings = analyser.shard(urls[i])
+            if embeddings is not None:
+                _save_tensor(storage.join(work, f"embeddings-{i:06d}.pt"), embeddings)
+            doc = {"fingerprint": fp, "shard": urls[i], "records": records}
+            storage.write_json(storage.join(work, f"analysis-{i:06d}.json"), doc)  # last: marks the shard done
+            seconds = time.perf_counter() - t0
+            analysed_samples += len(records)
+            analyse_seconds += seconds
+            if metrics is not None:
+                metrics.samples_total.inc(len(records))
+                metrics.samples_per_second.set(len(records) / max(seconds, 1e-9))
+            progress.advance("analyse", shard=i, samples=len(records),
+                             samples_per_second=round(len(records) / max(seconds, 1e-9), 2))
+        else:
+            resumed += 1
+            progress.advance("analyse", shard=i, samples=len(doc["records"]), resumed=True)
+        analyses[i] = doc
+
+    # 2. decide globally, the same on every rank
+    mine_records = {i: analyses[i]["records"] for i in mine}
+    mine_emb = ({i: _load_tensor(storage.join(work, f"embeddings-{i:06d}.pt")) for i in mine}
+                if wants_embeddings else {})
+    every: dict[int, list[dict[str, Any]]] = {}
+    every_emb: dict[int, Any] = {}
+    for part, emb in gather_objects((mine_records, mine_emb), env):
+        every.update(part)
+        every_emb.update(emb)
+    records, owners = [], []
+    for i in range(len(urls)):
+        for rec in every[i]:
+            records.append(rec)
+            owners.append(i)
+    embeddings = None
+    if wants_embeddings:
+        import torch
+
+        embeddings = torch.cat([every_emb[i] for i in range(len(urls))]) if records else None
+    decisions = decide(records, stage.filters, concepts=read_concepts(stage), embeddings=embeddings, seed=stage.seed)
+
+    # 3. write my output shards
+    keep: dict[int, set[int]] = {i: set() for i in range(len(urls))}
+    for rec, shard, reason in zip(records, owners, decisions.reasons, strict=True):
+        if reason is None:
+            keep[shard].add(int(rec["pos"]))
+    entries = []
+    for i in mine:
+        marker = storage.join(work, f"written-{i:06d}.json")
+        entry = storage.read_json(marker) if storage.exists(marker) else None
+        if not (isinstance(entry, dict) and entry.get("fingerprint") == fp):
+            entry = {**write_output_shard(urls[i], contract.curated_shard(final, i), keep[i]), "fingerprint": fp}
+            storage.write_json(marker, entry)
+        entries.append({k: entry[k] for k in ("path", "size", "sha256")})
+        progress.advance("write", shard=i, kept=len(keep[i]))
+
+    # 4. rank 0 writes the report and commits final/ (manifest last)
+    seconds = time.perf_counter() - started
+    mine_count = sum(len(mine_records[i]) for i in mine)
+    throughput = {"rank": env.rank, "shards": len(mine), "shards_resumed": resumed, "samples": mine_count,
+                  "seconds": round(seconds, 3), "samples_per_second": round(mine_count / max(seconds, 1e-9), 2),
+                  "analysed_samples": analysed_samples, "analyse_seconds": round(analyse_seconds, 3),
+                  "analyse_samples_per_second": round(analysed_samples / analyse_seconds, 2) if analyse_seconds else None}
+    gathered = gather_objects((entries, throughput), env)
+    doc = funnel(records, decisions, examples_per_reason=stage.output.examples_per_reason,
+                 extra={"stage": stage.name, "world_size": env.world_size,
+                        "throughput": [t for _, t in gathered]})
+    if env.is_main:
+        uploaded = [e for part, _ in gathered for e in part]
+        with tempfile.TemporaryDirectory(prefix="vlm-curate-") as tmp:
+            with open(os.path.join(tmp, contract.DECISIONS_FILE), "w") as fh:
+                fh.write(decision_lines(records, decisions))
+            with open(os.path.join(tmp, contract.FUNNEL_FILE), "w") as fh:
+                json.dump(doc, fh, indent=2)
+            with open(os.path.join(tmp, contract.FUNNEL_CHART), "wb") as fh:
+                fh.write(funnel_chart_png(doc, f"{config.job} / {stage.name}: {doc['kept']} of {doc['input']} kept"))
+            storage.commit_dir(tmp, final, step=len(records), stage=stage.name, uploaded=uploaded,
+                               extra={"kind": "curated_shards", "input": doc["input"], "kept": doc["kept"]})
+        emit("curated", stage=stage.name, input=doc["input"], kept=doc["kept"], removed=doc["removed"],
+             samples_per_second_per_rank=[t["samples_per_second"] for t in doc["throughput"]], final=final)
+    barrier(env)
+    if metrics is not None:
+        metrics.close()
+    return doc
