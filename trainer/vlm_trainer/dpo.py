@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_trainer.objective import labelled_logits
+from vlm_trainer.objective import labelled_logits, model_inputs
 from vlm_trainer.samples import IGNORE_INDEX
 
 
@@ -94,7 +94,7 @@ class DPOObjective:
         return batch["input_ids"].shape[0] // 2
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs = model_inputs(batch)
         policy = target_logps(*labelled_logits(model, inputs, batch["labels"]))
         with torch.no_grad():
             reference = self.reference_logps(inputs, batch["labels"])

@@ -34,6 +34,15 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's tensors the model takes: ids, mask, pixels; `image_sizes` for LlavaNext (AnyRes);
+    `position_ids` (and a mask that may be absent) for packed rows."""
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions t whose logits predict a label (labels[:, t + 1] set in any row): a 1-D index tensor."""
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
@@ -66,8 +75,7 @@ class CausalLMObjective:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-        logits, labels = labelled_logits(model, inputs, batch["labels"], labelled_only=self.labelled_only)
+        logits, labels = labelled_logits(model, model_inputs(batch), batch["labels"], labelled_only=self.labelled_only)
         loss_sum = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
