@@ -10,7 +10,8 @@ import urllib.request
 
 import pytest
 import torch
-from vlm_trainer.metrics import PEAK_FLOPS_BY_DEVICE, TrainerMetrics
+from vlm_trainer.accounting import gpu_for_device
+from vlm_trainer.metrics import TrainerMetrics
 
 pytestmark = [
     pytest.mark.gpu,
@@ -55,9 +56,9 @@ def test_mfu_of_a_bf16_matmul_against_the_default_peak() -> None:
     name = torch.cuda.get_device_name(0)
     with TrainerMetrics("gpu", "check", 0, port=0, addr="127.0.0.1") as metrics:
         metrics.start_server()
-        known = [peak for key, peak in PEAK_FLOPS_BY_DEVICE.items() if key in name]
-        assert known, f"no default peak for {name!r}: add it to PEAK_FLOPS_BY_DEVICE"
-        assert metrics.peak_flops_per_second == known[0]
+        known = gpu_for_device(name)
+        assert known is not None, f"no default peak for {name!r}: add it to vlm_trainer.accounting.GPUS"
+        assert metrics.peak_flops_per_second == known.peak_flops_per_second
         n, iters = 8192, 50
         a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from vlm_trainer import contract
+from vlm_trainer.accounting import gpu_for_device
 from vlm_trainer.metrics import (
     CPU_PEAK_FLOPS_PER_SECOND,
     TrainerMetrics,
@@ -218,6 +219,13 @@ def test_peak_flops_defaults_and_bad_inputs() -> None:
     assert default_peak_flops_per_second("NVIDIA H100 80GB HBM3") == 989e12
     assert default_peak_flops_per_second("NVIDIA A100-SXM4-40GB") == 312e12
     assert default_peak_flops_per_second(None) == CPU_PEAK_FLOPS_PER_SECOND
+    # One table (accounting.GPUS, the estimator's): families matched longest first, memory variants by name.
+    assert default_peak_flops_per_second("NVIDIA L4") == 121e12
+    assert default_peak_flops_per_second("NVIDIA L40S") == 362e12
+    assert default_peak_flops_per_second("NVIDIA GeForce RTX 4090") == 165e12
+    assert gpu_for_device("NVIDIA A100-SXM4-40GB").name == "A100-40GB"  # type: ignore[union-attr]
+    assert gpu_for_device("NVIDIA H200").memory_gib == 139.8  # type: ignore[union-attr]
+    assert gpu_for_device("Some Accelerator") is None
     assert TrainerMetrics("demo", "align", 0, port=None).peak_flops_per_second == CPU_PEAK_FLOPS_PER_SECOND
     with pytest.raises(ValueError, match="peak_flops_per_second"):
         TrainerMetrics("demo", "align", 0, port=None, peak_flops_per_second=0)

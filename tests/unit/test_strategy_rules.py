@@ -90,6 +90,7 @@ def test_data_positions_are_resplit_for_another_world_size():
         ({"strategy": "zero9"}, "spec.stages[1].strategy: Input should be 'ddp', 'fsdp', 'zero2' or 'zero3'"),
         ({"lora": {"rank": 8}, "strategy": "fsdp"}, "spec.stages[1].lora: supports strategy ddp"),
         ({"lora": {"rank": 0}}, "spec.stages[1].lora.rank: Input should be greater than 0"),
+        ({"compile": True, "strategy": "zero3"}, "spec.stages[1].compile: true supports strategy ddp or fsdp"),
     ],
 )
 def test_strategy_and_lora_rules_name_the_field(mutate, expected):

@@ -75,6 +75,34 @@ GPUS: dict[str, GPU] = {g.name: g for g in (
 )}
 
 
+# Used when the device is a CPU or unknown: an order of magnitude for a few AVX cores, so the CPU
+# ratio is comparable between runs rather than meaningful in absolute terms.
+CPU_PEAK_FLOPS_PER_SECOND = 1e11
+
+
+def gpu_for_device(device_name: str | None) -> GPU | None:
+    """The table entry for a device named like `torch.cuda.get_device_name()` ("NVIDIA H100 80GB HBM3",
+    "NVIDIA A100-SXM4-40GB"): matched by product family (longest first, so L40S is not L4); None if unknown."""
+    if not device_name:
+        return None
+    name = device_name.upper().replace(" ", "")
+    families: dict[str, list[GPU]] = {}
+    for gpu in GPUS.values():
+        families.setdefault(gpu.name.split("-")[0].upper(), []).append(gpu)
+    for family in sorted(families, key=len, reverse=True):
+        if family in name:
+            variants = families[family]
+            by_memory = [g for g in variants if g.name.upper().replace("-", "").removeprefix(family) in name]
+            return (by_memory or variants)[0]
+    return None
+
+
+def peak_flops_for_device(device_name: str | None) -> float:
+    """Dense bf16 peak FLOP/s of a device (the GPUS table, the estimator's); the CPU figure otherwise."""
+    gpu = gpu_for_device(device_name)
+    return gpu.peak_flops_per_second if gpu is not None else CPU_PEAK_FLOPS_PER_SECOND
+
+
 def gpu_named(name: str) -> GPU:
     """The table entry for `name` (case-insensitive); a clear error listing the known names otherwise."""
     for key, gpu in GPUS.items():

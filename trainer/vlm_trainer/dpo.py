@@ -7,6 +7,9 @@ answer tokens only (pc, pr under the policy; rc, rr under the reference):
 
 The implicit rewards are beta * (pc - rc) and beta * (pr - rr); the logged reward margin is their
 difference and the reward accuracy the share of pairs whose margin is positive.
+
+Policy and reference run the LM head at the labelled positions only (`objective.labelled_logits`); the
+sequence log-probabilities equal those from the full logits.
 """
 
 from __future__ import annotations
@@ -17,16 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_trainer.objective import labelled_logits, model_inputs
 from vlm_trainer.samples import IGNORE_INDEX
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over each row of log p(target) where the target is set; logits[:, t] predicts targets[:, t]."""
+    mask = targets != IGNORE_INDEX
+    token_logps = torch.gather(logits.float().log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) over the labelled (answer) tokens of each row; logits predict the next token."""
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1)
+    return target_logps(logits[:, :-1], labels[:, 1:])
 
 
 @dataclass
@@ -75,22 +82,22 @@ class DPOObjective:
             reference.eval()
             reference.requires_grad_(False)
 
-    def reference_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reference_logps(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         if self.reference is not None:
-            return self.reference(**inputs, use_cache=False).logits
+            return target_logps(*labelled_logits(self.reference, inputs, labels))
         assert self.adapter_host is not None
         with self.adapter_host.disable_adapter():  # type: ignore[operator]
-            return self.adapter_host(**inputs, use_cache=False).logits
+            return target_logps(*labelled_logits(self.adapter_host, inputs, labels))
 
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in batch}
-        policy = sequence_logps(model(**inputs, use_cache=False).logits, batch["labels"])
+        inputs = model_inputs(batch)
+        policy = target_logps(*labelled_logits(model, inputs, batch["labels"]))
         with torch.no_grad():
-            reference = sequence_logps(self.reference_logits(inputs), batch["labels"])
+            reference = self.reference_logps(inputs, batch["labels"])
         n = self.count(batch)
         terms = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta)
         stats = {

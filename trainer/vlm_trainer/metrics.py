@@ -32,22 +32,12 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from vlm_trainer import contract
+from vlm_trainer.accounting import CPU_PEAK_FLOPS_PER_SECOND as CPU_PEAK_FLOPS_PER_SECOND  # re-exported
+from vlm_trainer.accounting import peak_flops_for_device
 
 log = logging.getLogger(__name__)
 
 LABELS = ("job", "stage", "rank")
-
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of torch's device name.
-PEAK_FLOPS_BY_DEVICE: dict[str, float] = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-}
-# Used when the device is a CPU or unknown: an order of magnitude for a few AVX cores, so the CPU
-# ratio is comparable between runs rather than meaningful in absolute terms.
-CPU_PEAK_FLOPS_PER_SECOND = 1e11
 
 STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 300, 600)
 CHECKPOINT_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -56,12 +46,9 @@ _DISABLED = ("off", "none", "disabled")
 
 
 def default_peak_flops_per_second(device_name: str | None) -> float:
-    """Peak dense bf16 FLOP/s of a device named like `torch.cuda.get_device_name()`; CPU otherwise."""
-    if device_name:
-        for key, peak in PEAK_FLOPS_BY_DEVICE.items():
-            if key.lower() in device_name.lower():
-                return peak
-    return CPU_PEAK_FLOPS_PER_SECOND
+    """Peak dense bf16 FLOP/s of a device named like `torch.cuda.get_device_name()`; CPU otherwise.
+    One table for the estimator and the trainer's MFU: `vlm_trainer.accounting.GPUS`."""
+    return peak_flops_for_device(device_name)
 
 
 def resolve_metrics_port(env: Mapping[str, str] | None = None) -> int | None:

@@ -10,10 +10,25 @@ from torch.optim.lr_scheduler import LambdaLR
 from vlm_trainer.spec import ScheduleSpec, StageSpec
 
 
+def fused_applies(groups: list[dict], stage: StageSpec) -> bool:
+    """torch's fused AdamW (one kernel for all parameters, on CPU and CUDA) where the parameters are plain
+    tensors it supports: ddp (replicated, CPU or CUDA) and fsdp on CUDA without offload (DTensor shards);
+    DeepSpeed drives its own flat partitions, and CPU-offloaded FSDP2 keeps the proven foreach path."""
+    params = [p for g in groups for p in g["params"]]
+    if not params or any(not p.is_floating_point() or p.is_meta for p in params):
+        return False
+    if stage.strategy == "ddp":
+        return all(p.device.type in ("cpu", "cuda") for p in params)
+    if stage.strategy == "fsdp" and stage.offload == "none":
+        return all(p.device.type == "cuda" for p in params)
+    return False
+
+
 def build_optimizer(groups: list[dict], stage: StageSpec) -> torch.optim.AdamW:
     if not groups:
         raise ValueError("stage.trainable: no parameter requires a gradient; nothing to train")
-    return torch.optim.AdamW(groups, betas=tuple(stage.optimizer.betas), weight_decay=stage.optimizer.weight_decay)
+    return torch.optim.AdamW(groups, betas=tuple(stage.optimizer.betas), weight_decay=stage.optimizer.weight_decay,
+                             fused=fused_applies(groups, stage))
 
 
 def lr_multiplier(step: int, total_steps: int, schedule: ScheduleSpec) -> float:

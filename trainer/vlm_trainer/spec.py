@@ -479,6 +479,11 @@ class StageSpec(Strict):
         "paged AdamW. Needs lora and CUDA GPUs (resources.gpusPerNode > 0); strategy ddp only.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block (LM and vision encoder; torchtitan's order: after "
+        "activation checkpointing, before the strategy wraps the model). ddp and fsdp only.",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, data order and dropout (rank r uses seed + r).")
     dpo: DPOSpec | None = Field(None, description="DPO settings (type dpo only).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -845,6 +850,8 @@ def _strategy_rule_problems(stage: Mapping[str, Any]) -> list[str]:
                        "use lora without qlora on CPU")
         if strategy != "ddp":
             out.append(f"qlora: true supports strategy ddp only, got {strategy!r}")
+    if stage.get("compile") is True and strategy not in ("ddp", "fsdp"):
+        out.append(f"compile: true supports strategy ddp or fsdp (DeepSpeed wraps the model itself), got {strategy!r}")
     dpo = stage.get("dpo")
     if isinstance(dpo, Mapping) and dpo.get("reference") == "adapter_disabled" and lora is None:
         out.append("dpo.reference: 'adapter_disabled' needs lora (the reference is the base without adapters)")

@@ -1,7 +1,8 @@
 """The training loop of one stage: a `Trainer` whose parts are typed attributes, built once, run once.
 
 Order of assembly (torchtitan's): model (from initFrom or the parts; on rank 0 only, other ranks build it
-on the meta device) -> freezing or LoRA adapters -> activation checkpointing -> the stage's strategy
+on the meta device) -> freezing or LoRA adapters -> activation checkpointing
+-> per-block torch.compile (`stage.compile`) -> the stage's strategy
 (`vlm_trainer.strategies`: DDP, FSDP2 or DeepSpeed ZeRO-2/3) materialises and wraps model and optimizer
 together -> schedule -> resume from the newest verified checkpoint. The loop has no strategy branches. Then: steps with gradient accumulation, clipping, checkpoints every N steps,
 progress lines and Prometheus metrics; at the end evaluation on the held-out shards, `eval.json`, and
@@ -27,6 +28,7 @@ from vlm_trainer.checkpoint import Checkpointer, ResumeState
 from vlm_trainer.data import LoaderPosition, count_samples, eval_samples
 from vlm_trainer.dpo import DPOObjective
 from vlm_trainer.final import write_hf_folder
+from vlm_trainer.frozen import run_frozen_tower_in_inference
 from vlm_trainer.lease import Lease, LeaseHeldError
 from vlm_trainer.loader import (
     BadDataError,
@@ -47,6 +49,7 @@ from vlm_trainer.progress import ProgressReporter, emit
 from vlm_trainer.samples import Encoded, SampleEncoder, SampleError, collate, collate_pairs
 from vlm_trainer.spec import CURATE_TYPE, StageSpec, TrainerConfig
 from vlm_trainer.strategies import Strategy, build_strategy
+from vlm_trainer.strategies.compile import compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,13 @@ def total_steps_of(config: TrainerConfig) -> int:
     if samples == 0:
         raise ValueError("stage.data.shards: the shards hold no samples")
     return max(1, math.ceil(stage.epochs * samples / stage.batch.global_size))
+
+
+def process_start_time() -> float:
+    """When this process started (s since the epoch): the start of the stage's start-up as this rank sees it."""
+    import psutil
+
+    return float(psutil.Process().create_time())
 
 
 def dpo_reference_mode(stage: StageSpec) -> str:
@@ -111,6 +121,7 @@ class Trainer:
         self.config, self.env = config, env
         stage = config.stage
         self.started = time.perf_counter()
+        self.startup: dict[str, float] = {"process_start": process_start_time(), "build_start": time.time()}
         lora.check_qlora_device(stage, env.device)
         self.total_steps = total_steps_of(config)
         self.checkpointer = Checkpointer(
@@ -133,6 +144,9 @@ class Trainer:
             apply_freezing(module, list(stage.trainable))
         if stage.gradient_checkpointing:
             llava_of(module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        run_frozen_tower_in_inference(module)  # a frozen vision tower: no autograd, no activations kept
+        if stage.compile:  # per block, after activation checkpointing and before the strategy wraps (torchtitan)
+            compile_blocks(module)
         make_optimizer = lora.paged_adamw if stage.qlora else build_optimizer
         self.strategy.prepare(module, lambda m: make_optimizer(param_groups(m, stage), stage))
 
@@ -345,10 +359,12 @@ class Trainer:
             init_from=self.config.init_from, trainable=list(stage.trainable), device=str(env.device),
         )
         progress = ProgressReporter(self.config.output, self.total_steps, is_main=env.is_main, start_step=self.step)
+        self.startup["built"] = time.time()
         while self.step < self.total_steps:
             result = self.train_step()
             self._data_totals["step_seconds"] += result.seconds
             self.step += 1
+            self.startup.setdefault("first_step_done", time.time())
             self.stats.setdefault("train_loss_first", result.loss)
             self.stats["train_loss_last"] = result.loss
             eta = progress.step(
@@ -387,6 +403,9 @@ class Trainer:
             "skipped_checkpoints": self.checkpointer.skipped,
             "world_size": env.world_size,
             "data": data,
+            # wall-clock times (s since the epoch) of this rank-0 process: its start, build start, model built,
+            # first step done (issue 14's start-up accounting; `bench/startup_bench.py` reads them)
+            "startup": {k: round(v, 3) for k, v in self.startup.items()},
             **evaluation,
         }
         if env.is_main:
