@@ -50,9 +50,9 @@ THRESHOLDS = {
     "perplexity_ratio_naive_over_staged_min": 3.0,
     # Issue 11: the curate stage removes what was planted and keeps the clean pairs; DPO does not raise
     # the hallucination rate of generated answers (it should lower it).
-    "curate_planted_recall_min": 0.85,
+    "curate_planted_recall_min": 0.9,
     "curate_clean_kept_min": 0.95,
-    "curate_duplicate_groups_one_kept_min": 1.0,
+    "curate_duplicate_groups_one_kept_min": 0.95,
     "hallucination_ratio_dpo_over_instruct_max": 1.0,
 }
 

@@ -7,7 +7,7 @@ Planted, each kind with the curate reason expected to remove it:
 | junk_caption | a fresh image with alt-text junk ("IMG_0371.jpg", "click here") | text |
 | shuffled_caption | a fresh image with another image's caption (wrong colour or shape) | clip_score |
 | tiny_image | a shape drawn at 10-20 px | image_size |
-| extreme_aspect | a shape on a 5:1 or 1:5 banner | aspect_ratio |
+| extreme_aspect | a 32 px shape on a 5:1 or 1:5 banner | aspect_ratio |
 | exact_duplicate | a clean sample's pixels again, in another PNG encoding | exact_duplicate |
 | near_duplicate | a clean sample re-edited (brightness shifted) | near_duplicate |
 
@@ -92,11 +92,12 @@ def _fresh(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[str, str, 
 
 
 def _banner(rng: np.random.Generator) -> tuple[str, str, Image.Image]:
-    """A shape at 24 px on a 5:1 (or 1:5) canvas of its own background."""
-    colour, shape, img = _fresh(rng, size=24)
+    """A 32 px shape on a 5:1 (or 1:5) canvas of its own background: only its aspect ratio is wrong."""
+    colour, shape, img = _fresh(rng)
     wide = rng.random() < 0.5
-    canvas = Image.new("RGB", (120, 24) if wide else (24, 120), img.getpixel((0, 0)))
-    offset = int(rng.integers(0, 97))
+    side = 5 * IMAGE_SIZE
+    canvas = Image.new("RGB", (side, IMAGE_SIZE) if wide else (IMAGE_SIZE, side), img.getpixel((0, 0)))
+    offset = int(rng.integers(0, side - IMAGE_SIZE + 1))
     canvas.paste(img, (offset, 0) if wide else (0, offset))
     return colour, shape, canvas
 
