@@ -1,13 +1,17 @@
 """End to end: the operator runs the REAL trainer (`torchrun ... -m vlm_trainer`) on tiny models.
 
-A 2-stage job (align -> instruct), each stage 2 nodes x 1 process (two pods, two torchrun agents meeting
-at a c10d rendezvous), checkpoints and the handoff through a real S3 server (SeaweedFS). Midway through
-align one pod is killed: the operator restarts the gang and the trainer resumes from its last committed
-checkpoint (step > 0). Tiny untrained components come from vlm_trainer.quickstart (no hub downloads).
+A 3-stage job (curate -> align -> instruct): curate filters the raw caption shards into committed curated
+shards on a real S3 server (SeaweedFS); align reads them (`data: {fromStage: curate}`) and, like instruct,
+runs 2 nodes x 1 process (two pods, two torchrun agents meeting at a c10d rendezvous), with checkpoints
+and the weights handoff through S3. Midway through align one pod is killed: the operator restarts the
+gang and the trainer resumes from its last committed checkpoint (step > 0). Tiny untrained components
+come from vlm_trainer.quickstart (no hub downloads).
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 from typing import Any
 
@@ -49,6 +53,13 @@ def tiny_job(c: Cluster, assets: dict[str, Any], name: str) -> dict[str, Any]:
             "resources": {"nodes": 2, "procsPerNode": 1},
         }
 
+    align = stage("align", "align", "caption", 30)
+    align["data"] = {k: v for k, v in align["data"].items() if k != "shards"} | {"fromStage": "curate"}
+    curate = {
+        "name": "curate", "type": "curate", "input": {"shards": assets["shards"]["caption"]},
+        # 32 px shapes are perceptual-hash neighbours of each other: near dedup would thin them out
+        "filters": {"nearDedup": {"enabled": False}},
+    }
     return {
         "apiVersion": "training.vlm.dev/v1alpha1",
         "kind": "VLMTrainingJob",
@@ -62,10 +73,7 @@ def tiny_job(c: Cluster, assets: dict[str, Any], name: str) -> dict[str, Any]:
                 "visionFeatureSelectStrategy": "full",
             },
             "storage": {"uri": c.storage_uri, "secretRef": "s3-creds", "endpointUrl": c.s3.endpoint},
-            "stages": [
-                stage("align", "align", "caption", 30),
-                stage("instruct", "instruct", "conversation", 2),
-            ],
+            "stages": [curate, align, stage("instruct", "instruct", "conversation", 2)],
             "runPolicy": {"maxRestarts": 2},
         },
     }
@@ -82,7 +90,7 @@ async def test_real_trainer_two_stages_with_a_gang_restart(
     try:  # the trainer logs each committed checkpoint; kill right then, mid-stage
         await wait_for(
             lambda: c.kubelet.log_contains("tiny-align-0", '"event": "checkpoint"'),
-            150,
+            240,
             interval=0.05,
             message="an align checkpoint committed",
         )
@@ -91,25 +99,39 @@ async def test_real_trainer_two_stages_with_a_gang_restart(
     c.kubelet.kill_pod("tiny-align-0", index=1)
     assert storage.read_manifest(f"{align}/final") is None, "align finished before the kill: make it longer"
 
-    status = await c.wait_phase("tiny", "Succeeded", timeout=240)
-    assert status["stages"][0]["restarts"] == 1 and status["stages"][1]["restarts"] == 0
+    status = await c.wait_phase("tiny", "Succeeded", timeout=300)
+    assert [s["restarts"] for s in status["stages"]] == [0, 1, 0]
     # progress.json written by the trainer (never the Kubernetes API) reached status through the operator
-    align_total = c.job("tiny")["spec"]["stages"][0]["maxSteps"]
-    assert status["stages"][0]["totalSteps"] == align_total and 1 <= status["stages"][0]["step"] <= align_total
+    align_total = c.job("tiny")["spec"]["stages"][1]["maxSteps"]
+    assert status["stages"][1]["totalSteps"] == align_total and 1 <= status["stages"][1]["step"] <= align_total
+    assert status["stages"][0]["step"] == status["stages"][0]["totalSteps"] == 4  # curate: 2 shards x 2 phases
+    # align read the committed curated shards, and its Job was created only after the commit
+    curated = f"{c.storage_uri}/tiny/curate/final"
+    committed = storage.verify_committed(curated, check_sha256=True)
+    assert committed.ok, committed.reason
+    funnel = storage.read_json(f"{curated}/funnel.json")
+    assert funnel["input"] == 64 and funnel["kept"] == 64 and funnel["throughput"][0]["samples_per_second"] > 0
+    config = next(json.loads(m["data"]["config.json"]) for m in c.owned("v1/configmaps", "tiny")
+                  if m["metadata"]["labels"]["training.vlm.dev/stage"] == "align")
+    assert config["stage"]["data"]["shards"] == [f"{curated}/curated-{i:06d}.tar" for i in range(2)]
+    align_job = next(o for (res, _ns, n), o in c.api.objects.items() if res.plural == "jobs" and n == "tiny-align-0")
+    created = next(v for v in align_job.history if v is not None).raw["metadata"]["creationTimestamp"]
+    created_at = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
+    assert created_at >= committed.manifest["committed_at"]
     align_eval = storage.read_json(f"{align}/eval.json")
     # the restarted gang resumed, it did not start over
     assert (align_eval.get("resumed_from_step") or 0) >= 10, f"{align_eval}\n{c.kubelet.logs()}"
     assert align_eval["world_size"] == 2
-    for s in status["stages"]:
+    for s in status["stages"][1:]:
         v = storage.verify_committed(s["checkpoint"], check_sha256=True)
         assert v.ok, v.reason
         assert any(f["path"].endswith(".safetensors") for f in v.manifest["files"])  # HF format final/
     await wait_for(lambda: "Succeeded" in c.events("tiny"), 10, message="the Succeeded event")
     events = c.events("tiny")
     assert (
-        events.count("StageStarted") == 2
+        events.count("StageStarted") == 3
         and "StageRestarted" in events
-        and events.count("StageSucceeded") == 2
+        and events.count("StageSucceeded") == 3
     )
-    assert c.jobs_ever_created("tiny") == {"tiny-align-0", "tiny-align-1", "tiny-instruct-0"}
+    assert c.jobs_ever_created("tiny") == {"tiny-curate-0", "tiny-align-0", "tiny-align-1", "tiny-instruct-0"}
     assert os.path.exists(tiny_assets["lm"])

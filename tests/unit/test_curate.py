@@ -173,3 +173,26 @@ def test_decide_keeps_the_first_of_each_group_in_global_order_and_caps_concepts(
     # switched off, nothing is deduplicated or capped
     off = CurateFiltersSpec.model_validate({"exactDedup": {"enabled": False}, "nearDedup": {"enabled": False}})
     assert decide(records, off).reasons.count(None) == 8
+
+
+def test_decide_runs_the_embedding_filters_on_the_global_view():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(6, 16, generator=gen), dim=-1)
+    emb[4] = torch.nn.functional.normalize(emb[1] + 0.001 * torch.randn(16, generator=gen), dim=-1)
+    scores = [0.9, 0.8, 0.1, 0.7, 0.6, 0.5]
+    records = [_rec(f"k{i}", pixel=f"p{i}", phash=(2**60 // (i + 1)) * 0b1011_0111, clip=scores[i], nsfw=(i == 3))
+               for i in range(6)]
+    filters = CurateFiltersSpec.model_validate({
+        "clipScore": {"keepTopFraction": 0.85}, "nsfw": {"probe": "unused"}, "nearDedup": {"enabled": False},
+        "semanticDedup": {"clusters": 2, "threshold": 0.99},
+    })
+    d = decide(records, filters, embeddings=emb)
+    # keepTopFraction 0.85 keeps ceil(0.85 x 6) = 6: only the NSFW flag and the semantic duplicate drop
+    assert d.reasons == [None, None, None, "nsfw", "semantic_duplicate", None]
+    assert d.duplicate_of == {4: 1}
+    d = decide(records, filters.model_copy(update={"clip_score": filters.clip_score.model_copy(
+        update={"keep_top_fraction": 0.5})}), embeddings=emb)
+    # the top half by score (global: all six compete), then NSFW; the semantic pair was already cut
+    assert d.reasons == [None, None, "clip_score", "nsfw", "clip_score", "clip_score"]

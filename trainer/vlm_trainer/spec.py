@@ -500,8 +500,8 @@ class ClipScoreSpec(Strict):
 
     @model_validator(mode="after")
     def _one(self) -> ClipScoreSpec:
-        if (self.threshold is None) == (self.keep_top_fraction is None):
-            raise ValueError("threshold: set exactly one of threshold or keepTopFraction")
+        if self.threshold is None and self.keep_top_fraction is None:
+            raise ValueError("threshold: set threshold or keepTopFraction (or both: a sample must pass both)")
         return self
 
 
