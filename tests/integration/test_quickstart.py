@@ -114,10 +114,16 @@ def test_align_on_curated_data_vs_raw_data_on_the_same_steps(quickstart):
     assert curated["caption_accuracy"] >= 0.90, qq
 
 
-def test_dpo_does_not_raise_the_hallucination_rate(quickstart):
-    h = quickstart["report"]["hallucination"]
+def test_hallucination_rate_of_generated_answers_after_instruct_and_dpo(quickstart):
+    r = quickstart["report"]
+    h = r["hallucination"]
     assert set(h) == {"align", "instruct", "dpo"}
-    assert h["dpo"] <= h["instruct"], h
+    assert all(s["answers_generated"] == 1200 for s in r["stages"])  # 4 answers x 300 held-out images
+    # Instruction tuning cuts it (align alone cannot answer colour questions); DPO does not raise it.
+    # Measured, seed 0: align 0.095, instruct 0.014, dpo 0.014 (17 of 1200 answers each): the seed's
+    # "DPO lowers it" is not seen at this size. One answer is 0.0008, so allow 3 answers of noise.
+    assert h["instruct"] < h["align"]
+    assert h["dpo"] <= h["instruct"] + 3 / 1200, h
 
 
 def _shape_probe_accuracy(model: SiglipVisionModel, train, heldout) -> float:
