@@ -25,7 +25,7 @@ run: install
 # The tier is the folder (tests/conftest.py marks it), so nothing unmarked is dropped.
 test: lint
 	bash scripts/test-deps.sh
-	$(BIN)/pytest -p no:cacheprovider tests/unit tests/integration
+	$(BIN)/pytest -p no:cacheprovider --durations=30 tests/unit tests/integration
 
 test-unit: install
 	$(BIN)/pytest -p no:cacheprovider tests/unit

@@ -94,7 +94,7 @@ def main() -> int:
         shards = write_raw(os.path.join(tmp, "raw"), args.samples, args.shards)
         train = make_samples("train", 64, seed=0)
         encoder = os.path.join(tmp, "dual-encoder")
-        train_dual_encoder(encoder, [s.image() for s in train], [s.caption for s in train], seed=0, steps=5)
+        train_dual_encoder(encoder, [s.image() for s in train], [s.caption for s in train], seed=0, steps=20)
         for ranks in args.ranks:
             for enc in (None, encoder):
                 r = run(tmp, f"r{ranks}-{'clip' if enc else 'noclip'}", shards, ranks, enc)

@@ -161,6 +161,12 @@ async def serve(n_jobs: int, n_stages: int, tmp: str) -> None:
             stop = asyncio.Event()
             kubelet = asyncio.create_task(instant_kubelet(api, http, stop, tmp))
             write_inputs(f"file://{tmp}/store")
+            profiler = None
+            if os.environ.get("BENCH_PROFILE_EMULATOR"):  # a path: cProfile stats of this process' busy part
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
             t0 = time.perf_counter()
             for i in range(n_jobs):
                 doc = job_doc(f"job-{i:04d}", n_stages, f"file://{tmp}/store")
@@ -174,6 +180,9 @@ async def serve(n_jobs: int, n_stages: int, tmp: str) -> None:
                     break
                 await asyncio.sleep(0.2)
             makespan = time.perf_counter() - t0
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(os.environ["BENCH_PROFILE_EMULATOR"])
             print("done", flush=True)
             stop.set()
             await kubelet
@@ -248,6 +257,9 @@ async def run(n_jobs: int, n_stages: int, timeout: float) -> dict[str, Any]:
     def pct(p: float) -> float:
         return round(handoffs[min(len(handoffs) - 1, int(p * len(handoffs)))], 4) if handoffs else float("nan")
 
+    if os.environ.get("BENCH_DETAIL"):  # every stage Job's owner, index, created and completed (for tracing)
+        with open(os.environ["BENCH_DETAIL"], "w") as f:
+            json.dump(jobs, f)
     return {
         "jobs": n_jobs,
         "stages_per_job": n_stages,

@@ -3,15 +3,24 @@
 Triggers: create/resume/update of a VLMTrainingJob, events of the stage Jobs it owns, and an adaptive
 resync timer (progress of a running stage, a pending handoff's storage backoff, a TTL; idle and
 finished jobs cost nothing). The stage Jobs come from a Kopf index (an in-memory cache fed by the
-Job watch), so no reconcile lists them. Delete removes the children explicitly. Handlers are plain
-`def` (Kopf runs them in threads) because `kube` uses the synchronous client.
+Job watch), so no reconcile lists them. Delete removes the children explicitly.
+
+Two lanes: `kube` uses the synchronous client, so reconciles run in threads, but not in one FIFO pool.
+A stage Job's event (a handoff: stage k finished, start k+1) runs in its own pool, so it never waits
+behind a burst of new jobs' first reconciles or resync ticks; everything else shares the other pool. The
+handlers themselves are `async` and cheap (the resync tick checks whether the job is due before it
+takes a thread).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import copy
+import functools
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -26,7 +35,11 @@ RESYNC_SECONDS = float(os.environ.get("VLM_OPERATOR_RESYNC_SECONDS", "10"))
 RETRY_SECONDS = float(os.environ.get("VLM_OPERATOR_RETRY_SECONDS", "5"))
 # How often a running stage's progress.json is read into status (storage sends no events).
 PROGRESS_SECONDS = float(os.environ.get("VLM_OPERATOR_PROGRESS_SECONDS", str(3 * RESYNC_SECONDS)))
+WORKERS = int(os.environ.get("VLM_OPERATOR_WORKERS", "8"))
+HANDOFF_WORKERS = int(os.environ.get("VLM_OPERATOR_HANDOFF_WORKERS", "8"))
 _RESOURCE = (API_GROUP, API_VERSION, PLURAL)
+_pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="reconcile")
+_handoff_pool = ThreadPoolExecutor(max_workers=HANDOFF_WORKERS, thread_name_prefix="handoff")
 _PREFIX = API_GROUP
 
 
@@ -39,9 +52,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=_PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING  # our own Events say what happened; Kopf's would repeat it
-    settings.execution.max_workers = int(os.environ.get("VLM_OPERATOR_WORKERS", "8"))
-    # The resync timer is a sync handler (a thread Kopf cannot cancel): on deletion, give a running
-    # reconcile a moment to finish and then re-check every second, not every 60 s (Kopf's default).
+    # A reconcile runs in a thread Kopf cannot cancel: on deletion, give a running one a moment to finish
+    # and then re-check every second, not every 60 s (Kopf's default).
     settings.background.instant_exit_timeout = 1.0
     settings.background.cancellation_polling = 1.0
     kube.load_config()
@@ -82,24 +94,31 @@ def _reconcile(namespace: str, name: str, retry: bool, index: kopf.Index | None 
         return None
 
 
+async def _in(pool: ThreadPoolExecutor, namespace: str, name: str, retry: bool, index: kopf.Index | None) -> None:
+    # The handler's context (Kopf's settings and event poster, which kube.post_event uses) goes along.
+    context = contextvars.copy_context()
+    call = functools.partial(context.run, _reconcile, namespace, name, retry, index)
+    await asyncio.get_running_loop().run_in_executor(pool, call)
+
+
 @kopf.on.create(*_RESOURCE)
 @kopf.on.resume(*_RESOURCE)
 @kopf.on.update(*_RESOURCE, field="spec")
-def on_change(namespace: str | None, name: str, **kw: Any) -> None:
-    _reconcile(namespace or "", name, retry=True, index=kw.get("stage_jobs"))
+async def on_change(namespace: str | None, name: str, **kw: Any) -> None:
+    await _in(_pool, namespace or "", name, True, kw.get("stage_jobs"))
 
 
 # The timer ticks at the resync period but reconciles only when the job is due (reconcile schedules
 # it): running stages for progress, pending handoffs at their backoff, waiting jobs 6x slower,
 # finished jobs never (or at their TTL). Storage changes send no events; this is the only poller.
 @kopf.timer(*_RESOURCE, interval=RESYNC_SECONDS, idle=0)
-def resync(namespace: str | None, name: str, **kw: Any) -> None:
+async def resync(namespace: str | None, name: str, **kw: Any) -> None:
     if reconcile.resync_due(namespace or "", name):
-        _reconcile(namespace or "", name, retry=False, index=kw.get("stage_jobs"))
+        await _in(_pool, namespace or "", name, False, kw.get("stage_jobs"))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=_JOB_LABELS)
-def on_stage_job(body: kopf.Body, type: str | None, **kw: Any) -> None:
+async def on_stage_job(body: kopf.Body, type: str | None, **kw: Any) -> None:
     """A stage Job changed (completed, failed, suspended or resumed by Kueue, deleted by hand): reconcile
     its VLMTrainingJob now. The creation of a Job (our own write) needs no reconcile, nor does the
     initial listing (type None): the resume handler reconciles every VLMTrainingJob at start-up."""
@@ -107,7 +126,7 @@ def on_stage_job(body: kopf.Body, type: str | None, **kw: Any) -> None:
     owner = labels.get(contract.LABEL_JOB)
     if not owner or type in (None, "ADDED"):
         return
-    _reconcile(body["metadata"]["namespace"], owner, retry=False, index=kw.get("stage_jobs"))
+    await _in(_handoff_pool, body["metadata"]["namespace"], owner, False, kw.get("stage_jobs"))
 
 
 @kopf.on.delete(*_RESOURCE)

@@ -12,7 +12,13 @@ from typing import Any
 
 import braceexpand
 from vlm_trainer import storage
-from vlm_trainer.model_config import VisionFacts, max_length_problem, vision_facts, vision_problems
+from vlm_trainer.model_config import (
+    VisionFacts,
+    max_length_problem,
+    stage_image_size,
+    vision_facts,
+    vision_problems,
+)
 from vlm_trainer.spec import CurateStage, VLMTrainingJob
 
 from vlm_operator import planner
@@ -73,7 +79,9 @@ def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None
         return out
     facts = _vision(job, index, options, out)
     if facts is not None:
-        problem = max_length_problem(job.spec.model, facts, stage.data.max_length, f"spec.stages[{index}].data.maxLength")
+        size = stage_image_size(job.spec.model, list(job.spec.stages[: index + 1]))  # a stage may raise it
+        problem = max_length_problem(job.spec.model, facts, stage.data.max_length, f"spec.stages[{index}].data.maxLength",
+                                     image_size=size)
         if problem:
             out.append(problem)
     _shards(job, index, "shards", stage.data.shards, options, out)

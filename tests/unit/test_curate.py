@@ -69,6 +69,7 @@ def test_vlmctl_validate_accepts_curate_then_fromstage(tmp_path, capsys):
     (_with(s1={"filters": {"nearDedup": {"maxDistance": 65}}}), "spec.stages[1].filters.nearDedup.maxDistance"),
     (_with(s1={"filters": {"text": {"languages": ["elvish"]}}}), "spec.stages[1].filters.text.languages: unknown scripts"),
     (_with(s1={"input": {"shards": []}}), "spec.stages[1].input.shards"),
+    (_with(s2={"filters": {}}), "spec.stages[2].filters: only valid for type curate, this stage is 'align'"),
 ])
 def test_vlmctl_validate_names_the_field(tmp_path, capsys, doc, field):
     code, out = _validate(tmp_path, doc, capsys)

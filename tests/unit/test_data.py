@@ -130,14 +130,16 @@ def test_bpe_chatml_answer_masking_keeps_exactly_the_answer_text(bpe_processor):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
-def test_truncation_keeps_the_image_and_cutting_through_it_is_an_error(word_processor):
+def test_a_sample_longer_than_max_length_is_never_cut(word_processor):
     doc = {"caption": "a red circle and a blue square"}
-    enc = SampleEncoder(word_processor, N_IMAGE, max_length=12).encode(_raw(doc), "caption")
-    assert len(enc.input_ids) == 12 and len(enc.labels) == 12
     with pytest.raises(ValueError, match="maxLength"):
         SampleEncoder(word_processor, N_IMAGE, max_length=4)
-    with pytest.raises(SampleError, match="maxLength"):
-        SampleEncoder(word_processor, N_IMAGE, max_length=5).encode(_raw(doc), "caption")
+    for max_length in (5, 12):  # through the image tokens, or only through the text: both refused, none cut
+        with pytest.raises(SampleError, match="maxLength") as err:
+            SampleEncoder(word_processor, N_IMAGE, max_length=max_length).encode(_raw(doc), "caption")
+        assert err.value.reason == "too_long"
+    enc = SampleEncoder(word_processor, N_IMAGE, max_length=17).encode(_raw(doc), "caption")
+    assert len(enc.input_ids) == 17 and enc.image_tokens == [N_IMAGE]
 
 
 def test_malformed_samples_name_the_key_and_the_field(word_processor):
@@ -148,8 +150,20 @@ def test_malformed_samples_name_the_key_and_the_field(word_processor):
         encoder.encode(_raw({"prompt": "<image>", "chosen": "red"}), "preference")
     with pytest.raises(SampleError, match="image"):
         encoder.encode({"__key__": "k1", "json": b"{}"}, "caption")
-    with pytest.raises(SampleError, match="2 <image>"):
+    with pytest.raises(SampleError, match="2 <image>") as mismatch:
         encoder.encode(_raw({"conversations": [{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "red"}]}), "conversation")
+    assert mismatch.value.reason == "image_mismatch"
+    cases = [
+        ({"__key__": "k2", "png": _png(), "json": b"{not json"}, "caption", "bad_json"),
+        (_raw({"conversations": [{"role": "user", "content": "red"}]}), "conversation", "no_assistant_turn"),
+        ({"__key__": "k3", "png": b"not a png", "json": b'{"caption": "red"}'}, "caption", "image_decode"),
+        ({"__key__": "k4", "json": b'{"caption": "red"}'}, "caption", "no_image"),
+        (_raw({"prompt": "what colour", "chosen": "red", "rejected": "red"}), "preference", "identical_pair"),
+    ]
+    for raw, fmt, reason in cases:
+        with pytest.raises(SampleError, match=repr(raw["__key__"])) as err:
+            encoder.encode(raw, fmt)
+        assert err.value.reason == reason
 
 
 def test_collate_pads_right_and_masks_padding(word_processor):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from job_fixtures import GOOD
 from vlm_operator import preflight
-from vlm_trainer.spec import parse_job
+from vlm_trainer.spec import ResolutionSpec, parse_job
 
 
 def write_inputs(root: Path, *, image_size: int = 32, patch: int = 8, layers: int = 2) -> dict:
@@ -63,3 +63,13 @@ def test_model_config_disagreements(tmp_path: Path) -> None:
     model.update(imageSize=32, visionFeatureLayer=-2)
     problems = preflight.check_stage(job(tmp_path, model, [str(tmp_path / "a.tar")]), 0)
     assert any(p.startswith("spec.model.imageSize: 32 does not match") for p in problems)
+
+
+def test_max_length_counts_a_stage_raised_resolution(tmp_path: Path) -> None:
+    model = write_inputs(tmp_path)  # 32px, patch 8: 16 tokens; the stage raises it to 64px: 64 tokens
+    j = job(tmp_path, model, [str(tmp_path / "a.tar")], max_length=48)
+    assert preflight.check_stage(j, 0) == []
+    j.spec.stages[0].data.resolution = ResolutionSpec(policy="fixed", imageSize=64)
+    problems = preflight.check_stage(j, 0)
+    assert any(p.startswith("spec.stages[0].data.maxLength: 48 tokens cannot hold one image (64 image tokens at "
+                            "imageSize 64") for p in problems), problems

@@ -87,7 +87,7 @@ class DPOObjective:
         return batch["input_ids"].shape[0] // 2
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in batch}
         policy = sequence_logps(model(**inputs, use_cache=False).logits, batch["labels"])
         with torch.no_grad():
             reference = sequence_logps(self.reference_logits(inputs), batch["labels"])

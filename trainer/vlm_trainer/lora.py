@@ -62,7 +62,9 @@ def lora_config(stage: StageSpec):  # noqa: ANN201 - peft's LoraConfig
 
 def quantized_copy(vlm: VLM, device: torch.device) -> nn.Module:
     """The model reloaded with its language model in 4-bit NF4 (double quantisation, bf16 compute)."""
-    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+    from transformers import BitsAndBytesConfig
+
+    from vlm_trainer.family import of_model
 
     with tempfile.TemporaryDirectory(prefix="vlm-qlora-") as tmp:
         vlm.model.save_pretrained(tmp)
@@ -73,7 +75,7 @@ def quantized_copy(vlm: VLM, device: torch.device) -> nn.Module:
             bnb_4bit_compute_dtype=torch.bfloat16,
             llm_int8_skip_modules=["vision_tower", PROJECTOR, "lm_head"],
         )
-        return LlavaForConditionalGeneration.from_pretrained(
+        return of_model(vlm.model).model_class.from_pretrained(  # Llava or LlavaNext, as built
             tmp, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device.index or 0}
         )
 

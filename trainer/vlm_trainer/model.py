@@ -1,10 +1,12 @@
-"""The VLM: transformers' own `LlavaForConditionalGeneration`, assembled, frozen per stage, grouped for AdamW.
+"""The VLM: transformers' own `LlavaForConditionalGeneration` (or `LlavaNextForConditionalGeneration` after an
+AnyRes stage; `vlm_trainer.family` keeps both on one code path), assembled, frozen per stage, grouped for AdamW.
 
 Two ways in, both giving the same class:
 - first stage (`init_from is None`): a vision-encoder checkpoint (SigLIP/CLIP vision model + image
   processor) and a causal-LM checkpoint (+ tokenizer with a chat template) are joined by a freshly
   initialised LLaVA projector (`mlp2x_gelu` = `multi_modal_projector`: Linear, GELU, Linear);
-- later stages: the previous stage's committed `final/` via `from_pretrained`.
+- later stages: the previous stage's committed `final/` via `from_pretrained` (its own family's class).
+Then the stage's resolution policy (`vlm_trainer.resolution`) may resize or convert it.
 
 Master weights are always fp32 (bf16 is applied by autocast in the loop). Nothing here knows about
 ranks or process groups; parallelism wraps the model from outside (`vlm_trainer.parallel`).
@@ -33,9 +35,9 @@ from transformers import (
 # though the PIL backends work; the class in its own module resolves SigLIP/CLIP to their PIL processors.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-from vlm_trainer import storage
+from vlm_trainer import family, resolution, storage
 from vlm_trainer.samples import IMAGE_TOKEN
-from vlm_trainer.spec import ModelSpec, StageSpec
+from vlm_trainer.spec import ModelSpec, ResolutionSpec, StageSpec
 
 PARTS = ("projector", "language_model", "vision_tower")
 
@@ -48,11 +50,12 @@ class ModelConfigError(ValueError):
 class VLM:
     """The assembled model and the processor that feeds it (tokenizer + image processor + template)."""
 
-    model: LlavaForConditionalGeneration
-    processor: LlavaProcessor
+    model: family.VLMModel
+    processor: family.VLMProcessor
 
     @property
     def image_token_count(self) -> int:
+        """Tokens of one image at fixed resolution (a LlavaNext model's count depends on each image)."""
         return image_token_count(self.processor)
 
 
@@ -91,34 +94,36 @@ def _hw(size: object) -> tuple[int, int]:
     raise ModelConfigError(f"image processor size {size!r} has neither height/width nor shortest_edge")
 
 
-def build_vlm(model_spec: ModelSpec, init_from: str | None, *, seed: int, materialize: bool = True) -> VLM:
-    """The stage's starting model: from `init_from` (previous stage's final/) or assembled from parts.
+def build_vlm(
+    model_spec: ModelSpec, init_from: str | None, *, seed: int, materialize: bool = True,
+    resolution_policy: ResolutionSpec | None = None,
+) -> VLM:
+    """The stage's starting model: from `init_from` (previous stage's final/) or assembled from parts, then
+    under the stage's resolution policy (None keeps the model's own).
 
     `materialize=False` builds the same model on the meta device (config and processor only, no weights
     read): ranks other than 0 do that, and the strategy fills them from rank 0 (memory-safe build).
     """
     if init_from is not None:
-        return load_vlm(init_from, materialize=materialize)
-    return assemble_vlm(model_spec, seed=seed, materialize=materialize)
+        vlm = load_vlm(init_from, materialize=materialize)
+    else:
+        vlm = assemble_vlm(model_spec, seed=seed, materialize=materialize)
+    return resolution.apply(vlm, resolution_policy, seed=seed, materialize=materialize)
 
 
 def load_vlm(uri: str, *, materialize: bool = True) -> VLM:
-    """A committed stage output (`final/`): LlavaForConditionalGeneration + AutoProcessor, fp32."""
+    """A committed stage output (`final/`): its family's model class (Llava or LlavaNext) + AutoProcessor, fp32."""
     verification = storage.verify_committed(uri, check_sha256=True)
     if not verification.ok:
         raise ModelConfigError(f"initFrom: {verification.reason}")
     path = local_dir(uri, "initFrom")
     processor = AutoProcessor.from_pretrained(path)
-    if not materialize:
-        return VLM(skeleton(LlavaConfig.from_pretrained(path)), processor)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    return VLM(model, processor)
+    return VLM(family.load_model(path, materialize=materialize), processor)
 
 
 def skeleton(config: LlavaConfig) -> LlavaForConditionalGeneration:
     """The model's structure on the meta device: no memory, no initialisation; weights come later."""
-    with torch.device("meta"):
-        return LlavaForConditionalGeneration(config)
+    return family.skeleton(config)
 
 
 def assemble_vlm(model_spec: ModelSpec, *, seed: int, materialize: bool = True) -> VLM:
@@ -225,8 +230,8 @@ def part_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def parameter_parts(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> the part it belongs to."""
-    out: dict[int, str] = {}
+    """id(parameter) -> the part it belongs to (LlavaNext's image_newline trains with the projector)."""
+    out: dict[int, str] = {id(p): "projector" for p in family.projector_parameters(llava_of(model))}
     for part, modules in part_modules(model).items():
         for module in modules:
             for p in module.parameters():

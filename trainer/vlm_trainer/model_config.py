@@ -41,9 +41,21 @@ def vision_facts(config: Mapping[str, Any]) -> VisionFacts:
     )
 
 
-def image_token_count(model: ModelSpec, facts: VisionFacts) -> int:
-    """`<image>` tokens per image at spec.model.imageSize (LLaVA's rule: patches, + CLS, - 1 for 'default')."""
-    per_side = model.image_size // max(facts.patch_size, 1)
+def stage_image_size(model: ModelSpec, stages: list[Any]) -> int:
+    """The fixed size (or AnyRes base tile) in effect at the last of `stages`: spec.model.imageSize, changed by
+    each stage's `data.resolution.imageSize` up to it (stages without data, e.g. curate ones, change nothing)."""
+    size = model.image_size
+    for stage in stages:
+        res = getattr(getattr(stage, "data", None), "resolution", None)
+        if res is not None and res.image_size:
+            size = int(res.image_size)
+    return size
+
+
+def image_token_count(model: ModelSpec, facts: VisionFacts, image_size: int | None = None) -> int:
+    """`<image>` tokens per image at `image_size` (default spec.model.imageSize; LLaVA's rule: patches, + CLS,
+    - 1 for 'default'). An AnyRes image takes at least this many (its global thumbnail alone)."""
+    per_side = (image_size or model.image_size) // max(facts.patch_size, 1)
     n = per_side * per_side + (1 if facts.has_cls_token else 0)
     return n - 1 if model.vision_feature_select_strategy == "default" else n
 
@@ -66,10 +78,12 @@ def vision_problems(model: ModelSpec, facts: VisionFacts) -> list[str]:
     return out
 
 
-def max_length_problem(model: ModelSpec, facts: VisionFacts, max_length: int, field: str) -> str | None:
+def max_length_problem(
+    model: ModelSpec, facts: VisionFacts, max_length: int, field: str, image_size: int | None = None
+) -> str | None:
     """A sample is its image tokens plus text; a maxLength at or below the image tokens trains nothing."""
-    n = image_token_count(model, facts)
+    n = image_token_count(model, facts, image_size)
     if max_length <= n:
         return (f"{field}: {max_length} tokens cannot hold one image ({n} image tokens at imageSize "
-                f"{model.image_size}, patch {facts.patch_size}) and any text; use at least {n + 64}")
+                f"{image_size or model.image_size}, patch {facts.patch_size}) and any text; use at least {n + 64}")
     return None

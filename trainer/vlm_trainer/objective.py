@@ -40,6 +40,7 @@ class CausalLMObjective:
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"],
+            **{k: batch[k] for k in ("image_sizes",) if k in batch},  # LlavaNext (AnyRes) needs each image's size
             use_cache=False,
         )
         logits = out.logits[:, :-1].float()

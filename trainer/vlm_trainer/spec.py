@@ -43,7 +43,9 @@ SCRIPTS = ("latin", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "thai
 # Fields only training stages have: a curate stage naming one is rejected with the field's name.
 TRAINING_ONLY_FIELDS = ("data", "trainable", "optimizer", "schedule", "batch", "maxSteps", "epochs", "precision",
                         "strategy", "offload", "lora", "qlora", "gradientCheckpointing", "dpo", "checkpoint")
-DataFormat = Literal["caption", "conversation", "preference"]
+CURATE_ONLY_FIELDS = ("input", "filters", "output", "encoder")  # and a training stage naming one is rejected too
+DataFormat = Literal["caption", "conversation", "interleaved", "preference"]
+ResolutionPolicy = Literal["fixed", "anyres"]
 TrainablePart = Literal["projector", "language_model", "vision_tower"]
 Precision = Literal["bf16", "fp32"]
 Strategy = Literal["ddp", "fsdp", "zero2", "zero3"]
@@ -65,6 +67,7 @@ BOUND_REASONS: dict[str, str] = {
     "procsPerNode": "processes (GPUs) per node",
     "gpusPerNode": "GPUs per pod",
     "imageSize": "pixels per side",
+    "maxImages": "images in one sample",
     "everySteps": "checkpoint interval in optimizer steps",
     "keepLast": "checkpoints kept",
     "maxRestarts": "gang restarts per stage",
@@ -173,6 +176,42 @@ class StorageSpec(Strict):
         return validators.endpoint_url(v) if v is not None else None
 
 
+class ResolutionSpec(Strict):
+    """How a stage's images reach the vision tower (per stage; absent = the model's current resolution).
+
+    fixed: every image is resized to imageSize x imageSize; a size above the model's current one
+    interpolates the vision tower's position embeddings (bicubic) and the stage's final/ carries the new
+    config. anyres: LLaVA-NeXT dynamic tiling through transformers' LlavaNext classes: the image is
+    resized/padded to the best of gridPinpoints, cut into imageSize tiles, plus a global thumbnail tile;
+    rows of features end in the learned image_newline. Moving fixed -> anyres converts the Llava model to
+    LlavaNext with its weights (image_newline initialised as LLaVA-NeXT does); anyres -> fixed is refused.
+    """
+
+    policy: ResolutionPolicy = Field(description="fixed (one square size) or anyres (LLaVA-NeXT dynamic tiling).")
+    image_size: int | None = Field(
+        None, gt=0, le=8192,
+        description="fixed: the square input size; anyres: the base tile size. Default: the model's current size.",
+    )
+    grid_pinpoints: list[list[int]] | None = Field(
+        None, min_length=1, max_length=64,
+        description="anyres only: candidate [height, width] canvases, multiples of the tile size. Default "
+        "LLaVA-NeXT's set in tiles: [1,2], [2,1], [2,2], [3,1], [1,3].",
+    )
+
+    @model_validator(mode="after")
+    def _pinpoints(self) -> ResolutionSpec:
+        if self.grid_pinpoints is None:
+            return self
+        if self.policy != "anyres":
+            raise ValueError("gridPinpoints: only valid with policy anyres")
+        for pair in self.grid_pinpoints:
+            if len(pair) != 2 or any(v <= 0 or v > 8192 for v in pair):
+                raise ValueError(f"gridPinpoints: each entry is [height, width] in 1..8192 pixels, got {pair}")
+            if self.image_size and any(v % self.image_size for v in pair):
+                raise ValueError(f"gridPinpoints: {pair} is not a multiple of imageSize {self.image_size}")
+        return self
+
+
 class DataSpec(Strict):
     """Training data of a stage: WebDataset shards."""
 
@@ -188,14 +227,23 @@ class DataSpec(Strict):
         "fromStage.",
     )
     format: DataFormat = Field(
-        description="caption: {png|jpg, txt|json.caption}; conversation: json.conversations; "
-        "preference: json.prompt/chosen/rejected."
+        description="caption: {png|jpg, txt|json.caption}; conversation: json.conversations (one <image> per "
+        "image member); interleaved: json.segments, ordered text and image segments; preference: "
+        "json.prompt/chosen/rejected. Images: one png/jpg member, or numbered members 0.png, 1.png, ..."
     )
     eval_shards: list[str] = Field(
         default_factory=list, description="Held-out shards in the same format, evaluated when the stage ends."
     )
     max_length: int = Field(256, gt=0, le=131072, description="Maximum tokens per sample (image tokens included).")
     shuffle_buffer: int = Field(1000, ge=0, le=1_000_000, description="Sample shuffle buffer; 0 disables shuffling.")
+    max_images: int = Field(
+        8, ge=1, le=256, description="Most images one sample may carry; a sample with more is a bad sample "
+        "(reason too_many_images)."
+    )
+    resolution: ResolutionSpec | None = Field(
+        None, description="This stage's image resolution policy (fixed or anyres); absent keeps the model's "
+        "current one (spec.model.imageSize for the first stage, the previous stage's otherwise)."
+    )
     num_samples: int | None = Field(
         None, gt=0, le=10**13, description="Examples in the shards, for `vlmctl estimate` (steps, tokens and time of an "
         "epochs-based stage, data-size advice); the trainer counts them itself."
@@ -385,6 +433,16 @@ class StageSpec(Strict):
     @classmethod
     def _dns(cls, v: str) -> str:
         return validators.dns_label(v, max_length=40)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_curate_fields(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            found = [k for k in CURATE_ONLY_FIELDS if k in data]
+            if found:
+                raise ValueError("\n".join(f"{k}: only valid for type curate, this stage is {data.get('type')!r}"
+                                           for k in found))
+        return data
 
     @model_validator(mode="after")
     def _defaults_and_rules(self) -> StageSpec:

@@ -111,7 +111,8 @@ class Trainer:
 
         # Memory-safe build: only rank 0 reads the weights (each rank its own 4-bit copy for QLoRA).
         reads_weights = env.is_main or stage.qlora
-        self.vlm = build_vlm(config.model, config.init_from, seed=stage.seed, materialize=reads_weights)
+        self.vlm = build_vlm(config.model, config.init_from, seed=stage.seed, materialize=reads_weights,
+                             resolution_policy=stage.data.resolution)
         module: nn.Module = self.vlm.model
         if stage.qlora:
             module = lora.quantized_copy(self.vlm, env.device)
@@ -131,7 +132,8 @@ class Trainer:
             self.objective = CausalLMObjective()
 
         self.scheduler = build_scheduler(self.strategy.optimizer, self.total_steps, stage.schedule)
-        self.encoder = SampleEncoder(self.vlm.processor, self.vlm.image_token_count, stage.data.max_length)
+        self.encoder = SampleEncoder(self.vlm.processor, max_length=stage.data.max_length,
+                                     max_images=stage.data.max_images)
         self.flop_rates = accounting.flops_for_trainer(llava_of(module).config.to_dict(), stage)  # the estimator's FLOPs (MFU)
 
         self.step, self.stats = 0, {}
@@ -169,7 +171,8 @@ class Trainer:
         mode = dpo_reference_mode(stage)
         if mode == "adapter_disabled":
             return DPOObjective(None, beta=stage.dpo.beta, adapter_host=self.hf_model)
-        reference = build_vlm(self.config.model, self.config.init_from, seed=stage.seed, materialize=reads_weights).model
+        reference = build_vlm(self.config.model, self.config.init_from, seed=stage.seed, materialize=reads_weights,
+                              resolution_policy=stage.data.resolution).model
         reference.requires_grad_(False)
         return DPOObjective(self.strategy.prepare_frozen(reference), beta=stage.dpo.beta)
 
