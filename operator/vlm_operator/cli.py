@@ -89,7 +89,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                           "--instruct", args.instruct])
     if rc:
         return rc
-    for name in ("job.yaml", "naive.yaml"):
+    for name in ("job.yaml", "raw.yaml", "naive.yaml"):
         path = os.path.join(qdir, name)
         job = _load_or_exit(path)
         print(f"\nquickstart: running {path} ({' -> '.join(s.name for s in job.spec.stages)})", flush=True)
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("rest", nargs=argparse.REMAINDER)
     o.set_defaults(func=cmd_operator)
 
-    q = sub.add_parser("quickstart", help="build a tiny VLM dataset and models, train align -> instruct -> dpo")
+    q = sub.add_parser("quickstart", help="build a tiny VLM dataset and models, train curate -> align -> instruct -> dpo")
     q.add_argument("--dir", default="quickstart", help="working folder (data, models, storage, report)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("-v", "--verbose", action="store_true")

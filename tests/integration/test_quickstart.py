@@ -1,8 +1,9 @@
 """The quickstart, end to end, exactly as `make run` runs it: `vlmctl quickstart`.
 
-Synthetic data, stage-0 components, align -> instruct -> dpo with 2 torchrun processes per stage, the
-naive baseline, and the held-out evaluation. Thresholds were set from repeated runs on a 2-core
-machine with margin (see the README's measurements).
+Synthetic data with planted noise, stage-0 components (a dual encoder whose image tower is the VLM's),
+curate -> align -> instruct -> dpo with 2 torchrun processes per stage, align on the raw set, the naive
+baseline, and the held-out evaluation. Thresholds were set from repeated runs on a 2-core machine with
+margin (see bench/results/quickstart.md).
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from transformers import SiglipVisionModel
+from vlm_trainer.quickstart.components import vision_encoder_config
+from vlm_trainer.quickstart.pretrain import pixel_tensor, vision_features
+from vlm_trainer.quickstart.shapes import make_samples
+from vlm_trainer.quickstart.vocab import SHAPES
 
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli"]
 
@@ -68,8 +76,90 @@ def test_progress_table_and_report_with_loss_curves(quickstart):
 def test_rerunning_a_finished_job_does_nothing(quickstart):
     job = quickstart["dir"] / "job.yaml"
     finals = {p: os.path.getmtime(p) for p in quickstart["base"].glob("*/final/manifest.json")}
-    assert len(finals) == 3
+    assert len(finals) == 4  # curate, align, instruct, dpo
     proc = subprocess.run([*VLMCTL, "run", str(job)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "done earlier" in proc.stdout
     assert {p: os.path.getmtime(p) for p in finals} == finals
+
+
+def test_curate_stage_removes_the_planted_noise_and_keeps_the_clean_pairs(quickstart):
+    c = quickstart["report"]["curate"]
+    recall = {kind: p["recall"] for kind, p in c["planted"].items()}
+    # Each kind is removed by the filter meant for it (measured, seed 0: 0.99 of the shuffled captions,
+    # 0.99 of the near duplicates, all of the rest).
+    assert all(r >= 0.9 for r in recall.values()), recall
+    for kind, p in c["planted"].items():
+        assert p["by_reason"].get(p["expected_reason"], 0) >= 0.9 * p["planted"], (kind, p)
+    assert c["clean_kept_share"] >= 0.95
+    groups = c["duplicate_groups"]
+    assert groups["count"] > 0 and groups["exactly_one_kept"] >= 0.95 * groups["count"], groups
+    # funnel.json and decisions.jsonl agree; the counts add up.
+    final = quickstart["base"] / "curate" / "final"
+    decisions = [json.loads(line) for line in (final / "decisions.jsonl").read_text().splitlines()]
+    funnel = json.loads((final / "funnel.json").read_text())
+    assert funnel["input"] == len(decisions) == c["input"]
+    assert funnel["kept"] == sum(d["kept"] for d in decisions) == funnel["input"] - sum(funnel["removed"].values())
+    with Image.open(final / "funnel.png") as im:
+        assert im.format == "PNG"
+    assert "planted noise" in quickstart["stdout"] and "quality vs quantity" in quickstart["stdout"]
+
+
+def test_align_on_curated_data_vs_raw_data_on_the_same_steps(quickstart):
+    qq = quickstart["report"]["quality_vs_quantity"]
+    raw, curated = qq["raw"], qq["curated"]
+    assert raw["steps"] == curated["steps"] and curated["samples"] < raw["samples"]
+    # Fewer, cleaner pairs: a lower held-out caption loss than the raw set on the same steps.
+    assert curated["eval_loss"] < raw["eval_loss"], qq
+    assert curated["caption_accuracy"] >= 0.90, qq
+
+
+def test_hallucination_rate_of_generated_answers_after_instruct_and_dpo(quickstart):
+    r = quickstart["report"]
+    h = r["hallucination"]
+    assert set(h) == {"align", "instruct", "dpo"}
+    assert all(s["answers_generated"] == 1200 for s in r["stages"])  # 4 answers x 300 held-out images
+    # Instruction tuning cuts it (align alone cannot answer colour questions); DPO does not raise it.
+    # Measured, seed 0: align 0.095, instruct 0.014, dpo 0.014 (17 of 1200 answers each): the seed's
+    # "DPO lowers it" is not seen at this size. One answer is 0.0008, so allow 3 answers of noise.
+    assert h["instruct"] < h["align"]
+    assert h["dpo"] <= h["instruct"] + 3 / 1200, h
+
+
+def _shape_probe_accuracy(model: SiglipVisionModel, train, heldout) -> float:
+    """Held-out accuracy of a linear probe for shape on the mean-pooled features LLaVA reads."""
+    model.eval()
+    with torch.no_grad():
+        x_train = vision_features(model, pixel_tensor([s.image() for s in train]))
+        x_test = vision_features(model, pixel_tensor([s.image() for s in heldout]))
+    y_train = torch.tensor([SHAPES.index(s.shape) for s in train])
+    y_test = torch.tensor([SHAPES.index(s.shape) for s in heldout])
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x_train.shape[1], len(SHAPES))
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = F.cross_entropy(probe(x_train), y_train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float((probe(x_test).argmax(1) == y_test).float().mean())
+
+
+def test_stage0_vision_encoder_is_the_dual_encoders_image_tower_and_carries_shape(quickstart):
+    """A random frozen encoder carries colour but hardly shape; stage 1 needs shape in the features."""
+    torch.set_num_threads(1)
+    stage0 = quickstart["dir"] / "stage0"
+    pretrain = json.loads((stage0 / "pretrain.json").read_text())["dual_encoder"]
+    assert pretrain["loss_last"] < pretrain["loss_first"] * 0.6
+    assert json.loads((stage0 / "dual_encoder" / "config.json").read_text())["model_type"] == "siglip"
+    tower = SiglipVisionModel.from_pretrained(str(stage0 / "vision_encoder"))
+    torch.manual_seed(1)
+    random_init = SiglipVisionModel(vision_encoder_config())
+    train, heldout = make_samples("train", 1000, seed=0), make_samples("heldout", 300, seed=0)
+    probe_pretrained = _shape_probe_accuracy(tower, train, heldout)
+    probe_random = _shape_probe_accuracy(random_init, train, heldout)
+    # Chance is 1/3; measured 0.96-0.97 after 450-600 dual-encoder steps versus 0.50-0.60 random.
+    assert probe_pretrained >= 0.85, (probe_pretrained, probe_random)
+    assert probe_pretrained >= probe_random + 0.15, (probe_pretrained, probe_random)

@@ -180,3 +180,39 @@ def test_trainer_encodes_the_shards_with_labels_on_answers_only(shards):
     assert trained.split() == answers.split()
     assert [p.shape for p in out.pixel_values] == [(3, 32, 32)]
     assert Image.open(io.BytesIO(png)).size == (32, 32)
+
+
+def test_raw_set_plants_each_kind_of_noise_behind_opaque_keys(tmp_path):
+    from vlm_trainer.quickstart.noise import JUNK_CAPTIONS, NOISE_SHARES, write_raw_shards
+    from vlm_trainer.quickstart.shapes import make_samples
+
+    clean = make_samples("train", 200, seed=4)
+    raw = write_raw_shards(str(tmp_path / "a"), clean, seed=4, per_shard=100)
+    again = write_raw_shards(str(tmp_path / "b"), clean, seed=4, per_shard=100)
+    assert [_sha(p) for p in raw.shards] == [_sha(p) for p in again.shards] and raw.truth == again.truth
+    samples = read_shards(raw.shards)
+    order = [k for k, _, _ in samples]
+    assert order == [f"raw-{i:06d}" for i in range(len(order))] and set(order) == set(raw.truth)
+    by_key = {k: (img, rec) for k, img, rec in samples}
+    assert all(set(rec) == {"caption"} for _, rec in by_key.values())  # nothing but the content tells
+    for kind, share in NOISE_SHARES.items():
+        assert len(raw.keys_of(kind)) == round(share * 200), kind
+    assert len(raw.keys_of(None)) == 200
+    assert {by_key[k][1]["caption"] for k in raw.keys_of("junk_caption")} <= set(JUNK_CAPTIONS)
+    assert all(min(by_key[k][0].size) < 32 for k in raw.keys_of("tiny_image"))
+    assert all(max(by_key[k][0].size) / min(by_key[k][0].size) == 5 for k in raw.keys_of("extreme_aspect"))
+    for group in raw.duplicate_groups():
+        original, *copies = group
+        assert raw.truth[original]["kind"] is None
+        for copy in copies:
+            assert order.index(copy) > order.index(original)  # the original comes first
+            a, b = (np.asarray(by_key[k][0], dtype=np.int16) for k in (original, copy))
+            assert by_key[copy][1] == by_key[original][1]
+            if raw.truth[copy]["kind"] == "exact_duplicate":
+                assert np.array_equal(a, b)  # the same pixels, in another PNG encoding
+            else:
+                assert 0 < np.abs(a - b).max() <= 8  # re-edited: brightness shifted
+    for k, t in raw.truth.items():
+        img, rec = by_key[k]
+        assert _dominant_colour(img) == t["image"].split()[1]  # the truth describes the pixels
+        assert (rec["caption"] != t["image"]) == (t["kind"] in ("shuffled_caption", "junk_caption"))

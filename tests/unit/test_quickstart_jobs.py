@@ -8,8 +8,9 @@ import os
 import pytest
 from vlm_trainer.quickstart.components import build_language_model, build_tokenizer
 from vlm_trainer.quickstart.evaluate import evaluate
+from vlm_trainer.quickstart.noise import write_raw_shards
 from vlm_trainer.quickstart.prepare import Recipe, job_documents
-from vlm_trainer.quickstart.shapes import shard_paths, text_documents, write_shards
+from vlm_trainer.quickstart.shapes import make_samples, shard_paths, text_documents, write_shards
 from vlm_trainer.spec import parse_job
 
 
@@ -17,27 +18,42 @@ from vlm_trainer.spec import parse_job
 def prepared(tmp_path):
     data = str(tmp_path / "data")
     paths = write_shards(data, "train", 40, seed=0, per_shard=20) + write_shards(data, "heldout", 10, seed=0)
+    paths += write_raw_shards(data, make_samples("train", 40, 0), seed=0, per_shard=20).shards
     return tmp_path, paths
 
 
-def test_staged_job_and_naive_baseline_follow_the_recipe(prepared):
+def test_staged_job_raw_job_and_naive_baseline_follow_the_recipe(prepared):
     tmp_path, paths = prepared
     recipe = Recipe()
-    job_doc, naive_doc = job_documents(str(tmp_path), paths, seed=5, recipe=recipe)
-    job, naive = parse_job(job_doc), parse_job(naive_doc)
+    job_doc, naive_doc, raw_doc = job_documents(str(tmp_path), paths, seed=5, recipe=recipe)
+    job, naive, raw = parse_job(job_doc), parse_job(naive_doc), parse_job(raw_doc)
     assert job.spec.storage.uri == f"file://{tmp_path}/storage"
-    assert [(s.name, s.type, s.data.format) for s in job.spec.stages] == [
-        ("align", "align", "caption"),
-        ("instruct", "instruct", "conversation"),
-        ("dpo", "dpo", "preference"),
+    curate, align, instruct, dpo = job.spec.stages
+    assert [(s.name, s.type) for s in job.spec.stages] == [
+        ("curate", "curate"), ("align", "align"), ("instruct", "instruct"), ("dpo", "dpo")
     ]
-    align, instruct, dpo = job.spec.stages
+    assert [s.data.format for s in (align, instruct, dpo)] == ["caption", "conversation", "preference"]
+    # curate reads the raw shards with the stage-0 dual encoder; align reads curate's committed output.
+    assert curate.input.shards and all("/raw-caption-" in s for s in curate.input.shards)
+    assert curate.encoder == f"file://{tmp_path}/stage0/dual_encoder"
+    assert curate.filters.clip_score.threshold == recipe.clip_threshold
+    assert curate.filters.near_dedup.hash == "dhash" and curate.filters.semantic_dedup is None
+    assert curate.resources.procs_per_node == 2 and curate.seed == 5
+    assert align.data.from_stage == "curate" and not align.data.shards
+    # raw.yaml: the same align stage on the raw shards, nothing else different.
+    (raw_align,) = raw.spec.stages
+    assert raw_align.data.shards == curate.input.shards and raw_align.data.from_stage is None
+    assert raw_align.model_dump(exclude={"data"}) == align.model_dump(exclude={"data"})
+    assert raw_align.data.model_dump(exclude={"shards", "from_stage"}) == align.data.model_dump(
+        exclude={"shards", "from_stage"}
+    )
+    assert raw.name not in (job.name, naive.name) and raw.spec.model == job.spec.model
     assert align.trainable == ["projector"] and 1e-3 <= align.optimizer.lr <= 3e-3
     assert instruct.trainable == ["projector", "language_model"] and instruct.optimizer.lr == pytest.approx(
         1e-4
     )
     assert dpo.dpo.beta == pytest.approx(0.1)
-    for stage in [*job.spec.stages, *naive.spec.stages]:
+    for stage in [align, instruct, dpo, *naive.spec.stages]:
         assert stage.resources.procs_per_node == 2
         assert stage.batch.global_size == 64
         assert stage.seed == 5
@@ -57,7 +73,7 @@ def test_staged_job_and_naive_baseline_follow_the_recipe(prepared):
 
 def test_evaluate_fails_naming_the_missing_stage_output(prepared, capsys):
     tmp_path, paths = prepared
-    job_doc, naive_doc = job_documents(str(tmp_path), paths, seed=0, recipe=Recipe())
+    job_doc, naive_doc, _ = job_documents(str(tmp_path), paths, seed=0, recipe=Recipe())
     tok = build_tokenizer()
     build_language_model(str(tmp_path / "stage0" / "language_model"), tok)
     (tmp_path / "stage0" / "pretrain.json").write_text("{}")
@@ -77,20 +93,20 @@ def test_evaluate_fails_naming_the_missing_stage_output(prepared, capsys):
     (tmp_path / "quickstart.json").write_text(json.dumps(info))
     assert evaluate(str(tmp_path)) != 0
     out = capsys.readouterr().out
-    assert "quickstart/align/final" in out and "manifest.json" in out
+    assert "quickstart/align/final" in out and "manifest.json" in out  # curate is checked after the training stages
     assert not (tmp_path / "storage" / "quickstart" / "report.json").exists()
 
 
 @pytest.mark.parametrize("variant", ["zero2", "lora"])
 def test_instruct_variants_change_only_the_instruct_stage(prepared, variant):
     tmp_path, paths = prepared
-    default, _ = job_documents(str(tmp_path), paths, seed=0, recipe=Recipe())
-    doc, _ = job_documents(str(tmp_path), paths, seed=0, recipe=Recipe(instruct_variant=variant))
+    default, _, _ = job_documents(str(tmp_path), paths, seed=0, recipe=Recipe())
+    doc, _, _ = job_documents(str(tmp_path), paths, seed=0, recipe=Recipe(instruct_variant=variant))
     job = parse_job(doc)
-    instruct = job.spec.stages[1]
+    instruct = job.spec.stages[2]
     if variant == "zero2":
         assert instruct.strategy == "zero2" and instruct.lora is None
     else:
         assert instruct.strategy == "ddp" and instruct.lora.rank == 16 and instruct.optimizer.lr == pytest.approx(1e-3)
-    assert doc["spec"]["stages"][0] == default["spec"]["stages"][0]
-    assert doc["spec"]["stages"][2] == default["spec"]["stages"][2]
+    for i in (0, 1, 3):
+        assert doc["spec"]["stages"][i] == default["spec"]["stages"][i]

@@ -12,7 +12,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlm_trainer.quickstart", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="write data shards, stage-0 checkpoints, job.yaml and naive.yaml")
+    prep = sub.add_parser("prepare", help="write data shards (clean + raw with planted noise), stage-0 checkpoints, job.yaml, raw.yaml and naive.yaml")
     prep.add_argument("--dir", required=True, help="working folder")
     prep.add_argument("--seed", type=int, default=0, help="seed of the data and stage-0 training")
     prep.add_argument(

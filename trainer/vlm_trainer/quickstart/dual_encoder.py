@@ -9,8 +9,10 @@ encoder uses: LLaVA reads patch features, so the exported tower drops the head.
 
 Loss: CLIP's symmetric InfoNCE over the model's own logits (its learnable temperature), with every
 pair of identical captions in a batch counted as a positive (the quickstart has 12 distinct captions,
-so a batch of 64 repeats them). Measured here: the exported tower's patch features carried shape
-better (linear probe 0.81 vs 0.74, seed 0) than with SigLIP's pairwise sigmoid loss.
+so a batch of 64 repeats them). Measured here (seed 0, 3000 pairs; held-out linear probe for shape on
+the mean-pooled patch features LLaVA reads; chance 0.33): 0.81 after 300 steps vs 0.74 with SigLIP's
+pairwise sigmoid loss; 0.96 after 450 steps and 0.97 after 600 (the quickstart trains 500). With 300
+steps, the VLM's caption accuracy after align was only 0.77 (shape is the hard attribute).
 """
 
 from __future__ import annotations

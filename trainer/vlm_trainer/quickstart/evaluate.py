@@ -8,8 +8,15 @@ the held-out split:
 - answer accuracy: one colour question and one shape question per held-out image, greedy answer;
 - text perplexity of the language model on held-out text documents (stage-0 LM before, each stage
   after, and the naive baseline): how much of its language the LM kept;
+- hallucination rate: the share of generated answers (captions and the colour and shape answers above)
+  that name a colour or a shape not in the image (the seed's claim: DPO lowers it);
 - from each stage's eval.json (written by the trainer): loss first/last, eval loss, wall time, and
   for dpo the implicit-reward accuracy and margin on held-out preference pairs.
+
+The curate stage is measured against what `prepare` planted in the raw set (data/raw-truth.json): per
+planted kind the share removed (and by which filter), the share of clean pairs kept, and whether each
+duplicate group kept exactly one sample. The raw job (`raw.yaml`: the same align stage on the raw,
+uncurated shards) is measured like align: quality vs quantity on the same steps.
 
 The table is printed and the same numbers go to `<storage>/<job>/report.json`.
 """
@@ -26,6 +33,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vlm_trainer import contract, storage
+from vlm_trainer.quickstart.noise import EXPECTED_REASON
 from vlm_trainer.quickstart.pretrain import load_language_model, text_perplexity
 from vlm_trainer.quickstart.shapes import read_shards
 from vlm_trainer.quickstart.vocab import CAPTION_PROMPTS, COLOUR_QUESTIONS, COLOURS, SHAPE_QUESTIONS, SHAPES
@@ -40,6 +48,12 @@ THRESHOLDS = {
     "dpo_reward_margin": 0.0,
     "perplexity_ratio_staged_over_before_max": 1.25,
     "perplexity_ratio_naive_over_staged_min": 3.0,
+    # Issue 11: the curate stage removes what was planted and keeps the clean pairs; DPO does not raise
+    # the hallucination rate of generated answers (it should lower it).
+    "curate_planted_recall_min": 0.9,
+    "curate_clean_kept_min": 0.95,
+    "curate_duplicate_groups_one_kept_min": 0.95,
+    "hallucination_ratio_dpo_over_instruct_max": 1.0,
 }
 
 
@@ -98,6 +112,11 @@ def names(text: str, vocab: tuple[str, ...]) -> set[str]:
     return {w for w in text.split() if w in vocab}
 
 
+def hallucinates(text: str, colour: str, shape: str) -> bool:
+    """The answer names a colour or a shape that is not the image's."""
+    return bool(names(text, COLOURS) - {colour} or names(text, SHAPES) - {shape})
+
+
 def caption_correct(text: str, colour: str, shape: str) -> bool:
     return names(text, COLOURS) == {colour} and names(text, SHAPES) == {shape}
 
@@ -125,7 +144,13 @@ def measure_stage(stage: LoadedStage, heldout: dict[str, list], heldout_text: li
         caption_correct(c, m["colour"], m["shape"]) for c, (_, _, m) in zip(prompted_caps, conv, strict=True)
     ]
     ppl = text_perplexity(stage.model, stage.processor.tokenizer, heldout_text)
+    generated = [(a, m) for a, (_, _, m) in zip(captions, caps, strict=True)] + [
+        (a, m) for answers in (colour_a, shape_a, prompted_caps) for a, (_, _, m) in zip(answers, conv, strict=True)
+    ]
+    hallucinated = sum(hallucinates(a, m["colour"], m["shape"]) for a, m in generated)
     return {
+        "hallucination_rate": hallucinated / len(generated),
+        "answers_generated": len(generated),
         "caption_accuracy": sum(cap_ok) / len(cap_ok),
         "prompted_caption_accuracy": sum(pcap_ok) / len(pcap_ok),
         "answer_accuracy": (sum(colour_ok) + sum(shape_ok)) / (len(colour_ok) + len(shape_ok)),
@@ -145,8 +170,10 @@ def evaluate_job(
     job: VLMTrainingJob, heldout: dict[str, list], heldout_text: list[str], cache_dir: str
 ) -> list[dict]:
     rows = []
-    for i, spec in enumerate(job.spec.stages):
-        output = contract.stage_output(job.spec.storage.uri, job.name, job.spec.stages[i].name)
+    for spec in job.spec.stages:
+        if spec.type == "curate":  # measured by `curate_summary`
+            continue
+        output = contract.stage_output(job.spec.storage.uri, job.name, spec.name)
         ev = _eval_json(output)
         row: dict[str, Any] = {
             "job": job.name,
@@ -172,10 +199,68 @@ def evaluate_job(
     return rows
 
 
-def checks(stage0_ppl: float, staged: list[dict], naive: list[dict]) -> dict[str, dict[str, Any]]:
-    """The issue's quality claims, each with its value, threshold and verdict."""
+def curate_summary(job: VLMTrainingJob, truth: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The curate stage's funnel, and how it did on what was planted (None when the job has no curate stage)."""
+    stage = next((s for s in job.spec.stages if s.type == "curate"), None)
+    if stage is None:
+        return None
+    final = contract.stage_final(job.spec.storage.uri, job.name, stage.name)
+    check = storage.verify_committed(final)
+    if not check.ok:
+        raise MissingStageOutput(f"{final}: not a committed stage output ({check.reason})")
+    funnel = storage.read_json(storage.join(final, contract.FUNNEL_FILE))
+    decisions = {
+        d["key"]: d
+        for d in map(json.loads, storage.read_text(storage.join(final, contract.DECISIONS_FILE)).splitlines())
+        if d
+    }
+    if set(decisions) != set(truth):
+        raise MissingStageOutput(f"{final}: decisions.jsonl does not list exactly the raw set's {len(truth)} keys")
+    planted: dict[str, dict[str, Any]] = {}
+    for kind, reason in EXPECTED_REASON.items():
+        keys = [k for k, t in truth.items() if t["kind"] == kind]
+        removed = [decisions[k]["reason"] for k in keys if not decisions[k]["kept"]]
+        by_reason: dict[str, int] = {}
+        for r in removed:
+            by_reason[r] = by_reason.get(r, 0) + 1
+        planted[kind] = {
+            "planted": len(keys),
+            "removed": len(removed),
+            "recall": len(removed) / len(keys) if keys else None,
+            "expected_reason": reason,
+            "by_reason": by_reason,
+        }
+    clean = [k for k, t in truth.items() if t["kind"] is None]
+    groups: dict[str, list[str]] = {}
+    for k, t in truth.items():
+        if t["kind"] in ("exact_duplicate", "near_duplicate"):
+            groups.setdefault(t["of"], [t["of"]]).append(k)
+    one_kept = sum(sum(decisions[k]["kept"] for k in g) == 1 for g in groups.values())
+    return {
+        "stage": stage.name,
+        "input": funnel["input"],
+        "kept": funnel["kept"],
+        "removed": funnel["removed"],
+        "filters": [
+            {k: f[k] for k in ("filter", "enabled", "entering", "leaving", "removed")} for f in funnel["filters"]
+        ],
+        "planted": planted,
+        "clean": {"count": len(clean), "kept": sum(decisions[k]["kept"] for k in clean)},
+        "clean_kept_share": sum(decisions[k]["kept"] for k in clean) / len(clean),
+        "duplicate_groups": {"count": len(groups), "exactly_one_kept": one_kept},
+        "throughput": funnel.get("throughput"),
+    }
+
+
+def checks(
+    stage0_ppl: float, staged: list[dict], naive: list[dict], curate: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The issues' quality claims, each with its value, threshold and verdict."""
     by = {r["stage"]: r for r in staged}
     final_ppl = staged[-1]["text_perplexity"]
+    recalls = [p["recall"] for p in curate["planted"].values() if p["recall"] is not None] if curate else []
+    groups = curate["duplicate_groups"] if curate else None
+    instruct_h, dpo_h = by["instruct"]["hallucination_rate"], by["dpo"]["hallucination_rate"]
     got = {
         "caption_accuracy_after_align": by["align"]["caption_accuracy"],
         "answer_accuracy_after_instruct": by["instruct"]["answer_accuracy"],
@@ -184,6 +269,11 @@ def checks(stage0_ppl: float, staged: list[dict], naive: list[dict]) -> dict[str
         "dpo_reward_margin": by["dpo"].get("reward_margin"),
         "perplexity_ratio_staged_over_before_max": final_ppl / stage0_ppl,
         "perplexity_ratio_naive_over_staged_min": naive[-1]["text_perplexity"] / final_ppl if naive else None,
+        "curate_planted_recall_min": min(recalls) if recalls else None,
+        "curate_clean_kept_min": curate["clean_kept_share"] if curate else None,
+        "curate_duplicate_groups_one_kept_min": groups["exactly_one_kept"] / groups["count"] if groups else None,
+        # Equal rates (including both 0) pass: the claim is that DPO does not make it worse.
+        "hallucination_ratio_dpo_over_instruct_max": dpo_h / instruct_h if instruct_h else (1.0 if dpo_h == 0 else None),
     }
     out = {}
     for name, threshold in THRESHOLDS.items():
@@ -198,6 +288,19 @@ def checks(stage0_ppl: float, staged: list[dict], naive: list[dict]) -> dict[str
             ok = value >= threshold
         out[name] = {"value": value, "threshold": threshold, "ok": ok}
     return out
+
+
+def quality_vs_quantity(staged: list[dict], raw: list[dict], curate: dict[str, Any] | None, raw_samples: int) -> dict:
+    """Align on the curated shards vs the same align stage on the raw shards (same steps, seed, recipe)."""
+    if not raw or curate is None:
+        return {}
+    keys = ("steps", "caption_accuracy", "colour_answer_accuracy", "shape_answer_accuracy", "eval_loss",
+            "train_loss_last", "hallucination_rate")
+    curated = next(r for r in staged if r["stage"] == "align")
+    return {
+        "raw": {"samples": raw_samples, **{k: raw[0].get(k) for k in keys}},
+        "curated": {"samples": curate["kept"], **{k: curated.get(k) for k in keys}},
+    }
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -226,27 +329,75 @@ def print_report(report: dict[str, Any]) -> None:
         ("DPO reward acc", "reward_accuracy"),
         ("DPO margin", "reward_margin"),
         ("text ppl", "text_perplexity"),
+        ("halluc.", "hallucination_rate"),
     ]
     for title, _ in cols:
         table.add_column(title, justify="left" if title == "stage" else "right")
     s0 = report["stage0"]
     table.add_row(
-        "stage 0 (pretrained LM)", "", "", "", "", "", "", "", "", "", "", _fmt(s0["text_perplexity"], 2)
+        "stage 0 (pretrained LM)", "", "", "", "", "", "", "", "", "", "", _fmt(s0["text_perplexity"], 2), ""
     )
-    for r in report["stages"] + report["naive"]:
-        name = (
-            r["stage"]
-            if r["job"] == report["job"]
-            else f"{r['stage']} (baseline: all unfrozen, lr {r['lr']:g})"
-        )
+    for r in report["stages"] + report["naive"] + report.get("raw", []):
+        if r["job"] == report["job"]:
+            name = r["stage"]
+        elif r["type"] == "align":
+            name = f"{r['stage']} on the raw, uncurated set"
+        else:
+            name = f"{r['stage']} (baseline: all unfrozen, lr {r['lr']:g})"
         table.add_row(
             name, *[_fmt(r.get(k), 2 if k in ("text_perplexity", "wall_seconds") else 3) for _, k in cols[1:]]
         )
     console = Console(width=200)
     console.print(table)
+    if report.get("curate"):
+        print_curate(console, report["curate"])
+    qq = report.get("quality_vs_quantity")
+    if qq:
+        console.print(
+            "  quality vs quantity (align, same steps): "
+            + "; ".join(
+                f"{name} {d['samples']} pairs -> caption acc {_fmt(d['caption_accuracy'])}, held-out loss "
+                f"{_fmt(d['eval_loss'])}"
+                for name, d in qq.items()
+            ),
+            highlight=False,
+        )
+    h = report.get("hallucination", {})
+    if h:
+        console.print(
+            "  hallucination (generated answers naming a colour or shape not in the image): "
+            + ", ".join(f"{stage} {_fmt(rate)}" for stage, rate in h.items()),
+            highlight=False,
+        )
     for name, c in report["checks"].items():
         mark = "ok  " if c["ok"] else "MISS"
         console.print(f"  {mark} {name}: {_fmt(c['value'])} (threshold {c['threshold']:g})", highlight=False)
+
+
+def print_curate(console: Any, curate: dict[str, Any]) -> None:
+    """The funnel (samples left after each filter) and the planted-noise scorecard."""
+    from rich.table import Table
+
+    funnel = Table(title=f"curate: {curate['input']} raw pairs -> {curate['kept']} kept")
+    for title in ("filter", "entering", "removed", "leaving"):
+        funnel.add_column(title, justify="left" if title == "filter" else "right")
+    for f in curate["filters"]:
+        if f["enabled"]:
+            removed = ", ".join(f"{r} {n}" for r, n in f["removed"].items() if n) or "0"
+            funnel.add_row(f["filter"], str(f["entering"]), removed, str(f["leaving"]))
+    console.print(funnel)
+    planted = Table(title="planted noise: share removed (by which filter)")
+    for title in ("kind", "planted", "removed", "recall", "by filter"):
+        planted.add_column(title, justify="left" if title in ("kind", "by filter") else "right")
+    for kind, p in curate["planted"].items():
+        by = ", ".join(f"{r} {n}" for r, n in sorted(p["by_reason"].items()))
+        planted.add_row(kind, str(p["planted"]), str(p["removed"]), _fmt(p["recall"]), by)
+    c, g = curate["clean"], curate["duplicate_groups"]
+    planted.add_row("clean pairs (kept)", str(c["count"]), str(c["kept"]), _fmt(curate["clean_kept_share"]), "")
+    console.print(planted)
+    console.print(
+        f"  duplicate groups with exactly one sample kept: {g['exactly_one_kept']} of {g['count']}", highlight=False
+    )
 
 
 def evaluate(qdir: str, strict: bool = False) -> int:
@@ -255,6 +406,11 @@ def evaluate(qdir: str, strict: bool = False) -> int:
         info = json.load(f)
     job = load_job(info["job"])
     naive_job = load_job(info["naive"]) if os.path.exists(info["naive"]) else None
+    raw_job = load_job(info["raw"]) if os.path.exists(info.get("raw", "")) else None
+    truth: dict[str, dict[str, Any]] = {}
+    if info.get("raw_truth") and os.path.exists(info["raw_truth"]):
+        with open(info["raw_truth"]) as f:
+            truth = json.load(f)
     with open(info["heldout_text"]) as f:
         heldout_text = [line.strip() for line in f if line.strip()]
     heldout = {fmt: read_shards(paths) for fmt, paths in info["heldout_shards"].items()}
@@ -265,6 +421,8 @@ def evaluate(qdir: str, strict: bool = False) -> int:
         try:
             staged = evaluate_job(job, heldout, heldout_text, cache)
             naive = evaluate_job(naive_job, heldout, heldout_text, cache) if naive_job else []
+            raw = evaluate_job(raw_job, heldout, heldout_text, cache) if raw_job else []
+            curate = curate_summary(job, truth) if truth else None
         except MissingStageOutput as err:
             print(f"evaluate: {err}")
             return 2
@@ -276,7 +434,11 @@ def evaluate(qdir: str, strict: bool = False) -> int:
         "stage0": {"text_perplexity": stage0_ppl, "pretrain": pretrain},
         "stages": staged,
         "naive": naive,
-        "checks": checks(stage0_ppl, staged, naive),
+        "raw": raw,
+        "curate": curate,
+        "quality_vs_quantity": quality_vs_quantity(staged, raw, curate, len(truth)),
+        "hallucination": {r["stage"]: r["hallucination_rate"] for r in staged},
+        "checks": checks(stage0_ppl, staged, naive, curate),
     }
     uri = storage.join(contract.job_output(job.spec.storage.uri, job.name), contract.REPORT_FILE)
     storage.write_json(uri, report)
