@@ -222,8 +222,7 @@ class DataSourceSpec(Strict):
     @field_validator("shards")
     @classmethod
     def _no_credentials(cls, v: list[str]) -> list[str]:
-        for url in v:
-            validators.no_credentials(url)
+        validators.no_credentials_in(v)
         return v
 
 
@@ -284,9 +283,7 @@ class DataSpec(Strict):
     @field_validator("shards", "eval_shards")
     @classmethod
     def _no_credentials(cls, v: list[str] | None) -> list[str] | None:
-        for url in v or []:
-            validators.no_credentials(url)
-        return v
+        return validators.no_credentials_in(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -542,8 +539,7 @@ class CurateInputSpec(Strict):
     @field_validator("shards")
     @classmethod
     def _no_credentials(cls, v: list[str]) -> list[str]:
-        for url in v:
-            validators.no_credentials(url)
+        validators.no_credentials_in(v)
         return v
 
 

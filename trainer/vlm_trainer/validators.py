@@ -41,6 +41,13 @@ def no_credentials(value: str) -> str:
     return value
 
 
+def no_credentials_in(values: list[str] | None) -> list[str] | None:
+    """Every URL of a list (shards) without inline credentials."""
+    for value in values or []:
+        no_credentials(value)
+    return values
+
+
 def storage_uri(value: str) -> str:
     """A base URI that names a place: file:// (or a path), s3://bucket[/prefix], gs://bucket[/prefix].
 
