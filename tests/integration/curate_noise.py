@@ -187,7 +187,7 @@ def train_curation_encoder(out_dir: str, *, seed: int = 0, steps: int = 150) -> 
 
 
 def curate_stage(shards: list[str], encoder: dict[str, Any] | None = None) -> dict:
-    """The curate stage these tests run: every filter but SemDeDup (see test_curate.py), thresholds set."""
+    """The curate stage these tests run: every filter but SemDeDup (see test_curate_stage.py), thresholds set."""
     stage: dict[str, Any] = {
         "name": "curate", "type": "curate", "input": {"shards": shards},
         "filters": {"text": {"languages": ["latin"]},
