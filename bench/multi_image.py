@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_vlm import build, greedy_answers, png, train_and_score  # noqa: E402
+from tiny_vlm import Transcript, build, greedy_answers, png, train_and_score  # noqa: E402
 from vlm_trainer.quickstart.shapes import draw_shape  # noqa: E402
 from vlm_trainer.quickstart.vocab import COLOURS, SHAPES  # noqa: E402
 from vlm_trainer.spec import ResolutionSpec  # noqa: E402
@@ -70,11 +70,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    lines: list[str] = []
-
-    def log(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
+    transcript = Transcript("bench/multi_image.py", sys.argv[1:], OUT)
+    log = transcript.log
 
     res = ResolutionSpec(policy="anyres", gridPinpoints=[[32, 64], [64, 32], [64, 64]]) if args.policy == "anyres" else None
     vlm = build(["same", "yes", "no"], res, seed=args.seed)
@@ -85,12 +82,7 @@ def main() -> int:
                              generate=score)
     result.update(policy=args.policy, seed=args.seed, same_colour_chance=0.5)
     log(json.dumps(result))
-    os.makedirs(OUT, exist_ok=True)
-    name = f"multi_image_{args.policy}"
-    with open(os.path.join(OUT, f"{name}.json"), "w") as f:
-        json.dump({"command": " ".join(["bench/multi_image.py", *sys.argv[1:]]), **result}, f, indent=1)
-    with open(os.path.join(OUT, f"{name}.txt"), "w") as f:
-        f.write("$ python bench/multi_image.py " + " ".join(sys.argv[1:]) + "\n" + "\n".join(lines) + "\n")
+    transcript.save(f"multi_image_{args.policy}", result)
     return 0
 
 

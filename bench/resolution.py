@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_vlm import build, png, train_and_score  # noqa: E402
+from tiny_vlm import Transcript, build, png, train_and_score  # noqa: E402
 from vlm_trainer.quickstart.vocab import COLOUR_RGB  # noqa: E402
 from vlm_trainer.spec import ResolutionSpec  # noqa: E402
 
@@ -78,11 +78,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    lines: list[str] = []
-
-    def log(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
+    transcript = Transcript("bench/resolution.py", sys.argv[1:], OUT)
+    log = transcript.log
 
     train, test = make(args.train, args.seed), make(args.test, args.seed + 1000)
     results = {}
@@ -92,14 +89,8 @@ def main() -> int:
         results[name] = train_and_score(vlm, train, test, list(ANSWERS), steps=args.steps, batch=args.batch, lr=2e-3,
                                         trainable=["projector", "language_model"], seed=args.seed, log=log)
         log(f"{name}: {json.dumps(results[name])}")
-    summary = {"command": " ".join(["bench/resolution.py", *sys.argv[1:]]), "chance": 0.5, "image_size": SIZE,
-               "results": results}
     log(json.dumps({k: v["first_answer_word_accuracy"] for k, v in results.items()}))
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "resolution.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(OUT, "resolution.txt"), "w") as f:
-        f.write("$ python bench/resolution.py " + " ".join(sys.argv[1:]) + "\n" + "\n".join(lines) + "\n")
+    transcript.save("resolution", {"chance": 0.5, "image_size": SIZE, "results": results})
     return 0
 
 

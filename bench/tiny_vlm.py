@@ -30,6 +30,26 @@ from vlm_trainer.spec import ModelSpec, ResolutionSpec
 Sample = tuple[dict[str, bytes], str, str]
 
 
+class Transcript:
+    """What a bench script printed, saved with its figures as results/<dir>/<name>.json and <name>.txt."""
+
+    def __init__(self, script: str, argv: list[str], out_dir: str) -> None:
+        self.command = " ".join([script, *argv])
+        self.out_dir = out_dir
+        self.lines: list[str] = []
+
+    def log(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def save(self, name: str, figures: dict[str, Any]) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"{name}.json"), "w") as f:
+            json.dump({"command": self.command, **figures}, f, indent=1)
+        with open(os.path.join(self.out_dir, f"{name}.txt"), "w") as f:
+            f.write(f"$ python {self.command}\n" + "\n".join(self.lines) + "\n")
+
+
 def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
