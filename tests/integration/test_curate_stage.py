@@ -1,5 +1,6 @@
 """The curate stage on a synthetic raw set with planted noise (tests/integration/curate_noise.py): each
-planted kind removed, clean pairs kept, one sample per duplicate group, decisions.jsonl and funnel.json
+planted kind removed (semantic duplicates too: re-renders that neither hash catches, found by SemDeDup over a
+SLIP-trained dual encoder whose measured separation sets the threshold), clean pairs kept, one sample per duplicate group, decisions.jsonl and funnel.json
 agreeing, the output committed like a checkpoint; resume without redoing finished shards; and 2 ranks
 under torchrun deciding exactly as 1 rank does (global dedup across ranks)."""
 
@@ -20,10 +21,7 @@ from vlm_trainer.parallel import dist_env
 from vlm_trainer.spec import TrainerConfig, parse_job
 
 KINDS = ("text", "image_decode", "image_size", "aspect_ratio", "clip_score", "nsfw", "exact_duplicate", "near_duplicate",
-         "concept_cap")
-# SemDeDup is not planted here: the tiny dual encoder, trained on 12 captions, maps every image of one
-# colour-shape pair to nearly one point, so it cannot tell a semantic duplicate from another clean image
-# of the same pair. Its wiring is covered by tests/unit/test_curate.py, its behaviour by test_curate_embed.py.
+         "semantic_duplicate", "concept_cap")
 
 
 def _config(shards: list[str], store: str, name: str, encoder: dict) -> TrainerConfig:
@@ -68,6 +66,10 @@ def test_curate_removes_each_planted_kind_and_keeps_the_clean_pairs(one_rank):
     assert len(kept) / len(clean) >= 0.95, [by_key[k] for k in clean if k not in kept][:5]
     for group in noisy.groups:
         assert sum(by_key[k]["kept"] for k in group) == 1, [by_key[k] for k in group]
+    # the SemDeDup threshold came from a measurement on held-out scenes: a semantic duplicate sits closer to
+    # its original than a clean image to its nearest clean neighbour
+    sep = one_rank["encoder"]["separation"]
+    assert sep["duplicate_cos_median"] > sep["semdedup_threshold"] > sep["clean_nearest_cos_median"], sep
     assert all(d["kept"] == (d["reason"] is None) for d in decisions)
 
 

@@ -176,6 +176,20 @@ def test_decide_keeps_the_first_of_each_group_in_global_order_and_caps_concepts(
     assert decide(records, off).reasons.count(None) == 8
 
 
+def test_semantic_dedup_keeps_the_first_of_a_group_in_global_order_past_position_nine():
+    """Positions 2 and 10 are one semantic group: position 2 is kept (as decimal strings, "10" < "2")."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.nn.functional.normalize(torch.randn(12, 32, generator=gen), dim=-1)
+    emb[10] = torch.nn.functional.normalize(emb[2] + 0.001 * torch.randn(32, generator=gen), dim=-1)
+    records = [_rec(f"k{i}", pixel=f"p{i}", phash=(2**60 // (i + 1)) * 0b1011_0111) for i in range(12)]
+    filters = CurateFiltersSpec.model_validate({"nearDedup": {"enabled": False},
+                                                "semanticDedup": {"clusters": 1, "threshold": 0.99}})
+    d = decide(records, filters, embeddings=emb)
+    assert d.reasons[10] == "semantic_duplicate" and d.reasons.count(None) == 11 and d.duplicate_of == {10: 2}
+
+
 def test_decide_runs_the_embedding_filters_on_the_global_view():
     import torch
 

@@ -127,7 +127,9 @@ def decide(
         idx = d.alive()
         if len(idx) > 1:
             sem = filters.semantic_dedup
-            dropped = embed.semdedup([str(i) for i in idx], embeddings[idx], clusters=min(sem.clusters, len(idx)),
+            # zero-padded global positions as keys: semdedup visits a cluster in key order, so the first
+            # sample of a group in global order is the one kept (as for exact and near duplicates)
+            dropped = embed.semdedup([f"{i:012d}" for i in idx], embeddings[idx], clusters=min(sem.clusters, len(idx)),
                                      threshold=sem.threshold, seed=seed)
             for k, kept in dropped.items():
                 d.reasons[int(k)], d.duplicate_of[int(k)] = "semantic_duplicate", int(kept)
