@@ -27,6 +27,7 @@ from vlm_trainer import accounting, contract, lora, storage
 from vlm_trainer.checkpoint import Checkpointer, ResumeState
 from vlm_trainer.data import LoaderPosition, count_samples, eval_samples
 from vlm_trainer.dpo import DPOObjective
+from vlm_trainer.features import FeatureCache, cache_root, setup_feature_cache
 from vlm_trainer.final import write_hf_folder
 from vlm_trainer.frozen import run_frozen_tower_in_inference
 from vlm_trainer.lease import Lease, LeaseHeldError
@@ -145,6 +146,12 @@ class Trainer:
         if stage.gradient_checkpointing:
             llava_of(module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         run_frozen_tower_in_inference(module)  # a frozen vision tower: no autograd, no activations kept
+        self.feature_cache: FeatureCache | None = None
+        if stage.cache_vision_features:  # the frozen tower's features computed once per image (vlm_trainer.features)
+            self.feature_cache = setup_feature_cache(
+                module, root=cache_root(config.storage.uri, config.job), compute=f"{stage.precision}:{env.device.type}",
+                fingerprint_of_rank0=lambda fp: gather_objects(fp, env)[0],
+            )
         if stage.compile:  # per block, after activation checkpointing and before the strategy wraps (torchtitan)
             compile_blocks(module)
         make_optimizer = lora.paged_adamw if stage.qlora else build_optimizer
@@ -153,7 +160,7 @@ class Trainer:
         if stage.type == "dpo":
             self.objective = self._dpo_objective(reads_weights)
         else:
-            self.objective = CausalLMObjective()
+            self.objective = CausalLMObjective(chunked=stage.cross_entropy == "chunked")
 
         self.scheduler = build_scheduler(self.strategy.optimizer, self.total_steps, stage.schedule)
         self.encoder = SampleEncoder(self.vlm.processor, max_length=stage.data.max_length,
@@ -391,6 +398,9 @@ class Trainer:
         self._check_replicas()
         data = self._data_section()
         self._emit("data", **{k: v for k, v in data.items() if k != "bad_samples_by_shard"})
+        if self.feature_cache is not None:
+            self._emit("vision_feature_cache", fingerprint=self.feature_cache.fingerprint,
+                       **self.feature_cache.stats.as_dict())
         evaluation = self.evaluate()
         report = {
             "stage": stage.name,
