@@ -173,7 +173,12 @@ class CausalLMObjective:
 
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return int(CausalLMObjective.count_tensor(batch))
+
+    @staticmethod
+    def count_tensor(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`count` as a device tensor (the step reads it without a host sync)."""
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.chunked:
