@@ -450,6 +450,8 @@ class Trainer:
             # wall-clock times (s since the epoch) of this rank-0 process: its start, build start, model built,
             # first step done (issue 14's start-up accounting; `bench/startup_bench.py` reads them)
             "startup": {k: round(v, 3) for k, v in self.startup.items()},
+            # stage.cacheVisionFeatures: rank 0's look-ups (hits from memory / storage, misses, writes)
+            "vision_feature_cache": self.feature_cache.stats.as_dict() if self.feature_cache is not None else None,
             **evaluation,
         }
         if env.is_main:
