@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from vlm_trainer.model import llava_of
 
 log = logging.getLogger(__name__)
 
+_NOT_FEATURES = ("transformers_version", "architectures", "torch_dtype", "dtype", "name_or_path")
 MEMORY_BYTES = 2 * 2**30  # in-memory entries per process; beyond that, entries come from storage
 
 
@@ -57,8 +59,9 @@ def encoder_fingerprint(tower: nn.Module, layers: list[int], compute: str) -> st
     h = hashlib.blake2b(digest_size=16)
     h.update(type(tower).__name__.encode())
     config = getattr(tower, "config", None)
-    if config is not None:
-        h.update(config.to_json_string(use_diff=False).encode())
+    if config is not None:  # what shapes the features; not where it was loaded from or which release wrote it
+        settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _NOT_FEATURES}
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(repr((sorted(layers), compute)).encode())
     for name, t in tower.state_dict().items():
         t = t.detach()
