@@ -80,6 +80,8 @@ def test_cached_features_are_refused_when_the_tower_trains():
     with pytest.raises(ValueError, match="cacheVisionFeatures: needs a frozen vision tower"):
         StageSpec.model_validate(stage)
     assert StageSpec.model_validate({**stage, "trainable": ["projector"]}).cache_vision_features
+    with pytest.raises(ValueError, match="cacheVisionFeatures: needs strategy ddp or zero2, got 'fsdp'"):
+        StageSpec.model_validate({**stage, "trainable": ["projector"], "strategy": "fsdp"})
     with pytest.raises(ValueError, match="crossEntropy: 'chunked' is for align/instruct"):
         StageSpec.model_validate({**stage, "type": "dpo", "trainable": ["language_model"],
                                   "cacheVisionFeatures": False, "crossEntropy": "chunked",

@@ -485,7 +485,7 @@ class StageSpec(Strict):
         False,
         description="Compute the frozen vision tower's features once per image and reuse them across epochs and "
         "later stages with the same encoder and image transform (stored under <storage.uri>/<job>/vision-features/"
-        "<encoder fingerprint>/). Needs a frozen vision tower (vision_tower not in trainable).",
+        "<encoder fingerprint>/). Needs a frozen vision tower (vision_tower not in trainable) and strategy ddp or zero2.",
     )
     cross_entropy: Literal["labelled", "chunked"] = Field(
         "labelled",
@@ -529,6 +529,10 @@ class StageSpec(Strict):
             raise ValueError("cacheVisionFeatures: needs a frozen vision tower, but this stage trains it (trainable "
                              f"{self.trainable} includes vision_tower, which is also how LoRA reaches it); remove "
                              "vision_tower from trainable or set cacheVisionFeatures: false")
+        if self.cache_vision_features and self.strategy in ("fsdp", "zero3"):
+            raise ValueError(f"cacheVisionFeatures: needs strategy ddp or zero2, got {self.strategy!r} (it shards the "
+                             "vision tower's blocks, so their forward is a collective: a cache hit on one rank and a "
+                             "miss on another would hang)")
         if self.cross_entropy != "labelled" and self.type == "dpo":
             raise ValueError(f"crossEntropy: {self.cross_entropy!r} is for align/instruct stages; dpo computes "
                              "per-sequence log-probabilities (use the default 'labelled')")
