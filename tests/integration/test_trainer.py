@@ -164,9 +164,9 @@ def staged(parts, tmp_path_factory) -> dict:
         "evalShards": parts["heldout"]["conversation"], "maxLength": 64, "workers": 2, "maxBadSampleShare": 0.2,
     }
     job = make_job("staged", f"file://{tmp}/storage", parts, [
-        stage_doc("align", "align", "caption", parts, steps=8, optimizer={"lr": 5e-3}),
+        stage_doc("align", "align", "caption", parts, steps=8, optimizer={"lr": 5e-3}, cacheVisionFeatures=True),
         stage_doc("instruct", "instruct", "conversation", parts, steps=6, trainable=["language_model"],
-                  optimizer={"lr": 1e-3}, data=instruct_data,
+                  optimizer={"lr": 1e-3}, data=instruct_data, cacheVisionFeatures=True,
                   batch={"globalSize": 8, "microSize": 2, "tokensPerMicroBatch": 160}),
         stage_doc("dpo", "dpo", "preference", parts, steps=4, optimizer={"lr": 1e-3}, dpo={"beta": 0.1}),
     ])
@@ -227,6 +227,12 @@ def test_instruct_starts_from_align_final_and_keeps_the_vision_tower(instruct_do
     assert same_tensors(instruct_final.model.vision_tower.state_dict(), vision.state_dict())
     before, after = lm_state(align_final), lm_state(instruct_final)
     assert any(not torch.equal(before[k], after[k]) for k in before), "instruct did not train the LM"
+    # both stages cache the frozen tower's features (cacheVisionFeatures): align computes and stores them,
+    # instruct (same tower, same transform) reads the caption images align stored
+    reports = [json.loads(open(storage.local_path(resolve_stage(job, i).output) + "/eval.json").read()) for i in (0, 1)]
+    align_cache, instruct_cache = (r["vision_feature_cache"] for r in reports)
+    assert align_cache["misses"] > 0 and align_cache["writes"] == align_cache["misses"]
+    assert instruct_cache["hits_storage"] > 0, instruct_cache
 
 
 def test_instruct_loader_packs_mixes_and_skips_bad_samples_with_workers(instruct_done):

@@ -98,3 +98,21 @@ def test_dpo_sequence_logps_and_gradients_equal_the_full_logits_ones():
     assert fast_grads.keys() == full_grads.keys() and "lm_head.weight" in full_grads
     for name, grad in full_grads.items():
         assert torch.allclose(fast_grads[name], grad, atol=1e-6, rtol=0), name
+
+
+def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_gradients():
+    """crossEntropy: chunked (head + CE over chunks of the labelled positions, gradients made per chunk)
+    gives the plain head's loss and gradients within 1e-6 (fp32); in no_grad (eval) it returns the loss only."""
+    model, batch = tiny_llava(), mixed_batch()
+    plain_loss, plain_grads = loss_and_grads(CausalLMObjective(), model, batch)
+    chunked = CausalLMObjective(chunked=True, chunk=4)  # several chunks: 17 labelled positions x 3 rows
+    chunked_loss, chunked_grads = loss_and_grads(chunked, model, batch)
+    assert chunked_loss.item() == pytest.approx(plain_loss.item(), abs=1e-6)
+    assert chunked_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.allclose(chunked_grads[name], grad, atol=1e-6, rtol=0), name
+    with torch.no_grad():
+        assert chunked(model, batch)[0].item() == pytest.approx(CausalLMObjective()(model, batch)[0].item(), abs=1e-5)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():  # outside the objective the head is the plain head again
+        assert model(**inputs, use_cache=False).logits.shape == (3, 30, VOCAB)

@@ -68,3 +68,33 @@ def test_fused_adamw_where_the_strategy_holds_plain_tensors():
     assert not fused_applies(params, stage(strategy="fsdp"))  # CPU FSDP2 keeps foreach
     meta = [{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}]
     assert not fused_applies(meta, stage())
+
+
+def test_ddp_clips_inside_fused_adamw_like_clip_grad_norm_and_skips_a_non_finite_step():
+    """ddp's step without a host sync: clipping as fused AdamW's grad_scale gives clip_grad_norm_'s update,
+    the norm comes back as a device tensor, and a non-finite gradient leaves the weights untouched."""
+    from vlm_trainer.parallel import DistEnv
+    from vlm_trainer.strategies.ddp import DDPStrategy
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    want_model = torch.nn.Linear(8, 4)
+    got = DDPStrategy(stage(optimizer={"lr": 0.1, "gradClip": 0.5}), env)
+    got.prepare(copy.deepcopy(want_model), lambda m: torch.optim.AdamW(m.parameters(), lr=0.1, fused=True))
+    want = torch.optim.AdamW(want_model.parameters(), lr=0.1, fused=True)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        want_model(x).pow(2).sum().backward()
+        want_norm = torch.nn.utils.clip_grad_norm_(list(want_model.parameters()), 0.5)
+        want.step()
+        want.zero_grad()
+        got.model(x).pow(2).sum().backward()
+        norm = got.step()
+        assert isinstance(norm, torch.Tensor) and float(norm) == pytest.approx(float(want_norm), rel=1e-6)
+        assert float(norm) > 0.5  # the clip was active
+    for a, b in zip(got.module.parameters(), want_model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    before = [p.detach().clone() for p in got.module.parameters()]
+    (got.model(x).sum() * float("nan")).backward()
+    assert not torch.isfinite(got.step())
+    assert all(torch.equal(a, b) for a, b in zip(got.module.parameters(), before, strict=True))

@@ -76,6 +76,13 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Element-wise sum over ranks of a device tensor, in place, without reading it on the host."""
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     """Every rank's `obj`, in rank order (on every rank)."""
     if not env.distributed:

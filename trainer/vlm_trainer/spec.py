@@ -481,6 +481,18 @@ class StageSpec(Strict):
         description="torch.compile each transformer block (LM and vision encoder; torchtitan's order: after "
         "activation checkpointing, before the strategy wraps the model). ddp and fsdp only.",
     )
+    cache_vision_features: bool = Field(
+        False,
+        description="Compute the frozen vision tower's features once per image and reuse them across epochs and "
+        "later stages with the same encoder and image transform (stored under <storage.uri>/<job>/vision-features/"
+        "<encoder fingerprint>/). Needs a frozen vision tower (vision_tower not in trainable) and strategy ddp or zero2.",
+    )
+    cross_entropy: Literal["labelled", "chunked"] = Field(
+        "labelled",
+        description="How the LM head and cross-entropy run (align/instruct): labelled (the head on the labelled "
+        "positions only) or chunked (also over chunks of those positions, so the logits tensor is never held "
+        "whole; Liger-Kernel's fused kernel on CUDA when installed). Equal loss and gradients.",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, data order and dropout (rank r uses seed + r).")
     dpo: DPOSpec | None = Field(None, description="DPO settings (type dpo only).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -513,6 +525,17 @@ class StageSpec(Strict):
             self.optimizer.projector_lr_multiplier = d["mult"]
         if self.type == "dpo" and self.dpo is None:
             self.dpo = DPOSpec()
+        if self.cache_vision_features and "vision_tower" in self.trainable:
+            raise ValueError("cacheVisionFeatures: needs a frozen vision tower, but this stage trains it (trainable "
+                             f"{self.trainable} includes vision_tower, which is also how LoRA reaches it); remove "
+                             "vision_tower from trainable or set cacheVisionFeatures: false")
+        if self.cache_vision_features and self.strategy in ("fsdp", "zero3"):
+            raise ValueError(f"cacheVisionFeatures: needs strategy ddp or zero2, got {self.strategy!r} (it shards the "
+                             "vision tower's blocks, so their forward is a collective: a cache hit on one rank and a "
+                             "miss on another would hang)")
+        if self.cross_entropy != "labelled" and self.type == "dpo":
+            raise ValueError(f"crossEntropy: {self.cross_entropy!r} is for align/instruct stages; dpo computes "
+                             "per-sequence log-probabilities (use the default 'labelled')")
         problems = stage_rule_problems(self.model_dump(by_alias=True))
         if problems:
             raise ValueError("\n".join(problems))

@@ -27,6 +27,7 @@ from vlm_trainer import accounting, contract, lora, storage
 from vlm_trainer.checkpoint import Checkpointer, ResumeState
 from vlm_trainer.data import LoaderPosition, count_samples, eval_samples
 from vlm_trainer.dpo import DPOObjective
+from vlm_trainer.features import FeatureCache, cache_root, setup_feature_cache
 from vlm_trainer.final import write_hf_folder
 from vlm_trainer.frozen import run_frozen_tower_in_inference
 from vlm_trainer.lease import Lease, LeaseHeldError
@@ -44,7 +45,7 @@ from vlm_trainer.model import VLM, apply_freezing, build_vlm, llava_of, param_gr
 from vlm_trainer.objective import CausalLMObjective, Objective
 from vlm_trainer.optim import build_optimizer, build_scheduler
 from vlm_trainer.packing import efficiency, pack_row, packing_mode
-from vlm_trainer.parallel import DistEnv, all_reduce_sum, gather_objects
+from vlm_trainer.parallel import DistEnv, all_reduce_sum, all_reduce_tensor, gather_objects
 from vlm_trainer.progress import ProgressReporter, emit
 from vlm_trainer.samples import Encoded, SampleEncoder, SampleError, collate, collate_pairs
 from vlm_trainer.spec import CURATE_TYPE, StageSpec, TrainerConfig
@@ -52,6 +53,8 @@ from vlm_trainer.strategies import Strategy, build_strategy
 from vlm_trainer.strategies.compile import compile_blocks
 
 log = logging.getLogger(__name__)
+# steps taken before the loop reads them back at the latest (the log interval is progress.log_every steps)
+MAX_UNREAD_STEPS = 50
 
 
 def total_steps_of(config: TrainerConfig) -> int:
@@ -96,6 +99,24 @@ class StepResult:
     seconds: float
     data_wait_seconds: float
     stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PendingStep:
+    """A step taken but not read back: its sums (loss, tokens, samples, bad, seen, stats) reduced over ranks
+    and its gradient norm, still on the device."""
+
+    step: int
+    sums: torch.Tensor
+    denominator: torch.Tensor
+    grad_norm: torch.Tensor | float
+    lr: float
+    stat_names: list[str]
+    local_tokens: int
+    local_samples: int
+    started: float
+    seconds: float
+    data_wait_seconds: float
 
 
 class Trainer:
@@ -145,6 +166,12 @@ class Trainer:
         if stage.gradient_checkpointing:
             llava_of(module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         run_frozen_tower_in_inference(module)  # a frozen vision tower: no autograd, no activations kept
+        self.feature_cache: FeatureCache | None = None
+        if stage.cache_vision_features:  # the frozen tower's features computed once per image (vlm_trainer.features)
+            self.feature_cache = setup_feature_cache(
+                module, root=cache_root(config.storage.uri, config.job), compute=f"{stage.precision}:{env.device.type}",
+                fingerprint_of_rank0=lambda fp: gather_objects(fp, env)[0],
+            )
         if stage.compile:  # per block, after activation checkpointing and before the strategy wraps (torchtitan)
             compile_blocks(module)
         make_optimizer = lora.paged_adamw if stage.qlora else build_optimizer
@@ -153,7 +180,7 @@ class Trainer:
         if stage.type == "dpo":
             self.objective = self._dpo_objective(reads_weights)
         else:
-            self.objective = CausalLMObjective()
+            self.objective = CausalLMObjective(chunked=stage.cross_entropy == "chunked")
 
         self.scheduler = build_scheduler(self.strategy.optimizer, self.total_steps, stage.schedule)
         self.encoder = SampleEncoder(self.vlm.processor, max_length=stage.data.max_length,
@@ -261,19 +288,30 @@ class Trainer:
     # --- one optimizer step -----------------------------------------------------------------------
 
     def train_step(self) -> StepResult:
+        """One optimizer step, read back at once (a host sync): benchmarks and tests."""
+        return self.resolve(self.train_step_async())
+
+    def train_step_async(self) -> PendingStep:
+        """One optimizer step without a host sync: the loss, statistics and counts are reduced over ranks on the
+        device, the gradient norm stays a device tensor; `resolve` reads them (the loop: at log intervals)."""
         stage, env = self.config.stage, self.env
         started = time.perf_counter()
         self._step_data = {"samples": 0, "tokens": 0, "capacity": 0}
         batches = [self._next_batch() for _ in range(stage.grad_accum_steps)]
         data_wait = time.perf_counter() - started
         step_data = self._step_data
-        local_units = sum(self.objective.count(b) for b in batches)
-        (global_units,) = all_reduce_sum([local_units], env)
+        counter = getattr(self.objective, "count_tensor", None)
+        units = torch.stack([
+            (counter(b) if counter else torch.tensor(self.objective.count(b), device=env.device)).double()
+            for b in batches
+        ])
+        global_units = all_reduce_tensor(units.sum(), env)
         # Gradients are averaged over ranks by DDP/FSDP; scaling by world / global units makes the step's
         # gradient the mean over every unit (answer token or pair) of the global batch.
-        scale = env.world_size / max(global_units, 1.0)
+        denominator = global_units.clamp(min=1.0)
+        scale = (env.world_size / denominator).float()
         loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
-        stat_sums = {name: 0.0 for name in self.objective.stat_names}
+        stat_sums = {name: torch.zeros((), device=env.device, dtype=torch.float64) for name in self.objective.stat_names}
         strategy = self.strategy
         for i, batch in enumerate(batches):
             with strategy.micro_step(last=i == len(batches) - 1):
@@ -282,42 +320,53 @@ class Trainer:
                 strategy.backward(micro_loss * scale)
             loss_sum += micro_loss.detach().double()
             for name, value in stats.items():
-                stat_sums[name] += float(value)
+                stat_sums[name] += value.detach().double()
         local_tokens, local_samples = step_data["tokens"], step_data["samples"]
         lr_used = self._current_lr()
-        names = list(stat_sums)
         position = self.loader.position
-        sums = all_reduce_sum(
-            [float(loss_sum), local_tokens, local_samples, *stat_sums.values(), sum(position.bad.values()), position.seen],
-            env,
-        )
-        denominator = max(global_units, 1.0)
-        step = self.step + 1
-        self._check_bad_share(bad=sums[-2], seen=sums[-1])
+        host = torch.tensor([local_tokens, local_samples, sum(position.bad.values()), position.seen],
+                            dtype=torch.float64).to(env.device, non_blocking=True)
+        sums = all_reduce_tensor(torch.cat([loss_sum.view(1), host, *(v.view(1) for v in stat_sums.values())]), env)
         self._data_totals["tokens"] += local_tokens
         self._data_totals["capacity"] += step_data["capacity"]
         self._data_totals["wait_seconds"] += data_wait
         if self.metrics is not None:
             self.metrics.observe_packing(efficiency(local_tokens, step_data["capacity"]))
-        if not math.isfinite(sums[0]):  # before the optimizer step: the weights are still clean
-            raise NonFiniteError(f"step {step}: the loss is {sums[0] / denominator} (non-finite); stopped before the "
-                                 "optimizer step, nothing was committed. Lower optimizer.lr or check the data")
+        # a non-finite step: DDP's fused AdamW skips the update on the device (the weights stay clean); the loop
+        # raises when it reads the step (`resolve`), before any checkpoint or final/ is written
         grad_norm = strategy.step()
+        self.scheduler.step()
+        return PendingStep(
+            step=self.step + 1, sums=sums, denominator=denominator, grad_norm=grad_norm, lr=lr_used,
+            stat_names=list(stat_sums), local_tokens=local_tokens, local_samples=local_samples,
+            started=started, seconds=max(time.perf_counter() - started, 1e-9), data_wait_seconds=data_wait,
+        )
+
+    def resolve(self, pending: PendingStep, seconds: float | None = None) -> StepResult:
+        """Read a step's device values on the host (a sync); raise for a non-finite loss or gradient norm and
+        for too many bad samples (collective: every rank resolves the same steps)."""
+        sums = pending.sums.tolist()
+        denominator = float(pending.denominator)
+        grad_norm = float(pending.grad_norm)
+        step = pending.step
+        self._check_bad_share(bad=sums[3], seen=sums[4])
+        if not math.isfinite(sums[0]):
+            raise NonFiniteError(f"step {step}: the loss is {sums[0] / denominator} (non-finite); stopped, nothing "
+                                 "was committed. Lower optimizer.lr or check the data")
         if not math.isfinite(grad_norm):
             raise NonFiniteError(f"step {step}: the gradient norm is {grad_norm} (non-finite); stopped, nothing "
                                  "was committed. Lower optimizer.lr, set optimizer.gradClip, or check the data")
-        self.scheduler.step()
         return StepResult(
             loss=sums[0] / denominator,
-            lr=lr_used,
+            lr=pending.lr,
             grad_norm=grad_norm,
             tokens=int(sums[1]),
             samples=int(sums[2]),
-            local_tokens=local_tokens,
-            local_samples=local_samples,
-            seconds=max(time.perf_counter() - started, 1e-9),
-            data_wait_seconds=data_wait,
-            stats={n: sums[3 + i] / max(sums[2], 1.0) for i, n in enumerate(names)},
+            local_tokens=pending.local_tokens,
+            local_samples=pending.local_samples,
+            seconds=seconds if seconds is not None else max(time.perf_counter() - pending.started, 1e-9),
+            data_wait_seconds=pending.data_wait_seconds,
+            stats={n: sums[5 + i] / max(sums[2], 1.0) for i, n in enumerate(pending.stat_names)},
         )
 
     def _check_bad_share(self, bad: float, seen: float) -> None:
@@ -360,24 +409,16 @@ class Trainer:
         )
         progress = ProgressReporter(self.config.output, self.total_steps, is_main=env.is_main, start_step=self.step)
         self.startup["built"] = time.time()
+        pending: list[PendingStep] = []
+        window_start = time.perf_counter()
         while self.step < self.total_steps:
-            result = self.train_step()
-            self._data_totals["step_seconds"] += result.seconds
+            pending.append(self.train_step_async())  # no host sync: steps queue up on the device
             self.step += 1
-            self.startup.setdefault("first_step_done", time.time())
-            self.stats.setdefault("train_loss_first", result.loss)
-            self.stats["train_loss_last"] = result.loss
-            eta = progress.step(
-                self.step,
-                step_seconds=result.seconds,
-                loss=result.loss,
-                lr=result.lr,
-                tokens_per_second=result.tokens / result.seconds,
-                samples_per_second=result.samples / result.seconds,
-                grad_norm=result.grad_norm,
-                **result.stats,
-            )
-            self._observe(result, result.lr, eta)
+            due = self.checkpointer.due(self.step, self.total_steps)
+            if due or self.step % progress.log_every == 0 or self.step in (progress.start_step + 1, self.total_steps) \
+                    or len(pending) >= MAX_UNREAD_STEPS:
+                self._read_steps(pending, progress, window_start)  # the log interval: read the steps back
+                pending, window_start = [], time.perf_counter()
             if self.checkpointer.due(self.step, self.total_steps):
                 seconds = self.checkpointer.save(
                     self.step, self.strategy, self.scheduler, self.loader.position,
@@ -391,6 +432,9 @@ class Trainer:
         self._check_replicas()
         data = self._data_section()
         self._emit("data", **{k: v for k, v in data.items() if k != "bad_samples_by_shard"})
+        if self.feature_cache is not None:
+            self._emit("vision_feature_cache", fingerprint=self.feature_cache.fingerprint,
+                       **self.feature_cache.stats.as_dict())
         evaluation = self.evaluate()
         report = {
             "stage": stage.name,
@@ -406,6 +450,8 @@ class Trainer:
             # wall-clock times (s since the epoch) of this rank-0 process: its start, build start, model built,
             # first step done (issue 14's start-up accounting; `bench/startup_bench.py` reads them)
             "startup": {k: round(v, 3) for k, v in self.startup.items()},
+            # stage.cacheVisionFeatures: rank 0's look-ups (hits from memory / storage, misses, writes)
+            "vision_feature_cache": self.feature_cache.stats.as_dict() if self.feature_cache is not None else None,
             **evaluation,
         }
         if env.is_main:
@@ -418,6 +464,32 @@ class Trainer:
             self.metrics.set_progress(self.step, self.total_steps)
             self.metrics.close()
         return report
+
+    def _read_steps(self, pending: list[PendingStep], progress: ProgressReporter, window_start: float) -> None:
+        """Read queued steps back (one host sync), in order: non-finite and bad-share checks, stats, progress lines
+        and metrics. On CUDA each step's time is the window's wall time over its steps (the host ran ahead of
+        the device, so a per-step host clock would show launch time); elsewhere the step's own measured time."""
+        window: float | None = None
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+            window = max(time.perf_counter() - window_start, 1e-9) / len(pending)
+        for item in pending:
+            result = self.resolve(item, seconds=window if window is not None else item.seconds)
+            self._data_totals["step_seconds"] += result.seconds
+            self.startup.setdefault("first_step_done", time.time())
+            self.stats.setdefault("train_loss_first", result.loss)
+            self.stats["train_loss_last"] = result.loss
+            eta = progress.step(
+                item.step,
+                step_seconds=result.seconds,
+                loss=result.loss,
+                lr=result.lr,
+                tokens_per_second=result.tokens / result.seconds,
+                samples_per_second=result.samples / result.seconds,
+                grad_norm=result.grad_norm,
+                **result.stats,
+            )
+            self._observe(result, result.lr, eta, step=item.step)
 
     def _publish_final(self, evaluation: dict[str, Any]) -> str:
         """final/: the full model in Hugging Face format (merged, plus adapter/, for LoRA). Collective."""
@@ -440,11 +512,11 @@ class Trainer:
 
         return self.checkpointer.publish_final(write, step=self.total_steps, extra={"eval": evaluation})
 
-    def _observe(self, result: StepResult, lr: float, eta_seconds: float | None) -> None:
+    def _observe(self, result: StepResult, lr: float, eta_seconds: float | None, *, step: int | None = None) -> None:
         if self.metrics is None:
             return
         self.metrics.observe_step(
-            self.step,
+            self.step if step is None else step,
             tokens=result.local_tokens,
             samples=result.local_samples,
             loss=result.loss,

@@ -68,8 +68,9 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def step(self) -> float:
-        """Clip to stage.optimizer.gradClip, optimizer step, zero the gradients; returns the global grad norm."""
+    def step(self) -> torch.Tensor | float:
+        """Clip to stage.optimizer.gradClip, optimizer step, zero the gradients; returns the global grad norm
+        (a device tensor where the strategy can: the loop reads it at log intervals, no host sync per step)."""
 
     @abstractmethod
     def save(self, local_dir: str) -> None:

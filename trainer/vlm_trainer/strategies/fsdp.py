@@ -88,14 +88,14 @@ class FSDPStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm(self.stage)) if params else torch.zeros(())
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save(self, local_dir: str) -> None:
         dcp_save(self.module, self.optimizer, local_dir)
