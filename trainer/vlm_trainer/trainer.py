@@ -36,6 +36,7 @@ from vlm_trainer.loader import (
     TrainLoader,
     bad_data_message,
     bad_share_exceeded,
+    chunk_size,
     data_report,
     prefetch_per_worker,
 )
@@ -176,13 +177,15 @@ class Trainer:
             np.random.seed(stage.seed + env.rank)
             torch.manual_seed(stage.seed + env.rank)
         self.metrics = self._start_metrics()
+        chunk = chunk_size(stage.batch.micro_size if stage.batch.tokens_per_micro_batch is None else 16)
         self.loader = TrainLoader(
             [Source(s.shards, s.format, s.weight) for s in stage.data.source_list()], self.encoder.encode,
             seed=stage.seed, rank=env.rank, world=env.world_size, shuffle_buffer=stage.data.shuffle_buffer,
             workers=stage.data.workers, position=position,
-            prefetch_factor=prefetch_per_worker(stage.batch.micro_size * stage.grad_accum_steps, stage.data.workers),
+            prefetch_factor=prefetch_per_worker(stage.batch.micro_size * stage.grad_accum_steps, stage.data.workers,
+                                                chunk),
             on_bad=self.metrics.observe_bad_sample if self.metrics is not None else None,
-            max_bad_share=stage.data.max_bad_sample_share,
+            max_bad_share=stage.data.max_bad_sample_share, chunk=chunk, cache_bytes=stage.data.cache_mib << 20,
         )
         attn = getattr(llava_of(module).config.get_text_config(), "_attn_implementation", None)
         self.packing = packing_mode(attn)
