@@ -295,6 +295,10 @@ class TrainLoader:
                 self._it = (item.unpack() for blob in chunks for item in pickle.loads(blob))
         return self._it
 
+    def start(self) -> None:
+        """Start the worker processes now (otherwise the first batch starts them)."""
+        self._items()
+
     def _take(self) -> Item:
         if self._pending is not None:
             item, self._pending = self._pending, None
