@@ -2,16 +2,17 @@
 
 One rank's sample stream is fixed before any worker sees it: the sources' deterministic streams
 (`vlm_trainer.data.TrainStream`, one per source) interleaved by `data.mix_order`. Sample j of that stream
-(counted from where the loader started) is decoded, image-processed and tokenized by worker j mod W of a
-`torch.utils.data.DataLoader` with W = `data.workers` processes; every worker reads the rank's raw stream
-(tar bytes only: cheap) and encodes just its share. The DataLoader hands results back in index order
-(round-robin over workers, `in_order`), so the training process sees EXACTLY the stream order whatever W is
-— a sample that turns out bad still produces an item (a skip record), so no worker ever gets out of step.
+(counted from where the loader started) belongs to chunk c = j // K (K = `chunk` samples), which is decoded,
+image-processed and tokenized by worker c mod W of a `torch.utils.data.DataLoader` with W = `data.workers`
+processes; every worker reads the rank's raw stream (tar bytes only: cheap) and encodes just its share. The
+DataLoader hands chunks back in index order (round-robin over workers, `in_order`), so the training process
+sees EXACTLY the stream order whatever W and K are — a sample that turns out bad still produces an item (a
+skip record), so no worker ever gets out of step.
 
 Position (checkpointed per rank, `data.LoaderPosition`): for every source, (epoch, samples consumed in it)
 counted over the items the training loop has TAKEN — items prefetched by workers but not yet taken are not
-counted and are simply produced again after a resume. Where each worker stands follows from it: worker w
-resumes at the w-th sample after the position and strides by W. So a resumed run, with any W, yields the
+counted and are simply produced again after a resume. Where each worker stands follows from it: chunks are
+counted from the position again, worker w takes chunks w, w+W, ... So a resumed run, with any W, yields the
 batches the uninterrupted run would have, sample for sample.
 
 Bad samples (`SampleError.reason`: missing_field, bad_json, image_decode, no_assistant_turn, too_long,
