@@ -5,11 +5,14 @@
         SAME mixed-length samples, padded micro-batches (microSize 8, padded to the longest) vs packed rows
         (tokensPerMicroBatch 1024, block-diagonal 4D mask), alternating in one process, 1 thread.
 
-    python bench/loader_bench.py wait --dir /tmp/qs [--steps 60] [--procs 2] [--workers 0 2] [--out ...]
-        The quickstart's align stage (prepared with `python -m vlm_trainer.quickstart prepare --dir DIR` if
-        missing), run through the planner and torchrun (`--procs` ranks; the global batch of 64 kept by
-        gradient accumulation) once per data.workers value; the stage report's data_wait_share (data-wait
-        seconds / step seconds over all steps and ranks) of each.
+    python bench/loader_bench.py wait --dir /tmp/qs [--job job.yaml] [--stage align] [--steps 60] [--procs 2]
+                                      [--workers 0 1:256 ...] [--out ...]
+        A stage of a quickstart folder (prepared with `python -m vlm_trainer.quickstart prepare --dir DIR` if
+        missing; a `fromStage` stage needs that curate stage committed, e.g. by an earlier `vlmctl quickstart`
+        in DIR), run through the planner and torchrun (`--procs` ranks; the global batch of 64 kept by
+        gradient accumulation) once per `W` or `W:MiB` entry (data.workers, data.cacheMiB); the stage report's
+        data_wait_share (data-wait seconds / step seconds over all steps and ranks), wall time and median
+        samples/s of each.
 """
 
 from __future__ import annotations
@@ -106,34 +109,46 @@ def packing_bench(samples: int, out: str) -> dict[str, Any]:
     return result
 
 
-def wait_bench(work_dir: str, steps: int, procs: int, worker_counts: list[int], out: str) -> dict[str, Any]:
+def wait_bench(
+    work_dir: str, steps: int, procs: int, runs: list[str], out: str, job_file: str = "job.yaml", stage_name: str = "align"
+) -> dict[str, Any]:
     import yaml
     from vlm_operator.planner import resolve_stage
     from vlm_trainer.spec import parse_job
 
     if not os.path.exists(os.path.join(work_dir, "job.yaml")):
         subprocess.run([sys.executable, "-m", "vlm_trainer.quickstart", "prepare", "--dir", work_dir], check=True)
-    doc = yaml.safe_load(open(os.path.join(work_dir, "job.yaml")))
+    doc = yaml.safe_load(open(os.path.join(work_dir, job_file)))
     result: dict[str, Any] = {
-        "command": f"python bench/loader_bench.py wait --dir {work_dir} --steps {steps} --procs {procs} "
-                   f"--workers {' '.join(map(str, worker_counts))} --out {out}",
-        "stage": f"quickstart align ({procs} torchrun rank(s), 1 thread each, micro 32, global 64)", "steps": steps,
+        "command": f"python bench/loader_bench.py wait --dir {work_dir} --job {job_file} --stage {stage_name} "
+                   f"--steps {steps} --procs {procs} --workers {' '.join(runs)} --out {out}",
+        "stage": f"quickstart {job_file} {stage_name} ({procs} torchrun rank(s), 1 thread each, global batch 64)",
+        "steps": steps,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, shared with other sessions' processes",
         "runs": {},
     }
-    for workers in worker_counts:
+    index = [s["name"] for s in doc["spec"]["stages"]].index(stage_name)
+    for run in runs:
+        workers, _, cache = run.partition(":")
         run_doc = json.loads(json.dumps(doc))
-        run_doc["metadata"]["name"] = f"waitbench-w{workers}-{int(time.time())}"
-        stage = run_doc["spec"]["stages"][0]
+        run_doc["metadata"]["name"] = f"waitbench-w{workers}-c{cache or 0}-{int(time.time())}"
+        stage = run_doc["spec"]["stages"][index]
         stage["maxSteps"] = steps
-        stage["data"]["workers"] = workers
+        stage["data"]["workers"] = int(workers)
+        stage["data"]["cacheMiB"] = int(cache or 0)
         stage["data"]["evalShards"] = []
         stage["checkpoint"]["everySteps"] = steps + 1
         stage["resources"]["procsPerNode"] = procs
         job = parse_job(run_doc)
-        config_path = os.path.join(work_dir, f"waitbench-w{workers}.json")
+        resolved = resolve_stage(job, index)
+        # Inputs (curated shards, the previous stage's final/) are the quickstart job's own, already in DIR;
+        # only the output is this run's.
+        dumped = json.loads(json.dumps(resolved.dump()).replace(
+            f"/{run_doc['metadata']['name']}/", f"/{doc['metadata']['name']}/"))
+        dumped["output"] = resolved.output
+        config_path = os.path.join(work_dir, f"waitbench-{run.replace(':', '-')}.json")
         with open(config_path, "w") as f:
-            json.dump(resolve_stage(job, 0).dump(), f)
+            json.dump(dumped, f)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "VLM_METRICS_PORT": "0"}
         started = time.perf_counter()
         proc = subprocess.run(
@@ -142,12 +157,18 @@ def wait_bench(work_dir: str, steps: int, procs: int, worker_counts: list[int], 
         )
         if proc.returncode != 0:
             raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-        report_path = resolve_stage(job, 0).output.removeprefix("file://") + "/eval.json"
-        data = json.load(open(report_path))["data"]
-        result["runs"][f"workers={workers}"] = {"data_wait_share": data["data_wait_share"],
-                                                "stage_wall_seconds": round(time.perf_counter() - started, 1),
-                                                "load_average_1min_after": round(os.getloadavg()[0], 2)}
-        print(workers, result["runs"][f"workers={workers}"], flush=True)
+        output = resolved.output.removeprefix("file://")
+        report = json.load(open(output + "/eval.json"))
+        data, startup = report["data"], report["startup"]
+        # steps 2..N (no eval runs): from the first step's end to the report (build start + wall seconds)
+        train_seconds = startup["build_start"] + report["wall_seconds"] - startup["first_step_done"]
+        name = f"workers={workers}" + (f",cacheMiB={cache}" if cache else "")
+        result["runs"][name] = {"data_wait_share": data["data_wait_share"],
+                                "stage_wall_seconds": round(time.perf_counter() - started, 1),
+                                "train_loss_last": report["train_loss_last"],
+                                "samples_per_second_after_step_1": round((steps - 1) * 64 / train_seconds, 1),
+                                "load_average_1min_after": round(os.getloadavg()[0], 2)}
+        print(name, result["runs"][name], flush=True)
     _write(out, result)
     return result
 
@@ -169,13 +190,15 @@ def main() -> None:
     w.add_argument("--dir", required=True)
     w.add_argument("--steps", type=int, default=60)
     w.add_argument("--procs", type=int, default=2)
-    w.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    w.add_argument("--workers", nargs="+", default=["0", "1:256"], help="W or W:cacheMiB per run")
+    w.add_argument("--job", default="job.yaml")
+    w.add_argument("--stage", default="align")
     w.add_argument("--out", default="bench/results/issue10/data_wait.json")
     args = parser.parse_args()
     if args.command == "packing":
         packing_bench(args.samples, args.out)
     else:
-        wait_bench(args.dir, args.steps, args.procs, args.workers, args.out)
+        wait_bench(args.dir, args.steps, args.procs, args.workers, args.out, args.job, args.stage)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def staged(parts, tmp_path_factory) -> dict:
             {"shards": parts["train"]["caption"], "format": "caption", "weight": 1},
             {"shards": [bad_shard], "format": "conversation", "weight": 0.25},
         ],
-        "evalShards": parts["heldout"]["conversation"], "maxLength": 64, "workers": 2, "maxBadSampleShare": 0.2,
+        "evalShards": parts["heldout"]["conversation"], "maxLength": 64, "workers": 2, "cacheMiB": 16, "maxBadSampleShare": 0.2,
     }
     job = make_job("staged", f"file://{tmp}/storage", parts, [
         stage_doc("align", "align", "caption", parts, steps=8, optimizer={"lr": 5e-3}, cacheVisionFeatures=True),

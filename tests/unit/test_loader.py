@@ -22,10 +22,18 @@ from transformers import (
 )
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from vlm_trainer.data import LoaderPosition, mix_order
-from vlm_trainer.loader import Source, TrainLoader, bad_data_message, bad_share_exceeded, data_report
+from vlm_trainer.loader import (
+    Source,
+    TrainLoader,
+    bad_data_message,
+    bad_share_exceeded,
+    data_report,
+    pack_payload,
+    unpack_payload,
+)
 from vlm_trainer.objective import CausalLMObjective
 from vlm_trainer.packing import block_causal_mask, pack_row
-from vlm_trainer.samples import SampleEncoder, collate
+from vlm_trainer.samples import SampleEncoder, collate, collate_pairs
 
 N_IMAGE = 4  # 16x16 image, 8x8 patches, SigLIP (no CLS)
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", ":", "a", "red", "blue", "circle", "square",
@@ -89,9 +97,9 @@ def _caption_shards(tmp_path, prefix: str, n_shards: int, per_shard: int, bad_ev
     return urls
 
 
-def _loader(encoder, sources, *, workers=0, position=None, shuffle_buffer=8) -> TrainLoader:
+def _loader(encoder, sources, *, workers=0, position=None, shuffle_buffer=8, chunk=1, cache=0) -> TrainLoader:
     return TrainLoader(sources, encoder.encode, seed=3, rank=0, world=1, shuffle_buffer=shuffle_buffer,
-                       workers=workers, position=position, prefetch_factor=2)
+                       workers=workers, position=position, prefetch_factor=2, chunk=chunk, cache_bytes=cache)
 
 
 def _batches(loader: TrainLoader, n: int, capacity: int | None = None) -> list[list[str]]:
@@ -105,24 +113,49 @@ def _batches(loader: TrainLoader, n: int, capacity: int | None = None) -> list[l
 @pytest.mark.parametrize("capacity", [None, 64], ids=["padded", "packed"])
 def test_resume_with_workers_yields_exactly_the_uninterrupted_batches(tmp_path, encoder, capacity):
     # 2 shards x 10 samples, every 7th image undecodable; 7 batches of 4 cross the epoch boundary.
+    # Workers send chunks of 3 (then 2) samples and cache encoded samples: neither changes the order.
     sources = [Source(_caption_shards(tmp_path, "s", 2, 10, bad_every=7), "caption")]
-    whole = _loader(encoder, sources, workers=2)
+    whole = _loader(encoder, sources, workers=2, chunk=3, cache=1 << 20)
     expected = _batches(whole, 7, capacity)
     whole.close()
 
-    first = _loader(encoder, sources, workers=2)
+    first = _loader(encoder, sources, workers=2, chunk=3)
     got = _batches(first, 3, capacity)
     saved = json.loads(json.dumps(first.position.to_dict()))  # what a checkpoint stores
     first.close()
     assert saved["workers"] == 2 and saved["seen"] > len(sum(got, []))  # bad samples were read and skipped
-    resumed = _loader(encoder, sources, workers=1, position=LoaderPosition.from_dict(saved))  # another W: same order
+    resumed = _loader(encoder, sources, workers=1, chunk=2, cache=1 << 20,  # another W and chunk: same order
+                      position=LoaderPosition.from_dict(saved))
     got += _batches(resumed, 4, capacity)
     resumed.close()
     assert got == expected
     assert resumed.position.bad == whole.position.bad and resumed.position.seen == whole.position.seen
     assert whole.position.sources[0].epoch == 1  # the epoch boundary was crossed
-    in_process = _loader(encoder, sources, workers=0)
+    in_process = _loader(encoder, sources, workers=0, cache=1 << 20)
     assert _batches(in_process, 7, capacity) == expected  # workers or not: one order
+    assert in_process.dataset.cache is not None and in_process.dataset.cache.hits > 0  # epoch 2 came from the cache
+
+
+@pytest.mark.parametrize("cache", [1 << 20, 1], ids=["cached", "cap-too-small"])
+def test_cached_encoding_gives_the_uncached_batches_exactly(tmp_path, encoder, cache):
+    """Two epochs of preference pairs (one bad): collated tensors and bad counts equal with and without the cache."""
+    colours = ["red", "blue"]
+    pairs = [(f"p{i}", {"prompt": "<image> what colour is it ?", "chosen": colours[i % 2], "rejected": colours[1 - i % 2]},
+              _png(colours[i % 2])) for i in range(5)]
+    pairs[3] = ("p3", {"prompt": "<image> what colour is it ?", "chosen": "red", "rejected": "red"}, _png())
+    sources = [Source([_write(tmp_path / "pref.tar", pairs)], "preference")]
+    plain, cached = _loader(encoder, sources, shuffle_buffer=0), _loader(encoder, sources, shuffle_buffer=0, cache=cache)
+    for _ in range(4):  # 12 good pairs: 15 read in 3 epochs
+        a, b = collate_pairs(plain.next_samples(3), 0), collate_pairs(cached.next_samples(3), 0)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert cached.position.bad == plain.position.bad == {"identical_pair": 3}
+    store = cached.dataset.cache
+    assert store is not None and store.used <= cache
+    assert (store.hits, store.misses) == ((10, 5) if cache > 1 else (0, 15))  # bad verdicts are cached too
+    blob = pack_payload(encoder.encode({"__key__": "p0", "json": json.dumps(pairs[0][1]).encode(), "png": _png()},
+                                       "preference"))
+    one = unpack_payload(blob)
+    assert len(blob) < 2 * one.chosen.pixel_values[0].numel() * 4  # the pair's shared image travels once
 
 
 def test_an_old_checkpoint_position_loads_as_one_source():

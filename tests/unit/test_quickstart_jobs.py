@@ -57,6 +57,7 @@ def test_staged_job_raw_job_and_naive_baseline_follow_the_recipe(prepared):
         assert stage.resources.procs_per_node == 2
         assert stage.batch.global_size == 64
         assert stage.seed == 5
+        assert (stage.data.workers, stage.data.cache_mib) == (recipe.data_workers, recipe.data_cache_mib)
         assert stage.data.eval_shards and all("/heldout-" in s for s in stage.data.eval_shards)
         assert all("/train-" in s for s in stage.data.shards)
         assert all(

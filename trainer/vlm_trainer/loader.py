@@ -2,16 +2,17 @@
 
 One rank's sample stream is fixed before any worker sees it: the sources' deterministic streams
 (`vlm_trainer.data.TrainStream`, one per source) interleaved by `data.mix_order`. Sample j of that stream
-(counted from where the loader started) is decoded, image-processed and tokenized by worker j mod W of a
-`torch.utils.data.DataLoader` with W = `data.workers` processes; every worker reads the rank's raw stream
-(tar bytes only: cheap) and encodes just its share. The DataLoader hands results back in index order
-(round-robin over workers, `in_order`), so the training process sees EXACTLY the stream order whatever W is
-— a sample that turns out bad still produces an item (a skip record), so no worker ever gets out of step.
+(counted from where the loader started) belongs to chunk c = j // K (K = `chunk` samples), which is decoded,
+image-processed and tokenized by worker c mod W of a `torch.utils.data.DataLoader` with W = `data.workers`
+processes; every worker reads the rank's raw stream (tar bytes only: cheap) and encodes just its share. The
+DataLoader hands chunks back in index order (round-robin over workers, `in_order`), so the training process
+sees EXACTLY the stream order whatever W and K are — a sample that turns out bad still produces an item (a
+skip record), so no worker ever gets out of step.
 
 Position (checkpointed per rank, `data.LoaderPosition`): for every source, (epoch, samples consumed in it)
 counted over the items the training loop has TAKEN — items prefetched by workers but not yet taken are not
-counted and are simply produced again after a resume. Where each worker stands follows from it: worker w
-resumes at the w-th sample after the position and strides by W. So a resumed run, with any W, yields the
+counted and are simply produced again after a resume. Where each worker stands follows from it: chunks are
+counted from the position again, worker w takes chunks w, w+W, ... So a resumed run, with any W, yields the
 batches the uninterrupted run would have, sample for sample.
 
 Bad samples (`SampleError.reason`: missing_field, bad_json, image_decode, no_assistant_turn, too_long,
@@ -23,18 +24,37 @@ being searched forever) and by the trainer after every step on all ranks' counts
 
 Packing (`next_packed`): consecutive good samples while they fit the token budget; the first sample that
 does not fit is held back (not yet counted as consumed) and opens the next row.
+
+Transport (measured on the quickstart, bench/results/issue10/README.md): with `batch_size=None` every sample
+crossed the worker -> trainer queue as its own message, its tensors moved to shared memory one file
+descriptor each: ~2.3 ms of the TRAINING process per sample, more than encoding it in-process (~1 ms). So
+workers now send CHUNKS: worker w encodes the consecutive samples of chunks c = w, w+W, ... (chunk c = stream
+samples cK .. cK+K-1, K = `chunk`), each sample's payload pickled to plain bytes with its pixel tensors as
+numpy arrays (`pack_payload`), and the chunk travels as one message; the trainer unpickles (~0.03 ms per
+sample). The order is still the stream order whatever W and K are (chunks round-robin, `in_order`).
+
+Encoded-sample cache (`data.cacheMiB`): encoding is a pure function of the raw sample's bytes (the encoder
+has no random augmentation), so the packed payload (or the bad-sample verdict) is kept by a digest of those
+bytes (BLAKE2b over every member, key and url included, ~0.01 ms) until the cap is reached (then nothing more
+is added; no eviction). A later epoch re-reads the tar (the order and the position stay exactly as without
+the cache) but skips decode, image processing and tokenization. Results are byte-identical to uncached. Each
+worker (or the training process with workers 0) holds its own cache; a worker only sees every W-th chunk of
+each epoch, so with W > 1 the same sample may be cached by several workers (the cap bounds each).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm_trainer.data import DataPosition, LoaderPosition, TrainStream, check_sources, mix_order
@@ -72,11 +92,75 @@ class Item:
     payload: Encoded | EncodedPair | None
     reason: str | None = None
     detail: str | None = None
+    packed: bytes | None = None  # in transit: `pack_payload(payload)`, unpacked by the training process
+
+    def unpack(self) -> Item:
+        if self.packed is not None:
+            self.payload, self.packed = unpack_payload(self.packed), None
+        return self
 
     @property
     def length(self) -> int:
         assert isinstance(self.payload, Encoded)
         return len(self.payload.input_ids)
+
+
+def _plain(e: Encoded, arrays: dict[int, Any]) -> tuple[Any, ...]:
+    pixels = [arrays.setdefault(id(p), p.numpy()) for p in e.pixel_values]  # a pair's shared images: stored once
+    return (e.input_ids, e.labels, pixels, e.image_sizes, e.image_tokens)
+
+
+def _encoded(t: tuple[Any, ...]) -> Encoded:
+    ids, labels, pixels, sizes, tokens = t
+    return Encoded(ids, labels, [torch.from_numpy(p) for p in pixels], sizes, tokens)
+
+
+def pack_payload(payload: Encoded | EncodedPair) -> bytes:
+    """An encoded sample as plain pickle bytes (tensors as numpy arrays: no shared-memory file per tensor)."""
+    arrays: dict[int, Any] = {}
+    if isinstance(payload, EncodedPair):
+        return pickle.dumps(("pair", _plain(payload.chosen, arrays), _plain(payload.rejected, arrays)), protocol=5)
+    return pickle.dumps(("one", _plain(payload, arrays)), protocol=5)
+
+
+def unpack_payload(blob: bytes) -> Encoded | EncodedPair:
+    kind, *parts = pickle.loads(blob)
+    if kind == "pair":
+        return EncodedPair(_encoded(parts[0]), _encoded(parts[1]))
+    return _encoded(parts[0])
+
+
+def sample_digest(raw: dict[str, Any], fmt: str) -> bytes:
+    """A digest of everything `encode(raw, fmt)` reads: the format, every member's name and bytes."""
+    h = hashlib.blake2b(fmt.encode(), digest_size=20)
+    for name in sorted(raw):
+        value = raw[name]
+        data = value if isinstance(value, bytes) else str(value).encode()
+        h.update(b"\0%s\0%d\0" % (name.encode(), len(data)))
+        h.update(data)
+    return h.digest()
+
+
+class EncodedCache:
+    """Packed payloads (or bad-sample verdicts) by sample digest, up to `max_bytes`; full = nothing added."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.used, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._store: dict[bytes, tuple[bytes | None, str | None, str | None]] = {}
+
+    def get(self, digest: bytes) -> tuple[bytes | None, str | None, str | None] | None:
+        found = self._store.get(digest)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def put(self, digest: bytes, entry: tuple[bytes | None, str | None, str | None]) -> None:
+        size = len(digest) + len(entry[0] or b"") + len(entry[2] or "") + 64
+        if self.used + size <= self.max_bytes:
+            self._store[digest] = entry
+            self.used += size
 
 
 def source_seed(seed: int, index: int) -> int:
@@ -89,11 +173,13 @@ class MixedSamples(IterableDataset):
 
     def __init__(
         self, sources: list[Source], encode: Encode, *, seed: int, rank: int, world: int, shuffle_buffer: int,
-        position: LoaderPosition,
+        position: LoaderPosition, chunk: int = 1, cache_bytes: int = 0,
     ):
         self.sources, self.encode = sources, encode
         self.seed, self.rank, self.world, self.shuffle_buffer = seed, rank, world, shuffle_buffer
         self.position = copy.deepcopy(position)
+        self.chunk, self.cache_bytes = max(1, chunk), cache_bytes
+        self.cache: EncodedCache | None = None  # created in the process that encodes (each worker its own)
 
     def raw(self) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
         """(source, epoch, consumed after it, raw sample) in stream order."""
@@ -109,21 +195,51 @@ class MixedSamples(IterableDataset):
             pos = streams[index].position
             yield index, pos.epoch, pos.consumed, raw
 
-    def __iter__(self) -> Iterator[Item]:
+    def __iter__(self) -> Iterator[Any]:
+        """In the training process (workers 0): items. In worker w of W: pickled chunks (lists of packed items)
+        of stream samples cK .. cK+K-1 for c = w, w+W, ..."""
+        if self.cache is None and self.cache_bytes > 0:
+            self.cache = EncodedCache(self.cache_bytes)
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is None:
+            packs = self.cache is not None  # the cache holds packed bytes (its cap counts them)
+            for index, epoch, consumed, raw in self.raw():
+                yield self.item(index, epoch, consumed, raw, pack=packs).unpack()
+            return
+        worker, workers, k = info.id, info.num_workers, self.chunk
+        chunk: list[Item] = []
         for j, (index, epoch, consumed, raw) in enumerate(self.raw()):
-            if j % workers == worker:
-                yield self.item(index, epoch, consumed, raw)
+            if (j // k) % workers == worker:
+                chunk.append(self.item(index, epoch, consumed, raw))
+                if len(chunk) == k:
+                    yield pickle.dumps(chunk, protocol=5)
+                    chunk = []
+        if chunk:  # the stream is endless; kept for a finite one
+            yield pickle.dumps(chunk, protocol=5)
 
-    def item(self, index: int, epoch: int, consumed: int, raw: dict[str, Any]) -> Item:
+    def item(self, index: int, epoch: int, consumed: int, raw: dict[str, Any], pack: bool = True) -> Item:
+        """One raw sample encoded (its payload packed to bytes unless `pack` is False), or why it is skipped."""
         key, shard = raw.get("__key__"), str(raw.get("__url__", "?"))
         if "__bad__" in raw:
             return Item(index, epoch, consumed, key, shard, None, raw["__bad__"], raw.get("__detail__"))
-        try:
-            return Item(index, epoch, consumed, key, shard, self.encode(raw, self.sources[index].format))
-        except SampleError as err:
-            return Item(index, epoch, consumed, key, shard, None, getattr(err, "reason", "invalid_sample"), str(err))
+        fmt = self.sources[index].format
+        if not pack:
+            try:
+                return Item(index, epoch, consumed, key, shard, self.encode(raw, fmt))
+            except SampleError as err:
+                reason = getattr(err, "reason", "invalid_sample")
+                return Item(index, epoch, consumed, key, shard, None, reason, str(err))
+        digest = sample_digest(raw, fmt) if self.cache is not None else b""
+        cached = self.cache.get(digest) if self.cache is not None else None
+        if cached is None:
+            try:
+                cached = (pack_payload(self.encode(raw, fmt)), None, None)
+            except SampleError as err:
+                cached = (None, getattr(err, "reason", "invalid_sample"), str(err))
+            if self.cache is not None:
+                self.cache.put(digest, cached)
+        packed, reason, detail = cached
+        return Item(index, epoch, consumed, key, shard, None, reason, detail, packed=packed)
 
 
 def _identity(item: Any) -> Any:
@@ -147,6 +263,8 @@ class TrainLoader:
         prefetch_factor: int = 4,
         on_bad: Callable[[str], None] | None = None,
         max_bad_share: float | None = None,
+        chunk: int = 1,
+        cache_bytes: int = 0,
     ):
         if not sources:
             raise ValueError("stage.data: no sources")
@@ -155,7 +273,8 @@ class TrainLoader:
         self.position.workers = workers
         self.on_bad, self.max_bad_share = on_bad, max_bad_share
         self.dataset = MixedSamples(
-            sources, encode, seed=seed, rank=rank, world=world, shuffle_buffer=shuffle_buffer, position=self.position
+            sources, encode, seed=seed, rank=rank, world=world, shuffle_buffer=shuffle_buffer, position=self.position,
+            chunk=chunk, cache_bytes=cache_bytes,
         )
         self.workers, self.prefetch_factor = workers, prefetch_factor
         self._it: Iterator[Item] | None = None
@@ -170,11 +289,16 @@ class TrainLoader:
             else:
                 # Workers tokenize; a forked worker must not fight the trainer for cores with Rust threads.
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-                self._it = iter(DataLoader(
+                chunks = DataLoader(
                     self.dataset, batch_size=None, num_workers=self.workers, collate_fn=_identity,
                     prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                ))
+                )
+                self._it = (item.unpack() for blob in chunks for item in pickle.loads(blob))
         return self._it
+
+    def start(self) -> None:
+        """Start the worker processes now (otherwise the first batch starts them)."""
+        self._items()
 
     def _take(self) -> Item:
         if self._pending is not None:
@@ -245,12 +369,20 @@ class TrainLoader:
 MAX_PREFETCHED_SAMPLES = 1024
 
 
-def prefetch_per_worker(samples_per_step: int, workers: int) -> int:
-    """Samples each worker may run ahead: two steps' worth in all (so workers keep encoding while the step
-    computes, instead of idling on a full queue), at most MAX_PREFETCHED_SAMPLES per rank (host memory)."""
+def prefetch_per_worker(samples_per_step: int, workers: int, chunk: int = 1) -> int:
+    """Chunks (of `chunk` samples) each worker may run ahead: four steps' worth in all (so workers keep encoding
+    while the step computes instead of idling on a full queue, and a worker that the training processes starve
+    of CPU for a step or two, or that refills its shuffle buffer at an epoch start, does not stall the step),
+    at most MAX_PREFETCHED_SAMPLES per rank (host memory)."""
     if workers <= 0:
         return 2
-    return max(2, min(math.ceil(2 * samples_per_step / workers), MAX_PREFETCHED_SAMPLES // workers))
+    chunk = max(1, chunk)
+    return max(2, min(math.ceil(4 * samples_per_step / (workers * chunk)), MAX_PREFETCHED_SAMPLES // (workers * chunk)))
+
+
+def chunk_size(samples_per_micro_batch: int) -> int:
+    """Samples per worker message: one micro-batch's worth (a packed row's is unknown: 16), at most 64."""
+    return max(1, min(samples_per_micro_batch, 64))
 
 
 def bad_share_exceeded(bad: float, seen: float, max_share: float) -> bool:

@@ -48,6 +48,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -448,18 +449,20 @@ def stack_images(items: list[Encoded]) -> dict[str, torch.Tensor]:
 def collate(items: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence; padding is masked out of attention and labels."""
     width = max(len(e.input_ids) for e in items)
-    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    # Filled as numpy arrays (a row from a Python list: ~5x cheaper than torch.tensor per row; it runs on the
+    # training process every micro-batch), then shared with torch without a copy.
+    input_ids = np.full((len(items), width), pad_token_id, dtype=np.int64)
+    labels = np.full((len(items), width), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((len(items), width), dtype=np.int64)
     for i, e in enumerate(items):
         n = len(e.input_ids)
-        input_ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
+        input_ids[i, :n] = e.input_ids
+        labels[i, :n] = e.labels
         attention_mask[i, :n] = 1
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "labels": torch.from_numpy(labels),
         **stack_images(items),
     }
 

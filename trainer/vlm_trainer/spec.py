@@ -257,6 +257,12 @@ class DataSpec(Strict):
         0, ge=0, le=64, description="DataLoader worker processes per rank that read, decode and tokenize off the "
         "training process; 0 does it in the training process. The order (and resume) does not depend on it.",
     )
+    cache_mib: int = Field(
+        0, ge=0, le=1_048_576, alias="cacheMiB", description="Encoded-sample cache per encoding process (each worker, "
+        "or the training process with workers 0), in MiB: a later epoch skips decode, image processing and "
+        "tokenization of samples already encoded (keyed by a digest of the sample's bytes; results identical to "
+        "uncached; valid because encoding is deterministic). Filled until the cap, never evicted. 0 disables it.",
+    )
     max_bad_sample_share: float = Field(
         0.01, ge=0, le=1, description="Corrupt samples (undecodable image, bad JSON, no assistant turn, too long, "
         "chosen == rejected, truncated shard) are skipped and counted; the stage fails once more than this share "

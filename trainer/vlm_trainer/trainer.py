@@ -37,6 +37,7 @@ from vlm_trainer.loader import (
     TrainLoader,
     bad_data_message,
     bad_share_exceeded,
+    chunk_size,
     data_report,
     prefetch_per_worker,
 )
@@ -155,6 +156,12 @@ class Trainer:
         reads_weights = env.is_main or stage.qlora
         self.vlm = build_vlm(config.model, config.init_from, seed=stage.seed, materialize=reads_weights,
                              resolution_policy=stage.data.resolution)
+        self.encoder = SampleEncoder(self.vlm.processor, max_length=stage.data.max_length,
+                                     max_images=stage.data.max_images)
+        self.metrics = None
+        latest = self.checkpointer.latest_verified()
+        if latest is None:  # a fresh start: the data workers fill their shuffle buffers while the model is wrapped
+            self._make_loader(None)
         module: nn.Module = self.vlm.model
         if stage.qlora:
             module = lora.quantized_copy(self.vlm, env.device)
@@ -183,14 +190,11 @@ class Trainer:
             self.objective = CausalLMObjective(chunked=stage.cross_entropy == "chunked")
 
         self.scheduler = build_scheduler(self.strategy.optimizer, self.total_steps, stage.schedule)
-        self.encoder = SampleEncoder(self.vlm.processor, max_length=stage.data.max_length,
-                                     max_images=stage.data.max_images)
         self.flop_rates = accounting.flops_for_trainer(llava_of(module).config.to_dict(), stage)  # the estimator's FLOPs (MFU)
 
         self.step, self.stats = 0, {}
         position: LoaderPosition | None = None
         self.resumed: ResumeState | None = None
-        latest = self.checkpointer.latest_verified()
         for skipped in self.checkpointer.skipped:  # said in the normal output and the stage report
             self._emit("checkpoint_skipped", **skipped)
         if latest is not None:
@@ -203,14 +207,8 @@ class Trainer:
             np.random.seed(stage.seed + env.rank)
             torch.manual_seed(stage.seed + env.rank)
         self.metrics = self._start_metrics()
-        self.loader = TrainLoader(
-            [Source(s.shards, s.format, s.weight) for s in stage.data.source_list()], self.encoder.encode,
-            seed=stage.seed, rank=env.rank, world=env.world_size, shuffle_buffer=stage.data.shuffle_buffer,
-            workers=stage.data.workers, position=position,
-            prefetch_factor=prefetch_per_worker(stage.batch.micro_size * stage.grad_accum_steps, stage.data.workers),
-            on_bad=self.metrics.observe_bad_sample if self.metrics is not None else None,
-            max_bad_share=stage.data.max_bad_sample_share,
-        )
+        if latest is not None:
+            self._make_loader(position)
         attn = getattr(llava_of(module).config.get_text_config(), "_attn_implementation", None)
         self.packing = packing_mode(attn)
         self._step_data = {"samples": 0, "tokens": 0, "capacity": 0}
@@ -250,6 +248,25 @@ class Trainer:
             emit(event, stage=self.config.stage.name, **fields)
 
     # --- data -------------------------------------------------------------------------------------
+
+    def _make_loader(self, position: LoaderPosition | None) -> None:
+        """The training loader, its worker processes started (they read and encode ahead from here on)."""
+        stage, env = self.config.stage, self.env
+        chunk = chunk_size(stage.batch.micro_size if stage.batch.tokens_per_micro_batch is None else 16)
+        self.loader = TrainLoader(
+            [Source(s.shards, s.format, s.weight) for s in stage.data.source_list()], self.encoder.encode,
+            seed=stage.seed, rank=env.rank, world=env.world_size, shuffle_buffer=stage.data.shuffle_buffer,
+            workers=stage.data.workers, position=position,
+            prefetch_factor=prefetch_per_worker(stage.batch.micro_size * stage.grad_accum_steps, stage.data.workers,
+                                                chunk),
+            on_bad=self._observe_bad, max_bad_share=stage.data.max_bad_sample_share, chunk=chunk,
+            cache_bytes=stage.data.cache_mib << 20,
+        )
+        self.loader.start()
+
+    def _observe_bad(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_bad_sample(reason)
 
     def _collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         pad = self.vlm.processor.tokenizer.pad_token_id

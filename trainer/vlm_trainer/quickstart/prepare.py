@@ -58,6 +58,12 @@ class Recipe:
     dpo_beta: float = 0.1
     naive_lr: float = 1e-3
     max_length: int = 96
+    # The loader (measured, bench/results/issue10/README.md): one worker process per rank encodes off the
+    # training process and sends micro-batch-sized chunks; its encoded-sample cache (the align stage reads
+    # ~6 epochs of the same curated set) skips decode/processing/tokenization after the first epoch. With
+    # workers 0 the quickstart's stages spent ~40% of each step waiting for data.
+    data_workers: int = 1
+    data_cache_mib: int = 256
     lm_pretrain_steps: int = 150
     vision_pretrain_steps: int = 500
     # How the instruct stage trains: "full" (ddp, the default), "zero2" (DeepSpeed ZeRO-2) or "lora"
@@ -109,7 +115,8 @@ def _stage(
     stage: dict[str, Any] = {
         "name": name,
         "type": type_,
-        "data": {"shards": shards, "format": fmt, "evalShards": eval_shards, "maxLength": recipe.max_length},
+        "data": {"shards": shards, "format": fmt, "evalShards": eval_shards, "maxLength": recipe.max_length,
+                 "workers": recipe.data_workers, "cacheMiB": recipe.data_cache_mib},
         "optimizer": {"lr": lr},
         "schedule": {"type": "cosine", "warmupRatio": 0.05},
         "batch": {"globalSize": recipe.global_batch, "microSize": recipe.micro_batch},
