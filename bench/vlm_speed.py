@@ -160,7 +160,7 @@ def write_shard(path: Path, size: Size, fmt: str, mixed: bool, samples: int, see
 
 def trainer_config(root: Path, tag: str, stage_type: str, shard: str, size: Size, parts: tuple[str, str],
                    micro: int, *, compile_blocks: bool, packing: bool, workers: int = 0,
-                   cached: bool = False, chunked: bool = False) -> TrainerConfig:
+                   cached: bool = False, chunked: bool = False, cache_mib: int = 0) -> TrainerConfig:
     stage: dict[str, Any] = {
         "name": stage_type, "type": stage_type, "maxSteps": 1_000_000, "precision": size.precision,
         "data": {"shards": [shard], "format": "caption" if stage_type == "align" else "conversation",
@@ -178,6 +178,8 @@ def trainer_config(root: Path, tag: str, stage_type: str, shard: str, size: Size
         stage["batch"]["tokensPerMicroBatch"] = micro * 1024
     if workers:
         stage["data"]["workers"] = workers  # the data issue's worker loader (spec.data.workers)
+    if cache_mib:
+        stage["data"]["cacheMiB"] = cache_mib  # encoded samples kept: later epochs skip decode/process/tokenize
     store = root / f"store-{tag}"
     return TrainerConfig.load({
         "job": "bench", "stageIndex": 0, "stage": stage,
@@ -233,7 +235,7 @@ def scenario(root: Path, size: Size, stage_type: str, mixed: bool, parts: tuple[
         if v.startswith("ours"):
             cfg = trainer_config(root, f"{tag}-{v}", stage_type, shard, size, parts, args.micro,
                                  compile_blocks=v == "ours_compiled", packing=args.packing, workers=args.workers,
-                                 cached=v == "ours_cached", chunked=v == "ours_chunked")
+                                 cached=v == "ours_cached", chunked=v == "ours_chunked", cache_mib=args.cache_mib)
             trainers[v] = Trainer.build(cfg, env)
     first = next(iter(trainers.values())) if trainers else Trainer.build(
         trainer_config(root, f"{tag}-data", stage_type, shard, size, parts, args.micro,
@@ -268,9 +270,11 @@ def scenario(root: Path, size: Size, stage_type: str, mixed: bool, parts: tuple[
         data_wait[v].append(result.data_wait_seconds)
         return result.seconds, result.local_tokens, result.local_samples
 
-    if "ours_cached" in trainers:  # one pass over the shard fills the cache (a first epoch / an earlier stage)
+    # One pass over the shard fills the caches (a first epoch / an earlier stage): the vision-feature cache of
+    # ours_cached, and with --cache-mib the encoded-sample cache of every variant of ours.
+    for v in [v for v in trainers if v == "ours_cached" or args.cache_mib]:
         for _ in range(-(-args.samples // args.micro)):
-            trainers["ours_cached"].train_step()
+            trainers[v].train_step()
     for i in range(args.warmup):
         for v in variants:
             run(v, i)
@@ -382,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: hf_eager,hf_compiled,ours,ours_compiled on GPU, hf_eager,ours on CPU)")
     parser.add_argument("--packing", action="store_true",
                         help="our trainer packs sequences (batch.tokensPerMicroBatch; needs vlm_trainer.packing)")
+    parser.add_argument("--cache-mib", type=int, default=0,
+                        help="our trainer's data.cacheMiB (encoded-sample cache; the shard is read several times)")
     parser.add_argument("--workers", type=int, default=0,
                         help="our trainer's data.workers (sample preparation in worker processes; needs the "
                              "data issue's loader)")
@@ -418,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "size": size.__dict__, "micro_batch": args.micro, "repeats": args.repeats, "warmup": args.warmup,
-        "packing": args.packing, "workers": args.workers, "scenarios": [],
+        "packing": args.packing, "workers": args.workers, "cache_mib": args.cache_mib, "scenarios": [],
     }
     out = Path(args.out) if args.out else RESULTS / f"vlm_speed_{report['mode']}.json"
     with tempfile.TemporaryDirectory(prefix="vlm-speed-") as tmp:
