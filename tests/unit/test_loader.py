@@ -28,12 +28,15 @@ from vlm_trainer.loader import (
     bad_data_message,
     bad_share_exceeded,
     data_report,
+    pack_chunk,
     pack_payload,
+    to_plain,
+    unpack_chunk,
     unpack_payload,
 )
 from vlm_trainer.objective import CausalLMObjective
 from vlm_trainer.packing import block_causal_mask, pack_row
-from vlm_trainer.samples import SampleEncoder, collate, collate_pairs
+from vlm_trainer.samples import Encoded, EncodedPair, SampleEncoder, collate, collate_pairs
 
 N_IMAGE = 4  # 16x16 image, 8x8 patches, SigLIP (no CLS)
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", ":", "a", "red", "blue", "circle", "square",
@@ -156,6 +159,53 @@ def test_cached_encoding_gives_the_uncached_batches_exactly(tmp_path, encoder, c
                                        "preference"))
     one = unpack_payload(blob)
     assert len(blob) < 2 * one.chosen.pixel_values[0].numel() * 4  # the pair's shared image travels once
+
+
+def test_columnar_chunks_give_the_in_process_batches_exactly(tmp_path, encoder):
+    """A worker's chunk is one columnar object with the images stacked; micro-batches that are a run of one chunk's
+    images are views of it (no copy), others (across a chunk edge or a bad sample) are stacked: all equal the
+    in-process batches, over an epoch boundary and cache hits."""
+    sources = [Source(_caption_shards(tmp_path, "c", 2, 10, bad_every=7), "caption")]
+    here, chunked = _loader(encoder, sources), _loader(encoder, sources, workers=1, chunk=4, cache=1 << 20)
+    views = 0
+    for _ in range(8):  # 32 good samples of 20 per epoch (3 bad)
+        a, items = collate(here.next_samples(4), 0), chunked.next_samples(4)
+        b = collate(items, 0)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+        views += b["pixel_values"].data_ptr() == items[0].pixel_values[0].data_ptr()
+    chunked.close()
+    assert 0 < views < 8 and chunked.position.seen == here.position.seen and chunked.position.bad == here.position.bad
+
+
+def test_chunk_round_trip_stacks_only_uniform_single_samples():
+    """Multi-image samples with one image shape share the stacked block; pairs and AnyRes tiles of different counts
+    travel per sample; every field comes back equal, bad items included."""
+    gen = torch.Generator().manual_seed(0)
+
+    def enc(ids, shapes):
+        return Encoded(ids, [-100] + ids[1:], [torch.rand(s, generator=gen) for s in shapes],
+                       [(16, 16)] * len(shapes), [4] * len(shapes))
+
+    two, one = enc([1, 2, 3], [(3, 8, 8), (3, 8, 8)]), enc([4, 5], [(3, 8, 8)])
+    tiles = [enc([6], [(5, 3, 8, 8)]), enc([7, 8], [(2, 3, 8, 8)])]
+    pair = EncodedPair(one, enc([4, 9], [(3, 8, 8)]))
+    metas = [(0, 0, 1, "a", "s", None, None), (0, 0, 2, "x", "s", "image_decode", "bad png"), (1, 3, 7, "b", "t", None, None)]
+    for payloads, stacked in [([two, None, one], True), ([tiles[0], None, tiles[1]], False), ([pair, None, pair], False)]:
+        items = unpack_chunk(pack_chunk(metas, [None if p is None else to_plain(p) for p in payloads]))
+        assert [(i.source, i.epoch, i.consumed, i.key, i.shard, i.reason, i.detail) for i in items] == metas
+        for item, want in zip(items, payloads, strict=True):
+            got = [item.payload] if not isinstance(want, EncodedPair) else [item.payload.chosen, item.payload.rejected]
+            wants = [want] if not isinstance(want, EncodedPair) else [want.chosen, want.rejected]
+            for g, w in zip(got, wants, strict=True) if want is not None else []:
+                assert (g.input_ids, g.labels, g.image_sizes, g.image_tokens) == (w.input_ids, w.labels, w.image_sizes,
+                                                                                  w.image_tokens)
+                assert all(torch.equal(x, y) for x, y in zip(g.pixel_values, w.pixel_values, strict=True))
+        good = [i.payload for i in items if i.payload is not None]
+        batch = (collate_pairs if isinstance(good[0], EncodedPair) else collate)(good, 0)
+        expected = (collate_pairs if isinstance(good[0], EncodedPair) else collate)([p for p in payloads if p], 0)
+        assert all(torch.equal(batch[k], expected[k]) for k in expected) and batch.keys() == expected.keys()
+        first = good[0].chosen if isinstance(good[0], EncodedPair) else good[0]
+        assert (batch["pixel_values"].data_ptr() == first.pixel_values[0].data_ptr()) == stacked  # a view or a copy
 
 
 def test_an_old_checkpoint_position_loads_as_one_source():
