@@ -93,6 +93,11 @@ class DPOObjective:
     def count(batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
 
+    @staticmethod
+    def count_tensor(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`count` as a device tensor: pairs are known from the shape, no sync either way."""
+        return torch.tensor(DPOObjective.count(batch), device=batch["input_ids"].device)
+
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = model_inputs(batch)
         policy = target_logps(*labelled_logits(model, inputs, batch["labels"]))

@@ -38,6 +38,10 @@ class Objective(Protocol):
 
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
+    def count_tensor(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`count` as a device tensor (the step reads it without a host sync)."""
+        ...
+
     def __call__(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...

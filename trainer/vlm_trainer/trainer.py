@@ -317,11 +317,7 @@ class Trainer:
         batches = [self._next_batch() for _ in range(stage.grad_accum_steps)]
         data_wait = time.perf_counter() - started
         step_data = self._step_data
-        counter = getattr(self.objective, "count_tensor", None)
-        units = torch.stack([
-            (counter(b) if counter else torch.tensor(self.objective.count(b), device=env.device)).double()
-            for b in batches
-        ])
+        units = torch.stack([self.objective.count_tensor(b).double() for b in batches])
         global_units = all_reduce_tensor(units.sum(), env)
         # Gradients are averaged over ranks by DDP/FSDP; scaling by world / global units makes the step's
         # gradient the mean over every unit (answer token or pair) of the global batch.
