@@ -124,10 +124,8 @@ class FeatureCache:
             return found
         if self.folder is None:
             return None
-        fs, path = storage.filesystem(self._uri(key))
         try:
-            with fs.open(path, "rb") as f:
-                layers = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            layers = torch.load(io.BytesIO(storage.read_bytes(self._uri(key))), map_location="cpu", weights_only=True)
         except FileNotFoundError:
             return None
         self.stats.hits_storage += 1
@@ -141,17 +139,13 @@ class FeatureCache:
             return
         buf = io.BytesIO()
         torch.save(layers, buf)
-        fs, path = storage.filesystem(self._uri(key))
-        try:  # written whole under a temporary name, then moved: a reader never sees half an entry
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{path}.tmp-{id(buf)}"
-            with fs.open(tmp, "wb") as f:
-                f.write(buf.getvalue())
-            fs.mv(tmp, path)
+        uri = self._uri(key)
+        try:  # atomic: a reader never sees half an entry
+            storage.write_bytes(uri, buf.getvalue(), atomic=True)
             self.stats.writes += 1
         except OSError as err:  # the cache is an optimisation: a failed write costs a recompute later
             self.stats.write_errors += 1
-            log.warning("vision feature cache: could not write %s: %s", path, err)
+            log.warning("vision feature cache: could not write %s: %s", uri, err)
 
 
 def install_feature_cache(module: nn.Module, cache: FeatureCache) -> None:

@@ -94,12 +94,26 @@ def read_head(uri: str, n: int, *, options: Options | None = None) -> bytes:
 
 def write_text(uri: str, text: str, *, options: Options | None = None) -> None:
     """Write a whole small file (reports, progress, configs)."""
+    write_bytes(uri, text.encode(), options=options)
+
+
+def read_bytes(uri: str, *, options: Options | None = None) -> bytes:
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, *, atomic: bool = False, options: Options | None = None) -> None:
+    """Write a whole file; `atomic`: under a temporary name, then moved, so a reader never sees half of it."""
     fs, path = filesystem(uri, options)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write(text)
+    target = f"{path}.tmp-{os.getpid()}-{id(data)}" if atomic else path
+    with fs.open(target, "wb") as f:
+        f.write(data)
+    if atomic:
+        fs.mv(target, path)
 
 
 def read_json(uri: str, *, options: Options | None = None) -> Any:
