@@ -2,7 +2,7 @@
 # Two images from one file:
 #   docker build --target operator -t ghcr.io/vlm-training-operator/operator:$VERSION .
 #   docker build --target trainer  -t ghcr.io/vlm-training-operator/trainer:$VERSION .
-# ($VERSION: `python -c "import vlm_trainer; print(vlm_trainer.__version__)"`, the chart's appVersion.)
+# ($VERSION: `python -c "import vlm_core; print(vlm_core.__version__)"`, the chart's appVersion.)
 # Every `name==version` below must equal pyproject.toml's pin (tests/unit/test_dockerfile.py checks).
 # Bases are pinned by tag; wheels are built in throw-away stages so the final images carry no
 # compilers, no build backends and no source tree. Both run as the non-root uid APP_UID (10001), the
@@ -33,7 +33,7 @@ COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY trainer/ trainer/
 RUN pip install --no-deps . \
- && python -c "import kopf, kubernetes, vlm_operator.planner, vlm_trainer.spec"
+ && python -c "import kopf, kubernetes, vlm_operator.planner, vlm_core.spec"
 
 FROM ${PYTHON_IMAGE} AS operator
 ARG APP_UID

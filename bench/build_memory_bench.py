@@ -46,10 +46,10 @@ def worker(parts_json: str, strategy: str, mode: str) -> None:
 
     import torch.distributed as dist
     import transformers
+    from vlm_core.spec import ModelSpec, StageSpec
     from vlm_trainer.model import apply_freezing, build_vlm, param_groups
     from vlm_trainer.optim import build_optimizer
     from vlm_trainer.parallel import dist_env, gather_objects, init_distributed, set_threads
-    from vlm_trainer.spec import ModelSpec, StageSpec
     from vlm_trainer.strategies import build_strategy
 
     transformers.logging.set_verbosity_error()
@@ -104,7 +104,7 @@ SIZES = {
 
 
 def build_parts(root: str, size: str) -> str:
-    from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
+    from vlm_quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
 
     tokenizer = build_tokenizer()
     lm = build_language_model(os.path.join(root, "lm"), tokenizer, **SIZES[size]["lm"])

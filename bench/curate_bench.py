@@ -27,8 +27,8 @@ import numpy as np
 
 def write_raw(out_dir: str, samples: int, shards: int, seed: int = 0) -> list[str]:
     from PIL import Image
-    from vlm_trainer.quickstart.shapes import draw_shape
-    from vlm_trainer.quickstart.vocab import COLOURS, SHAPES, caption_of
+    from vlm_quickstart.shapes import draw_shape
+    from vlm_quickstart.vocab import COLOURS, SHAPES, caption_of
 
     rng = np.random.default_rng(seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -54,9 +54,9 @@ def write_raw(out_dir: str, samples: int, shards: int, seed: int = 0) -> list[st
 
 
 def run(tmp: str, name: str, shards: list[str], ranks: int, encoder: str | None) -> dict:
+    from vlm_core import contract, storage
+    from vlm_core.spec import parse_job
     from vlm_operator import planner
-    from vlm_trainer import contract, storage
-    from vlm_trainer.spec import parse_job
 
     stage: dict = {"name": "curate", "type": "curate", "input": {"shards": shards}}
     if encoder is not None:
@@ -86,8 +86,8 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default="bench/results/issue11")
     args = parser.parse_args()
-    from vlm_trainer.quickstart.dual_encoder import train_dual_encoder
-    from vlm_trainer.quickstart.shapes import make_samples
+    from vlm_quickstart.dual_encoder import train_dual_encoder
+    from vlm_quickstart.shapes import make_samples
 
     results = []
     with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:

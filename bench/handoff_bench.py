@@ -2,7 +2,7 @@
 
 Two processes: this one runs only the real operator (Kopf, the handlers of vlm_operator); a child
 (`--serve`) runs the Kubernetes API emulator of the integration tests and an instant kubelet, which for
-each stage Job commits the stage's final/ (vlm_trainer.storage, file://) and marks the Job Complete.
+each stage Job commits the stage's final/ (vlm_core.storage, file://) and marks the Job Complete.
 So what is measured is the operator's own overhead:
 
 - handoff latency: stage k Job complete (its completionTime) -> stage k+1 Job created
@@ -42,7 +42,7 @@ os.environ.setdefault("VLM_OPERATOR_RESYNC_SECONDS", "5")
 import aiohttp  # noqa: E402
 from k8s_harness import KubeAPI, OperatorRunner, use_kubeconfig, write_kubeconfig  # noqa: E402
 from kmock import Server  # noqa: E402
-from vlm_trainer import contract, storage  # noqa: E402
+from vlm_core import contract, storage  # noqa: E402
 
 NS = "bench"
 

@@ -7,7 +7,7 @@
 
     python bench/loader_bench.py wait --dir /tmp/qs [--job job.yaml] [--stage align] [--steps 60] [--procs 2]
                                       [--workers 0 1:256 ...] [--out ...]
-        A stage of a quickstart folder (prepared with `python -m vlm_trainer.quickstart prepare --dir DIR` if
+        A stage of a quickstart folder (prepared with `python -m vlm_quickstart prepare --dir DIR` if
         missing; a `fromStage` stage needs that curate stage committed, e.g. by an earlier `vlmctl quickstart`
         in DIR), run through the planner and torchrun (`--procs` ranks; the global batch of 64 kept by
         gradient accumulation) once per `W` or `W:MiB` entry (data.workers, data.cacheMiB); the stage report's
@@ -113,11 +113,11 @@ def wait_bench(
     work_dir: str, steps: int, procs: int, runs: list[str], out: str, job_file: str = "job.yaml", stage_name: str = "align"
 ) -> dict[str, Any]:
     import yaml
+    from vlm_core.spec import parse_job
     from vlm_operator.planner import resolve_stage
-    from vlm_trainer.spec import parse_job
 
     if not os.path.exists(os.path.join(work_dir, "job.yaml")):
-        subprocess.run([sys.executable, "-m", "vlm_trainer.quickstart", "prepare", "--dir", work_dir], check=True)
+        subprocess.run([sys.executable, "-m", "vlm_quickstart", "prepare", "--dir", work_dir], check=True)
     doc = yaml.safe_load(open(os.path.join(work_dir, job_file)))
     result: dict[str, Any] = {
         "command": f"python bench/loader_bench.py wait --dir {work_dir} --job {job_file} --stage {stage_name} "

@@ -1,6 +1,6 @@
 """Estimated vs measured memory of one training step on CPU (fp32), per component.
 
-Models: the quickstart's VLM (tiny Llama + SigLIP, built from `vlm_trainer.quickstart.components`) and
+Models: the quickstart's VLM (tiny Llama + SigLIP, built from `vlm_quickstart.components`) and
 one ~20x larger (wider and deeper, 8K vocabulary). Stages: align (projector only), instruct (projector +
 LM), instruct with gradient checkpointing. One step = forward, the trainer's causal-LM loss, backward,
 AdamW step, on a single process (ddp at world size 1: no wrapper, as the trainer runs it).
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import MemoryProfileTimeline
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-from vlm_trainer import accounting as A
+from vlm_core import accounting as A
+from vlm_quickstart import components as Q
 from vlm_trainer.model import apply_freezing
-from vlm_trainer.quickstart import components as Q
 
 # MemoryProfileTimeline columns: 0 time, then PARAMETER, OPTIMIZER_STATE, INPUT, TEMPORARY, ACTIVATION,
 # GRADIENT, AUTOGRAD_DETAIL, unknown (torch/profiler/_memory_profiler.py, _CATEGORY_TO_INDEX + 1).

@@ -7,7 +7,7 @@ strategy as the trainer does, run 3 training steps of random tokens and images, 
 CUDA/NCCL overhead, which the allocator does not see) and `max_memory_reserved()` against the
 estimate's total minus the fixed part.
 
-Recipes (what `vlm_trainer.accounting.recipe` assumes): ddp and LoRA keep fp32 weights and compute under
+Recipes (what `vlm_core.accounting.recipe` assumes): ddp and LoRA keep fp32 weights and compute under
 bf16 autocast; fsdp is FSDP2 `fully_shard` with bf16 parameters for compute and fp32 sharded masters
 and reduction; zero2/zero3 are DeepSpeed with a bf16 model (fp32 master and Adam state in its
 optimizer, torch Adam); QLoRA loads the LM's decoder linears in NF4 with double quantisation
@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 
 def stage_input(case: str, micro: int, seq: int, device: str):
-    from vlm_trainer import accounting as A
+    from vlm_core import accounting as A
 
     strategy = case if case in ("ddp", "fsdp", "zero2", "zero3") else "ddp"
     lora = case in ("lora", "qlora")
@@ -66,7 +66,7 @@ def run_case(case: str, size: str, micro: int, seq: int, device_name: str) -> di
     import torch.distributed as dist
     import torch.nn.functional as F
     from transformers import LlavaConfig, LlavaForConditionalGeneration
-    from vlm_trainer import accounting as A
+    from vlm_core import accounting as A
     from vlm_trainer.model import apply_freezing
 
     lm_cfg, vision_cfg = SIZES[size]

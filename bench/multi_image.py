@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_vlm import Transcript, build, greedy_answers, png, train_and_score  # noqa: E402
-from vlm_trainer.quickstart.shapes import draw_shape  # noqa: E402
-from vlm_trainer.quickstart.vocab import COLOURS, SHAPES  # noqa: E402
-from vlm_trainer.spec import ResolutionSpec  # noqa: E402
+from vlm_core.spec import ResolutionSpec  # noqa: E402
+from vlm_quickstart.shapes import draw_shape  # noqa: E402
+from vlm_quickstart.vocab import COLOURS, SHAPES  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "issue10")
 

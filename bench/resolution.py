@@ -34,8 +34,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_vlm import Transcript, build, png, train_and_score  # noqa: E402
-from vlm_trainer.quickstart.vocab import COLOUR_RGB  # noqa: E402
-from vlm_trainer.spec import ResolutionSpec  # noqa: E402
+from vlm_core.spec import ResolutionSpec  # noqa: E402
+from vlm_quickstart.vocab import COLOUR_RGB  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "issue10")
 SIZE = 64

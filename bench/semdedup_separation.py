@@ -65,12 +65,12 @@ def main() -> int:
         write_noisy_set,
     )
     from test_curate_stage import KINDS, _config
-    from vlm_trainer import contract, storage
+    from vlm_core import contract, storage
+    from vlm_quickstart.dual_encoder import train_dual_encoder
+    from vlm_quickstart.pretrain import pixel_tensor
     from vlm_trainer.curate.embed import load_dual_encoder
     from vlm_trainer.curate.runner import run_curate
     from vlm_trainer.parallel import dist_env
-    from vlm_trainer.quickstart.dual_encoder import train_dual_encoder
-    from vlm_trainer.quickstart.pretrain import pixel_tensor
 
     torch.set_num_threads(1)
     os.environ[contract.METRICS_PORT_ENV] = "off"

@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 from PIL import Image
+from vlm_core.spec import ModelSpec, ResolutionSpec
+from vlm_quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
 from vlm_trainer.model import apply_freezing, assemble_vlm
 from vlm_trainer.objective import CausalLMObjective
-from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
 from vlm_trainer.resolution import apply as apply_resolution
 from vlm_trainer.samples import Encoded, SampleEncoder, collate
-from vlm_trainer.spec import ModelSpec, ResolutionSpec
 
 # A sample: (image members {"0.png": bytes, ...}, question text with <image> markers, answer word)
 Sample = tuple[dict[str, bytes], str, str]

@@ -16,7 +16,7 @@ Variants (each a full optimizer step, one micro-batch per step):
 
 Every variant starts from the same weights (copies of the first Trainer's model) and the same freezing.
 Steps are interleaved (repeat r runs every variant once, the order rotating) and the medians are
-compared. MFU uses `vlm_trainer.accounting` (the estimator's FLOPs, one formula for all variants; the
+compared. MFU uses `vlm_core.accounting` (the estimator's FLOPs, one formula for all variants; the
 step's tokens are the batch's non-padding tokens).
 
     PYTHONPATH=operator:trainer python bench/vlm_speed.py --cpu            # CPU-feasible size, ratios
@@ -58,10 +58,10 @@ from transformers import (  # noqa: E402  # noqa: E402
     SiglipVisionModel,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
-from vlm_trainer import accounting  # noqa: E402
+from vlm_core import accounting  # noqa: E402
+from vlm_core.spec import DataSpec, TrainerConfig  # noqa: E402
+from vlm_quickstart.components import build_image_processor, build_tokenizer, vocabulary  # noqa: E402
 from vlm_trainer.parallel import DistEnv  # noqa: E402
-from vlm_trainer.quickstart.components import build_image_processor, build_tokenizer, vocabulary  # noqa: E402
-from vlm_trainer.spec import DataSpec, TrainerConfig  # noqa: E402
 from vlm_trainer.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent

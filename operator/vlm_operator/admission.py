@@ -1,7 +1,7 @@
 """GPU-memory admission: estimate a stage before it starts; refuse it (with alternatives that fit) when the
 estimate exceeds the GPU memory the stage declares.
 
-Pure given the model shape: `decide(stage, shape, policy)` compares `vlm_trainer.accounting`'s memory
+Pure given the model shape: `decide(stage, shape, policy)` compares `vlm_core.accounting`'s memory
 estimate (its framework overhead is the documented headroom) with `resources.gpuMemoryGiB` and, for a
 stage that does not fit, computes alternatives by searching nearby settings (strategy, offload,
 gradient checkpointing, micro batch, more nodes), each validated as a stage spec and estimated the same
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from vlm_trainer import accounting, storage
-from vlm_trainer.spec import ModelSpec, StageSpec, VLMTrainingJob
+from vlm_core import accounting, storage
+from vlm_core.spec import ModelSpec, StageSpec, VLMTrainingJob
 
 MAX_ALTERNATIVES = 4
 NODE_FACTORS = (1, 2, 4)

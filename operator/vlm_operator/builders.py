@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
-from vlm_trainer import contract
-from vlm_trainer.spec import API_GROUP, API_VERSION, KIND, VLMTrainingJob
+from vlm_core import contract
+from vlm_core.spec import API_GROUP, API_VERSION, KIND, VLMTrainingJob
 
 from vlm_operator import planner
 

@@ -1,7 +1,7 @@
 """`vlmctl`: validate, estimate, run locally, render Kubernetes objects, run the operator, run the quickstart.
 
 Torch-free: training runs in torchrun child processes, the quickstart's data and model preparation in
-`python -m vlm_trainer.quickstart` children.
+`python -m vlm_quickstart` children.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import subprocess
 import sys
 
 import yaml
-from vlm_trainer.redact import redact, redact_obj
-from vlm_trainer.spec import SpecError, VLMTrainingJob, load_job
+from vlm_core.redact import redact, redact_obj
+from vlm_core.spec import SpecError, VLMTrainingJob, load_job
 
 
 def _load_or_exit(path: str) -> VLMTrainingJob:
@@ -85,7 +85,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     qdir = os.path.abspath(args.dir)
     py = sys.executable
     print(f"quickstart: preparing synthetic data and stage-0 models in {qdir}", flush=True)
-    rc = subprocess.call([py, "-m", "vlm_trainer.quickstart", "prepare", "--dir", qdir, "--seed", str(args.seed),
+    rc = subprocess.call([py, "-m", "vlm_quickstart", "prepare", "--dir", qdir, "--seed", str(args.seed),
                           "--instruct", args.instruct])
     if rc:
         return rc
@@ -96,7 +96,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         rc = run_with_progress(job, verbose=args.verbose)
         if rc:
             return rc
-    return subprocess.call([py, "-m", "vlm_trainer.quickstart", "evaluate", "--dir", qdir])
+    return subprocess.call([py, "-m", "vlm_quickstart", "evaluate", "--dir", qdir])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """`vlmctl estimate job.yaml`: memory per GPU, compute, time and data-size advice per stage, before running.
 
-The numbers come from `vlm_trainer.accounting` (the same accounting admission and the trainer's MFU
+The numbers come from `vlm_core.accounting` (the same accounting admission and the trainer's MFU
 use); the model's shape from its config.json files, read through the storage layer (or from a local
 folder of config.json files with `--model-configs`, for checkpoints this machine cannot reach).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vlm_trainer import accounting as A
-from vlm_trainer.spec import StageSpec, VLMTrainingJob
+from vlm_core import accounting as A
+from vlm_core.spec import StageSpec, VLMTrainingJob
 
 from vlm_operator import admission
 

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
-from vlm_trainer import contract
-from vlm_trainer.spec import API_GROUP, API_VERSION, PLURAL
+from vlm_core import contract
+from vlm_core.spec import API_GROUP, API_VERSION, PLURAL
 
 from vlm_operator import kube, metrics, reconcile
 

@@ -19,9 +19,9 @@ from typing import Any, cast
 import kopf
 import kubernetes
 from kubernetes.client.rest import ApiException
-from vlm_trainer import contract
-from vlm_trainer.redact import redact, redact_obj
-from vlm_trainer.spec import API_GROUP, API_VERSION, PLURAL
+from vlm_core import contract
+from vlm_core.redact import redact, redact_obj
+from vlm_core.spec import API_GROUP, API_VERSION, PLURAL
 
 from vlm_operator import builders
 

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vlm_trainer import contract, storage
-from vlm_trainer.redact import redact
-from vlm_trainer.spec import TrainerConfig, VLMTrainingJob
+from vlm_core import contract, storage
+from vlm_core.redact import redact
+from vlm_core.spec import TrainerConfig, VLMTrainingJob
 
 from vlm_operator import admission, planner, preflight
 

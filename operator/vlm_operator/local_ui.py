@@ -23,9 +23,9 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
-from vlm_trainer import contract, storage
-from vlm_trainer.redact import redact
-from vlm_trainer.spec import CURATE_TYPE, VLMTrainingJob
+from vlm_core import contract, storage
+from vlm_core.redact import redact
+from vlm_core.spec import CURATE_TYPE, VLMTrainingJob
 
 from vlm_operator import planner
 from vlm_operator.local import Interrupted, LocalRunner, RunResult

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vlm_trainer import contract, storage
-from vlm_trainer.spec import VLMTrainingJob
+from vlm_core import contract, storage
+from vlm_core.spec import VLMTrainingJob
 
 from vlm_operator import builders, planner
 from vlm_operator.planner import StageObservation

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import braceexpand
-from vlm_trainer import contract, storage
-from vlm_trainer.spec import CURATE_TYPE, CurateStage, TrainerConfig, VLMTrainingJob
+from vlm_core import contract, storage
+from vlm_core.spec import CURATE_TYPE, CurateStage, TrainerConfig, VLMTrainingJob
 
 if TYPE_CHECKING:
     from vlm_operator.admission import Admission

@@ -11,15 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 import braceexpand
-from vlm_trainer import storage
-from vlm_trainer.model_config import (
+from vlm_core import storage
+from vlm_core.model_config import (
     VisionFacts,
     max_length_problem,
     stage_image_size,
     vision_facts,
     vision_problems,
 )
-from vlm_trainer.spec import CurateStage, VLMTrainingJob
+from vlm_core.spec import CurateStage, VLMTrainingJob
 
 from vlm_operator import planner
 

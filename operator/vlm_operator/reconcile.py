@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from vlm_trainer import contract, storage
-from vlm_trainer.spec import SpecError, VLMTrainingJob, parse_job
+from vlm_core import contract, storage
+from vlm_core.spec import SpecError, VLMTrainingJob, parse_job
 
 from vlm_operator import admission, builders, kube, metrics, observe, planner, preflight
 

@@ -10,7 +10,7 @@ import argparse
 import logging
 
 import kopf
-from vlm_trainer.redact import redact_logging
+from vlm_core.redact import redact_logging
 
 from vlm_operator import metrics
 

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 import torch
-from vlm_trainer.accounting import gpu_for_device
+from vlm_core.accounting import gpu_for_device
 from vlm_trainer.metrics import TrainerMetrics
 
 pytestmark = [
@@ -57,7 +57,7 @@ def test_mfu_of_a_bf16_matmul_against_the_default_peak() -> None:
     with TrainerMetrics("gpu", "check", 0, port=0, addr="127.0.0.1") as metrics:
         metrics.start_server()
         known = gpu_for_device(name)
-        assert known is not None, f"no default peak for {name!r}: add it to vlm_trainer.accounting.GPUS"
+        assert known is not None, f"no default peak for {name!r}: add it to vlm_core.accounting.GPUS"
         assert metrics.peak_flops_per_second == known.peak_flops_per_second
         n, iters = 8192, 50
         a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

@@ -29,8 +29,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
-    from vlm_trainer.quickstart.shapes import shard_paths, write_shards
+    from vlm_quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
+    from vlm_quickstart.shapes import shard_paths, write_shards
 
     root = tmp_path_factory.mktemp("gpu-strategies")
     tok = build_tokenizer()
@@ -42,8 +42,8 @@ def parts(tmp_path_factory):
 
 
 def run_stage(parts, name: str, **extra) -> dict:
+    from vlm_core.spec import parse_job
     from vlm_operator.planner import resolve_stage
-    from vlm_trainer.spec import parse_job
 
     stage = {"name": "instruct", "type": "instruct", "maxSteps": 30, "precision": "bf16",
              "data": {"shards": parts["train"], "evalShards": parts["held"], "format": "conversation", "maxLength": 96},

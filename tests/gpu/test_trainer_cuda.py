@@ -22,10 +22,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory):
+    from vlm_core.spec import parse_job
     from vlm_operator.planner import resolve_stage
-    from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
-    from vlm_trainer.quickstart.shapes import shard_paths, write_shards
-    from vlm_trainer.spec import parse_job
+    from vlm_quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
+    from vlm_quickstart.shapes import shard_paths, write_shards
 
     root = tmp_path_factory.mktemp("gpu")
     tok = build_tokenizer()

@@ -58,7 +58,7 @@ async def kube_api(tmp_path) -> AsyncIterator:
 def write_stand_in_inputs(bucket_uri: str, storage_uri: str, options: dict | None = None) -> None:
     """What the operator's preflight looks at for the jobs these tests apply (the fake trainer reads
     none of it): model config.json files at s3://<bucket>/models/{vision,lm} and a real tar shard."""
-    from vlm_trainer import storage
+    from vlm_core import storage
 
     vision = {"model_type": "siglip_vision_model", "image_size": 336, "patch_size": 42, "num_hidden_layers": 2}
     storage.write_json(f"{bucket_uri}/models/vision/config.json", vision, options=options)

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from vlm_quickstart.vocab import COLOUR_RGB, COLOURS, SHAPES, caption_of
 from vlm_trainer.curate.image import phash
-from vlm_trainer.quickstart.vocab import COLOUR_RGB, COLOURS, SHAPES, caption_of
 
 JUNK_CAPTIONS = [
     "IMG_0371.jpg", "DSC_0042", "click here to enlarge", "untitled", "image", "http://example.com/a/b.png",
@@ -262,8 +262,8 @@ def write_noisy_set(out_dir: str, *, clean: int = 240, per_kind: int = 20, shard
 def _slip_config(tokenizer: Any) -> Any:
     """SiglipModel: the quickstart's text tower and, as image tower, one 32x32 patch (hidden 256, no
     transformer layer, SigLIP's pooling head): see train_curation_encoder for why."""
-    from vlm_trainer.quickstart.components import vision_encoder_config
-    from vlm_trainer.quickstart.dual_encoder import dual_encoder_config
+    from vlm_quickstart.components import vision_encoder_config
+    from vlm_quickstart.dual_encoder import dual_encoder_config
 
     config = dual_encoder_config(tokenizer)
     config.vision_config = vision_encoder_config(image_size=32, patch=32, hidden=ENCODER_WIDTH, layers=0)
@@ -281,10 +281,10 @@ def train_slip_encoder(out_dir: str, scenes: list[Scene], rng: np.random.Generat
     import torch
     import torch.nn.functional as F
     from transformers import SiglipModel
+    from vlm_quickstart.components import build_image_processor, build_tokenizer
+    from vlm_quickstart.dual_encoder import CAPTION_TOKENS, multi_positive_contrastive_loss
+    from vlm_quickstart.pretrain import adamw, pixel_tensor
     from vlm_trainer.curate.embed import tokenize_captions
-    from vlm_trainer.quickstart.components import build_image_processor, build_tokenizer
-    from vlm_trainer.quickstart.dual_encoder import CAPTION_TOKENS, multi_positive_contrastive_loss
-    from vlm_trainer.quickstart.pretrain import adamw, pixel_tensor
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()

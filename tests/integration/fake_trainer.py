@@ -3,7 +3,7 @@
 Run by torchrun in place of the trainer module. It reads the stage's TrainerConfig (--config), checks
 the handoff (init_from must be a committed final/), resumes from the newest committed checkpoint under
 its output, "trains" maxSteps steps (sleeping FAKE_STEP_SECONDS each), commits checkpoint-<step>/
-every checkpoint.everySteps and finally final/ (rank 0), all through vlm_trainer.storage. It fails on
+every checkpoint.everySteps and finally final/ (rank 0), all through vlm_core.storage. It fails on
 purpose when FAKE_FAIL_STAGE names its stage, so tests can exhaust maxRestarts.
 """
 
@@ -16,8 +16,8 @@ import sys
 import tempfile
 import time
 
-from vlm_trainer import contract, storage
-from vlm_trainer.spec import TrainerConfig
+from vlm_core import contract, storage
+from vlm_core.spec import TrainerConfig
 
 
 def main() -> int:

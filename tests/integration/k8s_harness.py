@@ -44,8 +44,8 @@ import kubernetes
 from kmock import KubernetesEmulator, ResourceInfo, action, resource
 from kmock._internal.k8s import KubernetesError, KubernetesObjectConflictError, KubernetesObjectNotFoundError
 from ports import free_port
-from vlm_trainer import contract
-from vlm_trainer.spec import API_GROUP, API_VERSION, KIND, PLURAL
+from vlm_core import contract
+from vlm_core.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 if TYPE_CHECKING:
     from s3_server import SeaweedS3

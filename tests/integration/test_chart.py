@@ -18,8 +18,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from vlm_core import contract
 from vlm_operator import builders, rbac
-from vlm_trainer import contract
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "vlm-operator"

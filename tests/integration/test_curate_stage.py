@@ -14,11 +14,11 @@ import tarfile
 
 import pytest
 from curate_noise import curate_stage, read_decisions, train_curation_encoder, write_noisy_set
+from vlm_core import contract, storage
+from vlm_core.spec import TrainerConfig, parse_job
 from vlm_operator import planner
-from vlm_trainer import contract, storage
 from vlm_trainer.curate.runner import WORK_DIR, run_curate
 from vlm_trainer.parallel import dist_env
-from vlm_trainer.spec import TrainerConfig, parse_job
 
 KINDS = ("text", "image_decode", "image_size", "aspect_ratio", "clip_score", "nsfw", "exact_duplicate", "near_duplicate",
          "semantic_duplicate", "concept_cap")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vlm_trainer.spec import ImageSpec
+from vlm_core.spec import ImageSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"

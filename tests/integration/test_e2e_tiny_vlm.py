@@ -5,7 +5,7 @@ shards on a real S3 server (SeaweedFS); align reads them (`data: {fromStage: cur
 runs 2 nodes x 1 process (two pods, two torchrun agents meeting at a c10d rendezvous), with checkpoints
 and the weights handoff through S3. Midway through align one pod is killed: the operator restarts the
 gang and the trainer resumes from its last committed checkpoint (step > 0). Tiny untrained components
-come from vlm_trainer.quickstart (no hub downloads).
+come from vlm_quickstart (no hub downloads).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 from k8s_harness import NS, Cluster, Kubelet, torchrun_as_python, wait_for
-from vlm_trainer import storage
+from vlm_core import storage
 
 
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Untrained tiny SigLIP + Llama (with tokenizer and image processor) and a few synthetic shards."""
-    from vlm_trainer.quickstart import components, shapes
+    from vlm_quickstart import components, shapes
 
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = components.build_tokenizer()

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 from tiny_parts import build_parts, job_file, write_imageless_shard
-from vlm_trainer import storage
+from vlm_core import storage
 
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli"]
 ENV = {**os.environ, "VLM_METRICS_PORT": "off", "COLUMNS": "200"}

@@ -35,7 +35,7 @@ def tree(tmp_path: Path) -> Path:
 def test_the_layering_contracts_hold() -> None:
     out = lint_imports(ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "3 kept, 0 broken" in out.stdout
+    assert " 0 broken" in out.stdout and "BROKEN" not in out.stdout
 
 
 def test_a_torch_import_inside_an_operator_function_breaks_the_build(tree: Path) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 from tiny_parts import build_parts, job_file, write_imageless_shard
+from vlm_core.spec import load_job
 from vlm_operator.local import LocalRunner
-from vlm_trainer.spec import load_job
 
 
 @pytest.fixture(scope="module")

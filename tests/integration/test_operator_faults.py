@@ -18,8 +18,8 @@ from typing import Any
 from k8s_harness import NS, Cluster, KubeAPI, wait_for
 from ports import free_port
 from test_operator_k8s import JOBS, job_doc
+from vlm_core import storage
 from vlm_operator import rbac
-from vlm_trainer import storage
 
 
 def assert_requests_within_rbac(api: KubeAPI) -> None:

@@ -3,7 +3,7 @@
 Every test runs the real Kopf operator in-process, the kubelet stand-in (k8s_harness.Kubelet) and a
 real S3 server (SeaweedFS). The pods run `torchrun ... -m vlm_trainer` with the trainer module swapped
 for tests/integration/fake_trainer.py (same contract: config, resume, checkpoints, final/ through
-vlm_trainer.storage); test_e2e_tiny_vlm.py runs the real trainer.
+vlm_core.storage); test_e2e_tiny_vlm.py runs the real trainer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from conftest import write_stand_in_inputs
 from k8s_harness import NS, Cluster, wait_for
 from s3_server import SeaweedS3
-from vlm_trainer import storage
+from vlm_core import storage
 
 JOBS = "batch/v1/jobs"
 
@@ -189,8 +189,8 @@ async def test_delete_removes_every_child(cluster: Cluster) -> None:
 async def test_a_stage_that_cannot_fit_is_held_until_patched_to_a_suggested_alternative(cluster: Cluster) -> None:
     """Admission: a 7B-shaped instruct stage with ddp on 80 GiB GPUs is not started (no Job), says why with
     computed alternatives, and starts once the spec is patched to the first alternative."""
+    from vlm_core.spec import parse_job
     from vlm_operator import admission
-    from vlm_trainer.spec import parse_job
 
     c = cluster
     configs = {

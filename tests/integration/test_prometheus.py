@@ -32,12 +32,12 @@ from typing import Any
 import pytest
 import yaml
 from ports import free_base_port, free_port
+from vlm_core import contract
+from vlm_core.spec import parse_job
 from vlm_operator.planner import resolve_stage
-from vlm_trainer import contract
+from vlm_quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
+from vlm_quickstart.shapes import shard_paths, write_shards
 from vlm_trainer.metrics import CPU_PEAK_FLOPS_PER_SECOND
-from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
-from vlm_trainer.quickstart.shapes import shard_paths, write_shards
-from vlm_trainer.spec import parse_job
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts" / "vlm-operator" / "dashboards" / "vlm-training.json"

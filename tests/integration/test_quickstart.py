@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import SiglipVisionModel
-from vlm_trainer.quickstart.components import vision_encoder_config
-from vlm_trainer.quickstart.pretrain import pixel_tensor, vision_features
-from vlm_trainer.quickstart.shapes import make_samples
-from vlm_trainer.quickstart.vocab import SHAPES
+from vlm_quickstart.components import vision_encoder_config
+from vlm_quickstart.pretrain import pixel_tensor, vision_features
+from vlm_quickstart.shapes import make_samples
+from vlm_quickstart.vocab import SHAPES
 
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli"]
 

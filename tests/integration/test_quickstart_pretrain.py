@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from vlm_trainer.quickstart.pretrain import (
+from vlm_quickstart.pretrain import (
     pretrain_language_model,
     text_perplexity,
 )
-from vlm_trainer.quickstart.shapes import text_documents
+from vlm_quickstart.shapes import text_documents
 
 
 def test_language_model_pretraining_drops_heldout_perplexity(tmp_path):

@@ -15,11 +15,12 @@ import pytest
 import torch
 import yaml
 from tiny_parts import build_parts, job_file
+from vlm_core import storage
+from vlm_core.spec import load_job
 from vlm_operator.local import LocalRunner
-from vlm_trainer import family, storage
+from vlm_quickstart.shapes import draw_shape
+from vlm_trainer import family
 from vlm_trainer.model import load_vlm
-from vlm_trainer.quickstart.shapes import draw_shape
-from vlm_trainer.spec import load_job
 
 pytestmark = pytest.mark.integration
 

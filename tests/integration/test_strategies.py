@@ -21,11 +21,11 @@ import sys
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration, SiglipVisionModel
+from vlm_core import contract, storage
+from vlm_core.spec import parse_job
 from vlm_operator.planner import resolve_stage
-from vlm_trainer import contract, storage
-from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
-from vlm_trainer.quickstart.shapes import shard_paths, write_shards
-from vlm_trainer.spec import parse_job
+from vlm_quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
+from vlm_quickstart.shapes import shard_paths, write_shards
 
 pytestmark = pytest.mark.integration
 

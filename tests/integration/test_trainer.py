@@ -21,14 +21,14 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration, SiglipVisionModel
+from vlm_core import contract, storage
+from vlm_core.spec import ScheduleSpec, parse_job
 from vlm_operator.local import LocalRunner
 from vlm_operator.planner import resolve_stage
-from vlm_trainer import contract, storage
+from vlm_quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
+from vlm_quickstart.shapes import read_shards, shard_paths, write_shards
 from vlm_trainer.model import apply_freezing, assemble_vlm, param_groups
 from vlm_trainer.optim import lr_multiplier
-from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
-from vlm_trainer.quickstart.shapes import read_shards, shard_paths, write_shards
-from vlm_trainer.spec import ScheduleSpec, parse_job
 
 STAGE_TIMEOUT_SECONDS = 120
 

@@ -7,8 +7,8 @@ import tarfile
 from pathlib import Path
 
 import yaml
-from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
-from vlm_trainer.quickstart.shapes import shard_paths, write_shards
+from vlm_quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
+from vlm_quickstart.shapes import shard_paths, write_shards
 
 
 def build_parts(root: Path) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vlm_trainer import accounting as A
+from vlm_core import accounting as A
 
 GB = 1e9
 
@@ -247,7 +247,7 @@ def test_trainer_flops_come_from_the_same_accounting():
     """The trainer's MFU numerator: flops_for_trainer on the built model's LlavaConfig, per step."""
     import transformers as T
     from job_fixtures import GOOD
-    from vlm_trainer.spec import parse_job
+    from vlm_core.spec import parse_job
 
     v = T.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                              patch_size=8, image_size=32)
@@ -269,7 +269,7 @@ def test_stage_input_reads_the_strategy_fields_a_newer_spec_adds():
     from types import SimpleNamespace as NS
 
     from job_fixtures import GOOD
-    from vlm_trainer.spec import parse_job
+    from vlm_core.spec import parse_job
 
     plain = A.stage_input(parse_job(GOOD).spec.stages[2])
     assert (plain.offload, plain.lora_rank, plain.qlora, plain.dpo_reference) == ("none", None, False, "sharded")

@@ -8,10 +8,10 @@ import json
 
 import pytest
 from job_fixtures import GOOD
+from vlm_core import accounting
+from vlm_core.spec import parse_job
 from vlm_operator import admission, observe, planner
 from vlm_operator.status_model import JobStatus
-from vlm_trainer import accounting
-from vlm_trainer.spec import parse_job
 
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}

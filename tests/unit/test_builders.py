@@ -10,9 +10,9 @@ import kopf
 import kubernetes_validate
 import pytest
 import vlm_trainer
+from vlm_core import contract
+from vlm_core.spec import parse_job
 from vlm_operator import builders, planner
-from vlm_trainer import contract
-from vlm_trainer.spec import parse_job
 
 NS = "team-a"
 UID = "6f1c1a52-1111-4222-8333-944455556666"

@@ -10,8 +10,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from vlm_core.spec import SpecError, parse_job
 from vlm_operator import crd
-from vlm_trainer.spec import SpecError, parse_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CRD_FILE = os.path.join(ROOT, "crds", "training.vlm.dev_vlmtrainingjobs.yaml")

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from vlm_core.spec import CurateFiltersSpec, ImageFilterSpec, SpecError, TextFilterSpec, parse_job
 from vlm_operator import cli, planner
 from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_hash
 from vlm_trainer.curate.report import decision_lines, funnel
 from vlm_trainer.curate.select import decide
 from vlm_trainer.curate.text import detect_script, text_problem
-from vlm_trainer.spec import CurateFiltersSpec, ImageFilterSpec, SpecError, TextFilterSpec, parse_job
 
 JOB: dict[str, Any] = {
     "apiVersion": "training.vlm.dev/v1alpha1", "kind": "VLMTrainingJob", "metadata": {"name": "cur"},

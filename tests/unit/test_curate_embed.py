@@ -13,6 +13,10 @@ import fsspec
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
+from vlm_quickstart.components import build_image_processor, build_tokenizer, build_vision_encoder
+from vlm_quickstart.dual_encoder import export_vision_tower, train_dual_encoder
+from vlm_quickstart.shapes import make_samples
+from vlm_quickstart.vocab import COLOURS, SHAPES, caption_of
 from vlm_trainer.curate.embed import (
     EmbedError,
     clip_scores,
@@ -22,10 +26,6 @@ from vlm_trainer.curate.embed import (
     save_linear_probe,
     semdedup,
 )
-from vlm_trainer.quickstart.components import build_image_processor, build_tokenizer, build_vision_encoder
-from vlm_trainer.quickstart.dual_encoder import export_vision_tower, train_dual_encoder
-from vlm_trainer.quickstart.shapes import make_samples
-from vlm_trainer.quickstart.vocab import COLOURS, SHAPES, caption_of
 
 pytestmark = pytest.mark.unit
 

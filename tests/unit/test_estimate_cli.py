@@ -11,10 +11,10 @@ import sys
 import pytest
 import yaml
 from job_fixtures import GOOD
+from vlm_core import accounting as A
+from vlm_core.spec import load_job, parse_job
 from vlm_operator import admission
 from vlm_operator.local import LocalRunner
-from vlm_trainer import accounting as A
-from vlm_trainer.spec import load_job, parse_job
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli", "estimate"]

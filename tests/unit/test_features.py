@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 from test_objective import loss_and_grads, mixed_batch, tiny_llava
+from vlm_core.spec import StageSpec
 from vlm_trainer.features import FeatureCache, cache_root, install_feature_cache, setup_feature_cache
 from vlm_trainer.frozen import run_frozen_tower_in_inference
 from vlm_trainer.model import apply_freezing
 from vlm_trainer.objective import CausalLMObjective
-from vlm_trainer.spec import StageSpec
 
 pytestmark = pytest.mark.unit
 

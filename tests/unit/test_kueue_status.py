@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlm_core.spec import parse_job
 from vlm_operator import builders, observe, planner
 from vlm_operator.status_model import JobStatus
-from vlm_trainer.spec import parse_job
 
 NOW = "2026-11-30T10:00:00Z"
 

@@ -7,7 +7,8 @@ import threading
 import time
 
 import pytest
-from vlm_trainer import lease, storage
+from vlm_core import storage
+from vlm_trainer import lease
 
 
 def test_a_live_holder_makes_the_second_runner_refuse_naming_it(tmp_path) -> None:

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
-from vlm_trainer import contract
-from vlm_trainer.accounting import gpu_for_device
+from vlm_core import contract
+from vlm_core.accounting import gpu_for_device
 from vlm_trainer.metrics import (
     CPU_PEAK_FLOPS_PER_SECOND,
     TrainerMetrics,

@@ -15,11 +15,11 @@ from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
 )
+from vlm_core.spec import ModelSpec, ResolutionSpec, StageSpec
+from vlm_quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
 from vlm_trainer import family, resolution
 from vlm_trainer.model import assemble_vlm, param_groups
-from vlm_trainer.quickstart.components import build_language_model, build_tokenizer, build_vision_encoder
 from vlm_trainer.samples import IMAGE_TOKEN, SampleEncoder, SampleError, collate
-from vlm_trainer.spec import ModelSpec, ResolutionSpec, StageSpec
 
 pytestmark = pytest.mark.unit
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from vlm_core import contract
+from vlm_core.spec import parse_job
+from vlm_core.storage import Verification
 from vlm_operator import builders, observe, planner
 from vlm_operator.planner import StageObservation
 from vlm_operator.status_model import JobStatus, StageStatus
-from vlm_trainer import contract
-from vlm_trainer.spec import parse_job
-from vlm_trainer.storage import Verification
 
 NOW = "2026-11-26T10:00:00Z"
 

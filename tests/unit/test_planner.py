@@ -4,9 +4,9 @@ import copy
 
 import pytest
 from job_fixtures import GOOD
+from vlm_core.spec import parse_job
 from vlm_operator import planner
 from vlm_operator.planner import StageObservation as Obs
-from vlm_trainer.spec import parse_job
 
 
 def job(**spec_updates):

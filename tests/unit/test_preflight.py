@@ -9,8 +9,8 @@ import tarfile
 from pathlib import Path
 
 from job_fixtures import GOOD
+from vlm_core.spec import ResolutionSpec, parse_job
 from vlm_operator import preflight
-from vlm_trainer.spec import ResolutionSpec, parse_job
 
 
 def write_inputs(root: Path, *, image_size: int = 32, patch: int = 8, layers: int = 2) -> dict:

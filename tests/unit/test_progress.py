@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from vlm_trainer import contract, storage
+from vlm_core import contract, storage
 from vlm_trainer.progress import EtaClock, ProgressReporter
 
 

@@ -11,9 +11,9 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
-from vlm_trainer.quickstart.components import build_tokenizer
-from vlm_trainer.quickstart.shapes import read_shards, shard_paths, text_documents, write_shards
-from vlm_trainer.quickstart.vocab import COLOUR_RGB, COLOURS, SHAPES, caption_of
+from vlm_quickstart.components import build_tokenizer
+from vlm_quickstart.shapes import read_shards, shard_paths, text_documents, write_shards
+from vlm_quickstart.vocab import COLOUR_RGB, COLOURS, SHAPES, caption_of
 from vlm_trainer.samples import SampleEncoder
 
 
@@ -165,7 +165,7 @@ class _Processor:
 
 def test_trainer_encodes_the_shards_with_labels_on_answers_only(shards):
     """The trainer's own sample encoder accepts our formats and trains only the answer tokens."""
-    from vlm_trainer.quickstart.components import build_image_processor
+    from vlm_quickstart.components import build_image_processor
 
     _, train, _ = shards
     tok = build_tokenizer()
@@ -183,8 +183,8 @@ def test_trainer_encodes_the_shards_with_labels_on_answers_only(shards):
 
 
 def test_raw_set_plants_each_kind_of_noise_behind_opaque_keys(tmp_path):
-    from vlm_trainer.quickstart.noise import JUNK_CAPTIONS, NOISE_SHARES, write_raw_shards
-    from vlm_trainer.quickstart.shapes import make_samples
+    from vlm_quickstart.noise import JUNK_CAPTIONS, NOISE_SHARES, write_raw_shards
+    from vlm_quickstart.shapes import make_samples
 
     clean = make_samples("train", 200, seed=4)
     raw = write_raw_shards(str(tmp_path / "a"), clean, seed=4, per_shard=100)

@@ -6,12 +6,12 @@ import json
 import os
 
 import pytest
-from vlm_trainer.quickstart.components import build_language_model, build_tokenizer
-from vlm_trainer.quickstart.evaluate import evaluate
-from vlm_trainer.quickstart.noise import write_raw_shards
-from vlm_trainer.quickstart.prepare import Recipe, job_documents
-from vlm_trainer.quickstart.shapes import make_samples, shard_paths, text_documents, write_shards
-from vlm_trainer.spec import parse_job
+from vlm_core.spec import parse_job
+from vlm_quickstart.components import build_language_model, build_tokenizer
+from vlm_quickstart.evaluate import evaluate
+from vlm_quickstart.noise import write_raw_shards
+from vlm_quickstart.prepare import Recipe, job_documents
+from vlm_quickstart.shapes import make_samples, shard_paths, text_documents, write_shards
 
 
 @pytest.fixture

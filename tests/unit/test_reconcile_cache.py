@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlm_core.storage import Verification
 from vlm_operator.reconcile import JobCache, StorageChecks, next_resync_delay
-from vlm_trainer.storage import Verification
 
 
 def job(name: str) -> dict[str, Any]:

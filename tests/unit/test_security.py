@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from vlm_core import contract
+from vlm_core.spec import parse_job
 from vlm_operator import builders, rbac
-from vlm_trainer import contract
-from vlm_trainer.spec import parse_job
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "vlm-operator"

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 from job_fixtures import GOOD  # noqa: E402
-from vlm_trainer.spec import SpecError, dump_job, parse_job
+from vlm_core.spec import SpecError, dump_job, parse_job
 
 
 def problems(doc) -> list[str]:

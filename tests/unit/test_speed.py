@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 from test_objective import mixed_batch, tiny_llava
+from vlm_core.spec import StageSpec
 from vlm_trainer.frozen import run_frozen_tower_in_inference
 from vlm_trainer.model import apply_freezing
 from vlm_trainer.objective import CausalLMObjective
 from vlm_trainer.optim import fused_applies
-from vlm_trainer.spec import StageSpec
 from vlm_trainer.strategies.compile import compile_blocks
 
 pytestmark = pytest.mark.unit

@@ -3,7 +3,7 @@
 import json
 import os
 
-from vlm_trainer import storage
+from vlm_core import storage
 
 
 def make_dir(tmp_path, name="src", files=None):
@@ -73,8 +73,8 @@ def test_join_keeps_schemes():
 def test_storage_options_travel_with_the_job_not_the_process(monkeypatch, tmp_path) -> None:
     """Two jobs, two endpoints, one process: each filesystem gets its own job's endpoint/credentials,
     and building a local runner leaves the process environment alone."""
+    from vlm_core.spec import StorageSpec, parse_job
     from vlm_operator.local import LocalRunner
-    from vlm_trainer.spec import StorageSpec, parse_job
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     a = StorageSpec.model_validate({"uri": "s3://bucket/a", "endpointUrl": "http://127.0.0.1:9001"})

@@ -13,12 +13,12 @@ import torch
 import yaml
 from job_fixtures import GOOD
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+from vlm_core.spec import SpecError, StageSpec, Strategy, parse_job
 from vlm_trainer.checkpoint import check_resumable, resplit_positions
 from vlm_trainer.data import DataPosition
 from vlm_trainer.lora import QLoRAUnavailable, apply_lora, check_qlora_device
 from vlm_trainer.model import apply_freezing, param_groups
 from vlm_trainer.parallel import DistEnv
-from vlm_trainer.spec import SpecError, StageSpec, Strategy, parse_job
 from vlm_trainer.strategies import STRATEGIES, build_strategy
 from vlm_trainer.strategies.deepspeed_zero import deepspeed_config
 

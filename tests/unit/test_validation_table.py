@@ -220,7 +220,7 @@ def test_valid_edge_cases_are_accepted(variant: str, tmp_path: Path, capsys, mon
 def test_log_records_are_redacted() -> None:
     import logging
 
-    from vlm_trainer.redact import RedactingFilter
+    from vlm_core.redact import RedactingFilter
 
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "reading %s failed", ("s3://AKIAIOSFODNN7EXAMPLE:pw@b/x",), None)
     assert RedactingFilter().filter(record)

@@ -13,10 +13,11 @@ import logging
 import os
 import sys
 
-from vlm_trainer import contract, storage
+from vlm_core import contract, storage
+from vlm_core.redact import redact_logging
+from vlm_core.spec import TrainerConfig
+
 from vlm_trainer.progress import emit
-from vlm_trainer.redact import redact_logging
-from vlm_trainer.spec import TrainerConfig
 
 
 def config_uri(cli_value: str | None) -> str:

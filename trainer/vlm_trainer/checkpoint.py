@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from vlm_core import contract, storage
 
-from vlm_trainer import contract, storage
 from vlm_trainer.data import DataPosition, LoaderPosition
 from vlm_trainer.parallel import DistEnv, barrier, gather_objects
 from vlm_trainer.strategies import Strategy

@@ -37,9 +37,8 @@ from typing import Any
 
 import braceexpand
 import webdataset as wds
+from vlm_core import storage
 from webdataset.tariterators import base_plus_ext
-
-from vlm_trainer import storage
 
 
 @dataclass

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from vlm_core import storage
 
-from vlm_trainer import storage
 from vlm_trainer.model import llava_of
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vlm_trainer import storage
+from vlm_core import storage
 
 log = logging.getLogger(__name__)
 

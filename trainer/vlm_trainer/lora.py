@@ -18,9 +18,9 @@ import tempfile
 
 import torch
 from torch import nn
+from vlm_core.spec import StageSpec
 
 from vlm_trainer.model import VLM
-from vlm_trainer.spec import StageSpec
 
 PROJECTOR = "multi_modal_projector"
 

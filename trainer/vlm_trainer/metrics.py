@@ -30,10 +30,9 @@ from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from vlm_trainer import contract
-from vlm_trainer.accounting import CPU_PEAK_FLOPS_PER_SECOND as CPU_PEAK_FLOPS_PER_SECOND  # re-exported
-from vlm_trainer.accounting import peak_flops_for_device
+from vlm_core import contract
+from vlm_core.accounting import CPU_PEAK_FLOPS_PER_SECOND as CPU_PEAK_FLOPS_PER_SECOND  # re-exported
+from vlm_core.accounting import peak_flops_for_device
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ _DISABLED = ("off", "none", "disabled")
 
 def default_peak_flops_per_second(device_name: str | None) -> float:
     """Peak dense bf16 FLOP/s of a device named like `torch.cuda.get_device_name()`; CPU otherwise.
-    One table for the estimator and the trainer's MFU: `vlm_trainer.accounting.GPUS`."""
+    One table for the estimator and the trainer's MFU: `vlm_core.accounting.GPUS`."""
     return peak_flops_for_device(device_name)
 
 

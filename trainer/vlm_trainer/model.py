@@ -34,10 +34,11 @@ from transformers import (
 # transformers 5.17's top-level `AutoImageProcessor` is a placeholder that demands torchvision even
 # though the PIL backends work; the class in its own module resolves SigLIP/CLIP to their PIL processors.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
+from vlm_core import storage
+from vlm_core.spec import ModelSpec, ResolutionSpec, StageSpec
 
-from vlm_trainer import family, resolution, storage
+from vlm_trainer import family, resolution
 from vlm_trainer.samples import IMAGE_TOKEN
-from vlm_trainer.spec import ModelSpec, ResolutionSpec, StageSpec
 
 PARTS = ("projector", "language_model", "vision_tower")
 

@@ -6,8 +6,7 @@ import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-
-from vlm_trainer.spec import ScheduleSpec, StageSpec
+from vlm_core.spec import ScheduleSpec, StageSpec
 
 
 def fused_applies(groups: list[dict], stage: StageSpec) -> bool:

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from vlm_trainer import contract, storage
+from vlm_core import contract, storage
 
 log = logging.getLogger(__name__)
 

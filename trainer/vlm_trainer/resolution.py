@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlavaNextConfig, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from vlm_core.spec import ResolutionSpec
 
 from vlm_trainer import family
-from vlm_trainer.spec import ResolutionSpec
 
 POSITION_KEY = "embeddings.position_embedding.weight"
 # Copied from the base image processor into the tiling one (normalisation must not change with the policy).

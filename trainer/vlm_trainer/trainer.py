@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from vlm_core import accounting, contract, storage
+from vlm_core.spec import CURATE_TYPE, StageSpec, TrainerConfig
 
-from vlm_trainer import accounting, contract, lora, storage
+from vlm_trainer import lora
 from vlm_trainer.checkpoint import Checkpointer, ResumeState
 from vlm_trainer.data import LoaderPosition, count_samples, eval_samples
 from vlm_trainer.dpo import DPOObjective
@@ -49,7 +51,6 @@ from vlm_trainer.packing import efficiency, pack_row, packing_mode
 from vlm_trainer.parallel import DistEnv, all_reduce_sum, all_reduce_tensor, gather_objects
 from vlm_trainer.progress import ProgressReporter, emit
 from vlm_trainer.samples import Encoded, SampleEncoder, SampleError, collate, collate_pairs
-from vlm_trainer.spec import CURATE_TYPE, StageSpec, TrainerConfig
 from vlm_trainer.strategies import Strategy, build_strategy
 from vlm_trainer.strategies.compile import compile_blocks
 
@@ -537,7 +538,7 @@ class Trainer:
             grad_norm=result.grad_norm,
             step_seconds=result.seconds,
             data_wait_seconds=min(result.data_wait_seconds, result.seconds),
-            # vlm_trainer.accounting's FLOPs (the estimator's): frozen parts forward (+ input gradient) only.
+            # vlm_core.accounting's FLOPs (the estimator's): frozen parts forward (+ input gradient) only.
             flops=self.flop_rates.step_flops(result.local_tokens, result.local_samples) if self.flop_rates else None,
             eta_seconds=eta_seconds,
         )

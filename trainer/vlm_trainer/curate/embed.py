@@ -31,8 +31,7 @@ from transformers import AutoModel, AutoTokenizer, CLIPModel, PreTrainedModel, S
 
 # transformers 5.17's top-level `AutoImageProcessor` is a placeholder that demands torchvision (as in model.py).
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
-
-from vlm_trainer import storage
+from vlm_core import storage
 
 DUAL_ENCODER_CLASSES = ("CLIPModel", "SiglipModel")
 

@@ -16,8 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image
-
-from vlm_trainer.spec import ImageFilterSpec
+from vlm_core.spec import ImageFilterSpec
 
 IMAGE_REASONS = ("image_decode", "image_size", "aspect_ratio")
 

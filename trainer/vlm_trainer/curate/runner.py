@@ -28,7 +28,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from vlm_trainer import contract, storage
+from vlm_core import contract, storage
+from vlm_core.spec import CurateStage, TrainerConfig
+
 from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_hash
 from vlm_trainer.curate.report import decision_lines, funnel, funnel_chart_png
 from vlm_trainer.curate.select import decide
@@ -36,7 +38,6 @@ from vlm_trainer.curate.text import text_problem
 from vlm_trainer.data import expand_shards
 from vlm_trainer.parallel import DistEnv, barrier, gather_objects
 from vlm_trainer.progress import emit
-from vlm_trainer.spec import CurateStage, TrainerConfig
 
 log = logging.getLogger(__name__)
 

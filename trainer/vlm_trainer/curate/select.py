@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from vlm_core.spec import CurateFiltersSpec
 
 from vlm_trainer.curate.image import hamming
-from vlm_trainer.spec import CurateFiltersSpec
 
 # The fixed reason names of decisions.jsonl, in pipeline order.
 REASONS = ("text", "image_decode", "image_size", "aspect_ratio", "clip_score", "nsfw", "exact_duplicate",

@@ -14,7 +14,7 @@ import re
 import unicodedata
 from functools import lru_cache
 
-from vlm_trainer.spec import TextFilterSpec
+from vlm_core.spec import TextFilterSpec
 
 TEXT_CHECKS = ("missing", "word_count", "junk_pattern", "special_chars", "repeated_chars", "language")
 

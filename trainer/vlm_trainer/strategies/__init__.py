@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from vlm_core.spec import StageSpec
+
 from vlm_trainer.parallel import DistEnv
-from vlm_trainer.spec import StageSpec
 from vlm_trainer.strategies.base import Strategy
 from vlm_trainer.strategies.ddp import DDPStrategy
 from vlm_trainer.strategies.deepspeed_zero import Zero2Strategy, Zero3Strategy

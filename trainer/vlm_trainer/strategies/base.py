@@ -17,9 +17,9 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from vlm_core.spec import StageSpec
 
 from vlm_trainer.parallel import DistEnv
-from vlm_trainer.spec import StageSpec
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 

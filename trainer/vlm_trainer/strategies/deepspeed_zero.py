@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from vlm_core.spec import StageSpec
 
 from vlm_trainer.parallel import materialize_from_rank0, to_empty_keeping_ties
-from vlm_trainer.spec import StageSpec
 from vlm_trainer.strategies.base import OptimizerFactory, Strategy
 
 CHECKPOINT_TAG = "deepspeed"

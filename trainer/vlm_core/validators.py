@@ -10,7 +10,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from urllib.parse import urlsplit
 
-from vlm_trainer.redact import contains_credentials
+from vlm_core.redact import contains_credentials
 
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_trainer.spec import ModelSpec
+from vlm_core.spec import ModelSpec
 
 VISION_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model")
 

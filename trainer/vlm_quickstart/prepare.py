@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import yaml
+from vlm_core.spec import API_GROUP, API_VERSION, KIND, dump_job, parse_job
 
-from vlm_trainer.quickstart.dual_encoder import export_vision_tower, train_dual_encoder
-from vlm_trainer.quickstart.noise import write_raw_shards
-from vlm_trainer.quickstart.pretrain import VISION_FEATURE_LAYER, pretrain_language_model
-from vlm_trainer.quickstart.shapes import IMAGE_SIZE, make_samples, shard_paths, text_documents, write_shards
-from vlm_trainer.spec import API_GROUP, API_VERSION, KIND, dump_job, parse_job
+from vlm_quickstart.dual_encoder import export_vision_tower, train_dual_encoder
+from vlm_quickstart.noise import write_raw_shards
+from vlm_quickstart.pretrain import VISION_FEATURE_LAYER, pretrain_language_model
+from vlm_quickstart.shapes import IMAGE_SIZE, make_samples, shard_paths, text_documents, write_shards
 
 JOB_NAME = "quickstart"
 NAIVE_JOB_NAME = "quickstart-naive"

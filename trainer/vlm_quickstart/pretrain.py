@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerBase, SiglipVisionModel
-
+from vlm_core.spec import ScheduleSpec
 from vlm_trainer.optim import build_scheduler
-from vlm_trainer.quickstart.components import (
+
+from vlm_quickstart.components import (
     build_image_processor,
     build_tokenizer,
     language_model_config,
 )
-from vlm_trainer.quickstart.shapes import text_documents
-from vlm_trainer.spec import ScheduleSpec
+from vlm_quickstart.shapes import text_documents
 
 # The encoder layer whose patch features LLaVA reads (job.yaml's visionFeatureLayer); stage 0 trains
 # exactly these features.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlm_trainer.quickstart.vocab import (
+from vlm_quickstart.vocab import (
     CAPTION_PROMPTS,
     COLOUR_QUESTIONS,
     COLOUR_RGB,

@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+from vlm_core import contract, storage
+from vlm_core.spec import VLMTrainingJob, load_job
 
-from vlm_trainer import contract, storage
-from vlm_trainer.quickstart.noise import EXPECTED_REASON
-from vlm_trainer.quickstart.pretrain import load_language_model, text_perplexity
-from vlm_trainer.quickstart.shapes import read_shards
-from vlm_trainer.quickstart.vocab import CAPTION_PROMPTS, COLOUR_QUESTIONS, COLOURS, SHAPE_QUESTIONS, SHAPES
-from vlm_trainer.spec import VLMTrainingJob, load_job
+from vlm_quickstart.noise import EXPECTED_REASON
+from vlm_quickstart.pretrain import load_language_model, text_perplexity
+from vlm_quickstart.shapes import read_shards
+from vlm_quickstart.vocab import CAPTION_PROMPTS, COLOUR_QUESTIONS, COLOURS, SHAPE_QUESTIONS, SHAPES
 
 # The claims, checked on every report (`--strict` turns a miss into a non-zero exit).
 THRESHOLDS = {

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vlm_trainer.storage import join
+from vlm_core.storage import join
 
 # The trainer entry point, as torchrun runs it: `torchrun ... -m vlm_trainer --config <uri>`.
 TRAINER_MODULE = "vlm_trainer"

@@ -20,7 +20,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from vlm_trainer.quickstart.vocab import COLOURS, SHAPES, WORDS
+from vlm_quickstart.vocab import COLOURS, SHAPES, WORDS
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, IMAGE]

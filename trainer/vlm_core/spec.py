@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from vlm_trainer import __version__, storage, validators
+from vlm_core import __version__, storage, validators
 
 API_GROUP = "training.vlm.dev"
 API_VERSION = "v1alpha1"

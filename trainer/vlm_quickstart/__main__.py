@@ -1,4 +1,4 @@
-"""`python -m vlm_trainer.quickstart {prepare,evaluate} --dir DIR`: the quickstart's two halves.
+"""`python -m vlm_quickstart {prepare,evaluate} --dir DIR`: the quickstart's two halves.
 
 `vlmctl quickstart` runs `prepare`, then the job files through the local backend, then `evaluate`.
 """
@@ -10,7 +10,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlm_trainer.quickstart", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m vlm_quickstart", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="write data shards (clean + raw with planted noise), stage-0 checkpoints, job.yaml, raw.yaml and naive.yaml")
     prep.add_argument("--dir", required=True, help="working folder")
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars, per tiny file
     if args.command == "prepare":
-        from vlm_trainer.quickstart.prepare import Recipe, prepare
+        from vlm_quickstart.prepare import Recipe, prepare
 
         prepare(args.dir, seed=args.seed, recipe=Recipe(instruct_variant=args.instruct))
         return 0
-    from vlm_trainer.quickstart.evaluate import evaluate
+    from vlm_quickstart.evaluate import evaluate
 
     return evaluate(args.dir, strict=args.strict)
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from vlm_trainer.quickstart.shapes import IMAGE_SIZE, ShapeSample, _add, draw_shape, split_seed
-from vlm_trainer.quickstart.vocab import COLOURS, SHAPES, caption_of
+from vlm_quickstart.shapes import IMAGE_SIZE, ShapeSample, _add, draw_shape, split_seed
+from vlm_quickstart.vocab import COLOURS, SHAPES, caption_of
 
 # Planted samples per clean sample, by kind (about 40% on top of the clean pairs, as web pools are).
 NOISE_SHARES: dict[str, float] = {

@@ -31,10 +31,10 @@ from transformers import (
     SiglipTextConfig,
     SiglipVisionModel,
 )
-
 from vlm_trainer.curate.embed import tokenize_captions
-from vlm_trainer.quickstart.components import build_image_processor, build_tokenizer, vision_encoder_config
-from vlm_trainer.quickstart.pretrain import PretrainResult, adamw, pixel_tensor
+
+from vlm_quickstart.components import build_image_processor, build_tokenizer, vision_encoder_config
+from vlm_quickstart.pretrain import PretrainResult, adamw, pixel_tensor
 
 CAPTION_TOKENS = 8  # the text tower's length: quickstart captions are 3 words
 
