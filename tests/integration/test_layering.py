@@ -1,7 +1,8 @@
-"""Layering (DESIGN.md) is enforced by import-linter's contracts in pyproject.toml, run by `make lint`:
-the trainer never reaches for Kubernetes, the operator never imports torch (also not through
-vlm_trainer, also not inside a function), and only `vlm_operator.kube` talks to the Kubernetes API.
-These tests show the contracts hold and that they do catch a misplaced import."""
+"""Layering (docs/architecture.md) is enforced by import-linter's contracts in pyproject.toml, run by
+`make lint`: vlm_operator -> vlm_core <- vlm_trainer <- vlm_quickstart; the core is torch-free and knows
+neither side, the trainer never reaches for Kubernetes, the operator never imports torch or the trainer
+(also not inside a function), only `vlm_operator.kube` talks to the Kubernetes API, and no package has an
+import circle. These tests show the contracts hold and that each one does catch a misplaced import."""
 
 from __future__ import annotations
 
@@ -67,3 +68,45 @@ def test_importing_the_operator_leaves_torch_out() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"torch imported by vlm_operator: {out.stdout.strip()}"
+
+
+def test_a_torch_import_in_the_core_breaks_the_build(tree: Path) -> None:
+    with open(tree / "trainer" / "vlm_core" / "storage.py", "a") as f:
+        f.write("\n\ndef _sneaky():\n    import torch\n\n    return torch\n")
+    out = lint_imports(tree)
+    assert out.returncode != 0
+    assert "The core is torch-free and knows neither side BROKEN" in out.stdout
+    assert "vlm_core.storage -> torch" in out.stdout
+
+
+def test_the_core_importing_the_trainer_breaks_the_build(tree: Path) -> None:
+    with open(tree / "trainer" / "vlm_core" / "kinds.py", "a") as f:
+        f.write("\n\ndef _sneaky():\n    from vlm_trainer import stages\n\n    return stages\n")
+    out = lint_imports(tree)
+    assert out.returncode != 0
+    assert "The core is torch-free and knows neither side BROKEN" in out.stdout
+
+
+def test_the_operator_importing_the_trainer_breaks_the_build(tree: Path) -> None:
+    with open(tree / "operator" / "vlm_operator" / "planner.py", "a") as f:
+        f.write("\n\ndef _sneaky():\n    import vlm_trainer.checkpoint\n\n    return vlm_trainer\n")
+    out = lint_imports(tree)
+    assert out.returncode != 0
+    assert "The operator never imports torch (nor what drags it in), nor the trainer BROKEN" in out.stdout
+
+
+def test_an_import_circle_breaks_the_build(tree: Path) -> None:
+    """storage -> contract and contract -> storage: a circle inside vlm_core."""
+    with open(tree / "trainer" / "vlm_core" / "storage.py", "a") as f:
+        f.write("\n\ndef _sneaky():\n    from vlm_core import contract\n\n    return contract\n")
+    out = lint_imports(tree)
+    assert out.returncode != 0
+    assert "No import circles inside a package BROKEN" in out.stdout
+
+
+def test_the_operator_sources_never_name_the_trainer_package() -> None:
+    """Not even in a docstring or a string: the operator knows the trainer only through the contract
+    (contract.TRAINER_MODULE is the `-m` torchrun runs)."""
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "operator").rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "vlm_trainer" in line]
+    assert hits == [], hits
