@@ -108,15 +108,30 @@ def test_dockerfile_pins_are_pyproject_pins() -> None:
 
 
 def test_the_version_is_written_once() -> None:
-    """vlm_trainer.__version__ is the release: the package metadata, the default trainer image tag and
+    """vlm_core.__version__ is the release: the package metadata, the default trainer image tag and
     the chart's version/appVersion all agree with it."""
     import importlib.metadata
 
-    import vlm_trainer
+    import vlm_core
     import yaml
 
     chart = yaml.safe_load((ROOT / "charts" / "vlm-operator" / "Chart.yaml").read_text())
-    assert chart["version"] == chart["appVersion"] == vlm_trainer.__version__
-    assert ImageSpec().tag == vlm_trainer.__version__
-    assert importlib.metadata.version("vlm-training-operator") == vlm_trainer.__version__
-    assert vlm_trainer.__version__ not in DOCKERFILE.read_text()  # tags come from the build, not this file
+    assert chart["version"] == chart["appVersion"] == vlm_core.__version__
+    assert ImageSpec().tag == vlm_core.__version__
+    assert importlib.metadata.version("vlm-training-operator") == vlm_core.__version__
+    assert vlm_core.__version__ not in DOCKERFILE.read_text()  # tags come from the build, not this file
+
+
+def test_the_wheel_lists_every_package() -> None:
+    """The images install the wheel, and setuptools puts in it only the packages pyproject names: a
+    subpackage left off (say vlm_trainer.stages) would import here (editable install) and fail in the
+    image. Every folder with an __init__.py under operator/ and trainer/ is listed, and nothing else."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {name: ROOT / folder for name, folder in setup["package-dir"].items()}
+    on_disk = {
+        ".".join([name, *init.parent.relative_to(folder).parts])
+        for name, folder in roots.items() for init in folder.rglob("__init__.py")
+    }
+    assert sorted(setup["packages"]) == sorted(on_disk)
