@@ -27,9 +27,8 @@ class CurateInputSpec(Strict):
 
     @field_validator("shards")
     @classmethod
-    def _no_credentials(cls, v: list[str]) -> list[str]:
-        validators.no_credentials_in(v)
-        return v
+    def _shard_uris(cls, v: list[str]) -> list[str]:
+        return validators.input_uris(v)
 
 
 class TextFilterSpec(Strict):
@@ -117,8 +116,8 @@ class NsfwSpec(Strict):
 
     @field_validator("probe")
     @classmethod
-    def _no_credentials(cls, v: str) -> str:
-        return validators.no_credentials(v)
+    def _probe_uri(cls, v: str) -> str:
+        return validators.input_uri(v)
 
 
 class ExactDedupSpec(Strict):
@@ -158,6 +157,11 @@ class BalanceSpec(Strict):
     )
     per_concept_cap: int = Field(gt=0, le=10**12, description="Most samples kept per concept.")
     drop_unmatched: bool = Field(False, description="Drop samples whose caption matches no concept (MetaCLIP does).")
+
+    @field_validator("concepts_file")
+    @classmethod
+    def _concepts_uri(cls, v: str | None) -> str | None:
+        return validators.input_uri(v) if v is not None else None
 
     @model_validator(mode="after")
     def _some(self) -> BalanceSpec:
@@ -214,7 +218,7 @@ class CurateStage(Strict):
     @field_validator("encoder")
     @classmethod
     def _enc(cls, v: str | None) -> str | None:
-        return validators.no_credentials(v) if v is not None else None
+        return validators.input_uri(v, validators.STORAGE_SCHEMES) if v is not None else None
 
     @property
     def world_size(self) -> int:

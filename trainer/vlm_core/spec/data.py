@@ -58,9 +58,8 @@ class DataSourceSpec(Strict):
 
     @field_validator("shards")
     @classmethod
-    def _no_credentials(cls, v: list[str]) -> list[str]:
-        validators.no_credentials_in(v)
-        return v
+    def _shard_uris(cls, v: list[str]) -> list[str]:
+        return validators.input_uris(v)
 
 
 class DataSpec(Strict):
@@ -125,8 +124,8 @@ class DataSpec(Strict):
 
     @field_validator("shards", "eval_shards")
     @classmethod
-    def _no_credentials(cls, v: list[str] | None) -> list[str] | None:
-        return validators.no_credentials_in(v)
+    def _shard_uris(cls, v: list[str]) -> list[str]:
+        return validators.input_uris(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:

@@ -36,8 +36,8 @@ class ModelSpec(Strict):
 
     @field_validator("vision_encoder", "language_model")
     @classmethod
-    def _no_credentials(cls, v: str) -> str:
-        return validators.no_credentials(v)
+    def _checkpoint_uri(cls, v: str) -> str:
+        return validators.input_uri(v, validators.STORAGE_SCHEMES)
 
 
 class StorageSpec(Strict):
