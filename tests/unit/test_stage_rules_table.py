@@ -106,6 +106,8 @@ def test_every_kinds_table_row_has_its_defaults_applied(kind: kinds.StageKind):
 def test_stage_type_and_strategy_literals_come_from_the_tables():
     assert S.StageSpec.model_fields["type"].annotation.__args__ == kinds.TRAINING_TYPES  # type: ignore[union-attr]
     assert S.StageSpec.model_fields["strategy"].annotation.__args__ == strategies.STRATEGIES  # type: ignore[union-attr]
+    assert S.DataSourceSpec.model_fields["format"].annotation.__args__ == kinds.FORMATS  # type: ignore[union-attr]
+    assert S.CurateStage.model_fields["type"].annotation.__args__ == kinds.DATA_TYPES  # type: ignore[union-attr]
     assert S.STAGE_TYPES == kinds.STAGE_TYPES
 
 

@@ -7,11 +7,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlm_core import validators
+from vlm_core import kinds, validators
 from vlm_core.spec.base import Strict
 from vlm_core.spec.resources import ResourcesSpec
 
-CURATE_TYPE = "curate"  # the data-curation stage (CurateStage)
+CURATE_TYPE = kinds.kind("curate").type  # the data-curation stage (CurateStage); a KeyError if the table lacks it
 # Scripts the curate stage's built-in language (script) detector tells apart.
 SCRIPTS = ("latin", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "thai", "hangul", "kana", "han")
 

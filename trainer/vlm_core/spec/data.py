@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlm_core import validators
+from vlm_core import kinds, validators
 from vlm_core.spec.base import Strict
 
-DataFormat = Literal["caption", "conversation", "interleaved", "preference"]
+if TYPE_CHECKING:  # the type checker sees a string; pydantic sees the kinds table's formats as a Literal
+    DataFormat = str
+else:
+    DataFormat = Literal[kinds.FORMATS]
 ResolutionPolicy = Literal["fixed", "anyres"]
 
 

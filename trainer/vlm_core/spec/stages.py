@@ -24,6 +24,7 @@ from vlm_core.spec.training_parts import (
     OptimizerSpec,
     ScheduleSpec,
 )
+from vlm_core.strategies import or_list
 
 if TYPE_CHECKING:  # the type checker sees strings; pydantic sees the tables' names as Literals
     StageType = str
@@ -37,12 +38,17 @@ TrainablePart = Literal["projector", "language_model", "vision_tower"]
 Precision = Literal["bf16", "fp32"]
 
 
+def _owners(field: str) -> tuple[str, ...]:
+    """The kinds that own a stage field (kinds table: own_fields)."""
+    return tuple(t for t, k in kinds.KINDS.items() if field in k.own_fields)
+
+
 class StageSpec(Strict):
     """One stage: what trains, on which data, how long, how distributed."""
 
     name: str = Field(description="DNS label, unique in the job; names the stage's storage prefix and Job.")
-    type: StageType = Field(description="align (projector only), instruct (LM + projector), dpo (preference) or "
-                            "curate (data curation: a CurateStage; see input, filters, output).")
+    type: StageType = Field(description="; ".join(f"{t}: {k.summary}" for t, k in kinds.KINDS.items())
+                            + f". {or_list(kinds.DATA_TYPES)} stages have their own fields (see input, filters, output).")
     data: DataSpec
     trainable: list[TrainablePart] | None = Field(
         None, description="Parts that train; everything else is frozen. Default by type."
@@ -59,14 +65,14 @@ class StageSpec(Strict):
     )
     strategy: Strategy = Field(
         strategies.DEFAULT_STRATEGY,
-        description="How the model is spread over processes: ddp (replicated, DistributedDataParallel), fsdp "
-        "(FSDP2 fully_shard per block, bf16 compute / fp32 reduce and master weights), zero2 (DeepSpeed ZeRO-2: "
-        "optimizer state and gradients sharded) or zero3 (DeepSpeed ZeRO-3: parameters sharded too).",
+        description="How the model is spread over processes: "
+        + or_list([f"{n} ({t.summary})" for n, t in strategies.TRAITS.items()]) + ".",
     )
     offload: Offload = Field(
         strategies.NO_OFFLOAD,
-        description="CPU offload: none, optimizer (optimizer state in host memory; fsdp, zero2, zero3) or "
-        "optimizer_and_params (parameters too; fsdp and zero3).",
+        description=f"CPU offload: none, optimizer (optimizer state in host memory; strategy "
+        f"{or_list(strategies.allowing_offload('optimizer'))}) or optimizer_and_params (parameters too; strategy "
+        f"{or_list(strategies.allowing_offload('optimizer_and_params'))}).",
     )
     lora: LoRASpec | None = Field(
         None, description="Train PEFT LoRA adapters on the language model instead of its full weights."
@@ -74,28 +80,32 @@ class StageSpec(Strict):
     qlora: bool = Field(
         False,
         description="QLoRA: the frozen base in 4-bit NF4 with double quantisation (bitsandbytes), bf16 compute, "
-        "paged AdamW. Needs lora and CUDA GPUs (resources.gpusPerNode > 0); strategy ddp only.",
+        f"paged AdamW. Needs lora and CUDA GPUs (resources.gpusPerNode > 0); strategy {or_list(strategies.supporting('lora'))} "
+        "only.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(
         False,
         description="torch.compile each transformer block (LM and vision encoder; torchtitan's order: after "
-        "activation checkpointing, before the strategy wraps the model). ddp and fsdp only.",
+        f"activation checkpointing, before the strategy wraps the model). Strategy {or_list(strategies.supporting('compile'))} "
+        "only.",
     )
     cache_vision_features: bool = Field(
         False,
         description="Compute the frozen vision tower's features once per image and reuse them across epochs and "
         "later stages with the same encoder and image transform (stored under <storage.uri>/<job>/vision-features/"
-        "<encoder fingerprint>/). Needs a frozen vision tower (vision_tower not in trainable) and strategy ddp or zero2.",
+        "<encoder fingerprint>/). Needs a frozen vision tower (vision_tower not in trainable) and strategy "
+        f"{or_list(strategies.supporting('cache_vision_features'))}.",
     )
     cross_entropy: CrossEntropy = Field(
         DEFAULT_CROSS_ENTROPY,
-        description="How the LM head and cross-entropy run (align/instruct): labelled (the head on the labelled "
+        description=f"How the LM head and cross-entropy run ({'/'.join(kinds.with_trait('token_loss'))}): labelled (the head "
+        "on the labelled "
         "positions only) or chunked (also over chunks of those positions, so the logits tensor is never held "
         "whole; Liger-Kernel's fused kernel on CUDA when installed). Equal loss and gradients.",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, data order and dropout (rank r uses seed + r).")
-    dpo: DPOSpec | None = Field(None, description="DPO settings (type dpo only).")
+    dpo: DPOSpec | None = Field(None, description=f"DPO settings (type {or_list(_owners('dpo'))} only).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_restarts: int | None = Field(None, ge=0, le=1000, description="Gang restarts of this stage; default spec.runPolicy.maxRestarts.")

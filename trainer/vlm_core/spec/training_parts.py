@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from vlm_core import kinds
 from vlm_core.spec.base import BOUND_REASONS, Strict
 
 DPOReference = Literal["auto", "sharded", "adapter_disabled"]
@@ -16,9 +17,10 @@ DEFAULT_CROSS_ENTROPY: CrossEntropy = "labelled"
 class OptimizerSpec(Strict):
     """AdamW settings. The projector's learning rate is lr * projectorLrMultiplier."""
 
-    lr: float | None = Field(None, description="Peak learning rate; default by stage type (align 1e-3, instruct 2e-5, dpo 5e-6).")
+    lr: float | None = Field(None, description=f"Peak learning rate; default by stage type ({kinds.defaults_text('default_lr')}).")
     projector_lr_multiplier: float | None = Field(
-        None, description="Projector lr = lr x this; default 10 for instruct, 1 otherwise."
+        None, description="Projector lr = lr x this; default by stage type "
+        f"({kinds.defaults_text('default_projector_lr_multiplier')})."
     )
     weight_decay: float = Field(0.0, ge=0, le=1)
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
@@ -68,7 +70,7 @@ class BatchSpec(Strict):
         None, gt=0, le=10_000_000, description="Sequence packing: instead of microSize samples padded to the "
         "longest, each forward/backward takes one row packed with whole samples, in order, up to this many tokens "
         "(image tokens count; no attention across samples; loss as unpacked). Must be >= data.maxLength. Steps "
-        "still take globalSize / (microSize x world size) micro-batches. align/instruct only.",
+        f"still take globalSize / (microSize x world size) micro-batches. {'/'.join(kinds.with_trait('packing'))} only.",
     )
 
 
