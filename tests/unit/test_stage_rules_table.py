@@ -170,3 +170,21 @@ def test_offloads_follow_the_strategy_traits_in_spec_cel_and_accounting(name: st
 def test_unknown_strategy_names_the_accepted_ones():
     with pytest.raises(KeyError, match="ddp, fsdp, zero2, zero3"):
         strategies.traits("zero9")
+
+
+def test_rules_on_raw_input_of_wrong_types_report_problems_never_a_crash():
+    weird: list[Any] = [None, 1, True, "x", [], ["a"], {}, {"a": 1}, [{}], 1.5, "pretrain", "dpo", "curate"]
+    keys = ["type", "data", "batch", "resources", "strategy", "offload", "lora", "qlora", "compile",
+            "cacheVisionFeatures", "crossEntropy", "dpo", "trainable", "maxSteps", "epochs"]
+    rng = random.Random(1)
+    for _ in range(300):
+        stage = copy.deepcopy(GOOD["spec"]["stages"][rng.randrange(3)])
+        for k in rng.sample(keys, rng.randrange(1, 5)):
+            stage[k] = rng.choice(weird)
+        if isinstance(stage.get("batch"), dict):
+            stage["batch"]["tokensPerMicroBatch"] = rng.choice(weird)
+        S.stage_rule_problems(stage)
+        try:
+            S.parse_job(_job(stage))
+        except S.SpecError:  # a problem by field path: what a user should get; anything else fails the test
+            pass

@@ -132,7 +132,8 @@ class Trains(Cond):
     def holds(self, stage: Mapping[str, Any]) -> bool | None:
         v = _get(stage, "trainable")
         if v is _MISSING:
-            row = kinds.KINDS.get(stage.get("type"))  # type: ignore[arg-type]
+            t = stage.get("type")
+            row = kinds.KINDS.get(t) if isinstance(t, str) else None
             v = list(row.default_trainable) if row is not None else []
         return self.part in v if isinstance(v, list) else None
 
@@ -204,6 +205,12 @@ def _strategy(stage: Mapping[str, Any]) -> str:
     return v if isinstance(v, str) else DEFAULT_STRATEGY
 
 
+def _sequences_per_sample(s: Mapping[str, Any]) -> int:
+    t = s.get("type")
+    row = kinds.KINDS.get(t) if isinstance(t, str) else None
+    return row.sequences_per_sample if row is not None else 1
+
+
 def _quoted(values: tuple[str, ...]) -> str:
     return or_list([repr(v) for v in values])
 
@@ -250,7 +257,7 @@ def _kind_rules() -> list[Rule]:
         rules.append(Rule(
             "batch.tokensPerMicroBatch", Given("batch.tokensPerMicroBatch"), OneOf("type", packing),
             lambda s: (f"batch.tokensPerMicroBatch: packing is for {'/'.join(packing)} stages, not {s.get('type')}"
-                       + (" (pairs are not packed)" if kinds.KINDS[s["type"]].sequences_per_sample > 1 else "")),
+                       + (" (pairs are not packed)" if _sequences_per_sample(s) > 1 else "")),
             f"batch.tokensPerMicroBatch: packing is for {'/'.join(packing)} stages",
         ))
     token_loss = tuple(k.type for k in training if k.token_loss)
