@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from vlm_core import kinds
 from vlm_core import spec as S
 from vlm_core.validators import STORAGE_SCHEMES
 
@@ -144,7 +145,7 @@ def _or_default(path: str) -> str:
     """CEL for a stage field that may be absent (camelCase 'batch.globalSize'): its value, else pydantic's
     default, so the API server applies the same rule the spec does."""
     head, attr = path.split(".")
-    parts: dict[str, type[S.Strict]] = {"batch": S.BatchSpec, "resources": S.ResourcesSpec}
+    parts: dict[str, type[S.Strict]] = {"batch": S.BatchSpec, "resources": S.ResourcesSpec, "data": S.DataSpec}
     sub = parts[head]
     default = S.field_default(sub, attr)
     return f"(has(self.{head}) && has(self.{head}.{attr}) ? self.{head}.{attr} : {default})"
@@ -154,34 +155,42 @@ def _stage_rules() -> list[dict[str, str]]:
     return _training_rules() + _kind_rules()
 
 
+def _is_data_kind() -> str:
+    """CEL: the stage is of a kind that writes data (a CurateStage), not one that trains."""
+    types = [f"'{t}'" for t in kinds.DATA_TYPES]
+    return f"self.type == {types[0]}" if len(types) == 1 else f"self.type in [{', '.join(types)}]"
+
+
 def _kind_rules() -> list[dict[str, str]]:
-    """Which fields belong to which stage kind (the typed spec's discriminated union, on the merged schema)."""
+    """Which fields belong to which side of the stage union (the typed spec's discriminated union, on the merged
+    schema). The field lists are derived from the two models, so a new field is covered without an edit here."""
+    data_kind = _is_data_kind()
+    not_data_kind = data_kind.replace(" == ", " != ") if " == " in data_kind else f"!({data_kind})"
     rules = [
         {
-            "rule": f"self.type != '{S.CURATE_TYPE}' || !has(self.{field})",
+            "rule": f"{not_data_kind} || !has(self.{field})",
             "message": f"{field}: a curate stage has no training fields",
             "fieldPath": f".{field}",
             "reason": "FieldValueForbidden",
         }
         for field in S.TRAINING_ONLY_FIELDS
     ]
-    curate_only = [n for n in S.CurateStage.model_json_schema(by_alias=True)["properties"]
-                   if n not in S.StageSpec.model_json_schema(by_alias=True)["properties"]]
+    curate_only = S.CURATE_ONLY_FIELDS
     rules += [
         {
-            "rule": f"self.type != '{S.CURATE_TYPE}' || has(self.input)",
+            "rule": f"{not_data_kind} || has(self.input)",
             "message": "input: a curate stage needs input.shards",
             "fieldPath": ".input",
             "reason": "FieldValueRequired",
         },
         {
-            "rule": f"self.type == '{S.CURATE_TYPE}' || has(self.data)",
+            "rule": f"{data_kind} || has(self.data)",
             "message": "data: a training stage needs data",
             "fieldPath": ".data",
             "reason": "FieldValueRequired",
         },
         {
-            "rule": f"self.type == '{S.CURATE_TYPE}' || ({' && '.join(f'!has(self.{n})' for n in curate_only)})",
+            "rule": f"{data_kind} || ({' && '.join(f'!has(self.{n})' for n in curate_only)})",
             "message": f"{', '.join(curate_only)}: only valid for type curate",
             "reason": "FieldValueForbidden",
         },
@@ -197,24 +206,14 @@ def _kind_rules() -> list[dict[str, str]]:
 
 
 def _training_rules() -> list[dict[str, str]]:
-    """Cross-field rules of training stages (a curate stage passes them: it has none of these fields)."""
+    """Cross-field rules of training stages (a curate stage passes them: it has none of these fields): those the
+    spec writes as data (`vlm_core.spec.rules.STAGE_RULES`, from the kinds and strategy tables), rendered to CEL,
+    and the arithmetic ones."""
     world = f"{_or_default('batch.microSize')} * {_or_default('resources.nodes')} * {_or_default('resources.procsPerNode')}"
     rules = [
         {
             "rule": "has(self.maxSteps) != has(self.epochs)",
             "message": "set exactly one of maxSteps or epochs",
-            "reason": "FieldValueInvalid",
-        },
-        {
-            "rule": "!has(self.dpo) || self.type == 'dpo'",
-            "message": "dpo: only valid for type dpo",
-            "fieldPath": ".dpo",
-            "reason": "FieldValueForbidden",
-        },
-        {
-            "rule": "!has(self.data) || !has(self.data.format) || (self.type == 'dpo') == (self.data.format == 'preference')",
-            "message": "data.format: a dpo stage needs 'preference' data, and 'preference' data needs type dpo",
-            "fieldPath": ".data.format",
             "reason": "FieldValueInvalid",
         },
         {
@@ -228,8 +227,19 @@ def _training_rules() -> list[dict[str, str]]:
             "fieldPath": ".batch",
             "reason": "FieldValueInvalid",
         },
+        {
+            "rule": "!has(self.batch) || !has(self.batch.tokensPerMicroBatch) || "
+                    f"self.batch.tokensPerMicroBatch >= {_or_default('data.maxLength')}",
+            "message": "batch.tokensPerMicroBatch must be >= data.maxLength",
+            "fieldPath": ".batch.tokensPerMicroBatch",
+            "reason": "FieldValueInvalid",
+        },
     ]
-    return [{**r, "rule": f"self.type == '{S.CURATE_TYPE}' || ({r['rule']})"} for r in rules]
+    rules += [
+        {"rule": rule.cel(), "message": rule.cel_message, "fieldPath": f".{rule.field}", "reason": rule.reason}
+        for rule in S.STAGE_RULES
+    ]
+    return [{**r, "rule": f"{_is_data_kind()} || ({r['rule']})"} for r in rules]
 
 
 def spec_schema() -> dict[str, Any]:

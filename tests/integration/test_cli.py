@@ -47,3 +47,38 @@ def test_render_uses_the_jobs_own_namespace_unless_n_overrides_it(tmp_path):
         out = subprocess.run([*VLMCTL, "render", str(path), *extra], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(out.stdout)} == {want}
+
+
+def _validate(path: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VLMCTL, "validate", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_validate_reads_numbers_as_kubectl_does(tmp_path):
+    text = (ROOT / "crds/examples/align-instruct-s3.yaml").read_text()
+    for lr in ("1e-3", "1.0e-5", "5e-6"):
+        doc = yaml.safe_load(text)
+        doc["spec"]["stages"][0].setdefault("optimizer", {})["lr"] = "LR"
+        path = tmp_path / f"lr-{lr}.yaml"
+        path.write_text(yaml.safe_dump(doc).replace("lr: LR", f"lr: {lr}"))
+        assert f"lr: {lr}\n" in path.read_text()  # unquoted, as a user writes it
+        out = _validate(path)
+        assert out.returncode == 0, out.stderr
+        assert "valid VLMTrainingJob" in out.stdout
+
+
+def test_validate_refuses_an_alias_bomb_and_an_unknown_scheme_by_field_without_a_traceback(tmp_path):
+    doc = yaml.safe_load((ROOT / "crds/examples/align-instruct-s3.yaml").read_text())
+    bomb = "  labels:\n    a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))
+    text = yaml.safe_dump(doc, sort_keys=False)
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text.replace("metadata:\n", "metadata:\n" + bomb, 1))
+    out = _validate(path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "metadata.labels.a8: YAML aliases expand this value to" in out.stderr
+    doc["spec"]["stages"][0]["data"]["shards"] = ["nosuchscheme://x/y.tar"]
+    path = tmp_path / "scheme.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    out = _validate(path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "spec.stages[0].data.shards: unknown URI scheme nosuchscheme://" in out.stderr and "s3://" in out.stderr

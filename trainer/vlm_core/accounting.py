@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vlm_core import strategies
+
 GIB = 2**30
 
 # What a GPU's framework state costs beyond the tensors counted here: the CUDA context, cuBLAS
@@ -45,8 +47,8 @@ QLORA_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 LM_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
-STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
-OFFLOADS = ("none", "optimizer", "optimizer_and_params")
+STRATEGIES = strategies.STRATEGIES
+OFFLOADS = strategies.OFFLOADS
 PARTS = ("projector", "language_model", "vision_tower")
 
 
@@ -400,10 +402,10 @@ class StageInput:
             raise ValueError(f"strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.offload not in OFFLOADS:
             raise ValueError(f"offload: {self.offload!r} is not one of {', '.join(OFFLOADS)}")
-        if self.offload != "none" and self.strategy == "ddp":
-            raise ValueError("offload: needs strategy fsdp, zero2 or zero3 (ddp keeps everything on the device)")
-        if self.offload == "optimizer_and_params" and self.strategy == "zero2":
-            raise ValueError("offload: 'optimizer_and_params' needs strategy fsdp or zero3")
+        row = strategies.traits(self.strategy)
+        if self.offload not in row.offloads:
+            raise ValueError(f"offload: needs strategy {strategies.or_list(strategies.allowing_offload(self.offload))} "
+                             f"for {self.offload!r} ({row.name} {strategies.SHARDING_WORDS[row.sharding]})")
         bad = set(self.trainable) - set(PARTS)
         if bad or not self.trainable:
             raise ValueError(f"trainable: {sorted(bad) or '[]'} not accepted; parts: {', '.join(PARTS)}")

@@ -110,6 +110,25 @@ KINDS: dict[str, StageKind] = {
 STAGE_TYPES: tuple[str, ...] = tuple(KINDS)
 TRAINING_TYPES: tuple[str, ...] = tuple(t for t, k in KINDS.items() if k.trains)
 DATA_TYPES: tuple[str, ...] = tuple(t for t, k in KINDS.items() if not k.trains)
+FORMATS: tuple[str, ...] = tuple(dict.fromkeys(f for k in KINDS.values() for f in k.formats))  # every data.format
+
+
+def with_trait(trait: str) -> tuple[str, ...]:
+    """The training kinds whose boolean `trait` (packing, token_loss, reference_model) is true."""
+    return tuple(t for t, k in KINDS.items() if k.trains and getattr(k, trait))
+
+
+def number(x: float) -> str:
+    """A default as the docs write it: 1e-3 -> '1e-3', 2.5e-5 -> '2.5e-5', 10.0 -> '10'."""
+    if 0 < abs(x) < 0.01:
+        mantissa, exp = f"{x:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+    return f"{x:g}"
+
+
+def defaults_text(attr: str) -> str:
+    """'align 0.001, instruct 2e-5, dpo 5e-6': a per-kind default, for field descriptions."""
+    return ", ".join(f"{t} {number(getattr(k, attr))}" for t, k in KINDS.items() if k.trains)
 
 
 def kind(stage_type: str) -> StageKind:

@@ -12,14 +12,17 @@ from urllib.parse import urlsplit
 
 from vlm_core.redact import contains_credentials
 
-STORAGE_SCHEMES = ("file", "s3", "gs", "gcs")
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs")  # where a job writes, and where checkpoint folders are read from
+# Single files a stage only reads (shards, a probe, a concepts list) may also come over HTTP(S): fsspec's http
+# filesystem opens them; a folder (a model checkpoint) cannot be listed there.
+FILE_SCHEMES = (*STORAGE_SCHEMES, "http", "https")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NO_CREDENTIALS = "holds a credential; put credentials in a Secret and name it in spec.storage.secretRef"
 
 # Kubernetes resource.Quantity: <number><suffix>, suffix binary (Ki..Ei), decimal (n u m k M G T P E) or
 # a decimal exponent (e3, E-2). The same grammar the API server parses.
 _QUANTITY = re.compile(r"^(?P<num>[+-]?(?:\d+\.?\d*|\.\d+))(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
-_FACTORS = {
+_FACTORS: dict[str, int | Decimal] = {
     "": 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3, "M": 10**6,
     "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
@@ -45,6 +48,29 @@ def no_credentials_in(values: list[str] | None) -> list[str] | None:
     """Every URL of a list (shards) without inline credentials."""
     for value in values or []:
         no_credentials(value)
+    return values
+
+
+def known_scheme(value: str, accepted: tuple[str, ...] = STORAGE_SCHEMES) -> str:
+    """A plain path, or a URI whose scheme is one of `accepted` (an unknown one would fail only when the stage
+    runs, or be read as a local folder named like the scheme)."""
+    if "://" in value:
+        scheme = value.split("://", 1)[0]
+        if scheme not in accepted:
+            raise ValueError(f"unknown URI scheme {scheme}:// in {value!r}; accepted: "
+                             f"{', '.join(s + '://' for s in accepted)} or a plain path")
+    return value
+
+
+def input_uri(value: str, accepted: tuple[str, ...] = FILE_SCHEMES) -> str:
+    """A path or URI a stage reads: no inline credentials, a known scheme."""
+    return known_scheme(no_credentials(value), accepted)
+
+
+def input_uris(values: list[str], accepted: tuple[str, ...] = FILE_SCHEMES) -> list[str]:
+    """Every path or URI of a list (shards) a stage reads: no inline credentials, known schemes."""
+    for value in values:
+        input_uri(value, accepted)
     return values
 
 
