@@ -61,7 +61,7 @@ def torchrun_app(config_uri: str, cfg: TrainerConfig, env: dict[str, str] | None
 
     world = cfg.stage.world_size
     threads = max(1, (os.cpu_count() or 1) // world)
-    run_env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", contract.CONFIG_ENV: config_uri}
+    run_env = {"OMP_NUM_THREADS": str(threads), contract.UNBUFFERED_ENV: "1", contract.CONFIG_ENV: config_uri}
     run_env.update(env or {})
     app = dist.torchrun(
         "--config", config_uri,
@@ -97,7 +97,7 @@ class RunResult:
 
 
 def parse_log_line(line: str) -> tuple[int | None, dict | None]:
-    """torchrun prefixes lines with `[rank]:`; trainer events are JSON lines with an "event" key."""
+    """torchrun prefixes lines with `[rank]:`; the rest may be a trainer event (`contract.parse_event`)."""
     rank = None
     body = line.rstrip("\n")
     if body.startswith("[") and LOG_PREFIX_SEP in body[:12]:
@@ -106,12 +106,7 @@ def parse_log_line(line: str) -> tuple[int | None, dict | None]:
             rank = int(head.strip("[").split(",")[0])
         except ValueError:
             rank = None
-    if body.startswith("{") and '"event"' in body:
-        try:
-            return rank, json.loads(body)
-        except json.JSONDecodeError:
-            return rank, None
-    return rank, None
+    return rank, contract.parse_event(body)
 
 
 @dataclass(frozen=True)
@@ -183,7 +178,7 @@ class LocalRunner:
         # their own environment (never this process'), credentials from the caller's environment.
         self.storage_options = job.spec.storage.fsspec_options()
         if job.spec.storage.endpoint_url:
-            self.env["AWS_ENDPOINT_URL"] = job.spec.storage.endpoint_url
+            self.env[contract.ENDPOINT_URL_ENV] = job.spec.storage.endpoint_url
         # torchrun must be on PATH for the local scheduler; prefer this interpreter's environment.
         bindir = os.path.dirname(sys.executable)
         if shutil.which("torchrun", path=bindir):
@@ -213,8 +208,10 @@ class LocalRunner:
             for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
                 rank, event = parse_log_line(line)
                 tail = (tail + [line.rstrip()])[-20:]
-                if event and event.get("event") == "step" and isinstance(event.get("step"), int):
-                    self.last_step[cfg.stage.name] = event["step"]
+                if event and event[contract.EVENT_KEY] == contract.EVENT_STEP and isinstance(
+                    event.get(contract.KEY_STEP), int
+                ):
+                    self.last_step[cfg.stage.name] = event[contract.KEY_STEP]
                 if self.on_line:
                     self.on_line(cfg.stage.name, line, rank, event)
             status = runner.wait(handle, wait_interval=0.5)

@@ -27,7 +27,7 @@ def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
 
 def job_launch(job_obj: Mapping[str, Any]) -> int:
     try:
-        return int(_labels(job_obj).get(builders.LABEL_LAUNCH, "0"))
+        return int(_labels(job_obj).get(contract.LABEL_LAUNCH, "0"))
     except ValueError:
         return 0
 

@@ -107,7 +107,7 @@ def test_env_has_the_completion_index_and_config_and_secrets_only_by_reference()
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     )
     assert env[contract.CONFIG_ENV]["value"] == "/etc/vlm-trainer/config.json"
-    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3.local:9000"
+    assert env[contract.ENDPOINT_URL_ENV]["value"] == "http://s3.local:9000"
     assert container(j)["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
     cm = builders.build_stage_configmap(job(), 0, NS)
     text = cm["data"][contract.CONFIG_FILE]
@@ -182,7 +182,7 @@ def test_labels_and_owner_references_match_kopf_adopt() -> None:
     j = objs[3]
     assert j["kind"] == "Job" and j["metadata"]["name"] == "demo-instruct-2"
     assert j["metadata"]["annotations"][builders.ANNOTATION_RESTARTS] == "1"
-    assert j["spec"]["template"]["metadata"]["labels"][builders.LABEL_LAUNCH] == "2"
+    assert j["spec"]["template"]["metadata"]["labels"][contract.LABEL_LAUNCH] == "2"
 
 
 def test_service_is_headless_and_selects_the_stage_pods() -> None:
