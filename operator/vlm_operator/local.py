@@ -29,25 +29,27 @@ from vlm_operator import admission, planner, preflight
 LOG_PREFIX_SEP = "]:"
 
 
-def observe_local(job: VLMTrainingJob, failures: dict[int, int] | None = None,
-                  last_error: dict[int, str] | None = None,
+def observe_local(job: VLMTrainingJob, restarts: dict[int, int] | None = None,
+                  failed: dict[int, str] | None = None,
                   options: storage.Options | None = None,
                   fatal: set[int] | None = None) -> list[planner.StageObservation]:
-    """Each stage's observation, recomputed from storage (and this run's failure counts; `fatal` holds
-    the stages whose last failure was a configuration error)."""
-    failures = failures or {}
-    last_error = last_error or {}
+    """Each stage's observation, recomputed from storage and this run's launches: `restarts` holds the
+    planner's restart count of each stage's latest launch (`StartStage.restarts`, as a Job's annotation
+    does on Kubernetes), `failed` why that launch failed, `fatal` the stages whose failure no restart
+    can fix."""
+    restarts = restarts or {}
+    failed = failed or {}
     fatal = fatal or set()
     out = []
     for i in range(len(job.spec.stages)):
         v = storage.verify_committed(planner.final_uri(job, i), options=options)
         if v.ok:
-            out.append(planner.StageObservation("Succeeded", failures.get(i, 0), True))
-        elif failures.get(i):
-            out.append(planner.StageObservation("Failed", failures[i] - 1, False, last_error.get(i, ""),
+            out.append(planner.StageObservation("Succeeded", restarts.get(i, 0), True))
+        elif i in failed:
+            out.append(planner.StageObservation("Failed", restarts.get(i, 0), False, failed[i],
                                                 retryable=i not in fatal))
         else:
-            out.append(planner.StageObservation("Pending", 0, False, v.reason))
+            out.append(planner.StageObservation("Pending", restarts.get(i, 0), False, v.reason))
     return out
 
 
@@ -183,8 +185,8 @@ class LocalRunner:
         bindir = os.path.dirname(sys.executable)
         if shutil.which("torchrun", path=bindir):
             self.env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-        self.failures: dict[int, int] = {}
-        self.errors: dict[int, str] = {}
+        self.restarts: dict[int, int] = {}  # the planner's restart count of each stage's latest launch
+        self.errors: dict[int, str] = {}  # why a stage's latest launch failed
         self.fatal: set[int] = set()  # stages whose last failure no restart can fix
         self.last_step: dict[str, int] = {}
         self.current: str | None = None
@@ -252,16 +254,21 @@ class LocalRunner:
         attempts: dict[int, int] = {}
         started: dict[int, float] = {}
         while True:
-            observed = observe_local(self.job, self.failures, self.errors, self.storage_options, self.fatal)
-            action = planner.plan(self.job, observed, admit=admission.checker(self.job, options=self.storage_options))
+            observed = observe_local(self.job, self.restarts, self.errors, self.storage_options, self.fatal)
+            action = planner.plan(
+                self.job,
+                observed,
+                admit=admission.checker(self.job, options=self.storage_options),
+                preflight=lambda i: preflight.check_stage(self.job, i, self.storage_options),
+            )
             if isinstance(action, planner.Done):
                 result.succeeded = True
                 return result
-            if isinstance(action, planner.Fail):  # the planner alone decides the restart budget
+            if isinstance(action, planner.Fail):  # the planner alone decides: restart budget, preflight
                 i = action.index
                 result.stages.append(StageResult(self.job.spec.stages[i].name, False,
                                                  time.monotonic() - started.get(i, time.monotonic()),
-                                                 attempts.get(i, 0), self.errors.get(i, "")))
+                                                 attempts.get(i, 0), self.errors.get(i) or action.reason))
                 result.message = action.reason
                 return result
             if isinstance(action, planner.Suspend):
@@ -272,13 +279,8 @@ class LocalRunner:
                 return result
             i = action.index
             started.setdefault(i, time.monotonic())
-            if not action.restart:  # before any process starts: inputs exist and agree with the spec
-                problems = preflight.check_stage(self.job, i, self.storage_options)
-                if problems:
-                    self.failures[i] = self.failures.get(i, 0) + 1
-                    self.errors[i] = redact(preflight.summary(problems))
-                    self.fatal.add(i)
-                    continue
+            self.restarts[i] = action.restarts
+            self.errors.pop(i, None)
             attempts[i] = attempts.get(i, 0) + 1
             ok, msg, retryable = self._run_stage(action.config)
             if ok and not storage.verify_committed(planner.final_uri(self.job, i), options=self.storage_options).ok:
@@ -287,7 +289,6 @@ class LocalRunner:
                 result.stages.append(StageResult(action.config.stage.name, True,
                                                  time.monotonic() - started[i], attempts[i]))
             else:
-                self.failures[i] = self.failures.get(i, 0) + 1
                 self.errors[i] = msg
                 if not retryable:
                     self.fatal.add(i)

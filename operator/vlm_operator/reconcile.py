@@ -285,13 +285,13 @@ def _reconcile_locked(
         verify or (lambda uri: storage.verify_committed(uri, options=options())),
     )
     observed = observe.observe_stages(job, prev, jobs_by_stage, check)
-    action = planner.plan(job, observed, admit=admission.checker(job, options=options))
-    if isinstance(action, planner.StartStage) and not action.restart:
-        # Before any pod exists: inputs present and agreeing with the spec; a problem here is a
-        # configuration error, failed at once rather than retried.
-        problems = preflight.check_stage(job, action.index, options())
-        if problems:
-            action = planner.Fail(action.index, preflight.summary(problems), code="PreflightFailed")
+    # Preflight runs before any pod of a stage exists: inputs present and agreeing with the spec.
+    action = planner.plan(
+        job,
+        observed,
+        admit=admission.checker(job, options=options),
+        preflight=lambda i: preflight.check_stage(job, i, options()),
+    )
     launched: dict[int, str] = {}
     now = kube.now()
     if isinstance(action, planner.StartStage):
