@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import kopf
 from vlm_core import contract
-from vlm_core.spec import API_GROUP, API_VERSION, KIND, VLMTrainingJob
+from vlm_core.spec import API_GROUP, API_VERSION, KIND, TrainerConfig, VLMTrainingJob
 
 from vlm_operator import planner
 
@@ -101,10 +101,10 @@ def _metadata(
 
 
 def build_stage_configmap(
-    job: VLMTrainingJob, index: int, namespace: str, owner: Mapping[str, Any] | None = None
+    job: VLMTrainingJob, index: int, namespace: str, config: TrainerConfig, owner: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The stage's resolved TrainerConfig (init_from, output) as config.json. Never holds credentials."""
-    config = planner.resolve_stage(job, index).dump()
+    """The stage's resolved TrainerConfig (the planner's: init_from, output) as config.json. Never holds
+    credentials."""
     stage = job.spec.stages[index]
     return {
         "apiVersion": "v1",
@@ -112,7 +112,7 @@ def build_stage_configmap(
         "metadata": _metadata(
             configmap_name(job.name, stage.name), namespace, stage_labels(job, index), owner
         ),
-        "data": {contract.CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
+        "data": {contract.CONFIG_FILE: json.dumps(config.dump(), indent=2, sort_keys=True)},
     }
 
 
@@ -322,14 +322,15 @@ def build_stage_objects(
     job: VLMTrainingJob,
     index: int,
     namespace: str,
+    config: TrainerConfig,
     launch: int = 0,
     restarts: int = 0,
     owner: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """ConfigMap, Service, NetworkPolicy and Job of one stage, in the order they must be created
-    (the Job last)."""
+    (the Job last). `config` is the stage's config as the planner resolved it (`StartStage.config`)."""
     return [
-        build_stage_configmap(job, index, namespace, owner),
+        build_stage_configmap(job, index, namespace, config, owner),
         build_stage_service(job, index, namespace, owner),
         build_stage_network_policy(job, index, namespace, owner),
         build_stage_job(job, index, namespace, launch, restarts, owner),
@@ -350,5 +351,5 @@ def render_job(job: VLMTrainingJob, namespace: str, uid: str | None = None) -> l
         }
     out: list[dict[str, Any]] = []
     for i in range(len(job.spec.stages)):
-        out.extend(build_stage_objects(job, i, namespace, owner=owner))
+        out.extend(build_stage_objects(job, i, namespace, planner.resolve_stage(job, i), owner=owner))
     return out
