@@ -19,11 +19,10 @@ from typing import Any, cast
 
 import kopf
 from vlm_core import contract
-from vlm_core.spec import API_GROUP, API_VERSION, KIND, VLMTrainingJob
+from vlm_core.spec import API_GROUP, API_VERSION, KIND, TrainerConfig, VLMTrainingJob
 
 from vlm_operator import planner
 
-LABEL_LAUNCH = "training.vlm.dev/launch"  # which Job of the stage (0, 1, ...): operator-only
 ANNOTATION_RESTARTS = "training.vlm.dev/restarts"  # gang restarts of the stage before this Job
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
@@ -102,10 +101,10 @@ def _metadata(
 
 
 def build_stage_configmap(
-    job: VLMTrainingJob, index: int, namespace: str, owner: Mapping[str, Any] | None = None
+    job: VLMTrainingJob, index: int, namespace: str, config: TrainerConfig, owner: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The stage's resolved TrainerConfig (init_from, output) as config.json. Never holds credentials."""
-    config = planner.resolve_stage(job, index).dump()
+    """The stage's resolved TrainerConfig (the planner's: init_from, output) as config.json. Never holds
+    credentials."""
     stage = job.spec.stages[index]
     return {
         "apiVersion": "v1",
@@ -113,7 +112,7 @@ def build_stage_configmap(
         "metadata": _metadata(
             configmap_name(job.name, stage.name), namespace, stage_labels(job, index), owner
         ),
-        "data": {contract.CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
+        "data": {contract.CONFIG_FILE: json.dumps(config.dump(), indent=2, sort_keys=True)},
     }
 
 
@@ -166,8 +165,8 @@ def build_stage_network_policy(
                 {"from": [{"podSelector": {"matchLabels": dict(gang)}}]},
                 {
                     "ports": [
-                        {"port": contract.METRICS_PORT + r, "protocol": "TCP"}
-                        for r in range(min(stage.resources.procs_per_node, 8))
+                        {"port": port, "protocol": "TCP"}
+                        for port in contract.metrics_ports(stage.resources.procs_per_node)
                     ]
                 },
             ],
@@ -222,10 +221,10 @@ def _env(job: VLMTrainingJob) -> list[dict[str, Any]]:
         },
         {"name": contract.CONFIG_ENV, "value": f"{contract.CONFIG_MOUNT_DIR}/{contract.CONFIG_FILE}"},
         {"name": contract.METRICS_PORT_ENV, "value": str(contract.METRICS_PORT)},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": contract.UNBUFFERED_ENV, "value": "1"},
     ]
     if job.spec.storage.endpoint_url:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": job.spec.storage.endpoint_url})
+        env.append({"name": contract.ENDPOINT_URL_ENV, "value": job.spec.storage.endpoint_url})
     return env
 
 
@@ -243,13 +242,13 @@ def build_stage_job(
     policy = job.spec.run_policy
     nodes = stage.resources.nodes
     name = stage_job_name(job.name, stage.name, launch)
-    labels = {**stage_labels(job, index), LABEL_LAUNCH: str(launch)}
+    labels = {**stage_labels(job, index), contract.LABEL_LAUNCH: str(launch)}
     job_labels = dict(labels)
     if policy.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = policy.queue_name
     metrics_ports = [
-        {"name": f"metrics-{r}", "containerPort": contract.METRICS_PORT + r, "protocol": "TCP"}
-        for r in range(min(stage.resources.procs_per_node, 8))
+        {"name": f"metrics-{r}", "containerPort": port, "protocol": "TCP"}
+        for r, port in enumerate(contract.metrics_ports(stage.resources.procs_per_node))
     ]
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -323,14 +322,15 @@ def build_stage_objects(
     job: VLMTrainingJob,
     index: int,
     namespace: str,
+    config: TrainerConfig,
     launch: int = 0,
     restarts: int = 0,
     owner: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """ConfigMap, Service, NetworkPolicy and Job of one stage, in the order they must be created
-    (the Job last)."""
+    (the Job last). `config` is the stage's config as the planner resolved it (`StartStage.config`)."""
     return [
-        build_stage_configmap(job, index, namespace, owner),
+        build_stage_configmap(job, index, namespace, config, owner),
         build_stage_service(job, index, namespace, owner),
         build_stage_network_policy(job, index, namespace, owner),
         build_stage_job(job, index, namespace, launch, restarts, owner),
@@ -351,5 +351,5 @@ def render_job(job: VLMTrainingJob, namespace: str, uid: str | None = None) -> l
         }
     out: list[dict[str, Any]] = []
     for i in range(len(job.spec.stages)):
-        out.extend(build_stage_objects(job, i, namespace, owner=owner))
+        out.extend(build_stage_objects(job, i, namespace, planner.resolve_stage(job, i), owner=owner))
     return out

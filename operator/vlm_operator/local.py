@@ -29,25 +29,27 @@ from vlm_operator import admission, planner, preflight
 LOG_PREFIX_SEP = "]:"
 
 
-def observe_local(job: VLMTrainingJob, failures: dict[int, int] | None = None,
-                  last_error: dict[int, str] | None = None,
+def observe_local(job: VLMTrainingJob, restarts: dict[int, int] | None = None,
+                  failed: dict[int, str] | None = None,
                   options: storage.Options | None = None,
                   fatal: set[int] | None = None) -> list[planner.StageObservation]:
-    """Each stage's observation, recomputed from storage (and this run's failure counts; `fatal` holds
-    the stages whose last failure was a configuration error)."""
-    failures = failures or {}
-    last_error = last_error or {}
+    """Each stage's observation, recomputed from storage and this run's launches: `restarts` holds the
+    planner's restart count of each stage's latest launch (`StartStage.restarts`, as a Job's annotation
+    does on Kubernetes), `failed` why that launch failed, `fatal` the stages whose failure no restart
+    can fix."""
+    restarts = restarts or {}
+    failed = failed or {}
     fatal = fatal or set()
     out = []
     for i in range(len(job.spec.stages)):
         v = storage.verify_committed(planner.final_uri(job, i), options=options)
         if v.ok:
-            out.append(planner.StageObservation("Succeeded", failures.get(i, 0), True))
-        elif failures.get(i):
-            out.append(planner.StageObservation("Failed", failures[i] - 1, False, last_error.get(i, ""),
+            out.append(planner.StageObservation("Succeeded", restarts.get(i, 0), True))
+        elif i in failed:
+            out.append(planner.StageObservation("Failed", restarts.get(i, 0), False, failed[i],
                                                 retryable=i not in fatal))
         else:
-            out.append(planner.StageObservation("Pending", 0, False, v.reason))
+            out.append(planner.StageObservation("Pending", restarts.get(i, 0), False, v.reason))
     return out
 
 
@@ -61,7 +63,7 @@ def torchrun_app(config_uri: str, cfg: TrainerConfig, env: dict[str, str] | None
 
     world = cfg.stage.world_size
     threads = max(1, (os.cpu_count() or 1) // world)
-    run_env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", contract.CONFIG_ENV: config_uri}
+    run_env = {"OMP_NUM_THREADS": str(threads), contract.UNBUFFERED_ENV: "1", contract.CONFIG_ENV: config_uri}
     run_env.update(env or {})
     app = dist.torchrun(
         "--config", config_uri,
@@ -97,7 +99,7 @@ class RunResult:
 
 
 def parse_log_line(line: str) -> tuple[int | None, dict | None]:
-    """torchrun prefixes lines with `[rank]:`; trainer events are JSON lines with an "event" key."""
+    """torchrun prefixes lines with `[rank]:`; the rest may be a trainer event (`contract.parse_event`)."""
     rank = None
     body = line.rstrip("\n")
     if body.startswith("[") and LOG_PREFIX_SEP in body[:12]:
@@ -106,12 +108,7 @@ def parse_log_line(line: str) -> tuple[int | None, dict | None]:
             rank = int(head.strip("[").split(",")[0])
         except ValueError:
             rank = None
-    if body.startswith("{") and '"event"' in body:
-        try:
-            return rank, json.loads(body)
-        except json.JSONDecodeError:
-            return rank, None
-    return rank, None
+    return rank, contract.parse_event(body)
 
 
 @dataclass(frozen=True)
@@ -183,13 +180,13 @@ class LocalRunner:
         # their own environment (never this process'), credentials from the caller's environment.
         self.storage_options = job.spec.storage.fsspec_options()
         if job.spec.storage.endpoint_url:
-            self.env["AWS_ENDPOINT_URL"] = job.spec.storage.endpoint_url
+            self.env[contract.ENDPOINT_URL_ENV] = job.spec.storage.endpoint_url
         # torchrun must be on PATH for the local scheduler; prefer this interpreter's environment.
         bindir = os.path.dirname(sys.executable)
         if shutil.which("torchrun", path=bindir):
             self.env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-        self.failures: dict[int, int] = {}
-        self.errors: dict[int, str] = {}
+        self.restarts: dict[int, int] = {}  # the planner's restart count of each stage's latest launch
+        self.errors: dict[int, str] = {}  # why a stage's latest launch failed
         self.fatal: set[int] = set()  # stages whose last failure no restart can fix
         self.last_step: dict[str, int] = {}
         self.current: str | None = None
@@ -213,8 +210,10 @@ class LocalRunner:
             for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
                 rank, event = parse_log_line(line)
                 tail = (tail + [line.rstrip()])[-20:]
-                if event and event.get("event") == "step" and isinstance(event.get("step"), int):
-                    self.last_step[cfg.stage.name] = event["step"]
+                if event and event[contract.EVENT_KEY] == contract.EVENT_STEP and isinstance(
+                    event.get(contract.KEY_STEP), int
+                ):
+                    self.last_step[cfg.stage.name] = event[contract.KEY_STEP]
                 if self.on_line:
                     self.on_line(cfg.stage.name, line, rank, event)
             status = runner.wait(handle, wait_interval=0.5)
@@ -255,16 +254,21 @@ class LocalRunner:
         attempts: dict[int, int] = {}
         started: dict[int, float] = {}
         while True:
-            observed = observe_local(self.job, self.failures, self.errors, self.storage_options, self.fatal)
-            action = planner.plan(self.job, observed, admit=admission.checker(self.job, options=self.storage_options))
+            observed = observe_local(self.job, self.restarts, self.errors, self.storage_options, self.fatal)
+            action = planner.plan(
+                self.job,
+                observed,
+                admit=admission.checker(self.job, options=self.storage_options),
+                preflight=lambda i: preflight.check_stage(self.job, i, self.storage_options),
+            )
             if isinstance(action, planner.Done):
                 result.succeeded = True
                 return result
-            if isinstance(action, planner.Fail):  # the planner alone decides the restart budget
+            if isinstance(action, planner.Fail):  # the planner alone decides: restart budget, preflight
                 i = action.index
                 result.stages.append(StageResult(self.job.spec.stages[i].name, False,
                                                  time.monotonic() - started.get(i, time.monotonic()),
-                                                 attempts.get(i, 0), self.errors.get(i, "")))
+                                                 attempts.get(i, 0), self.errors.get(i) or action.reason))
                 result.message = action.reason
                 return result
             if isinstance(action, planner.Suspend):
@@ -275,13 +279,8 @@ class LocalRunner:
                 return result
             i = action.index
             started.setdefault(i, time.monotonic())
-            if not action.restart:  # before any process starts: inputs exist and agree with the spec
-                problems = preflight.check_stage(self.job, i, self.storage_options)
-                if problems:
-                    self.failures[i] = self.failures.get(i, 0) + 1
-                    self.errors[i] = redact(preflight.summary(problems))
-                    self.fatal.add(i)
-                    continue
+            self.restarts[i] = action.restarts
+            self.errors.pop(i, None)
             attempts[i] = attempts.get(i, 0) + 1
             ok, msg, retryable = self._run_stage(action.config)
             if ok and not storage.verify_committed(planner.final_uri(self.job, i), options=self.storage_options).ok:
@@ -290,7 +289,6 @@ class LocalRunner:
                 result.stages.append(StageResult(action.config.stage.name, True,
                                                  time.monotonic() - started[i], attempts[i]))
             else:
-                self.failures[i] = self.failures.get(i, 0) + 1
                 self.errors[i] = msg
                 if not retryable:
                     self.fatal.add(i)

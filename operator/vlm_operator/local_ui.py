@@ -1,6 +1,6 @@
 """What a person sees when running locally: a progress bar per stage, then a report.
 
-The trainer prints one JSON line per logged step (`{"event": "step", ...}`); this module turns those into
+The trainer prints one JSON line per logged step (a `contract.EVENT_STEP` event); this module turns those into
 rich progress bars, keeps each stage's history in `<stage output>/train-log.jsonl`, and writes
 `<storage>/<job>/report.md` with a summary table and one PNG loss curve per stage.
 """
@@ -38,7 +38,7 @@ def _history(job: VLMTrainingJob, index: int) -> list[dict]:
     rows = [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
     by_step: dict[int, dict] = {}
     for r in rows:  # a resumed stage logs some steps twice; the later run wins
-        by_step[int(r["step"])] = r
+        by_step[int(r[contract.KEY_STEP])] = r
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -58,7 +58,7 @@ def plot_loss(rows: list[dict], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="#1f77b4", linewidth=1.5)
+    ax.plot([r[contract.KEY_STEP] for r in rows], [r[contract.KEY_LOSS] for r in rows], color="#1f77b4", linewidth=1.5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title(title)
@@ -87,8 +87,9 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
             with fs.open(path, "wb") as f:
                 f.write(plot_loss(rows, f"{job.name} / {st.name} ({st.type})"))
         if rows:
-            tps = rows[-1].get("tokens_per_second")
-            cells = [str(rows[-1]["step"]), f"{rows[0]['loss']:.4f}", f"{rows[-1]['loss']:.4f}",
+            first, last = rows[0], rows[-1]
+            tps = last.get(contract.KEY_TOKENS_PER_SECOND)
+            cells = [str(last[contract.KEY_STEP]), f"{first[contract.KEY_LOSS]:.4f}", f"{last[contract.KEY_LOSS]:.4f}",
                      f"{tps:.0f}" if tps is not None else "-"]
         else:
             cells = ["-"] * 4
@@ -132,28 +133,33 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: s
             storage.write_text(out, old + "".join(buf))
 
     def on_line(stage: str, line: str, rank: int | None, event: dict | None) -> None:
-        if event and event.get("event") == "step" and rank in (0, None):
+        name = event[contract.EVENT_KEY] if event and rank in (0, None) else None
+        if event is not None and name == contract.EVENT_STEP:
             if stage not in bars:
-                bars[stage] = progress.add_task(stage, stage=stage, total=event.get("total"), loss="-", tps="-", eta="-")
-            progress.update(bars[stage], completed=event["step"], total=event.get("total"),
-                            loss=f"{event.get('loss', float('nan')):.4f}",
-                            tps=f"{event.get('tokens_per_second', 0):.0f}", eta=_duration(event.get("eta_seconds")))
+                bars[stage] = progress.add_task(stage, stage=stage, total=event.get(contract.KEY_TOTAL), loss="-",
+                                                tps="-", eta="-")
+            progress.update(bars[stage], completed=event[contract.KEY_STEP], total=event.get(contract.KEY_TOTAL),
+                            loss=f"{event.get(contract.KEY_LOSS, float('nan')):.4f}",
+                            tps=f"{event.get(contract.KEY_TOKENS_PER_SECOND, 0):.0f}",
+                            eta=_duration(event.get(contract.KEY_ETA_SECONDS)))
             logs.setdefault(stage, []).append(json.dumps(event) + "\n")
             if len(logs[stage]) >= 20:
                 flush(stage)
-        elif event and event.get("event") == "curate" and rank in (0, None):  # a curate stage's shards
+        elif event is not None and name == contract.EVENT_CURATE:  # a curate stage's shards
             if stage not in bars:
-                bars[stage] = progress.add_task(stage, stage=stage, total=event.get("total"), loss="-", tps="-", eta="-")
-            progress.update(bars[stage], completed=event.get("step"), total=event.get("total"))
-        elif event and event.get("event") == "curated" and rank in (0, None):
-            progress.console.print(f"{stage}: kept {event.get('input')} -> {event.get('kept')} samples; removed "
-                                   + ", ".join(f"{k} {v}" for k, v in (event.get("removed") or {}).items() if v),
+                bars[stage] = progress.add_task(stage, stage=stage, total=event.get(contract.KEY_TOTAL), loss="-",
+                                                tps="-", eta="-")
+            progress.update(bars[stage], completed=event.get(contract.KEY_STEP), total=event.get(contract.KEY_TOTAL))
+        elif event is not None and name == contract.EVENT_CURATED:
+            progress.console.print(f"{stage}: kept {event.get(contract.KEY_INPUT)} -> {event.get(contract.KEY_KEPT)} "
+                                   "samples; removed "
+                                   + ", ".join(f"{k} {v}" for k, v in (event.get(contract.KEY_REMOVED) or {}).items() if v),
                                    markup=False, highlight=False, soft_wrap=True)
-        elif event and event.get("event") in ("checkpoint_skipped", "resume") and rank in (0, None):
+        elif event is not None and name in (contract.EVENT_CHECKPOINT_SKIPPED, contract.EVENT_RESUME):
             # what resume did is said in the normal output, not only with -v
-            text = (f"{stage}: skipped checkpoint {event.get('checkpoint')}: {event.get('reason')}"
-                    if event["event"] == "checkpoint_skipped"
-                    else f"{stage}: resumed at step {event.get('step')} from {event.get('checkpoint')}")
+            text = (f"{stage}: skipped checkpoint {event.get(contract.KEY_CHECKPOINT)}: {event.get(contract.KEY_REASON)}"
+                    if name == contract.EVENT_CHECKPOINT_SKIPPED
+                    else f"{stage}: resumed at step {event.get(contract.KEY_STEP)} from {event.get(contract.KEY_CHECKPOINT)}")
             progress.console.print(redact(text), markup=False, highlight=False, soft_wrap=True)
             if verbose:
                 progress.console.print(redact(line.rstrip()), markup=False, highlight=False)

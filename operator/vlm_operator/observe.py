@@ -27,7 +27,7 @@ def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
 
 def job_launch(job_obj: Mapping[str, Any]) -> int:
     try:
-        return int(_labels(job_obj).get(builders.LABEL_LAUNCH, "0"))
+        return int(_labels(job_obj).get(contract.LABEL_LAUNCH, "0"))
     except ValueError:
         return 0
 
@@ -157,91 +157,97 @@ def _job_time(job_obj: Mapping[str, Any] | None, key: str) -> str | None:
     return status.get("completionTime")
 
 
-def compute_status(
+def stage_status(
     job: VLMTrainingJob,
-    generation: int | None,
+    index: int,
     prev: JobStatus,
-    observed: Sequence[StageObservation],
+    observation: StageObservation,
     action: planner.Action,
-    jobs_by_stage: Sequence[Sequence[Mapping[str, Any]]],
+    jobs: Sequence[Mapping[str, Any]],
     now: str,
-    launched: Mapping[int, str] | None = None,
-    progress: Mapping[int, contract.ProgressRecord] | None = None,
-) -> JobStatus:
-    """The status after `action` was applied. `launched` maps a stage index to the Job just created."""
-    launched = launched or {}
-    progress = progress or {}
-    stages: list[StageStatus] = []
-    for i, stage in enumerate(job.spec.stages):
-        o = observed[i] if i < len(observed) else StageObservation()
-        p = _prev_stage(prev, i, stage.name) or StageStatus(name=stage.name, type=stage.type)
-        jobs = jobs_by_stage[i] if i < len(jobs_by_stage) else []
-        cur = current_job(jobs)
-        stage_phase: StagePhaseStatus = o.phase
-        restarts = o.restarts
-        job_name = cur["metadata"]["name"] if cur is not None else p.job_name
-        launches = next_launch(p, jobs)
-        start = p.start_time or _job_time(cur, "start")
-        completion = p.completion_time or (_job_time(cur, "completion") if o.phase == "Succeeded" else None)
-        message = o.message or None
-        if i in launched:
-            stage_phase, job_name = "Running", launched[i]
-            launches = max(launches, int(launched[i].rsplit("-", 1)[1]) + 1)
-            start = start or now
-            message = None
-            if isinstance(action, planner.StartStage) and action.index == i:
-                restarts = action.restarts
-        elif isinstance(action, planner.Suspend) and action.index == i:
-            stage_phase = "Suspended"
-        elif o.phase == "Running" and job_queued(cur):
-            stage_phase = "Queued"
-        elif o.phase == "Succeeded":
-            completion = completion or now
-        pr = progress.get(i, contract.ProgressRecord())
-        stages.append(
-            StageStatus(
-                name=stage.name,
-                type=stage.type,
-                phase=stage_phase,
-                job_name=job_name,
-                launches=launches,
-                restarts=restarts,
-                start_time=start,
-                completion_time=completion,
-                checkpoint=planner.final_uri(job, i) if o.committed else None,
-                step=pr.step if pr.step is not None else p.step,
-                total_steps=pr.total if pr.total is not None else p.total_steps,
-                tokens_per_second=pr.tokens_per_second
-                if pr.tokens_per_second is not None
-                else p.tokens_per_second,
-                message=message,
-            )
-        )
+    launched: Mapping[str, Any] | None = None,
+    progress: contract.ProgressRecord | None = None,
+) -> StageStatus:
+    """Stage `index`'s status after `action`: its observation, its Jobs (`launched`: the one just
+    created), the history kept in the previous status, and its progress.json."""
+    stage = job.spec.stages[index]
+    o = observation
+    p = _prev_stage(prev, index, stage.name) or StageStatus(name=stage.name, type=stage.type)
+    cur = current_job(jobs)
+    stage_phase: StagePhaseStatus = o.phase
+    restarts = o.restarts
+    job_name = cur["metadata"]["name"] if cur is not None else p.job_name
+    launches = next_launch(p, jobs)
+    start = p.start_time or _job_time(cur, "start")
+    completion = p.completion_time or (_job_time(cur, "completion") if o.phase == "Succeeded" else None)
+    message = o.message or None
+    if launched is not None:
+        stage_phase, job_name = "Running", launched["metadata"]["name"]
+        launches = max(launches, job_launch(launched) + 1)
+        start = start or now
+        message = None
+        if isinstance(action, planner.StartStage) and action.index == index:
+            restarts = action.restarts
+    elif isinstance(action, planner.Suspend) and action.index == index:
+        stage_phase = "Suspended"
+    elif o.phase == "Running" and job_queued(cur):
+        stage_phase = "Queued"
+    elif o.phase == "Succeeded":
+        completion = completion or now
+    pr = progress or contract.ProgressRecord()
+    return StageStatus(
+        name=stage.name,
+        type=stage.type,
+        phase=stage_phase,
+        job_name=job_name,
+        launches=launches,
+        restarts=restarts,
+        start_time=start,
+        completion_time=completion,
+        checkpoint=planner.final_uri(job, index) if o.committed else None,
+        step=pr.step if pr.step is not None else p.step,
+        total_steps=pr.total if pr.total is not None else p.total_steps,
+        tokens_per_second=pr.tokens_per_second if pr.tokens_per_second is not None else p.tokens_per_second,
+        message=message,
+    )
 
-    done = sum(1 for s in stages if s.checkpoint)
+
+def job_phase_and_message(
+    job: VLMTrainingJob, stages: Sequence[StageStatus], action: planner.Action
+) -> tuple[JobPhase, str | None]:
+    """The job's phase and status message, from the planner's action and the stages' statuses."""
     index = getattr(action, "index", None)
-    phase: JobPhase
     if isinstance(action, planner.Done):
-        phase, message = "Succeeded", f"all {len(stages)} stage(s) succeeded"
-    elif isinstance(action, planner.Fail):
-        phase, message = "Failed", action.reason
-    elif isinstance(action, planner.Suspend):
-        phase, message = "Suspended", "suspended by spec.suspend"
-    elif isinstance(action, planner.StartStage):
-        phase, message = "Running", f"stage {stages[action.index].name!r} started"
-    elif index is not None and stages[index].phase == "Queued":
+        return "Succeeded", f"all {len(stages)} stage(s) succeeded"
+    if isinstance(action, planner.Fail):
+        return "Failed", action.reason
+    if isinstance(action, planner.Suspend):
+        return "Suspended", "suspended by spec.suspend"
+    if isinstance(action, planner.StartStage):
+        return "Running", f"stage {stages[action.index].name!r} started"
+    wait_reason = action.reason if isinstance(action, planner.Wait) else None
+    if index is not None and stages[index].phase == "Queued":
         queue = job.spec.run_policy.queue_name
-        phase = "Queued"
-        message = (
+        return "Queued", (
             f"stage {stages[index].name!r}: Job {stages[index].job_name} is suspended, waiting for admission"
             + (f" by Kueue LocalQueue {queue!r}" if queue else "")
         )
-    elif any(s.phase in ("Running", "Succeeded") for s in stages):
-        phase = "Running"
-        message = action.reason if isinstance(action, planner.Wait) else None
-    else:
-        phase, message = "Pending", action.reason if isinstance(action, planner.Wait) else None
+    if any(s.phase in ("Running", "Succeeded") for s in stages):
+        return "Running", wait_reason
+    return "Pending", wait_reason
 
+
+def job_conditions(
+    prev: JobStatus,
+    phase: JobPhase,
+    message: str | None,
+    action: planner.Action,
+    observed: Sequence[StageObservation],
+    stages: Sequence[StageStatus],
+    now: str,
+) -> list[Condition]:
+    """Running, Queued, Suspended always; HandoffReady once a handoff is pending or made; Admitted when
+    a GPU-memory decision was made (else the previous one); Succeeded or Failed when the job ended."""
     conditions = [
         _condition(
             prev,
@@ -268,6 +274,7 @@ def compute_status(
             now,
         ),
     ]
+    done = committed_stages(stages)
     waiting = (
         action
         if isinstance(action, planner.Wait)
@@ -300,30 +307,74 @@ def compute_status(
     if phase == "Succeeded":
         conditions.append(_condition(prev, "Succeeded", "True", "AllStagesSucceeded", message or "", now))
     if phase == "Failed":
-        code = action.code if isinstance(action, planner.Fail) else "MaxRestartsExceeded"
+        code = action.code if isinstance(action, planner.Fail) else planner.FAIL_MAX_RESTARTS
         conditions.append(_condition(prev, "Failed", "True", code, message or "", now))
+    return conditions
 
-    current = None if isinstance(action, planner.Done) or index is None else stages[index]
-    progress_text = f"{done}/{len(stages)}"
-    if (
-        current is not None
-        and current.phase == "Running"
-        and current.step is not None
-        and current.total_steps
-    ):
-        progress_text += f" ({current.name} {current.step}/{current.total_steps})"
+
+def committed_stages(stages: Sequence[StageStatus]) -> int:
+    """How many stages have a committed checkpoint."""
+    return sum(1 for s in stages if s.checkpoint)
+
+
+def current_stage(stages: Sequence[StageStatus], action: planner.Action) -> tuple[int, StageStatus] | None:
+    """The stage the action is about (none once the job is done)."""
+    index = getattr(action, "index", None)
+    if isinstance(action, planner.Done) or index is None:
+        return None
+    return index, stages[index]
+
+
+def progress_text(stages: Sequence[StageStatus], current: StageStatus | None) -> str:
+    """`done/total`, plus the running stage's step count: `1/2 (instruct 40/100)`."""
+    text = f"{committed_stages(stages)}/{len(stages)}"
+    if current is not None and current.phase == "Running" and current.step is not None and current.total_steps:
+        text += f" ({current.name} {current.step}/{current.total_steps})"
+    return text
+
+
+def compute_status(
+    job: VLMTrainingJob,
+    generation: int | None,
+    prev: JobStatus,
+    observed: Sequence[StageObservation],
+    action: planner.Action,
+    jobs_by_stage: Sequence[Sequence[Mapping[str, Any]]],
+    now: str,
+    launched: Mapping[int, Mapping[str, Any]] | None = None,
+    progress: Mapping[int, contract.ProgressRecord] | None = None,
+) -> JobStatus:
+    """The status after `action` was applied. `launched` maps a stage index to the Job just created."""
+    launched = launched or {}
+    progress = progress or {}
+    stages = [
+        stage_status(
+            job,
+            i,
+            prev,
+            observed[i] if i < len(observed) else StageObservation(),
+            action,
+            jobs_by_stage[i] if i < len(jobs_by_stage) else [],
+            now,
+            launched.get(i),
+            progress.get(i),
+        )
+        for i in range(len(job.spec.stages))
+    ]
+    phase, message = job_phase_and_message(job, stages, action)
+    current = current_stage(stages, action)
     return JobStatus(
         phase=phase,
-        current_stage=current.name if current else None,
-        current_stage_index=index if current else None,
-        progress=progress_text,
+        current_stage=current[1].name if current else None,
+        current_stage_index=current[0] if current else None,
+        progress=progress_text(stages, current[1] if current else None),
         restarts=sum(s.restarts for s in stages),
         start_time=prev.start_time or (now if phase != "Pending" else None),
         completion_time=prev.completion_time or (now if phase in ("Succeeded", "Failed") else None),
         message=message,
         observed_generation=generation,
         stages=stages,
-        conditions=conditions,
+        conditions=job_conditions(prev, phase, message, action, observed, stages, now),
     )
 
 

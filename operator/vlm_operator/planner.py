@@ -3,22 +3,33 @@
 `plan(job, observed)` looks at what is true now (each stage's observed phase, restarts, and whether its
 `final/` is verified committed in storage) and returns the single next action. It never remembers
 anything between calls: both backends recompute the observation each time (level-triggered).
+
+The planner alone decides whether a stage may (re)start: it counts restarts (`StartStage.restarts`;
+each backend stamps that number on the launch and reports it back in the observation), spends the
+restart budget (`failure_after`), and turns a failing preflight into a failure (`preflight_failure`),
+with the same reason and code whichever backend runs the job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import braceexpand
 from vlm_core import contract, storage
+from vlm_core.redact import redact
 from vlm_core.spec import CURATE_TYPE, CurateStage, TrainerConfig, VLMTrainingJob
 
 if TYPE_CHECKING:
     from vlm_operator.admission import Admission
 
 StagePhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+
+# The reason of the Failed condition (and of `vlmctl run`'s failure): why no restart follows.
+FAIL_MAX_RESTARTS = "MaxRestartsExceeded"  # the restart budget (maxRestarts) is spent
+FAIL_CONFIGURATION = "ConfigurationError"  # the trainer failed with an error no restart can fix
+FAIL_PREFLIGHT = "PreflightFailed"  # the stage's inputs are missing or disagree with the spec
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ class Done:
 class Fail:
     index: int
     reason: str
-    code: str = "MaxRestartsExceeded"  # the Failed condition's reason: MaxRestartsExceeded | ConfigurationError
+    code: str = FAIL_MAX_RESTARTS  # the Failed condition's reason: one of the FAIL_* codes
     kind: str = field(default="fail", init=False)
 
 
@@ -151,12 +162,41 @@ def max_restarts(job: VLMTrainingJob, index: int) -> int:
     return s.max_restarts if s.max_restarts is not None else job.spec.run_policy.max_restarts
 
 
+def failure_after(job: VLMTrainingJob, index: int, o: StageObservation) -> Fail | None:
+    """Stage `index` failed (`o.restarts` restarts before the failed launch): the Fail that ends the job
+    when no restart may follow (a configuration error, or the restart budget spent), else None."""
+    name = job.spec.stages[index].name
+    if not o.retryable:
+        return Fail(index, f"stage {name!r} failed with a configuration error (not retried): {o.message}",
+                    code=FAIL_CONFIGURATION)
+    limit = max_restarts(job, index)
+    if o.restarts >= limit:
+        return Fail(index, f"stage {name!r} failed after {o.restarts} restart(s) (maxRestarts {limit}): {o.message}",
+                    code=FAIL_MAX_RESTARTS)
+    return None
+
+
+def preflight_failure(job: VLMTrainingJob, index: int, problems: Sequence[str]) -> Fail | None:
+    """The Fail for a stage whose preflight found `problems` (a configuration error: never retried), or
+    None when there are none."""
+    if not problems:
+        return None
+    name = job.spec.stages[index].name
+    return Fail(index, redact(f"stage {name!r} failed with a configuration error (not retried): preflight failed: "
+                              + "; ".join(problems)), code=FAIL_PREFLIGHT)
+
+
 def plan(
-    job: VLMTrainingJob, observed: list[StageObservation], admit: Callable[[int], Admission | None] | None = None
+    job: VLMTrainingJob,
+    observed: list[StageObservation],
+    admit: Callable[[int], Admission | None] | None = None,
+    preflight: Callable[[int], Sequence[str]] | None = None,
 ) -> Action:
     """The next action for `job` given each stage's observation (missing entries count as Pending).
 
     `admit(index)` (see `admission.checker`) is asked before a stage starts; a refusal holds it in a Wait.
+    `preflight(index)` (see `preflight.check_stage`) is asked before a stage's first launch (not before a
+    restart: its inputs were checked then); any problem fails the job (`preflight_failure`).
     """
     stages = job.spec.stages
     obs = list(observed) + [StageObservation()] * (len(stages) - len(observed))
@@ -171,16 +211,16 @@ def plan(
         if o.phase == "Running":
             return Wait(f"stage {stage.name!r} is running", i)
         if o.phase == "Failed":
-            if not o.retryable:
-                return Fail(i, f"stage {stage.name!r} failed with a configuration error (not retried): {o.message}",
-                            code="ConfigurationError")
-            limit = max_restarts(job, i)
-            if o.restarts >= limit:
-                return Fail(i, f"stage {stage.name!r} failed after {o.restarts} restart(s) (maxRestarts {limit}): {o.message}")
+            failed = failure_after(job, i, o)
+            if failed is not None:
+                return failed
         decision = admit(i) if admit is not None else None
         if decision is not None and not decision.admitted:
             return Wait(decision.message, i, admission=decision)
         if o.phase == "Failed":
             return StartStage(i, resolve_stage(job, i), restart=True, restarts=o.restarts + 1, admission=decision)
+        failed = preflight_failure(job, i, preflight(i)) if preflight is not None else None
+        if failed is not None:
+            return failed
         return StartStage(i, resolve_stage(job, i), restarts=o.restarts, admission=decision)
     return Done()

@@ -3,7 +3,8 @@
 Torch-free and cheap (a few small reads): the model's `config.json` files, the existence of every shard,
 and the first bytes of the first shard of each pattern. Problems come back as 'field: message' lines and
 are configuration errors: no restart can fix them, so the stage fails at once instead of being retried.
-Both backends run it (the local runner before launching torchrun, the operator before creating a Job).
+The planner asks it before a stage's first launch (`planner.plan(preflight=...)`), for both backends,
+and words the failure (`planner.preflight_failure`).
 """
 
 from __future__ import annotations
@@ -89,9 +90,3 @@ def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None
         _shards(job, index, f"sources[{i}].shards", source.shards, options, out)
     _shards(job, index, "evalShards", stage.data.eval_shards, options, out)
     return out
-
-
-def summary(problems: list[str]) -> str:
-    return "preflight failed: " + "; ".join(problems)
-
-

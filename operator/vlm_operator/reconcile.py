@@ -206,8 +206,9 @@ def _start_stage(
     action: planner.StartStage,
     prev: observe.JobStatus,
     jobs_by_stage: list[list[Mapping[str, Any]]],
-) -> str:
-    """Create the stage's ConfigMap, Service and a new Job (after deleting a failed one). Returns its name."""
+) -> dict[str, Any]:
+    """Create the stage's ConfigMap, Service and a new Job (after deleting a failed one), from the config
+    the planner resolved. Returns the Job."""
     ns = body["metadata"]["namespace"]
     i = action.index
     stage = job.spec.stages[i]
@@ -217,7 +218,7 @@ def _start_stage(
             job_cache.deleted(ns, job.name, old["metadata"]["name"])
     prev_stage = next((s for s in prev.stages if s.name == stage.name), None)
     launch = observe.next_launch(prev_stage, jobs_by_stage[i])
-    objs = builders.build_stage_objects(job, i, ns, launch=launch, restarts=action.restarts, owner=body)
+    objs = builders.build_stage_objects(job, i, ns, action.config, launch=launch, restarts=action.restarts, owner=body)
     *support, stage_job = objs
     for obj in support:
         if obj["kind"] == "ConfigMap":
@@ -228,7 +229,7 @@ def _start_stage(
     job_cache.created(ns, job.name, stage_job)
     if action.restart:
         metrics.STAGE_RESTARTS.labels(stage_type=stage.type).inc()
-    return stage_job["metadata"]["name"]
+    return stage_job
 
 
 def reconcile(
@@ -285,14 +286,14 @@ def _reconcile_locked(
         verify or (lambda uri: storage.verify_committed(uri, options=options())),
     )
     observed = observe.observe_stages(job, prev, jobs_by_stage, check)
-    action = planner.plan(job, observed, admit=admission.checker(job, options=options))
-    if isinstance(action, planner.StartStage) and not action.restart:
-        # Before any pod exists: inputs present and agreeing with the spec; a problem here is a
-        # configuration error, failed at once rather than retried.
-        problems = preflight.check_stage(job, action.index, options())
-        if problems:
-            action = planner.Fail(action.index, preflight.summary(problems), code="PreflightFailed")
-    launched: dict[int, str] = {}
+    # Preflight runs before any pod of a stage exists: inputs present and agreeing with the spec.
+    action = planner.plan(
+        job,
+        observed,
+        admit=admission.checker(job, options=options),
+        preflight=lambda i: preflight.check_stage(job, i, options()),
+    )
+    launched: dict[int, Mapping[str, Any]] = {}
     now = kube.now()
     if isinstance(action, planner.StartStage):
         launched[action.index] = _start_stage(job, body, action, prev, jobs_by_stage)
@@ -335,7 +336,7 @@ def _stage_marker(job: VLMTrainingJob, jobs_by_stage: list[list[Mapping[str, Any
 
 
 def _record_metrics(
-    job: VLMTrainingJob, prev: observe.JobStatus, new: observe.JobStatus, launched: Mapping[int, str]
+    job: VLMTrainingJob, prev: observe.JobStatus, new: observe.JobStatus, launched: Mapping[int, Mapping[str, Any]]
 ) -> None:
     prev_by_name = {s.name: s for s in prev.stages}
     for i, s in enumerate(new.stages):

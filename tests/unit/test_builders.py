@@ -107,9 +107,9 @@ def test_env_has_the_completion_index_and_config_and_secrets_only_by_reference()
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     )
     assert env[contract.CONFIG_ENV]["value"] == "/etc/vlm-trainer/config.json"
-    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3.local:9000"
+    assert env[contract.ENDPOINT_URL_ENV]["value"] == "http://s3.local:9000"
     assert container(j)["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
-    cm = builders.build_stage_configmap(job(), 0, NS)
+    cm = builders.build_stage_configmap(job(), 0, NS, planner.resolve_stage(job(), 0))
     text = cm["data"][contract.CONFIG_FILE]
     assert "AWS_SECRET" not in text and "secretKey" not in text
 
@@ -166,7 +166,7 @@ def test_pods_run_as_non_root() -> None:
 
 
 def test_labels_and_owner_references_match_kopf_adopt() -> None:
-    objs = builders.build_stage_objects(job(), 1, NS, launch=2, restarts=1, owner=owner())
+    objs = builders.build_stage_objects(job(), 1, NS, planner.resolve_stage(job(), 1), launch=2, restarts=1, owner=owner())
     for obj in objs:
         labels = obj["metadata"]["labels"]
         assert labels[contract.LABEL_JOB] == "demo" and labels[contract.LABEL_STAGE] == "instruct"
@@ -182,7 +182,7 @@ def test_labels_and_owner_references_match_kopf_adopt() -> None:
     j = objs[3]
     assert j["kind"] == "Job" and j["metadata"]["name"] == "demo-instruct-2"
     assert j["metadata"]["annotations"][builders.ANNOTATION_RESTARTS] == "1"
-    assert j["spec"]["template"]["metadata"]["labels"][builders.LABEL_LAUNCH] == "2"
+    assert j["spec"]["template"]["metadata"]["labels"][contract.LABEL_LAUNCH] == "2"
 
 
 def test_service_is_headless_and_selects_the_stage_pods() -> None:
@@ -195,8 +195,8 @@ def test_service_is_headless_and_selects_the_stage_pods() -> None:
 
 def test_configmap_holds_the_resolved_config_with_handoff() -> None:
     j = job()
-    first = json.loads(builders.build_stage_configmap(j, 0, NS)["data"][contract.CONFIG_FILE])
-    second = json.loads(builders.build_stage_configmap(j, 1, NS)["data"][contract.CONFIG_FILE])
+    first = json.loads(builders.build_stage_configmap(j, 0, NS, planner.resolve_stage(j, 0))["data"][contract.CONFIG_FILE])
+    second = json.loads(builders.build_stage_configmap(j, 1, NS, planner.resolve_stage(j, 1))["data"][contract.CONFIG_FILE])
     assert first["initFrom"] is None
     assert second["initFrom"] == planner.final_uri(j, 0) == "s3://ckpt/runs/demo/align/final"
     assert second["output"] == "s3://ckpt/runs/demo/instruct"
@@ -240,3 +240,28 @@ def test_render_job_returns_every_object_of_every_stage() -> None:
 def test_every_built_object_passes_kubernetes_validate_strict(kw: dict[str, Any]) -> None:
     for obj in builders.render_job(job(**kw), NS, uid=UID):
         kubernetes_validate.validate(obj, "1.30.0", strict=True)
+
+
+def test_the_configmap_holds_the_config_it_is_given_not_one_resolved_again() -> None:
+    """The planner resolves a stage's config once (`StartStage.config`); the builder only serialises it."""
+    j = job()
+    config = planner.resolve_stage(j, 1).model_copy(update={"init_from": "s3://elsewhere/final"})
+    objs = builders.build_stage_objects(j, 1, NS, config, launch=0)
+    doc = json.loads(objs[0]["data"][contract.CONFIG_FILE])
+    assert doc == config.dump() and doc["initFrom"] == "s3://elsewhere/final"
+
+
+@pytest.mark.parametrize("procs, declared", [(1, 1), (8, 8), (16, contract.METRICS_PORTS_MAX)])
+def test_metrics_ports_are_one_per_local_rank_up_to_the_contract_cap(procs: int, declared: int) -> None:
+    j = job(procs=procs)
+    ports = [p["containerPort"] for p in container(builders.build_stage_job(j, 0, NS))["ports"] if p["name"] != "rdzv"]
+    policy = builders.build_stage_network_policy(j, 0, NS)
+    opened = [p["port"] for p in policy["spec"]["ingress"][1]["ports"]]
+    assert ports == opened == contract.metrics_ports(procs) == list(range(contract.METRICS_PORT,
+                                                                          contract.METRICS_PORT + declared))
+
+
+def test_env_names_are_the_contract_ones() -> None:
+    env = {e["name"]: e.get("value") for e in container(builders.build_stage_job(job(), 0, NS))["env"]}
+    assert env[contract.UNBUFFERED_ENV] == "1" and env[contract.ENDPOINT_URL_ENV] == "http://s3.local:9000"
+    assert env[contract.METRICS_PORT_ENV] == str(contract.METRICS_PORT)

@@ -183,7 +183,7 @@ def test_status_after_starting_the_first_stage() -> None:
     s = status_for(
         planner.StartStage(0, planner.resolve_stage(j, 0)),
         [StageObservation(), StageObservation()],
-        launched={0: "demo-align-0"},
+        launched={0: stage_job(0, 0)},
     )
     assert (s.phase, s.current_stage, s.observed_generation, s.progress) == ("Running", "align", 4, "0/2")
     assert s.stages[0].phase == "Running" and s.stages[0].job_name == "demo-align-0"
@@ -201,7 +201,7 @@ def test_status_after_a_gang_restart_counts_it() -> None:
         action,
         obs,
         jobs=[[stage_job(0, 1, "Failed", restarts=1)], []],
-        launched={0: "demo-align-2"},
+        launched={0: stage_job(0, 2, restarts=2)},
     )
     assert s.stages[0].restarts == 2 and s.restarts == 2 and s.stages[0].launches == 3
     events = observe.stage_events(
@@ -266,14 +266,14 @@ def test_events_for_start_and_success() -> None:
     running = status_for(
         planner.StartStage(0, planner.resolve_stage(make_job(), 0)),
         [StageObservation(), StageObservation()],
-        launched={0: "demo-align-0"},
+        launched={0: stage_job(0, 0)},
     )
     assert [e[1] for e in observe.stage_events(prev, running)] == ["StageStarted"]
     committed = status_for(
         planner.StartStage(1, planner.resolve_stage(make_job(), 1)),
         [StageObservation("Succeeded", 0, True), StageObservation()],
         prev=running,
-        launched={1: "demo-instruct-0"},
+        launched={1: stage_job(1, 0)},
     )
     assert [e[1] for e in observe.stage_events(running, committed)] == ["StageSucceeded", "StageStarted"]
 
@@ -299,3 +299,32 @@ def test_status_round_trips_through_the_wire_form() -> None:
     wire = observe.dump_status(s)
     assert "currentStage" not in wire or wire["currentStage"] is None
     assert observe.parse_status({**wire, "kopf": {"progress": {}}}) == s
+
+
+def test_the_launch_number_is_read_from_the_jobs_label_not_its_name() -> None:
+    launched = stage_job(0, 4)
+    launched["metadata"]["name"] = "renamed-by-someone"  # the name carries no launch number
+    s = status_for(
+        planner.StartStage(0, planner.resolve_stage(make_job(), 0)),
+        [StageObservation(), StageObservation()],
+        launched={0: launched},
+    )
+    assert s.stages[0].launches == 5 and s.stages[0].job_name == "renamed-by-someone"
+    assert observe.job_launch(launched) == 4
+
+
+@pytest.mark.parametrize(
+    "action, stage_phases, phase",
+    [
+        (planner.Done(), ["Succeeded", "Succeeded"], "Succeeded"),
+        (planner.Fail(0, "boom"), ["Failed", "Pending"], "Failed"),
+        (planner.Suspend(0), ["Suspended", "Pending"], "Suspended"),
+        (planner.Wait("stage 'align' is running", 0), ["Running", "Pending"], "Running"),
+        (planner.Wait("held back", 0), ["Pending", "Pending"], "Pending"),
+        (planner.Wait("in the queue", 0), ["Queued", "Pending"], "Queued"),
+    ],
+)
+def test_job_phase_follows_the_action_and_the_stages(action, stage_phases, phase) -> None:
+    stages = [StageStatus(name=n, type=n, phase=p) for n, p in zip(["align", "instruct"], stage_phases, strict=True)]
+    got, message = observe.job_phase_and_message(make_job(), stages, action)
+    assert got == phase and (message is not None or phase in ("Running", "Pending"))

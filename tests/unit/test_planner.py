@@ -73,3 +73,52 @@ def test_resolved_config_round_trips_as_json():
     cfg = planner.resolve_stage(job(), 2)
     again = type(cfg).load(cfg.dump())
     assert again == cfg and again.stage.max_restarts == 3 and again.stage.dpo.beta == 0.1
+
+
+# The planner alone decides whether a failed or new stage may run, and words why not: both backends
+# report these reasons and codes unchanged (tests/unit/test_backends_agree.py).
+@pytest.mark.parametrize(
+    "obs, problems, code, reason",
+    [
+        (Obs("Failed", restarts=3, message="OOM"), None, planner.FAIL_MAX_RESTARTS,
+         "stage 'align' failed after 3 restart(s) (maxRestarts 3): OOM"),
+        (Obs("Failed", restarts=5, message="OOM"), None, planner.FAIL_MAX_RESTARTS,
+         "stage 'align' failed after 5 restart(s) (maxRestarts 3): OOM"),
+        (Obs("Failed", restarts=0, message="SpecError: bad", retryable=False), None, planner.FAIL_CONFIGURATION,
+         "stage 'align' failed with a configuration error (not retried): SpecError: bad"),
+        (Obs(), ["spec.model.visionEncoder: missing", "spec.stages[0].data.shards[0]: not found"],
+         planner.FAIL_PREFLIGHT,
+         "stage 'align' failed with a configuration error (not retried): preflight failed: "
+         "spec.model.visionEncoder: missing; spec.stages[0].data.shards[0]: not found"),
+        (Obs("Failed", restarts=2, message="OOM"), None, None, None),  # restart 3 of 3
+        (Obs("Failed", restarts=2, message="OOM"), ["x: missing"], None, None),  # a restart is not preflighted
+        (Obs(), [], None, None),
+    ],
+)
+def test_failure_reasons_table(obs, problems, code, reason):
+    asked = []
+
+    def preflight(i):
+        asked.append(i)
+        return problems or []
+
+    a = planner.plan(job(), [obs], preflight=preflight)
+    if code is None:
+        assert isinstance(a, planner.StartStage) and a.index == 0
+        assert a.restarts == (obs.restarts + 1 if obs.phase == "Failed" else obs.restarts)
+    else:
+        assert isinstance(a, planner.Fail) and (a.index, a.code, a.reason) == (0, code, reason)
+    assert asked == ([0] if obs.phase == "Pending" else [])
+
+
+def test_preflight_is_asked_only_for_a_stage_that_may_start():
+    asked = []
+    a = planner.plan(job(), [Obs("Running")], preflight=lambda i: asked.append(i) or [])
+    assert a.kind == "wait" and asked == []
+    a = planner.plan(job(), [Obs("Succeeded", committed=True)], preflight=lambda i: asked.append(i) or [])
+    assert a.kind == "start" and asked == [1]
+
+
+def test_failure_after_and_preflight_failure_are_none_when_the_stage_may_run():
+    assert planner.failure_after(job(), 0, Obs("Failed", restarts=0)) is None
+    assert planner.preflight_failure(job(), 0, []) is None

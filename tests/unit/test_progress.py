@@ -47,3 +47,59 @@ def test_stage_layout_is_spelled_once() -> None:
     assert contract.stage_output("s3://b/runs/", "demo", "align") == "s3://b/runs/demo/align"
     assert contract.stage_final("s3://b/runs", "demo", "align") == "s3://b/runs/demo/align/final"
     assert contract.job_output("file:///x", "demo") == "file:///x/demo"
+
+
+def test_the_step_event_the_trainer_prints_is_the_one_the_local_runner_reads(tmp_path, capsys) -> None:
+    from vlm_operator.local import parse_log_line
+
+    reporter = ProgressReporter(str(tmp_path), total_steps=4, is_main=True, start_step=0, interval_seconds=60)
+    reporter.step(1, loss=float("nan"), lr=1e-3, tokens_per_second=100.0, samples_per_second=2.0, step_seconds=0.5)
+    printed = capsys.readouterr().out.splitlines()[-1]
+    rank, event = parse_log_line(f"[0]:{printed}\n")  # as torchrun prefixes it
+    assert rank == 0 and event is not None and event[contract.EVENT_KEY] == contract.EVENT_STEP
+    assert set(contract.STEP_EVENT_KEYS) <= set(event)
+    assert (event[contract.KEY_STEP], event[contract.KEY_TOTAL], event[contract.KEY_LOSS]) == (1, 4, None)
+    assert parse_log_line("[1]:plain text\n") == (1, None)
+    assert contract.parse_event('{"event": "step", "step": ') is None  # a torn line is not an event
+
+
+def test_the_skip_event_parses_with_the_contract_keys(capsys) -> None:
+    from vlm_trainer.progress import emit
+
+    emit(contract.EVENT_SKIP, stage="align", reason="s3://b/final is already committed")
+    event = contract.parse_event(capsys.readouterr().out)
+    assert event == {contract.EVENT_KEY: contract.EVENT_SKIP, contract.KEY_STAGE: "align",
+                     contract.KEY_REASON: "s3://b/final is already committed"}
+
+
+def test_every_event_the_trainer_emits_is_named_in_the_contract() -> None:
+    """A new event is added to contract.EVENTS first: the local runner reads only the contract's names."""
+    import re
+    from pathlib import Path
+
+    import vlm_trainer
+
+    root = Path(vlm_trainer.__file__).parent
+    emitted = {m.group(1) for path in root.rglob("*.py")
+               for m in re.finditer(r'\bemit\(\s*["\'](\w+)["\']', path.read_text())}
+    emitted |= {"step", "skip"}  # spelled contract.EVENT_STEP / EVENT_SKIP at their producers
+    assert emitted <= contract.EVENTS, sorted(emitted - contract.EVENTS)
+
+
+def test_contract_names_are_spelled_only_in_the_contract() -> None:
+    """Env names, the launch label and the metrics-port cap are the contract's: no other module of the
+    operator or the trainer spells them."""
+    import re
+    from pathlib import Path
+
+    import vlm_operator
+    import vlm_trainer
+
+    spelled = re.compile(r"""["'](AWS_ENDPOINT_URL|PYTHONUNBUFFERED|training\.vlm\.dev/launch)["']|procs_per_node, 8\)""")
+    offenders = [
+        f"{path.name}: {m.group(0)}"
+        for pkg in (vlm_operator, vlm_trainer)
+        for path in Path(pkg.__file__).parent.rglob("*.py")
+        for m in spelled.finditer(path.read_text())
+    ]
+    assert offenders == []

@@ -3,7 +3,7 @@
 import json
 import os
 
-from vlm_core import storage
+from vlm_core import contract, storage
 
 
 def make_dir(tmp_path, name="src", files=None):
@@ -76,7 +76,7 @@ def test_storage_options_travel_with_the_job_not_the_process(monkeypatch, tmp_pa
     from vlm_core.spec import StorageSpec, parse_job
     from vlm_operator.local import LocalRunner
 
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv(contract.ENDPOINT_URL_ENV, raising=False)
     a = StorageSpec.model_validate({"uri": "s3://bucket/a", "endpointUrl": "http://127.0.0.1:9001"})
     b = StorageSpec.model_validate({"uri": "s3://bucket/b", "endpointUrl": "http://127.0.0.1:9002"})
     fs_a, _ = storage.filesystem(a.uri, a.fsspec_options())
@@ -96,5 +96,5 @@ def test_storage_options_travel_with_the_job_not_the_process(monkeypatch, tmp_pa
     })
     runner = LocalRunner(job, log_dir=str(tmp_path))
     assert dict(os.environ) == before
-    assert runner.env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9003"  # for its trainers' environment only
+    assert runner.env[contract.ENDPOINT_URL_ENV] == "http://127.0.0.1:9003"  # for its trainers' environment only
     assert runner.storage_options["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9003"

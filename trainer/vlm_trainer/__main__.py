@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # Done by an earlier run: say so without loading torch (re-running a finished job does nothing).
         # This is the one "stage already done" check; the trainer itself never repeats it.
         if os.environ.get("RANK", "0") == "0":
-            emit("skip", stage=config.stage.name, reason=f"{final} is already committed")
+            emit(contract.EVENT_SKIP, stage=config.stage.name, reason=f"{final} is already committed")
         return 0
 
     # Imported after the config parses, so a bad config fails fast without loading torch/transformers.

@@ -1,9 +1,8 @@
 """Rank 0's progress reports: one JSON object per line on stdout, and `<output>/progress.json`.
 
-The local runner parses the stdout lines for progress bars; each has an `event` key:
-`{"event": "step", "step": s, "total": T, "loss": x, "lr": y, "tokens_per_second": z,
-"samples_per_second": w, "eta_seconds": e, ...}` and `start`, `resume`, `checkpoint`, `eval`, `done`,
-`skip` events. `progress.json` is a `contract.ProgressRecord`, rewritten every ~10 s.
+The local runner parses the stdout lines for progress bars. Event names, keys and the line format are
+the contract's (`contract.EVENT_*`, `contract.KEY_*`, `contract.event_line`). `progress.json` is a
+`contract.ProgressRecord`, rewritten every ~10 s.
 
 The ETA is computed here and only here (`EtaClock`); the Prometheus gauge, progress.json, the step
 lines and the local progress bars all show this one number.
@@ -11,9 +10,7 @@ lines and the local progress bars all show this one number.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import sys
 import time
 from typing import Any
@@ -27,9 +24,8 @@ ETA_SMOOTHING = 0.1
 
 
 def emit(event: str, **fields: Any) -> None:
-    """Print one JSON line (call on rank 0 only). Non-finite numbers become null: the line stays JSON."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
-    sys.stdout.write(json.dumps({"event": event, **clean}) + "\n")
+    """Print one event line (call on rank 0 only). Non-finite numbers become null: the line stays JSON."""
+    sys.stdout.write(contract.event_line(event, **fields) + "\n")
     sys.stdout.flush()
 
 
@@ -79,7 +75,7 @@ class ProgressReporter:
             return eta
         if step % self.log_every == 0 or step == self.total or step == self.start_step + 1:
             emit(
-                "step",
+                contract.EVENT_STEP,
                 step=step,
                 total=self.total,
                 loss=round(loss, 6),
