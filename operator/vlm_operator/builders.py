@@ -4,7 +4,7 @@ Per stage: a ConfigMap with the resolved trainer config, a headless Service for 
 rendezvous, and an Indexed batch/v1 Job whose `nodes` pods run
 
     torchrun --nnodes=N --node_rank=$(JOB_COMPLETION_INDEX) --nproc_per_node=G --rdzv_backend=c10d
-             --rdzv_endpoint=<job>-0.<service>:29400 -m vlm_trainer --config /etc/vlm-trainer/config.json
+             --rdzv_endpoint=<job>-0.<service>:29400 -m <contract.TRAINER_MODULE> --config /etc/vlm-trainer/config.json
 
 Every Job of a stage gets a fresh name ending in its launch number, so a gang restart never waits for
 the deletion of the failed Job. `render_job` returns every object of every stage (a dry run).
@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import kopf
 from vlm_core import contract
 from vlm_core.spec import API_GROUP, API_VERSION, KIND, TrainerConfig, VLMTrainingJob
-
-from vlm_operator import planner
 
 ANNOTATION_RESTARTS = "training.vlm.dev/restarts"  # gang restarts of the stage before this Job
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -337,8 +335,10 @@ def build_stage_objects(
     ]
 
 
-def render_job(job: VLMTrainingJob, namespace: str, uid: str | None = None) -> list[dict[str, Any]]:
-    """Every object the operator would create for every stage (first launch), like `helm template`.
+def render_job(job: VLMTrainingJob, namespace: str, configs: Sequence[TrainerConfig],
+               uid: str | None = None) -> list[dict[str, Any]]:
+    """Every object the operator would create for every stage (first launch), like `helm template`:
+    `configs` are the planner's resolved stages (`planner.resolve_stages(job)`), one per stage.
 
     With `uid` (the VLMTrainingJob's metadata.uid) the objects carry their ownerReferences too.
     """
@@ -350,6 +350,6 @@ def render_job(job: VLMTrainingJob, namespace: str, uid: str | None = None) -> l
             "metadata": {"name": job.name, "uid": uid},
         }
     out: list[dict[str, Any]] = []
-    for i in range(len(job.spec.stages)):
-        out.extend(build_stage_objects(job, i, namespace, planner.resolve_stage(job, i), owner=owner))
+    for i, config in enumerate(configs):
+        out.extend(build_stage_objects(job, i, namespace, config, owner=owner))
     return out

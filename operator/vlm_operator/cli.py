@@ -48,10 +48,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from vlm_operator.builders import render_job
+    from vlm_operator.planner import resolve_stages
 
     job = _load_or_exit(args.job)
     # -n wins; else the job's own metadata.namespace; else "default" (as kubectl apply would do).
-    objs = render_job(job, args.namespace or job.metadata.namespace or "default")
+    objs = render_job(job, args.namespace or job.metadata.namespace or "default", resolve_stages(job))
     # The spec refuses inline credentials; anything credential-shaped that still got this far is masked.
     sys.stdout.write(yaml.safe_dump_all(redact_obj(objs), sort_keys=False))
     return 0

@@ -54,7 +54,7 @@ def observe_local(job: VLMTrainingJob, restarts: dict[int, int] | None = None,
 
 
 def torchrun_app(config_uri: str, cfg: TrainerConfig, env: dict[str, str] | None = None):
-    """The TorchX AppDef of one stage: `torchrun --nproc_per_node W -m vlm_trainer --config <uri>`.
+    """The TorchX AppDef of one stage: `torchrun --nproc_per_node W -m <contract.TRAINER_MODULE> --config <uri>`.
 
     On one machine every node's processes run side by side, so the world size (nodes x procsPerNode) and
     hence the global batch and the data split match the cluster run.

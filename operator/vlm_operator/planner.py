@@ -156,6 +156,11 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
     })
 
 
+def resolve_stages(job: VLMTrainingJob) -> list[TrainerConfig]:
+    """Every stage's trainer config, in order (what `vlmctl render` shows)."""
+    return [resolve_stage(job, i) for i in range(len(job.spec.stages))]
+
+
 def max_restarts(job: VLMTrainingJob, index: int) -> int:
     """The stage's restart budget: its own maxRestarts, else spec.runPolicy.maxRestarts."""
     s = job.spec.stages[index]

@@ -215,10 +215,10 @@ def test_names_fit_dns_limits_and_stay_distinct(job_name: str, stage_name: str) 
 
 
 def test_render_job_returns_every_object_of_every_stage() -> None:
-    objs = builders.render_job(job(nodes=2), NS)
+    objs = builders.render_job(job(nodes=2), NS, planner.resolve_stages(job(nodes=2)))
     assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "NetworkPolicy", "Job"] * 2
     assert all("ownerReferences" not in o["metadata"] for o in objs)
-    owned = builders.render_job(job(nodes=2), NS, uid=UID)
+    owned = builders.render_job(job(nodes=2), NS, planner.resolve_stages(job(nodes=2)), uid=UID)
     assert all(o["metadata"]["ownerReferences"][0]["uid"] == UID for o in owned)
 
 
@@ -238,7 +238,7 @@ def test_render_job_returns_every_object_of_every_stage() -> None:
     ],
 )
 def test_every_built_object_passes_kubernetes_validate_strict(kw: dict[str, Any]) -> None:
-    for obj in builders.render_job(job(**kw), NS, uid=UID):
+    for obj in builders.render_job(job(**kw), NS, planner.resolve_stages(job(**kw)), uid=UID):
         kubernetes_validate.validate(obj, "1.30.0", strict=True)
 
 

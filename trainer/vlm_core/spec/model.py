@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from vlm_core import storage, validators
+from vlm_core import contract, storage, validators
 from vlm_core.spec.base import Strict
 
 
@@ -59,7 +59,7 @@ class StorageSpec(Strict):
             return {}
         c = credentials or {}
         return storage.s3_options(
-            endpoint_url=self.endpoint_url or c.get("AWS_ENDPOINT_URL"),
+            endpoint_url=self.endpoint_url or c.get(contract.ENDPOINT_URL_ENV),
             key=c.get("AWS_ACCESS_KEY_ID"),
             secret=c.get("AWS_SECRET_ACCESS_KEY"),
             token=c.get("AWS_SESSION_TOKEN"),
