@@ -36,6 +36,7 @@ from vlm_core.spec import VLMTrainingJob, load_job
 from vlm_core.stage_classes import curate_stage, training_stage
 
 from vlm_quickstart.noise import EXPECTED_REASON
+from vlm_quickstart.prepare import RAW_JOB_NAME
 from vlm_quickstart.pretrain import load_language_model, text_perplexity
 from vlm_quickstart.shapes import read_shards
 from vlm_quickstart.vocab import CAPTION_PROMPTS, COLOUR_QUESTIONS, COLOURS, SHAPE_QUESTIONS, SHAPES
@@ -341,7 +342,7 @@ def print_report(report: dict[str, Any]) -> None:
     for r in report["stages"] + report["naive"] + report.get("raw", []):
         if r["job"] == report["job"]:
             name = r["stage"]
-        elif r["type"] == "align":
+        elif r["job"] == RAW_JOB_NAME:
             name = f"{r['stage']} on the raw, uncurated set"
         else:
             name = f"{r['stage']} (baseline: all unfrozen, lr {r['lr']:g})"
