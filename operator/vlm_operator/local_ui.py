@@ -98,7 +98,7 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
     lines.append("")
     for i, st in enumerate(job.spec.stages):
         final = planner.final_uri(job, i)
-        if storage.exists(storage.join(final, contract.FUNNEL_FILE)):  # a curate stage's funnel
+        if not kind(st.type).trains and storage.exists(storage.join(final, contract.FUNNEL_FILE)):  # curate's funnel
             doc = storage.read_json(storage.join(final, contract.FUNNEL_FILE))
             rates = ", ".join(f"{t.get('samples_per_second')}" for t in doc.get("throughput", []))
             lines.append(f"{st.name}: {doc['input']} -> {doc['kept']} samples (removed: "
