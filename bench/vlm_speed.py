@@ -62,6 +62,7 @@ from vlm_core import accounting  # noqa: E402
 from vlm_core.spec import DataSpec, TrainerConfig  # noqa: E402
 from vlm_quickstart.components import build_image_processor, build_tokenizer, vocabulary  # noqa: E402
 from vlm_trainer.parallel import DistEnv  # noqa: E402
+from vlm_trainer.stages import training_kind  # noqa: E402
 from vlm_trainer.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -236,8 +237,8 @@ def scenario(root: Path, size: Size, stage_type: str, mixed: bool, parts: tuple[
             cfg = trainer_config(root, f"{tag}-{v}", stage_type, shard, size, parts, args.micro,
                                  compile_blocks=v == "ours_compiled", packing=args.packing, workers=args.workers,
                                  cached=v == "ours_cached", chunked=v == "ours_chunked", cache_mib=args.cache_mib)
-            trainers[v] = Trainer.build(cfg, env)
-    first = next(iter(trainers.values())) if trainers else Trainer.build(
+            trainers[v] = training_kind(stage_type).build_trainer(cfg, env)
+    first = next(iter(trainers.values())) if trainers else training_kind(stage_type).build_trainer(
         trainer_config(root, f"{tag}-data", stage_type, shard, size, parts, args.micro,
                        compile_blocks=False, packing=args.packing), env)
     reference = first.hf_model

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 from vlm_core import accounting, storage
 from vlm_core.spec import ModelSpec, StageSpec, VLMTrainingJob
+from vlm_core.stage_classes import training_stage
 
 MAX_ALTERNATIVES = 4
 NODE_FACTORS = (1, 2, 4)
@@ -195,8 +196,8 @@ def checker(
     cache: list[accounting.ModelShape] = []
 
     def admit(index: int) -> Admission | None:
-        stage = job.spec.stages[index]
-        if policy == "off" or stage.resources.gpu_memory_gib is None or not isinstance(stage, StageSpec):
+        stage = training_stage(job.spec.stages[index])  # None for a data stage (curate): no model in memory
+        if policy == "off" or stage is None or stage.resources.gpu_memory_gib is None:
             return None
         try:
             if not cache:

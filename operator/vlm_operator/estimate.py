@@ -11,7 +11,8 @@ import os
 from typing import Any
 
 from vlm_core import accounting as A
-from vlm_core.spec import StageSpec, VLMTrainingJob
+from vlm_core.spec import VLMTrainingJob
+from vlm_core.stage_classes import training_stage
 
 from vlm_operator import admission
 
@@ -43,8 +44,9 @@ def estimate_job(
         raise ValueError(f"--mfu: must be in (0, 1], got {mfu:g}")
     card = A.gpu_named(gpu or DEFAULT_GPU)
     stages = []
-    for stage in job.spec.stages:
-        if not isinstance(stage, StageSpec):  # curate stages train nothing: no model memory or FLOPs
+    for any_stage in job.spec.stages:
+        stage = training_stage(any_stage)
+        if stage is None:  # data stages (curate) train nothing: no model memory or FLOPs
             continue
         inp = A.stage_input(stage, on_gpu=True)
         mem = A.estimate_memory(shape, inp)

@@ -24,8 +24,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 from vlm_core import contract, storage
+from vlm_core.kinds import kind
 from vlm_core.redact import redact
-from vlm_core.spec import CURATE_TYPE, VLMTrainingJob
+from vlm_core.spec import VLMTrainingJob
 
 from vlm_operator import planner
 from vlm_operator.local import Interrupted, LocalRunner, RunResult
@@ -98,7 +99,7 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
     lines.append("")
     for i, st in enumerate(job.spec.stages):
         final = planner.final_uri(job, i)
-        if st.type == CURATE_TYPE and storage.exists(storage.join(final, contract.FUNNEL_FILE)):
+        if not kind(st.type).trains and storage.exists(storage.join(final, contract.FUNNEL_FILE)):  # curate's funnel
             doc = storage.read_json(storage.join(final, contract.FUNNEL_FILE))
             rates = ", ".join(f"{t.get('samples_per_second')}" for t in doc.get("throughput", []))
             lines.append(f"{st.name}: {doc['input']} -> {doc['kept']} samples (removed: "
@@ -106,7 +107,7 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
                          + f"); samples/s per rank: {rates}; funnel: {storage.join(final, contract.FUNNEL_CHART)}")
             lines.append("")
     for st in job.spec.stages:
-        if st.type != CURATE_TYPE:
+        if kind(st.type).trains:  # a loss curve per stage that trains
             lines.append(f"![{st.name} loss](loss-{st.name}.png)")
     uri = storage.join(base, "report.md")
     storage.write_text(uri, "\n".join(lines) + "\n")

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Literal
 
 import braceexpand
 from vlm_core import contract, storage
+from vlm_core.kinds import kind
 from vlm_core.redact import redact
-from vlm_core.spec import CURATE_TYPE, CurateStage, TrainerConfig, VLMTrainingJob
+from vlm_core.spec import TrainerConfig, VLMTrainingJob
+from vlm_core.stage_classes import curate_stage, training_stage
 
 if TYPE_CHECKING:
     from vlm_operator.admission import Admission
@@ -100,9 +102,10 @@ def resolve_shard(job: VLMTrainingJob, shard: str) -> str:
 
 
 def previous_training_stage(job: VLMTrainingJob, index: int) -> int | None:
-    """The last training (non-curate) stage before `index`: whose final/ weights stage `index` starts from."""
+    """The last stage before `index` that trains weights (not a data stage such as curate): whose final/
+    weights stage `index` starts from."""
     for i in range(index - 1, -1, -1):
-        if job.spec.stages[i].type != CURATE_TYPE:
+        if kind(job.spec.stages[i].type).trains:
             return i
     return None
 
@@ -110,8 +113,8 @@ def previous_training_stage(job: VLMTrainingJob, index: int) -> int | None:
 def curated_shards(job: VLMTrainingJob, name: str) -> list[str]:
     """The committed output shards of curate stage `name`: one per input shard, under its final/."""
     index = [s.name for s in job.spec.stages].index(name)
-    stage = job.spec.stages[index]
-    assert isinstance(stage, CurateStage), f"stage {name!r} is not a curate stage"
+    stage = curate_stage(job.spec.stages[index])
+    assert stage is not None, f"stage {name!r} is not a curate stage"
     n = len(expand_shards(stage.input.shards))
     return [contract.curated_shard(final_uri(job, index), i) for i in range(n)]
 
@@ -129,18 +132,19 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
     `data.fromStage` resolved to that curate stage's committed shards; output = the stage's prefix.
     """
     stage = job.spec.stages[index].model_copy(deep=True)
-    if isinstance(stage, CurateStage):
-        stage.input.shards = [resolve_shard(job, s) for s in stage.input.shards]
-        init_from = None
-    else:
-        if stage.data.from_stage is not None:
+    init_from = None  # a data stage (curate) reads no weights, and neither does the first training stage
+    if (curate := curate_stage(stage)) is not None:
+        curate.input.shards = [resolve_shard(job, s) for s in curate.input.shards]
+    if (training := training_stage(stage)) is not None:
+        data = training.data
+        if data.from_stage is not None:
             # the trainer gets plain shard URLs (a resolved config names no stage to look up)
-            stage.data.shards, stage.data.from_stage = curated_shards(job, stage.data.from_stage), None
+            data.shards, data.from_stage = curated_shards(job, data.from_stage), None
         else:
-            stage.data.shards = [resolve_shard(job, s) for s in stage.data.shards]
-        for source in stage.data.sources:
+            data.shards = [resolve_shard(job, s) for s in data.shards]
+        for source in data.sources:
             source.shards = [resolve_shard(job, s) for s in source.shards]
-        stage.data.eval_shards = [resolve_shard(job, s) for s in stage.data.eval_shards]
+        data.eval_shards = [resolve_shard(job, s) for s in data.eval_shards]
         prev = previous_training_stage(job, index)
         init_from = final_uri(job, prev) if prev is not None else None
     stage.max_restarts = max_restarts(job, index)

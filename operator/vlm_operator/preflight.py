@@ -20,7 +20,8 @@ from vlm_core.model_config import (
     vision_facts,
     vision_problems,
 )
-from vlm_core.spec import CurateStage, VLMTrainingJob
+from vlm_core.spec import VLMTrainingJob
+from vlm_core.stage_classes import curate_stage, training_stage
 
 from vlm_operator import planner
 
@@ -74,10 +75,11 @@ def _shards(job: VLMTrainingJob, index: int, field: str, patterns: list[str],
 def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None = None) -> list[str]:
     """Every problem with stage `index`'s inputs; empty when it may start."""
     out: list[str] = []
-    stage = job.spec.stages[index]
-    if isinstance(stage, CurateStage):  # reads no model; its input shards must exist
-        _shards(job, index, "shards", stage.input.shards, options, out, section="input")
+    if (curate := curate_stage(job.spec.stages[index])) is not None:  # reads no model; its input shards must exist
+        _shards(job, index, "shards", curate.input.shards, options, out, section="input")
         return out
+    stage = training_stage(job.spec.stages[index])
+    assert stage is not None, f"spec.stages[{index}]: neither a curate nor a training stage"
     facts = _vision(job, index, options, out)
     if facts is not None:
         size = stage_image_size(job.spec.model, list(job.spec.stages[: index + 1]))  # a stage may raise it

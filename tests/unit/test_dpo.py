@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from vlm_trainer.dpo import dpo_loss, sequence_logps
 from vlm_trainer.samples import IGNORE_INDEX
+from vlm_trainer.stages.dpo import dpo_loss, sequence_logps
 
 
 def test_dpo_loss_matches_the_hand_computed_value():

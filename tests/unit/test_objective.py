@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
-from vlm_trainer.dpo import DPOObjective, sequence_logps, target_logps
 from vlm_trainer.objective import CausalLMObjective, labelled_logits, labelled_positions
 from vlm_trainer.samples import IGNORE_INDEX
+from vlm_trainer.stages.dpo import DPOObjective, sequence_logps, target_logps
 
 pytestmark = pytest.mark.unit
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlm_core import strategies
+from vlm_core.kinds import kind
 
 GIB = 2**30
 
@@ -417,8 +418,8 @@ class StageInput:
 
     @property
     def sequences_per_sample(self) -> int:
-        """A DPO sample is a pair: chosen and rejected sequences both run."""
-        return 2 if self.stage_type == "dpo" else 1
+        """A preference sample (DPO) is a pair: chosen and rejected sequences both run (the kinds table says)."""
+        return kind(self.stage_type).sequences_per_sample
 
     @property
     def lm_trains_full(self) -> bool:
@@ -657,10 +658,11 @@ def estimate_memory(shape: ModelShape, inp: StageInput) -> MemoryEstimate:
     if inp.strategy == "ddp" and inp.on_gpu and inp.precision == "bf16" and r.weights == 4:
         comps["autocast_copies"] = book.trained * 2  # autocast caches bf16 casts of trainable weights
     comps.update(activation_bytes(shape, inp))
-    if inp.stage_type == "dpo" and inp.dpo_reference == "sharded":
+    reference_model = kind(inp.stage_type).reference_model
+    if reference_model and inp.dpo_reference == "sharded":
         ref = shape.params * (r.weights if not inp.qlora else QLORA_BYTES_PER_PARAM)
         comps["dpo_reference"] = ref / w if shard_weights else ref
-    elif inp.stage_type == "dpo":
+    elif reference_model:
         notes.append(f"dpo reference {inp.dpo_reference}: no second copy of the weights")
     tensors = sum(comps.values())
     comps["overhead"] = (OVERHEAD_FIXED_BYTES if inp.on_gpu else 0) + OVERHEAD_FRACTION * tensors
@@ -699,7 +701,7 @@ class StageFlops:
         n_p = (shape.projector_params - 2 * shape.lm.hidden) * shape.image_tokens
         projector = 2 * n_p + (2 * n_p if "projector" in inp.trainable else 0) + (2 * n_p if vision_trains else 0)
         per_seq = (vision + projector) * inp.images_per_sample
-        if inp.stage_type == "dpo" and inp.dpo_reference != "precomputed":  # the reference's forward
+        if kind(inp.stage_type).reference_model and inp.dpo_reference != "precomputed":  # the reference's forward
             lm += 2 * n_lm
             per_seq += (2 * n_v + 2 * n_p) * inp.images_per_sample
         return cls(float(lm), float(per_seq), inp.sequences_per_sample)
@@ -777,19 +779,24 @@ def stage_compute(
         warnings.append(f"data.maxLength {inp.seq_len} leaves no room for text: one image alone is {image_tokens} "
                         "tokens")
     if num_samples is not None:
-        if inp.stage_type == "instruct" and num_samples < 100_000:
-            warnings.append(f"instruct data has {num_samples:,} examples; the guidance is 500K-1M (below 100K "
-                            "the model tends to overfit the format)")
-        if inp.stage_type == "instruct" and num_samples > 5_000_000:
-            warnings.append(f"instruct data has {num_samples:,} examples; beyond 5M the returns are small "
-                            "(guidance 500K-1M)")
-        seen = samples if samples is not None else None
-        if inp.stage_type == "align" and seen is not None and seen > 1.05 * num_samples:  # not just rounding
-            warnings.append(f"align runs {seen / num_samples:.1f} epochs; stage 1 (projector only) needs at "
-                            "most 1 epoch")
+        warnings += data_advice(inp.stage_type, num_samples, samples)
     elif max_steps is None:
         warnings.append("data.numSamples not set: steps, tokens and time of an epochs-based stage are unknown")
     return StageCompute(steps, samples, tokens, text, flops, per_param, seconds, hours, warnings)
+
+
+def data_advice(stage_type: str, num_samples: int, seen: int | None) -> list[str]:
+    """The published guidance on the data size of a `stage_type` stage (its kind's `DataAdvice`) as warnings:
+    `num_samples` examples in the data, `seen` samples the stage runs (None: unknown)."""
+    advice, out = kind(stage_type).advice, []
+    if advice.min_samples is not None and num_samples < advice.min_samples:
+        out.append(f"{stage_type} data has {num_samples:,} examples; {advice.min_reason}")
+    if advice.max_samples is not None and num_samples > advice.max_samples:
+        out.append(f"{stage_type} data has {num_samples:,} examples; {advice.max_reason}")
+    # 5% over the epoch limit: not just the rounding of steps to whole global batches
+    if advice.max_epochs is not None and seen is not None and seen > 1.05 * advice.max_epochs * num_samples:
+        out.append(f"{stage_type} runs {seen / num_samples:.1f} epochs; {advice.epochs_reason}")
+    return out
 
 
 def with_changes(inp: StageInput, **changes: Any) -> StageInput:

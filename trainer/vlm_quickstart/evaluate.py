@@ -33,8 +33,10 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from vlm_core import contract, storage
 from vlm_core.spec import VLMTrainingJob, load_job
+from vlm_core.stage_classes import curate_stage, training_stage
 
 from vlm_quickstart.noise import EXPECTED_REASON
+from vlm_quickstart.prepare import RAW_JOB_NAME
 from vlm_quickstart.pretrain import load_language_model, text_perplexity
 from vlm_quickstart.shapes import read_shards
 from vlm_quickstart.vocab import CAPTION_PROMPTS, COLOUR_QUESTIONS, COLOURS, SHAPE_QUESTIONS, SHAPES
@@ -170,8 +172,9 @@ def evaluate_job(
     job: VLMTrainingJob, heldout: dict[str, list], heldout_text: list[str], cache_dir: str
 ) -> list[dict]:
     rows = []
-    for spec in job.spec.stages:
-        if spec.type == "curate":  # measured by `curate_summary`
+    for stage in job.spec.stages:
+        spec = training_stage(stage)
+        if spec is None:  # a data stage (curate): measured by `curate_summary`
             continue
         output = contract.stage_output(job.spec.storage.uri, job.name, spec.name)
         ev = _eval_json(output)
@@ -187,9 +190,8 @@ def evaluate_job(
             "eval_loss": ev.get("eval_loss"),
             "wall_seconds": ev.get("wall_seconds"),
         }
-        if spec.type == "dpo":
-            row["reward_accuracy"] = ev.get("reward_accuracy")
-            row["reward_margin"] = ev.get("reward_margin")
+        # the kind's eval statistics the table shows (DPO's reward accuracy and margin), where the stage has them
+        row.update({k: ev[k] for k in ("reward_accuracy", "reward_margin") if k in ev})
         row.update(
             measure_stage(
                 load_final(storage.join(output, contract.FINAL_DIR), cache_dir), heldout, heldout_text
@@ -201,7 +203,7 @@ def evaluate_job(
 
 def curate_summary(job: VLMTrainingJob, truth: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The curate stage's funnel, and how it did on what was planted (None when the job has no curate stage)."""
-    stage = next((s for s in job.spec.stages if s.type == "curate"), None)
+    stage = next((c for s in job.spec.stages if (c := curate_stage(s)) is not None), None)
     if stage is None:
         return None
     final = contract.stage_final(job.spec.storage.uri, job.name, stage.name)
@@ -340,7 +342,7 @@ def print_report(report: dict[str, Any]) -> None:
     for r in report["stages"] + report["naive"] + report.get("raw", []):
         if r["job"] == report["job"]:
             name = r["stage"]
-        elif r["type"] == "align":
+        elif r["job"] == RAW_JOB_NAME:
             name = f"{r['stage']} on the raw, uncurated set"
         else:
             name = f"{r['stage']} (baseline: all unfrozen, lr {r['lr']:g})"

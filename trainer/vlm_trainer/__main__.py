@@ -95,7 +95,7 @@ def _train(config: TrainerConfig) -> int:
     import transformers
 
     from vlm_trainer.parallel import dist_env, init_distributed, set_threads, shutdown_distributed
-    from vlm_trainer.trainer import run_stage
+    from vlm_trainer.stages import run_stage
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

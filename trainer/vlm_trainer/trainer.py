@@ -7,6 +7,10 @@ on the meta device) -> freezing or LoRA adapters -> activation checkpointing
 together -> schedule -> resume from the newest verified checkpoint. The loop has no strategy branches. Then: steps with gradient accumulation, clipping, checkpoints every N steps,
 progress lines and Prometheus metrics; at the end evaluation on the held-out shards, `eval.json`, and
 `final/` (published last: a committed final/ means the stage is done, and a re-run does nothing).
+
+The loop is the same for every training stage kind; what differs (the objective, how samples are collated,
+the eval statistics) the kind's module gives it (`StageKindHooks`, implemented in vlm_trainer.stages, which
+also holds `run_stage`, the entry every kind shares).
 """
 
 from __future__ import annotations
@@ -17,22 +21,20 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from vlm_core import accounting, contract, storage
-from vlm_core.spec import CURATE_TYPE, StageSpec, TrainerConfig
+from vlm_core.spec import TrainerConfig
 
 from vlm_trainer import lora
 from vlm_trainer.checkpoint import Checkpointer, ResumeState
 from vlm_trainer.data import LoaderPosition, count_samples, eval_samples
-from vlm_trainer.dpo import DPOObjective
 from vlm_trainer.features import FeatureCache, cache_root, setup_feature_cache
 from vlm_trainer.final import write_hf_folder
 from vlm_trainer.frozen import run_frozen_tower_in_inference
-from vlm_trainer.lease import Lease, LeaseHeldError
 from vlm_trainer.loader import (
     BadDataError,
     Source,
@@ -45,12 +47,12 @@ from vlm_trainer.loader import (
 )
 from vlm_trainer.metrics import TrainerMetrics
 from vlm_trainer.model import VLM, apply_freezing, build_vlm, llava_of, param_groups, set_train_modes
-from vlm_trainer.objective import CausalLMObjective, Objective
+from vlm_trainer.objective import Objective
 from vlm_trainer.optim import build_optimizer, build_scheduler
 from vlm_trainer.packing import efficiency, pack_row, packing_mode
 from vlm_trainer.parallel import DistEnv, all_reduce_sum, all_reduce_tensor, gather_objects
 from vlm_trainer.progress import ProgressReporter, emit
-from vlm_trainer.samples import Encoded, SampleEncoder, SampleError, collate, collate_pairs
+from vlm_trainer.samples import Encoded, SampleEncoder, SampleError
 from vlm_trainer.strategies import Strategy, build_strategy
 from vlm_trainer.strategies.compile import compile_blocks
 
@@ -77,12 +79,26 @@ def process_start_time() -> float:
     return float(psutil.Process().create_time())
 
 
-def dpo_reference_mode(stage: StageSpec) -> str:
-    """stage.dpo.reference with `auto` resolved: the adapter-disabled policy for LoRA, else a sharded copy."""
-    assert stage.dpo is not None
-    if stage.dpo.reference != "auto":
-        return stage.dpo.reference
-    return "adapter_disabled" if stage.lora is not None else "sharded"
+class StageKindHooks(Protocol):
+    """What a training stage kind (its module in vlm_trainer.stages) gives the shared loop."""
+
+    @property
+    def sequences_per_sample(self) -> int:
+        """Rows of a collated batch per sample (a preference pair: chosen and rejected)."""
+        ...
+
+    def objective(self, trainer: Trainer, *, reads_weights: bool) -> Objective:
+        """The stage's objective, built after the strategy has wrapped the model (a reference model, if any,
+        placed by `trainer.strategy`; `reads_weights`: this rank reads checkpoint weights)."""
+        ...
+
+    def collate(self, items: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """A micro-batch of encoded samples (sequences or pairs) as padded tensors."""
+        ...
+
+    def eval_statistics(self, sums: dict[str, float], samples: float) -> dict[str, float]:
+        """The eval report's statistics from the objective's stat sums over `samples` held-out samples."""
+        ...
 
 
 class NonFiniteError(RuntimeError):
@@ -128,6 +144,7 @@ class Trainer:
     env: DistEnv
     vlm: VLM
     strategy: Strategy  # owns the wrapped model, the optimizer, backward/step and sharded state
+    kind: StageKindHooks  # what the stage's kind decides: objective, collate, eval statistics
     objective: Objective
     scheduler: torch.optim.lr_scheduler.LambdaLR
     encoder: SampleEncoder
@@ -139,9 +156,9 @@ class Trainer:
     stats: dict[str, Any]
 
     @classmethod
-    def build(cls, config: TrainerConfig, env: DistEnv) -> Trainer:
+    def build(cls, config: TrainerConfig, env: DistEnv, kind: StageKindHooks) -> Trainer:
         self = cls()
-        self.config, self.env = config, env
+        self.config, self.env, self.kind = config, env, kind
         stage = config.stage
         self.started = time.perf_counter()
         self.startup: dict[str, float] = {"process_start": process_start_time(), "build_start": time.time()}
@@ -185,10 +202,7 @@ class Trainer:
         make_optimizer = lora.paged_adamw if stage.qlora else build_optimizer
         self.strategy.prepare(module, lambda m: make_optimizer(param_groups(m, stage), stage))
 
-        if stage.type == "dpo":
-            self.objective = self._dpo_objective(reads_weights)
-        else:
-            self.objective = CausalLMObjective(chunked=stage.cross_entropy == "chunked")
+        self.objective = kind.objective(self, reads_weights=reads_weights)
 
         self.scheduler = build_scheduler(self.strategy.optimizer, self.total_steps, stage.schedule)
         self.flop_rates = accounting.flops_for_trainer(llava_of(module).config.to_dict(), stage)  # the estimator's FLOPs (MFU)
@@ -222,17 +236,6 @@ class Trainer:
     def hf_model(self) -> nn.Module:
         """The model itself (PEFT-wrapped with LoRA; sharded in place under FSDP2/ZeRO-3)."""
         return self.strategy.module
-
-    def _dpo_objective(self, reads_weights: bool) -> DPOObjective:
-        stage = self.config.stage
-        assert stage.dpo is not None
-        mode = dpo_reference_mode(stage)
-        if mode == "adapter_disabled":
-            return DPOObjective(None, beta=stage.dpo.beta, adapter_host=self.hf_model)
-        reference = build_vlm(self.config.model, self.config.init_from, seed=stage.seed, materialize=reads_weights,
-                              resolution_policy=stage.data.resolution).model
-        reference.requires_grad_(False)
-        return DPOObjective(self.strategy.prepare_frozen(reference), beta=stage.dpo.beta)
 
     def _start_metrics(self) -> TrainerMetrics | None:
         try:
@@ -270,9 +273,7 @@ class Trainer:
             self.metrics.observe_bad_sample(reason)
 
     def _collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        pad = self.vlm.processor.tokenizer.pad_token_id
-        batch = collate_pairs(items, pad) if self.config.stage.type == "dpo" else collate(items, pad)
-        return self._to_device(batch)
+        return self._to_device(self.kind.collate(items, self.vlm.processor.tokenizer.pad_token_id))
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.env.device.type == "cuda":  # pinned host memory: the copy overlaps the previous step's kernels
@@ -593,14 +594,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Held-out loss (and DPO reward accuracy/margin) over stage.data.evalShards, summed over ranks."""
+        """Held-out loss (and the kind's statistics, e.g. DPO's reward accuracy/margin) over stage.data.evalShards,
+        summed over ranks."""
         stage = self.config.stage
         if not stage.data.eval_shards:
             return {"eval_loss": None}
         model = self.hf_model
         model.eval()
         names = list(self.objective.stat_names)
-        loss_sum, units, pairs = 0.0, 0, 0
+        loss_sum, units, samples = 0.0, 0, 0
         stat_sums = dict.fromkeys(names, 0.0)
         for batch, counts in self._eval_batches():
             with self.strategy.autocast():
@@ -608,50 +610,12 @@ class Trainer:
             if counts:
                 loss_sum += float(batch_loss)
                 units += self.objective.count(batch)
-                pairs += batch["input_ids"].shape[0] // 2
+                samples += batch["input_ids"].shape[0] // self.kind.sequences_per_sample
                 for n in names:
                     stat_sums[n] += float(stats[n])
         set_train_modes(model, list(stage.trainable))  # back to train modes (frozen vision tower stays eval)
-        sums = all_reduce_sum([loss_sum, units, pairs, *stat_sums.values()], self.env)
+        sums = all_reduce_sum([loss_sum, units, samples, *stat_sums.values()], self.env)
         result: dict[str, Any] = {"eval_loss": sums[0] / max(sums[1], 1.0), "eval_units": int(sums[1])}
-        if stage.type == "dpo":
-            stats = {n: sums[3 + i] / max(sums[2], 1.0) for i, n in enumerate(names)}
-            result.update(stats)
+        result.update(self.kind.eval_statistics(dict(zip(names, sums[3:], strict=True)), sums[2]))
         return result
 
-
-def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any] | None:
-    """Train one stage to its final/ and return the eval report (`__main__` skips a stage already done).
-
-    Rank 0 holds the stage's lease (one writer per stage output) from before anything is built until
-    final/ is committed, or the stage fails: a gang restart takes it over at once."""
-    held: Lease | None = None
-    refusal: LeaseHeldError | None = None
-    final = storage.join(config.output, contract.FINAL_DIR)
-    verdict = 0.0  # rank 0 decides for all: 0 train, 1 already done, 2 refused (another writer)
-    if env.is_main:
-        try:
-            held = Lease.acquire(config.output, job=config.job, stage=config.stage.name)
-            held.keep_alive()
-            # a run that waited for the lease may find the stage finished by the holder
-            verdict = 1.0 if storage.verify_committed(final).ok else 0.0
-        except LeaseHeldError as err:
-            refusal, verdict = err, 2.0
-    try:
-        (verdict,) = all_reduce_sum([verdict], env)  # every rank learns it (a bare exit would hang them)
-        if verdict >= 2:
-            if refusal is not None:
-                raise refusal  # rank 0 reports; the others stop quietly
-            return None
-        if verdict >= 1:
-            if env.is_main:
-                emit("skip", stage=config.stage.name, reason=f"{final} was committed by the previous holder")
-            return None
-        if config.stage.type == CURATE_TYPE:  # the same launch, lease and handoff; a different job
-            from vlm_trainer.curate.runner import run_curate
-
-            return run_curate(config, env)
-        return Trainer.build(config, env).run()
-    finally:
-        if held is not None:
-            held.release()

@@ -30,6 +30,7 @@ from typing import Any
 
 from vlm_core import contract, storage
 from vlm_core.spec import CurateStage, TrainerConfig
+from vlm_core.stage_classes import curate_stage
 
 from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_hash
 from vlm_trainer.curate.report import decision_lines, funnel, funnel_chart_png
@@ -253,8 +254,8 @@ def _start_metrics(config: TrainerConfig) -> Any:
 
 def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
     """Curate this stage's input into committed output shards; returns the funnel (on every rank)."""
-    stage = config.stage
-    assert isinstance(stage, CurateStage)
+    stage = curate_stage(config.stage)
+    assert stage is not None, f"stage {config.stage.name!r} is not a curate stage"
     started = time.perf_counter()
     urls = expand_shards(stage.input.shards)
     final = storage.join(config.output, contract.FINAL_DIR)

@@ -1,4 +1,9 @@
-"""Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference model.
+"""dpo: Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference model.
+
+The kind's module: the loss (a short function, checked against TRL's on the same inputs), the objective,
+the reference policy (a sharded frozen copy, or for LoRA the policy with its adapter disabled) and the
+collate of preference pairs. Its defaults, formats (`preference`) and accounting facts (two sequences per
+sample, a reference model) are its row in vlm_core.kinds.
 
 For a prompt x with chosen answer y_w and rejected answer y_l, with sequence log-probabilities over the
 answer tokens only (pc, pr under the policy; rc, rr under the reference):
@@ -15,13 +20,18 @@ sequence log-probabilities equal those from the full logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vlm_core.spec import StageSpec
 
+from vlm_trainer.model import build_vlm
 from vlm_trainer.objective import labelled_logits, model_inputs
-from vlm_trainer.samples import IGNORE_INDEX
+from vlm_trainer.samples import IGNORE_INDEX, collate_pairs
+from vlm_trainer.stages.base import TrainingKind
+from vlm_trainer.trainer import Trainer
 
 
 def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -112,3 +122,33 @@ class DPOObjective:
             "rejected_reward": terms.rejected_rewards.sum(),
         }
         return terms.losses.sum(), stats
+
+
+def dpo_reference_mode(stage: StageSpec) -> str:
+    """stage.dpo.reference with `auto` resolved: the adapter-disabled policy for LoRA, else a sharded copy."""
+    assert stage.dpo is not None
+    if stage.dpo.reference != "auto":
+        return stage.dpo.reference
+    return "adapter_disabled" if stage.lora is not None else "sharded"
+
+
+class DPOKind(TrainingKind):
+    """Preference pairs in, the DPO objective against a frozen reference; eval reports the mean implicit rewards,
+    margin and accuracy per pair (the base's means of the objective's statistics)."""
+
+    def objective(self, trainer: Trainer, *, reads_weights: bool) -> DPOObjective:
+        stage = trainer.config.stage
+        assert stage.dpo is not None
+        if dpo_reference_mode(stage) == "adapter_disabled":
+            return DPOObjective(None, beta=stage.dpo.beta, adapter_host=trainer.hf_model)
+        reference = build_vlm(trainer.config.model, trainer.config.init_from, seed=stage.seed,
+                              materialize=reads_weights, resolution_policy=stage.data.resolution).model
+        reference.requires_grad_(False)
+        return DPOObjective(trainer.strategy.prepare_frozen(reference), beta=stage.dpo.beta)
+
+    def collate(self, items: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Pairs laid out as [chosen_1..chosen_B, rejected_1..rejected_B] (what `DPOObjective` reads)."""
+        return collate_pairs(items, pad_token_id)
+
+
+KIND = DPOKind("dpo")
