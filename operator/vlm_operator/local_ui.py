@@ -82,10 +82,7 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
         w = walls.get(st.name)
         if rows:
             png = f"loss-{st.name}.png"
-            fs, path = storage.filesystem(storage.join(base, png))
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with fs.open(path, "wb") as f:
-                f.write(plot_loss(rows, f"{job.name} / {st.name} ({st.type})"))
+            storage.write_bytes(storage.join(base, png), plot_loss(rows, f"{job.name} / {st.name} ({st.type})"))
         if rows:
             tps = rows[-1].get("tokens_per_second")
             cells = [str(rows[-1]["step"]), f"{rows[0]['loss']:.4f}", f"{rows[-1]['loss']:.4f}",

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-import braceexpand
 from vlm_core import contract, storage
 from vlm_core.spec import CURATE_TYPE, CurateStage, TrainerConfig, VLMTrainingJob
 
@@ -101,13 +100,8 @@ def curated_shards(job: VLMTrainingJob, name: str) -> list[str]:
     index = [s.name for s in job.spec.stages].index(name)
     stage = job.spec.stages[index]
     assert isinstance(stage, CurateStage), f"stage {name!r} is not a curate stage"
-    n = len(expand_shards(stage.input.shards))
+    n = len(storage.expand_shards(stage.input.shards))
     return [contract.curated_shard(final_uri(job, index), i) for i in range(n)]
-
-
-def expand_shards(shards: list[str]) -> list[str]:
-    """Brace patterns (`train-{000..003}.tar`) expanded, order kept (the same expansion the trainer does)."""
-    return [u for pattern in shards for u in braceexpand.braceexpand(pattern)]
 
 
 def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:

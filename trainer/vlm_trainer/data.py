@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import braceexpand
 import webdataset as wds
 from vlm_core import storage
 from webdataset.tariterators import base_plus_ext
@@ -119,14 +118,6 @@ def mix_order(weights: list[float], drawn: list[int]) -> Iterator[int]:
         yield best
 
 
-def expand_shards(shards: Iterable[str]) -> list[str]:
-    """Brace patterns (`train-{000..003}.tar`) expanded, order kept."""
-    urls = [u for pattern in shards for u in braceexpand.braceexpand(pattern)]
-    if not urls:
-        raise ValueError("stage.data.shards: no shard URLs after brace expansion")
-    return urls
-
-
 def open_with_fsspec(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """WebDataset url opener over the project's storage layer (file://, s3://, gs://, local paths)."""
     for item in src:
@@ -141,6 +132,7 @@ def open_with_fsspec(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             stream.close()
 
 
+SHARDS_FIELD = "stage.data.shards"
 TRUNCATED_SHARD = "truncated_shard"
 _BLOCK = tarfile.BLOCKSIZE
 
@@ -239,7 +231,7 @@ class TrainStream:
         shuffle_buffer: int,
         position: DataPosition | None = None,
     ):
-        self.urls = expand_shards(shards)
+        self.urls = storage.expand_shards(shards, field=SHARDS_FIELD)
         self.seed, self.rank, self.world = seed, rank, world
         self.shuffle_buffer = shuffle_buffer
         self.position = position or DataPosition()
@@ -288,7 +280,7 @@ class TrainStream:
 
 def eval_samples(shards: list[str], *, rank: int, world: int) -> Iterator[dict[str, Any]]:
     """One unshuffled pass over held-out shards; rank r keeps samples r, r+world, ... (balanced to +-1)."""
-    urls = expand_shards(shards)
+    urls = storage.expand_shards(shards, field=SHARDS_FIELD)
     stages = [wds.SimpleShardList(urls), open_with_fsspec, expand_tar_samples, _every_nth(rank, world)]
     return iter(wds.DataPipeline(*stages))
 
@@ -296,7 +288,7 @@ def eval_samples(shards: list[str], *, rank: int, world: int) -> Iterator[dict[s
 def count_samples(shards: list[str]) -> int:
     """Samples in the shards, by reading the tar headers (keys grouped as WebDataset groups them)."""
     total = 0
-    for url in expand_shards(shards):
+    for url in storage.expand_shards(shards, field=SHARDS_FIELD):
         fs, path = storage.filesystem(url)
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             last = None

@@ -35,7 +35,6 @@ from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_
 from vlm_trainer.curate.report import decision_lines, funnel, funnel_chart_png
 from vlm_trainer.curate.select import decide
 from vlm_trainer.curate.text import text_problem
-from vlm_trainer.data import expand_shards
 from vlm_trainer.parallel import DistEnv, barrier, gather_objects
 from vlm_trainer.progress import emit
 
@@ -174,18 +173,13 @@ def _save_tensor(uri: str, tensor: Any) -> None:
 
     buf = io.BytesIO()
     torch.save(tensor, buf)
-    fs, path = storage.filesystem(uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(buf.getvalue())
+    storage.write_bytes(uri, buf.getvalue())
 
 
 def _load_tensor(uri: str) -> Any:
     import torch
 
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as fh:
-        return torch.load(io.BytesIO(fh.read()), weights_only=True)
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), weights_only=True)
 
 
 def write_output_shard(src: str, dst: str, keep_positions: set[int]) -> dict[str, Any]:
@@ -200,10 +194,7 @@ def write_output_shard(src: str, dst: str, keep_positions: set[int]) -> dict[str
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
     data = buf.getvalue()
-    fs, path = storage.filesystem(dst)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(data)
+    storage.write_bytes(dst, data)
     return {"path": dst.rsplit("/", 1)[1], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -256,7 +247,7 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
     stage = config.stage
     assert isinstance(stage, CurateStage)
     started = time.perf_counter()
-    urls = expand_shards(stage.input.shards)
+    urls = storage.expand_shards(stage.input.shards, field="stage.input.shards")
     final = storage.join(config.output, contract.FINAL_DIR)
     work = storage.join(config.output, WORK_DIR)
     mine = list(range(env.rank, len(urls), env.world_size))
