@@ -118,14 +118,14 @@ def mix_order(weights: list[float], drawn: list[int]) -> Iterator[int]:
         yield best
 
 
-def open_with_fsspec(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def open_with_fsspec(src: Iterable[dict[str, Any]], field: str = "stage.data") -> Iterator[dict[str, Any]]:
     """WebDataset url opener over the project's storage layer (file://, s3://, gs://, local paths)."""
     for item in src:
         fs, path = storage.filesystem(item["url"])
         try:
             stream = fs.open(path, "rb")
         except FileNotFoundError:
-            raise FileNotFoundError(f"stage.data: shard {item['url']} does not exist") from None
+            raise FileNotFoundError(f"{field}: shard {item['url']} does not exist") from None
         try:
             yield {**item, "stream": stream}
         finally:
@@ -137,12 +137,75 @@ TRUNCATED_SHARD = "truncated_shard"
 _BLOCK = tarfile.BLOCKSIZE
 
 
+class TruncatedShard(ValueError):
+    """A shard ended early (cut inside a member, or without its end-of-archive block). `key` is the sample
+    that was being read when the data ended (dropped: it may be missing members)."""
+
+    def __init__(self, url: str, detail: str, key: str | None):
+        super().__init__(f"shard {url} is truncated or corrupt ({detail}); the samples before the cut were read")
+        self.url, self.key = url, key
+
+
+@dataclass
+class TarSample:
+    """One WebDataset sample as stored: its key and its members (name, extension, bytes) in tar order."""
+
+    key: str
+    members: list[tuple[str, str, bytes]]
+
+    def raw(self, url: str) -> dict[str, Any]:
+        """The sample as the encoders read it: member bytes by lower-case extension, `__key__`, `__url__`."""
+        out: dict[str, Any] = {"__key__": self.key, "__url__": url}
+        for _name, ext, data in self.members:
+            out[ext.lower()] = data
+        return out
+
+
 def _end_block_present(url: str, offset: int) -> bool:
     """Whether an uncompressed tar holds its end-of-archive (zero) block at `offset`."""
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as f:
         f.seek(offset)
         return f.read(_BLOCK) == b"\0" * _BLOCK
+
+
+def tar_samples(url: str, stream: Any) -> Iterator[TarSample]:
+    """The one WebDataset tar reader (training and curate): the samples of an opened shard in tar order,
+    members grouped by key as WebDataset groups them (`base_plus_ext`: the path up to the first dot of the
+    file name). A sample is yielded once complete; a shard that ends early raises `TruncatedShard` after the
+    complete samples before the cut."""
+    current: TarSample | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                prefix, suffix = base_plus_ext(info.name)
+                if prefix is None or suffix is None:
+                    continue
+                member = tar.extractfile(info)
+                data = member.read() if member is not None else b""
+                if current is None or current.key != prefix:
+                    if current is not None:
+                        yield current
+                    current = TarSample(prefix, [])
+                current.members.append((info.name, suffix, data))
+            end = tar.offset
+        plain = not url.rstrip("/").lower().endswith((".gz", ".tgz", ".bz2", ".xz", ".zst"))
+        if plain and not _end_block_present(url, end):
+            raise TruncatedShard(url, f"no end-of-archive block after byte {end}", current.key if current else None)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        if isinstance(err, TruncatedShard):
+            raise
+        raise TruncatedShard(url, f"{type(err).__name__}: {err}", current.key if current else None) from None
+    if current is not None:
+        yield current
+
+
+def read_shard(url: str, field: str = "stage.data") -> Iterator[TarSample]:
+    """The samples of the shard at `url` (`tar_samples` over the storage layer)."""
+    for item in open_with_fsspec([{"url": url}], field):
+        yield from tar_samples(url, item["stream"])
 
 
 def expand_tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -152,34 +215,11 @@ def expand_tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]
     sample that was being read when the data ended is dropped with it (it may be missing members)."""
     for item in src:
         url = item["url"]
-        current: dict[str, Any] | None = None
-        detail = None
         try:
-            with tarfile.open(fileobj=item["stream"], mode="r|*") as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    prefix, suffix = base_plus_ext(info.name)
-                    if prefix is None or suffix is None:
-                        continue
-                    member = tar.extractfile(info)
-                    data = member.read() if member is not None else b""
-                    if current is None or current["__key__"] != prefix:
-                        if current is not None:
-                            yield current
-                        current = {"__key__": prefix, "__url__": url}
-                    current[suffix.lower()] = data
-                end = tar.offset
-            plain = not url.rstrip("/").lower().endswith((".gz", ".tgz", ".bz2", ".xz", ".zst"))
-            if plain and not _end_block_present(url, end):
-                detail = f"no end-of-archive block after byte {end}"
-        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-            detail = f"{type(err).__name__}: {err}"
-        if detail is not None:
-            yield {"__bad__": TRUNCATED_SHARD, "__url__": url, "__key__": current["__key__"] if current else None,
-                   "__detail__": f"shard {url} is truncated or corrupt ({detail}); the samples before the cut were read"}
-        elif current is not None:
-            yield current
+            for sample in tar_samples(url, item["stream"]):
+                yield sample.raw(url)
+        except TruncatedShard as err:
+            yield {"__bad__": TRUNCATED_SHARD, "__url__": url, "__key__": err.key, "__detail__": str(err)}
 
 
 def _every_nth(rank: int, world: int) -> Callable[[Iterable[Any]], Iterator[Any]]:
