@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vlm_core.model_config import tokens_per_image
+
 GIB = 2**30
 
 # What a GPU's framework state costs beyond the tensors counted here: the CUDA context, cuBLAS
@@ -316,11 +318,9 @@ class ModelShape:
 
     @property
     def image_tokens(self) -> int:
-        """LM tokens per image (what transformers' LLaVA processor expands `<image>` to)."""
-        n = self.vision.positions
-        if self.feature_select == "default":  # LLaVA drops the first position, CLS or not (model_config's rule)
-            n -= 1
-        return n
+        """LM tokens per image (what transformers' LLaVA processor expands `<image>` to: `model_config`'s rule)."""
+        return tokens_per_image(image_size=self.vision.image_size, patch_size=self.vision.patch,
+                                has_cls_token=self.vision.kind == "clip", feature_select=self.feature_select)
 
     @property
     def projector_params(self) -> int:
