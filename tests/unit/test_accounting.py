@@ -328,3 +328,10 @@ def test_the_torch_free_image_token_count_is_the_processors(size, kind, select, 
                                      "visionFeatureSelectStrategy": select})
     assert counts == [shape.image_tokens] * 2 == [image_token_count(spec, vision_facts(vision))] * 2
     assert counts[0] == (size // patch) ** 2 + (kind == "clip") - (select == "default")
+
+
+def test_lora_default_targets_have_one_home_the_schema():
+    """The estimator's LoRA default is the schema's (`LoRASpec.target_modules`), not a copy of it."""
+    from vlm_core.spec import LoRASpec
+
+    assert A.StageInput(lora_rank=8).lora_targets == tuple(LoRASpec().target_modules)
