@@ -10,7 +10,7 @@ Training order of one rank, epoch e:
    early (a truncated tar: cut inside a member, or at a member boundary without the end-of-archive block,
    which Python's tarfile would accept in silence) yields the samples before the cut and then one marker
    `{"__bad__": "truncated_shard", "__url__": ...}` that the loader counts and reports: never silently
-   shortened;
+   shortened. `tar_samples` is the one tar reader: the curate stage reads its input through it too;
 4. samples pass a shuffle buffer seeded by (seed, e, rank).
 Epochs repeat forever; the loop stops by step count.
 

@@ -7,7 +7,8 @@ Images: a sample carries one image member (`<key>.png`, or .jpg/.jpeg/.webp) or 
 images appear in the text; `Encoded.pixel_values` (and `image_sizes`) follow that order.
 
 Formats (see the data contract):
-- caption: json `{"caption": ...}` (or a `.txt` member) -> user `<image>`, assistant `<caption>`;
+- caption: json `{"caption": ...}` (or, for a sample without a .json member, its `.txt` member) -> user
+  `<image>`, assistant `<caption>` (`sample_caption`: the curate stage filters on the same caption);
 - conversation: json `{"conversations": [{"role": "user"|"assistant", "content": ...}, ...]}` (LLaVA's
   `{"from": "human"|"gpt", "value": ...}` is accepted too); the i-th `<image>` marker is the i-th image
   (markers must match the images in number); without markers, all images go first into the first user turn;
