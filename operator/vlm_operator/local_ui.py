@@ -83,10 +83,7 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
         w = walls.get(st.name)
         if rows:
             png = f"loss-{st.name}.png"
-            fs, path = storage.filesystem(storage.join(base, png))
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with fs.open(path, "wb") as f:
-                f.write(plot_loss(rows, f"{job.name} / {st.name} ({st.type})"))
+            storage.write_bytes(storage.join(base, png), plot_loss(rows, f"{job.name} / {st.name} ({st.type})"))
         if rows:
             first, last = rows[0], rows[-1]
             tps = last.get(contract.KEY_TOKENS_PER_SECOND)

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-import braceexpand
 from vlm_core import contract, storage
 from vlm_core.kinds import kind
 from vlm_core.redact import redact
@@ -115,13 +114,8 @@ def curated_shards(job: VLMTrainingJob, name: str) -> list[str]:
     index = [s.name for s in job.spec.stages].index(name)
     stage = curate_stage(job.spec.stages[index])
     assert stage is not None, f"stage {name!r} is not a curate stage"
-    n = len(expand_shards(stage.input.shards))
+    n = len(storage.expand_shards(stage.input.shards))
     return [contract.curated_shard(final_uri(job, index), i) for i in range(n)]
-
-
-def expand_shards(shards: list[str]) -> list[str]:
-    """Brace patterns (`train-{000..003}.tar`) expanded, order kept (the same expansion the trainer does)."""
-    return [u for pattern in shards for u in braceexpand.braceexpand(pattern)]
 
 
 def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:

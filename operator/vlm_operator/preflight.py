@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import braceexpand
 from vlm_core import storage
 from vlm_core.model_config import (
     VisionFacts,
@@ -58,7 +57,7 @@ def _shards(job: VLMTrainingJob, index: int, field: str, patterns: list[str],
             options: storage.Options | None, out: list[str], section: str = "data") -> None:
     for j, pattern in enumerate(patterns):
         where = f"spec.stages[{index}].{section}.{field}[{j}]"
-        urls = list(braceexpand.braceexpand(planner.resolve_shard(job, pattern)))
+        urls = storage.expand_shards([planner.resolve_shard(job, pattern)])
         missing = [u for u in urls if not storage.exists(u, options=options)]
         if missing:
             out.append(f"{where}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]}")

@@ -283,3 +283,55 @@ def test_stage_input_reads_the_strategy_fields_a_newer_spec_adds():
     shape, _ = _seven_b()
     est = A.estimate_memory(shape, inp)
     assert "dpo_reference" not in est.components and est.offloaded_bytes > 0
+
+
+def _tiny_processor(kind: str, size: int, patch: int, select: str):
+    """A LlavaProcessor as `model.assemble_vlm` builds one (CLIP: shortest-edge resize + centre crop, one CLS
+    token; SigLIP: square resize, none), over a one-word tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                  unk_token="<unk>")
+    tok.add_tokens(["<image>"], special_tokens=True)
+    if kind == "clip":
+        ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    else:
+        ip = SiglipImageProcessorPil(size={"height": size, "width": size})
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch, vision_feature_select_strategy=select,
+                          image_token="<image>", num_additional_image_tokens=1 if kind == "clip" else 0)
+
+
+@pytest.mark.parametrize("size", [224, 336, 448])
+@pytest.mark.parametrize("kind,select,patch", [("clip", "default", 14), ("siglip", "full", 16),
+                                               ("clip", "full", 14), ("siglip", "default", 16)])
+def test_the_torch_free_image_token_count_is_the_processors(size, kind, select, patch):
+    """Estimate and admission count image tokens from config.json alone (`model_config.tokens_per_image`, through
+    `ModelShape.image_tokens` and `model_config.image_token_count`); the trainer takes the processor's own
+    count (`family.image_token_counts`). Both agree, on images of any shape."""
+    from PIL import Image
+    from vlm_core.model_config import image_token_count, vision_facts
+    from vlm_core.spec import ModelSpec
+    from vlm_trainer import family
+
+    processor = _tiny_processor(kind, size, patch, select)
+    images = [Image.new("RGB", (size, size)), Image.new("RGB", (3 * size // 2, size // 2))]
+    counts = family.image_token_counts(processor, processor.image_processor(images=images, return_tensors="pt"))
+    vision = {"model_type": f"{kind}_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "patch_size": patch, "image_size": size}
+    lm = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 100}
+    shape = A.ModelShape.from_configs(vision, lm, feature_select=select)
+    spec = ModelSpec.model_validate({"visionEncoder": "/v", "languageModel": "/l", "imageSize": size,
+                                     "visionFeatureSelectStrategy": select})
+    assert counts == [shape.image_tokens] * 2 == [image_token_count(spec, vision_facts(vision))] * 2
+    assert counts[0] == (size // patch) ** 2 + (kind == "clip") - (select == "default")
+
+
+def test_lora_default_targets_have_one_home_the_schema():
+    """The estimator's LoRA default is the schema's (`LoRASpec.target_modules`), not a copy of it."""
+    from vlm_core.spec import LoRASpec
+
+    assert A.StageInput(lora_rank=8).lora_targets == tuple(LoRASpec().target_modules)

@@ -211,3 +211,36 @@ def test_decide_runs_the_embedding_filters_on_the_global_view():
         update={"keep_top_fraction": 0.5})}), embeddings=emb)
     # the top half by score (global: all six compete), then NSFW; the semantic pair was already cut
     assert d.reasons == [None, None, "clip_score", "nsfw", "clip_score", "clip_score"]
+
+
+def test_a_sample_with_json_and_txt_captions_is_filtered_and_trained_on_the_same_caption(tmp_path):
+    """Curate reads samples with training's reader and caption rule (json's "caption" before .txt): a sample
+    whose json caption is clean and whose txt is junk is kept and trained on the json caption; the reverse
+    one is filtered on its json caption, the one training would have trained on."""
+    import json
+    import tarfile
+
+    from vlm_trainer.curate.runner import Analyser
+    from vlm_trainer.data import read_shard
+    from vlm_trainer.samples import caption_messages
+
+    rng = np.random.default_rng(0)
+    png = _png(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    shard = tmp_path / "raw-000.tar"
+    samples = {"clean-json": ("a red circle on a white background", "IMG_0371.jpg"),
+               "junk-json": ("click here to enlarge", "a blue square on a white background")}
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, (in_json, in_txt) in samples.items():
+            for name, payload in ((f"{key}.png", png), (f"{key}.json", json.dumps({"caption": in_json}).encode()),
+                                  (f"{key}.txt", in_txt.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    stage = parse_job(_with(s1={"input": {"shards": [str(shard)]}})).spec.stages[1]
+    records, _ = Analyser(stage).shard(str(shard))
+    assert [(r["key"], r["caption"], r["reason"]) for r in records] == [
+        ("clean-json", "a red circle on a white background", None),
+        ("junk-json", "click here to enlarge", "text"),
+    ]
+    trained = [caption_messages(s.raw(str(shard)))[-1]["content"] for s in read_shard(str(shard))]
+    assert trained == [r["caption"] for r in records]

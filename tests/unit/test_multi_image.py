@@ -160,3 +160,43 @@ def test_fixed_resolution_raise_interpolates_positions_and_anyres_carries_weight
     assert any(p is anyres.model.model.image_newline for p in projector["params"])
     with pytest.raises(resolution.ResolutionError, match="fixed after an anyres"):
         resolution.apply(anyres, ResolutionSpec(policy="fixed"), seed=0)
+
+
+def test_the_family_rows_answer_for_parts_blocks_and_inputs(vlms):
+    """Parts, decoder blocks and extra forward inputs come from the family's row, for both families: every
+    parameter belongs to a part (LlavaNext's image_newline to the projector), the blocks are the LM's then
+    the vision encoder's, and `image_sizes` reaches the forward pass only where the collator made it."""
+    from vlm_trainer.objective import model_inputs
+    from vlm_trainer.strategies.fsdp import block_modules
+
+    fixed, anyres = vlms
+    for vlm in (fixed, anyres):
+        model = vlm.model
+        parts = family.parameter_parts(model)
+        assert {id(p) for p in model.parameters()} <= set(parts)
+        assert parts[id(model.model.multi_modal_projector.linear_1.weight)] == "projector"
+        assert parts[id(model.lm_head.weight)] == "language_model"
+        assert family.vision_tower(model) is model.model.vision_tower
+        blocks = family.decoder_blocks(model)
+        tower = model.model.vision_tower
+        encoder = getattr(tower, "vision_model", tower).encoder
+        assert blocks == [*model.model.language_model.layers, *encoder.layers] == block_modules(model)
+        assert family.decoder_block_class_names(model) == [type(blocks[0]).__name__, type(blocks[-1]).__name__]
+    assert family.parameter_parts(anyres.model)[id(anyres.model.model.image_newline)] == "projector"
+    assert family.tiled_form(family.of_model(fixed.model)) is family.of_model(anyres.model)
+    batch = {"input_ids": torch.zeros(1, 2), "pixel_values": torch.zeros(1, 3), "labels": torch.zeros(1, 2)}
+    assert set(model_inputs(batch)) == {"input_ids", "pixel_values"}
+    assert set(model_inputs({**batch, "image_sizes": torch.zeros(1, 2)})) == {"input_ids", "pixel_values", "image_sizes"}
+
+
+def test_no_family_branches_outside_the_adapter():
+    """Every family difference is a trait in `vlm_trainer.family`'s rows: no other trainer module names a
+    family row or branches on one."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "trainer"
+    branch = re.compile(r"\bis (?:not )?family\.|\bfamily\.LLAVA(?:_NEXT)?\b|\bLLAVA_NEXT\b|isinstance\([^)]*LlavaNext")
+    offenders = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if p.name != "family.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if branch.search(line)]
+    assert offenders == []

@@ -98,3 +98,31 @@ def test_storage_options_travel_with_the_job_not_the_process(monkeypatch, tmp_pa
     assert dict(os.environ) == before
     assert runner.env[contract.ENDPOINT_URL_ENV] == "http://127.0.0.1:9003"  # for its trainers' environment only
     assert runner.storage_options["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9003"
+
+
+def test_brace_patterns_expand_in_order_and_an_empty_list_names_the_field():
+    assert storage.expand_shards(["s3://b/train-{00..02}.tar", "x.tar"]) == [
+        "s3://b/train-00.tar", "s3://b/train-01.tar", "s3://b/train-02.tar", "x.tar"]
+    import pytest
+
+    with pytest.raises(ValueError, match="stage.data.shards: no shard URLs"):
+        storage.expand_shards([], field="stage.data.shards")
+
+
+def test_only_the_storage_layer_expands_shards_or_opens_storage_files_for_writing():
+    """One write path (`storage.write_bytes`) and one brace expansion: nothing else in the operator or the
+    trainer opens an fsspec file for writing, pipes bytes into one, or calls braceexpand."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    writes = re.compile(r"fsspec\.open\(|\bfs\.pipe|\bfs\.open\([^)]*['\"][wa]b?['\"]|braceexpand")
+    offenders = []
+    for folder in ("operator", "trainer"):
+        for path in (root / folder).rglob("*.py"):
+            if path.relative_to(root).as_posix() == "trainer/vlm_core/storage.py":
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if writes.search(line):
+                    offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert offenders == []

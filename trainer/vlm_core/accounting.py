@@ -31,6 +31,8 @@ from typing import Any
 
 from vlm_core import strategies
 from vlm_core.kinds import kind
+from vlm_core.model_config import tokens_per_image
+from vlm_core.spec import LoRASpec
 
 GIB = 2**30
 
@@ -319,11 +321,9 @@ class ModelShape:
 
     @property
     def image_tokens(self) -> int:
-        """LM tokens per image (what transformers' LLaVA processor expands `<image>` to)."""
-        n = self.vision.positions
-        if self.feature_select == "default":  # LLaVA drops the first position, CLS or not (model_config's rule)
-            n -= 1
-        return n
+        """LM tokens per image (what transformers' LLaVA processor expands `<image>` to: `model_config`'s rule)."""
+        return tokens_per_image(image_size=self.vision.image_size, patch_size=self.vision.patch,
+                                has_cls_token=self.vision.kind == "clip", feature_select=self.feature_select)
 
     @property
     def projector_params(self) -> int:
@@ -393,7 +393,7 @@ class StageInput:
     gradient_checkpointing: bool = False
     world_size: int = 1
     lora_rank: int | None = None
-    lora_targets: tuple[str, ...] = LM_LINEAR_NAMES
+    lora_targets: tuple[str, ...] = field(default_factory=lambda: tuple(LoRASpec().target_modules))  # the schema's default
     qlora: bool = False
     dpo_reference: str = "sharded"  # sharded | precomputed | adapter_disabled
     on_gpu: bool = True  # False on CPU: no CUDA context, fp32 everywhere
@@ -447,7 +447,7 @@ def stage_input(stage: Any, *, on_gpu: bool | None = None) -> StageInput:
         gradient_checkpointing=stage.gradient_checkpointing,
         world_size=res.nodes * res.procs_per_node,
         lora_rank=getattr(lora, "rank", None) if lora is not None else None,
-        lora_targets=tuple(getattr(lora, "target_modules", LM_LINEAR_NAMES)) if lora is not None else LM_LINEAR_NAMES,
+        lora_targets=tuple(lora.target_modules) if lora is not None else tuple(LoRASpec().target_modules),
         qlora=bool(getattr(stage, "qlora", False)),
         dpo_reference=reference,
         on_gpu=gpu,

@@ -52,12 +52,21 @@ def stage_image_size(model: ModelSpec, stages: list[Any]) -> int:
     return size
 
 
+def tokens_per_image(*, image_size: int, patch_size: int, has_cls_token: bool, feature_select: str) -> int:
+    """`<image>` tokens of one square image, from the configs alone: the torch-free side's one copy of the
+    processor's rule (transformers' `LlavaProcessor.replace_image_token`: patches, + CLS, - 1 for 'default';
+    checked against the processor in tests/unit/test_accounting.py). The trainer never uses it: it takes
+    the processor's own count (`vlm_trainer.family.image_token_counts`)."""
+    per_side = image_size // max(patch_size, 1)
+    n = per_side * per_side + (1 if has_cls_token else 0)
+    return n - 1 if feature_select == "default" else n
+
+
 def image_token_count(model: ModelSpec, facts: VisionFacts, image_size: int | None = None) -> int:
-    """`<image>` tokens per image at `image_size` (default spec.model.imageSize; LLaVA's rule: patches, + CLS,
-    - 1 for 'default'). An AnyRes image takes at least this many (its global thumbnail alone)."""
-    per_side = (image_size or model.image_size) // max(facts.patch_size, 1)
-    n = per_side * per_side + (1 if facts.has_cls_token else 0)
-    return n - 1 if model.vision_feature_select_strategy == "default" else n
+    """`<image>` tokens per image at `image_size` (default spec.model.imageSize; `tokens_per_image`). An AnyRes
+    image takes at least this many (its global thumbnail alone)."""
+    return tokens_per_image(image_size=image_size or model.image_size, patch_size=facts.patch_size,
+                            has_cls_token=facts.has_cls_token, feature_select=model.vision_feature_select_strategy)
 
 
 def vision_problems(model: ModelSpec, facts: VisionFacts) -> list[str]:

@@ -15,10 +15,11 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import braceexpand
 import fsspec
 from fsspec.core import url_to_fs
 
@@ -32,6 +33,16 @@ def join(base: str, *parts: str) -> str:
     for p in parts:
         out += "/" + p.strip("/")
     return out
+
+
+def expand_shards(patterns: Iterable[str], *, field: str = "shards") -> list[str]:
+    """Shard URIs with brace patterns (`train-{000..003}.tar`) expanded, order kept: the one expansion the
+    operator's planner and preflight and the trainer's data and curate readers all use. `field` names the
+    spec field in the error when nothing is left."""
+    urls = [u for pattern in patterns for u in braceexpand.braceexpand(pattern)]
+    if not urls:
+        raise ValueError(f"{field}: no shard URLs after brace expansion")
+    return urls
 
 
 def is_remote(uri: str) -> bool:
@@ -192,8 +203,7 @@ def commit_dir(
         fs.put_file(src, dst)
     files += uploaded or []
     manifest = {"step": step, "stage": stage, "files": files, "committed_at": time.time(), **(extra or {})}
-    with fs.open(f"{path}/{MANIFEST}", "w") as fh:
-        fh.write(json.dumps(manifest, indent=2))
+    write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2), options=options)
     return uri
 
 

@@ -10,7 +10,7 @@ Training order of one rank, epoch e:
    early (a truncated tar: cut inside a member, or at a member boundary without the end-of-archive block,
    which Python's tarfile would accept in silence) yields the samples before the cut and then one marker
    `{"__bad__": "truncated_shard", "__url__": ...}` that the loader counts and reports: never silently
-   shortened;
+   shortened. `tar_samples` is the one tar reader: the curate stage reads its input through it too;
 4. samples pass a shuffle buffer seeded by (seed, e, rank).
 Epochs repeat forever; the loop stops by step count.
 
@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import braceexpand
 import webdataset as wds
 from vlm_core import storage
 from webdataset.tariterators import base_plus_ext
@@ -119,30 +118,47 @@ def mix_order(weights: list[float], drawn: list[int]) -> Iterator[int]:
         yield best
 
 
-def expand_shards(shards: Iterable[str]) -> list[str]:
-    """Brace patterns (`train-{000..003}.tar`) expanded, order kept."""
-    urls = [u for pattern in shards for u in braceexpand.braceexpand(pattern)]
-    if not urls:
-        raise ValueError("stage.data.shards: no shard URLs after brace expansion")
-    return urls
-
-
-def open_with_fsspec(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def open_with_fsspec(src: Iterable[dict[str, Any]], field: str = "stage.data") -> Iterator[dict[str, Any]]:
     """WebDataset url opener over the project's storage layer (file://, s3://, gs://, local paths)."""
     for item in src:
         fs, path = storage.filesystem(item["url"])
         try:
             stream = fs.open(path, "rb")
         except FileNotFoundError:
-            raise FileNotFoundError(f"stage.data: shard {item['url']} does not exist") from None
+            raise FileNotFoundError(f"{field}: shard {item['url']} does not exist") from None
         try:
             yield {**item, "stream": stream}
         finally:
             stream.close()
 
 
+SHARDS_FIELD = "stage.data.shards"
 TRUNCATED_SHARD = "truncated_shard"
 _BLOCK = tarfile.BLOCKSIZE
+
+
+class TruncatedShard(ValueError):
+    """A shard ended early (cut inside a member, or without its end-of-archive block). `key` is the sample
+    that was being read when the data ended (dropped: it may be missing members)."""
+
+    def __init__(self, url: str, detail: str, key: str | None):
+        super().__init__(f"shard {url} is truncated or corrupt ({detail}); the samples before the cut were read")
+        self.url, self.key = url, key
+
+
+@dataclass
+class TarSample:
+    """One WebDataset sample as stored: its key and its members (name, extension, bytes) in tar order."""
+
+    key: str
+    members: list[tuple[str, str, bytes]]
+
+    def raw(self, url: str) -> dict[str, Any]:
+        """The sample as the encoders read it: member bytes by lower-case extension, `__key__`, `__url__`."""
+        out: dict[str, Any] = {"__key__": self.key, "__url__": url}
+        for _name, ext, data in self.members:
+            out[ext.lower()] = data
+        return out
 
 
 def _end_block_present(url: str, offset: int) -> bool:
@@ -153,6 +169,45 @@ def _end_block_present(url: str, offset: int) -> bool:
         return f.read(_BLOCK) == b"\0" * _BLOCK
 
 
+def tar_samples(url: str, stream: Any) -> Iterator[TarSample]:
+    """The one WebDataset tar reader (training and curate): the samples of an opened shard in tar order,
+    members grouped by key as WebDataset groups them (`base_plus_ext`: the path up to the first dot of the
+    file name). A sample is yielded once complete; a shard that ends early raises `TruncatedShard` after the
+    complete samples before the cut."""
+    current: TarSample | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                prefix, suffix = base_plus_ext(info.name)
+                if prefix is None or suffix is None:
+                    continue
+                member = tar.extractfile(info)
+                data = member.read() if member is not None else b""
+                if current is None or current.key != prefix:
+                    if current is not None:
+                        yield current
+                    current = TarSample(prefix, [])
+                current.members.append((info.name, suffix, data))
+            end = tar.offset
+        plain = not url.rstrip("/").lower().endswith((".gz", ".tgz", ".bz2", ".xz", ".zst"))
+        if plain and not _end_block_present(url, end):
+            raise TruncatedShard(url, f"no end-of-archive block after byte {end}", current.key if current else None)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        if isinstance(err, TruncatedShard):
+            raise
+        raise TruncatedShard(url, f"{type(err).__name__}: {err}", current.key if current else None) from None
+    if current is not None:
+        yield current
+
+
+def read_shard(url: str, field: str = "stage.data") -> Iterator[TarSample]:
+    """The samples of the shard at `url` (`tar_samples` over the storage layer)."""
+    for item in open_with_fsspec([{"url": url}], field):
+        yield from tar_samples(url, item["stream"])
+
+
 def expand_tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Opened shards -> samples (member bytes by lower-case extension, `__key__`, `__url__`), in tar order.
 
@@ -160,34 +215,11 @@ def expand_tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]
     sample that was being read when the data ended is dropped with it (it may be missing members)."""
     for item in src:
         url = item["url"]
-        current: dict[str, Any] | None = None
-        detail = None
         try:
-            with tarfile.open(fileobj=item["stream"], mode="r|*") as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    prefix, suffix = base_plus_ext(info.name)
-                    if prefix is None or suffix is None:
-                        continue
-                    member = tar.extractfile(info)
-                    data = member.read() if member is not None else b""
-                    if current is None or current["__key__"] != prefix:
-                        if current is not None:
-                            yield current
-                        current = {"__key__": prefix, "__url__": url}
-                    current[suffix.lower()] = data
-                end = tar.offset
-            plain = not url.rstrip("/").lower().endswith((".gz", ".tgz", ".bz2", ".xz", ".zst"))
-            if plain and not _end_block_present(url, end):
-                detail = f"no end-of-archive block after byte {end}"
-        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-            detail = f"{type(err).__name__}: {err}"
-        if detail is not None:
-            yield {"__bad__": TRUNCATED_SHARD, "__url__": url, "__key__": current["__key__"] if current else None,
-                   "__detail__": f"shard {url} is truncated or corrupt ({detail}); the samples before the cut were read"}
-        elif current is not None:
-            yield current
+            for sample in tar_samples(url, item["stream"]):
+                yield sample.raw(url)
+        except TruncatedShard as err:
+            yield {"__bad__": TRUNCATED_SHARD, "__url__": url, "__key__": err.key, "__detail__": str(err)}
 
 
 def _every_nth(rank: int, world: int) -> Callable[[Iterable[Any]], Iterator[Any]]:
@@ -239,7 +271,7 @@ class TrainStream:
         shuffle_buffer: int,
         position: DataPosition | None = None,
     ):
-        self.urls = expand_shards(shards)
+        self.urls = storage.expand_shards(shards, field=SHARDS_FIELD)
         self.seed, self.rank, self.world = seed, rank, world
         self.shuffle_buffer = shuffle_buffer
         self.position = position or DataPosition()
@@ -288,7 +320,7 @@ class TrainStream:
 
 def eval_samples(shards: list[str], *, rank: int, world: int) -> Iterator[dict[str, Any]]:
     """One unshuffled pass over held-out shards; rank r keeps samples r, r+world, ... (balanced to +-1)."""
-    urls = expand_shards(shards)
+    urls = storage.expand_shards(shards, field=SHARDS_FIELD)
     stages = [wds.SimpleShardList(urls), open_with_fsspec, expand_tar_samples, _every_nth(rank, world)]
     return iter(wds.DataPipeline(*stages))
 
@@ -296,7 +328,7 @@ def eval_samples(shards: list[str], *, rank: int, world: int) -> Iterator[dict[s
 def count_samples(shards: list[str]) -> int:
     """Samples in the shards, by reading the tar headers (keys grouped as WebDataset groups them)."""
     total = 0
-    for url in expand_shards(shards):
+    for url in storage.expand_shards(shards, field=SHARDS_FIELD):
         fs, path = storage.filesystem(url)
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             last = None

@@ -39,7 +39,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vlm_core import storage
 
-from vlm_trainer.model import llava_of
+from vlm_trainer.family import base_model, vision_tower
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class FeatureCache:
 def install_feature_cache(module: nn.Module, cache: FeatureCache) -> None:
     """Replace the frozen vision tower's forward by cache look-ups (misses run the real forward on the
     missing images only and are stored). The tower must be frozen (`vlm_trainer.frozen`)."""
-    tower = llava_of(module).model.vision_tower
+    tower = vision_tower(module)
     if any(p.requires_grad for p in tower.parameters()):
         raise ValueError("stage.cacheVisionFeatures: the vision tower trains in this stage; cached features "
                          "need a frozen tower (remove vision_tower from stage.trainable)")
@@ -194,7 +194,7 @@ def _depth(tower: nn.Module) -> int:
 
 
 def cache_of(module: nn.Module) -> FeatureCache | None:
-    return getattr(llava_of(module).model.vision_tower, "_vlm_feature_cache", None)
+    return getattr(vision_tower(module), "_vlm_feature_cache", None)
 
 
 def cache_root(storage_uri: str, job: str) -> str:
@@ -205,8 +205,7 @@ def cache_root(storage_uri: str, job: str) -> str:
 def setup_feature_cache(module: nn.Module, *, root: str | None, compute: str, fingerprint_of_rank0: Any) -> FeatureCache:
     """Install a cache on the frozen tower of `module`. `fingerprint_of_rank0(fp)` shares rank 0's fingerprint
     (other ranks may hold the tower on the meta device until the strategy copies rank 0's weights)."""
-    llava = llava_of(module)
-    tower, layers = llava.model.vision_tower, feature_layers(llava.config)
+    tower, layers = vision_tower(module), feature_layers(base_model(module).config)
     local = None if any(p.is_meta for p in tower.parameters()) else encoder_fingerprint(tower, layers, compute)
     fingerprint = fingerprint_of_rank0(local)
     depth = _depth(tower)

@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm_trainer.model import llava_of
+from vlm_trainer.family import vision_tower
 
 
 def vision_tower_frozen(module: nn.Module) -> bool:
-    return not any(p.requires_grad for p in llava_of(module).model.vision_tower.parameters())
+    return not any(p.requires_grad for p in vision_tower(module).parameters())
 
 
 def run_frozen_tower_in_inference(module: nn.Module) -> bool:
     """Make a frozen vision tower's forward run without autograd; returns whether it was frozen (and set)."""
-    tower = llava_of(module).model.vision_tower
+    tower = vision_tower(module)
     if not vision_tower_frozen(module) or getattr(tower, "_vlm_inference_forward", False):
         return False
     forward = tower.forward

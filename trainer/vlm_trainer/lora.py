@@ -20,9 +20,8 @@ import torch
 from torch import nn
 from vlm_core.spec import StageSpec
 
+from vlm_trainer import family
 from vlm_trainer.model import VLM
-
-PROJECTOR = "multi_modal_projector"
 
 
 class QLoRAUnavailable(ValueError):
@@ -38,15 +37,18 @@ def check_qlora_device(stage: StageSpec, device: torch.device) -> None:
         )
 
 
-def target_pattern(stage: StageSpec) -> str:
-    """PEFT target_modules regex: the listed module names inside the LM (and the vision tower if trainable)."""
+def target_pattern(stage: StageSpec, fam: family.Family = family.ASSEMBLED) -> str:
+    """PEFT target_modules regex: the listed module names inside the LM (and the vision tower if trainable),
+    the parts' module names taken from the family's row."""
     assert stage.lora is not None
     parts = ["language_model"] + (["vision_tower"] if "vision_tower" in (stage.trainable or []) else [])
+    # the LM part's first module is its body (the head is never adapted: the pattern wants `<part>.<...>.<name>`)
+    scopes = [family.part_module_names(fam, p)[0] for p in parts]
     names = "|".join(re.escape(n) for n in stage.lora.target_modules)
-    return rf".*\.({'|'.join(parts)})\..*\.({names})$"
+    return rf".*\.({'|'.join(scopes)})\..*\.({names})$"
 
 
-def lora_config(stage: StageSpec):  # noqa: ANN201 - peft's LoraConfig
+def lora_config(stage: StageSpec, fam: family.Family = family.ASSEMBLED):  # noqa: ANN201 - peft's LoraConfig
     from peft import LoraConfig
 
     assert stage.lora is not None
@@ -54,17 +56,16 @@ def lora_config(stage: StageSpec):  # noqa: ANN201 - peft's LoraConfig
         r=stage.lora.rank,
         lora_alpha=stage.lora.alpha,
         lora_dropout=stage.lora.dropout,
-        target_modules=target_pattern(stage),
-        modules_to_save=[PROJECTOR] if "projector" in (stage.trainable or []) else None,
+        target_modules=target_pattern(stage, fam),
+        modules_to_save=family.part_module_names(fam, "projector") if "projector" in (stage.trainable or []) else None,
         bias="none",
     )
 
 
 def quantized_copy(vlm: VLM, device: torch.device) -> nn.Module:
     """The model reloaded with its language model in 4-bit NF4 (double quantisation, bf16 compute)."""
+    fam = family.of_model(vlm.model)
     from transformers import BitsAndBytesConfig
-
-    from vlm_trainer.family import of_model
 
     with tempfile.TemporaryDirectory(prefix="vlm-qlora-") as tmp:
         vlm.model.save_pretrained(tmp)
@@ -73,9 +74,9 @@ def quantized_copy(vlm: VLM, device: torch.device) -> nn.Module:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=["vision_tower", PROJECTOR, "lm_head"],
+            llm_int8_skip_modules=list(fam.unquantized_modules),
         )
-        return of_model(vlm.model).model_class.from_pretrained(  # Llava or LlavaNext, as built
+        return fam.model_class.from_pretrained(  # Llava or LlavaNext, as built
             tmp, quantization_config=quant, dtype=torch.bfloat16, device_map={"": device.index or 0}
         )
 
@@ -87,7 +88,7 @@ def apply_lora(model: nn.Module, stage: StageSpec, device: torch.device) -> nn.M
     if stage.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=stage.gradient_checkpointing)
     model.requires_grad_(False)
-    return get_peft_model(model, lora_config(stage))
+    return get_peft_model(model, lora_config(stage, family.of_model(model)))
 
 
 def paged_adamw(groups: list[dict], stage: StageSpec) -> torch.optim.Optimizer:

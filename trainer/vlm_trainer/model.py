@@ -26,9 +26,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
     AutoTokenizer,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
 )
 
 # transformers 5.17's top-level `AutoImageProcessor` is a placeholder that demands torchvision even
@@ -39,8 +36,6 @@ from vlm_core.spec import ModelSpec, ResolutionSpec, StageSpec
 
 from vlm_trainer import family, resolution
 from vlm_trainer.samples import IMAGE_TOKEN
-
-PARTS = ("projector", "language_model", "vision_tower")
 
 
 class ModelConfigError(ValueError):
@@ -54,11 +49,6 @@ class VLM:
     model: family.VLMModel
     processor: family.VLMProcessor
 
-    @property
-    def image_token_count(self) -> int:
-        """Tokens of one image at fixed resolution (a LlavaNext model's count depends on each image)."""
-        return image_token_count(self.processor)
-
 
 def local_dir(uri: str, what: str) -> str:
     """A local folder holding the checkpoint at `uri` (remote ones are downloaded to a temp folder)."""
@@ -67,32 +57,6 @@ def local_dir(uri: str, what: str) -> str:
     if not storage.is_remote(uri):
         return storage.local_path(uri)
     return storage.download_dir(uri, tempfile.mkdtemp(prefix="vlm-ckpt-"))
-
-
-def image_token_count(processor: LlavaProcessor) -> int:
-    """How many `<image>` tokens one image expands to (the processor's own rule, for fixed resolution)."""
-    size = processor.image_processor.crop_size if _uses_crop(processor.image_processor) else processor.image_processor.size
-    height, width = _hw(size)
-    n = (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        n -= 1
-    return n
-
-
-def _uses_crop(image_processor: object) -> bool:
-    return bool(getattr(image_processor, "do_center_crop", False)) and getattr(image_processor, "crop_size", None)
-
-
-def _hw(size: object) -> tuple[int, int]:
-    if isinstance(size, dict):
-        d = size
-    else:
-        d = {k: getattr(size, k) for k in ("height", "width", "shortest_edge") if getattr(size, k, None)}
-    if "height" in d and "width" in d:
-        return int(d["height"]), int(d["width"])
-    if "shortest_edge" in d:
-        return int(d["shortest_edge"]), int(d["shortest_edge"])
-    raise ModelConfigError(f"image processor size {size!r} has neither height/width nor shortest_edge")
 
 
 def build_vlm(
@@ -120,11 +84,6 @@ def load_vlm(uri: str, *, materialize: bool = True) -> VLM:
     path = local_dir(uri, "initFrom")
     processor = AutoProcessor.from_pretrained(path)
     return VLM(family.load_model(path, materialize=materialize), processor)
-
-
-def skeleton(config: LlavaConfig) -> LlavaForConditionalGeneration:
-    """The model's structure on the meta device: no memory, no initialisation; weights come later."""
-    return family.skeleton(config)
 
 
 def assemble_vlm(model_spec: ModelSpec, *, seed: int, materialize: bool = True) -> VLM:
@@ -163,7 +122,7 @@ def assemble_vlm(model_spec: ModelSpec, *, seed: int, materialize: bool = True) 
         )
     image_processor = AutoImageProcessor.from_pretrained(vision_path)
     is_clip = vision_config.model_type == "clip_vision_model"
-    processor = LlavaProcessor(
+    processor = family.ASSEMBLED.processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
@@ -179,25 +138,25 @@ def assemble_vlm(model_spec: ModelSpec, *, seed: int, materialize: bool = True) 
             f"pixels, the model expects {model_spec.image_size}"
         )
 
-    config = LlavaConfig(
+    config = family.ASSEMBLED.config_class(
         vision_config=vision_config.to_dict(),
         text_config=lm_config.to_dict(),
         image_token_index=image_token_id,
-        image_seq_length=image_token_count(processor),
+        image_seq_length=family.image_token_counts(processor, probe)[0],  # the processor's own count
         projector_hidden_act="gelu",
         vision_feature_layer=model_spec.vision_feature_layer,
         vision_feature_select_strategy=model_spec.vision_feature_select_strategy,
         tie_word_embeddings=bool(getattr(lm_config, "tie_word_embeddings", False)),
     )
     if not materialize:
-        return VLM(skeleton(config), processor)
+        return VLM(family.skeleton(config), processor)
 
     lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)
     if added_image_token:
         lm.resize_token_embeddings(len(tokenizer))
     vision = AutoModel.from_pretrained(vision_path, dtype=torch.float32)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = family.ASSEMBLED.model_class(config)
     model.model.vision_tower.load_state_dict(vision.state_dict())
     lm_state = lm.state_dict()
     del lm, vision
@@ -213,46 +172,18 @@ def assemble_vlm(model_spec: ModelSpec, *, seed: int, materialize: bool = True) 
     return VLM(model, processor)
 
 
-def llava_of(model: nn.Module) -> LlavaForConditionalGeneration:
-    """The LlavaForConditionalGeneration inside a PEFT wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def part_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The three parts as modules (the LM part includes the LM head, tied or not). Parts are found by
-    module, not by parameter name, so a PEFT-wrapped model needs no special case."""
-    llava = llava_of(model)
-    return {
-        "projector": [llava.model.multi_modal_projector],
-        "language_model": [llava.model.language_model, llava.lm_head],
-        "vision_tower": [llava.model.vision_tower],
-    }
-
-
-def parameter_parts(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> the part it belongs to (LlavaNext's image_newline trains with the projector)."""
-    out: dict[int, str] = {id(p): "projector" for p in family.projector_parameters(llava_of(model))}
-    for part, modules in part_modules(model).items():
-        for module in modules:
-            for p in module.parameters():
-                out.setdefault(id(p), part)
-    return out
-
-
-def check_parts(trainable: list[str]) -> None:
-    unknown = set(trainable) - set(PARTS)
-    if unknown:
-        raise ValueError(f"stage.trainable: unknown parts {sorted(unknown)}; allowed: {list(PARTS)}")
+def llava_of(model: nn.Module) -> nn.Module:
+    """The family's model inside a PEFT wrapper (or the model itself): `family.base_model`."""
+    return family.base_model(model)
 
 
 def apply_freezing(model: nn.Module, trainable: list[str]) -> None:
     """Only the stage's trainable parts get gradients; a frozen vision tower runs in eval mode."""
-    check_parts(trainable)
-    parts = parameter_parts(model)
+    family.check_parts(trainable)
+    parts = family.parameter_parts(model)
     for name, param in model.named_parameters():
         if id(param) not in parts:
-            raise ValueError(f"parameter {name!r} belongs to no known part of LlavaForConditionalGeneration")
+            raise ValueError(f"parameter {name!r} belongs to no known part of {type(llava_of(model)).__name__}")
         param.requires_grad_(parts[id(param)] in trainable)
     set_train_modes(model, trainable)
 
@@ -261,7 +192,7 @@ def set_train_modes(model: nn.Module, trainable: list[str]) -> None:
     """Train mode, except a frozen vision tower (eval: no dropout in a part that does not learn)."""
     model.train()
     if "vision_tower" not in trainable:
-        llava_of(model).model.vision_tower.eval()
+        family.vision_tower(model).eval()
 
 
 def param_groups(model: nn.Module, stage: StageSpec) -> list[dict]:
@@ -270,7 +201,7 @@ def param_groups(model: nn.Module, stage: StageSpec) -> list[dict]:
     opt = stage.optimizer
     lr = float(opt.lr)
     mult = float(opt.projector_lr_multiplier)
-    parts = parameter_parts(model)
+    parts = family.parameter_parts(model)
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
         if not param.requires_grad:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_trainer import family
 from vlm_trainer.samples import IGNORE_INDEX
 
 
@@ -47,13 +48,13 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch's tensors the model takes: ids, mask, pixels; `image_sizes` for LlavaNext (AnyRes);
-    `position_ids` (and a mask that may be absent) for packed rows."""
-    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    """The batch's tensors the model takes: ids, mask, pixels, `position_ids` (and a mask that may be absent)
+    for packed rows, plus the family's extra inputs the adapter names (`image_sizes` for LlavaNext)."""
+    return {**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}, **family.forward_inputs(batch)}
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,11 @@ strategy fills its weights from rank 0's converted model.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import LlavaNextConfig, LlavaNextProcessor
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from vlm_core.spec import ResolutionSpec
 
 from vlm_trainer import family
@@ -46,40 +45,39 @@ def vision_size(config: Any) -> int:
 
 
 def apply(vlm: Any, res: ResolutionSpec | None, *, seed: int, materialize: bool = True) -> Any:
-    """The stage's starting VLM under `res` (the same object when nothing changes)."""
-    from vlm_trainer.model import VLM
-
+    """The stage's starting VLM (`model.VLM`) under `res` (the same object when nothing changes). What a
+    family can do comes from its row: whether it tiles already, and which family it becomes when it starts to."""
     if res is None:
         return vlm
     model, processor = vlm.model, vlm.processor
     fam = family.of_model(model)
     size = res.image_size or vision_size(model.config)
     if res.policy == "fixed":
-        if fam is family.LLAVA_NEXT:
+        if fam.tiles:
             raise ResolutionError(
-                "data.resolution.policy: fixed after an anyres stage is not supported (the LlavaNext model has "
+                f"data.resolution.policy: fixed after an anyres stage is not supported (the {fam.name} model has "
                 "no fixed-resolution form); keep policy anyres"
             )
         if size != vision_size(model.config):
             model, processor = resize_fixed(model, processor, size, materialize=materialize)
-        return VLM(model, processor)
+        return replace(vlm, model=model, processor=processor)
     pinpoints = res.grid_pinpoints or default_pinpoints(size)
     bad = [p for p in pinpoints if p[0] % size or p[1] % size]
     if bad:
         raise ResolutionError(f"data.resolution.gridPinpoints: {bad} are not multiples of the tile size {size}")
     if size != vision_size(model.config):
-        if fam is family.LLAVA_NEXT:
+        if fam.tiles:
             raise ResolutionError(
-                f"data.resolution.imageSize: the LlavaNext model's tile is {vision_size(model.config)}px; changing the "
-                "tile of a tiling model is not supported"
+                f"data.resolution.imageSize: the {fam.name} model's tile is {vision_size(model.config)}px; changing "
+                "the tile of a tiling model is not supported"
             )
         model, processor = resize_fixed(model, processor, size, materialize=materialize)
-    if fam is family.LLAVA:
-        model, processor = to_anyres(model, processor, pinpoints, seed=seed, materialize=materialize)
-    else:
+    if fam.tiles:
         model.config.image_grid_pinpoints = pinpoints
         processor.image_processor.image_grid_pinpoints = pinpoints
-    return VLM(model, processor)
+    else:
+        model, processor = to_anyres(model, processor, pinpoints, seed=seed, materialize=materialize)
+    return replace(vlm, model=model, processor=processor)
 
 
 def interpolate_positions(weight: torch.Tensor, old_grid: int, new_grid: int) -> torch.Tensor:
@@ -104,8 +102,8 @@ def resize_fixed(model: Any, processor: Any, size: int, *, materialize: bool) ->
     old_grid, new_grid = vision_size(config) // patch, size // patch
     new_config = config.__class__.from_dict(config.to_dict())
     new_config.vision_config.image_size = size
-    new_config.image_seq_length = config.image_seq_length - old_grid * old_grid + new_grid * new_grid
     new_processor = _processor_at(processor, size)
+    new_config.image_seq_length = family.square_image_token_count(new_processor, size)  # the processor's count
     if not materialize:
         return family.skeleton(new_config), new_processor
     state = model.state_dict()
@@ -143,12 +141,13 @@ def _processor_at(processor: Any, size: int) -> Any:
     )
 
 
-def tiling_processor(processor: Any, pinpoints: list[list[int]], tile: int) -> LlavaNextProcessor:
-    """A LlavaNextProcessor with the base processor's tokenizer, template and pixel normalisation."""
+def tiling_processor(processor: Any, pinpoints: list[list[int]], tile: int, tiled: family.Family) -> Any:
+    """The tiling family's processor with the base processor's tokenizer, template and pixel normalisation."""
     d = _image_processor_dict(processor.image_processor)
     kwargs = {k: d[k] for k in _PIXEL_KEYS if k in d}
     crops = bool(d.get("do_center_crop")) and bool(d.get("crop_size"))
-    image_processor = LlavaNextImageProcessorPil(
+    assert tiled.tile_image_processor_class is not None
+    image_processor = tiled.tile_image_processor_class(
         size={"shortest_edge": tile} if crops else {"height": tile, "width": tile},
         crop_size={"height": tile, "width": tile},
         do_center_crop=crops,
@@ -156,7 +155,7 @@ def tiling_processor(processor: Any, pinpoints: list[list[int]], tile: int) -> L
         do_pad=True,
         **kwargs,
     )
-    return LlavaNextProcessor(
+    return tiled.processor_class(
         image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=processor.patch_size,
         vision_feature_select_strategy=processor.vision_feature_select_strategy,
         chat_template=processor.chat_template, image_token=processor.image_token,
@@ -165,9 +164,11 @@ def tiling_processor(processor: Any, pinpoints: list[list[int]], tile: int) -> L
 
 
 def to_anyres(model: Any, processor: Any, pinpoints: list[list[int]], *, seed: int, materialize: bool) -> tuple[Any, Any]:
-    """Llava -> LlavaNext: every weight carried over, image_newline new (N(0, 1/sqrt(hidden)), LLaVA-NeXT's init)."""
+    """Llava -> LlavaNext (the family's `tiled_form`): every weight carried over, image_newline new
+    (N(0, 1/sqrt(hidden)), LLaVA-NeXT's init)."""
     c = model.config
-    config = LlavaNextConfig(
+    tiled = family.tiled_form(family.of_model(model))
+    config = tiled.config_class(
         vision_config=c.vision_config.to_dict(),
         text_config=c.text_config.to_dict(),
         image_token_index=c.image_token_index,
@@ -179,11 +180,11 @@ def to_anyres(model: Any, processor: Any, pinpoints: list[list[int]], *, seed: i
         tie_word_embeddings=c.tie_word_embeddings,
         image_grid_pinpoints=pinpoints,
     )
-    new_processor = tiling_processor(processor, pinpoints, vision_size(c))
+    new_processor = tiling_processor(processor, pinpoints, vision_size(c), tiled)
     if not materialize:
         return family.skeleton(config), new_processor
     torch.manual_seed(seed)  # every rank draws the same image_newline
-    new_model = family.LLAVA_NEXT.model_class(config)
+    new_model = tiled.model_class(config)
     hidden = int(c.text_config.hidden_size)
     with torch.no_grad():
         new_model.model.image_newline.copy_(torch.randn(hidden) / math.sqrt(hidden))

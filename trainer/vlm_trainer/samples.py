@@ -7,7 +7,8 @@ Images: a sample carries one image member (`<key>.png`, or .jpg/.jpeg/.webp) or 
 images appear in the text; `Encoded.pixel_values` (and `image_sizes`) follow that order.
 
 Formats (see the data contract):
-- caption: json `{"caption": ...}` (or a `.txt` member) -> user `<image>`, assistant `<caption>`;
+- caption: json `{"caption": ...}` (or, for a sample without a .json member, its `.txt` member) -> user
+  `<image>`, assistant `<caption>` (`sample_caption`: the curate stage filters on the same caption);
 - conversation: json `{"conversations": [{"role": "user"|"assistant", "content": ...}, ...]}` (LLaVA's
   `{"from": "human"|"gpt", "value": ...}` is accepted too); the i-th `<image>` marker is the i-th image
   (markers must match the images in number); without markers, all images go first into the first user turn;
@@ -55,7 +56,7 @@ from PIL import Image
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
 REASONS = (
     "bad_json", "missing_field", "no_assistant_turn", "no_image", "image_decode", "image_mismatch",
@@ -101,11 +102,11 @@ class EncodedPair:
 def image_members(raw: dict[str, Any]) -> list[str]:
     """The sample's image members in order: a single `png`/`jpg`/... or numbered `0.png`, `1.png`, ..."""
     key = raw.get("__key__")
-    single = [m for m in raw if m.lower() in _IMAGE_EXTS]
+    single = [m for m in raw if m.lower() in IMAGE_EXTS]
     numbered: dict[int, str] = {}
     for m in raw:
         head, _, ext = m.rpartition(".")
-        if ext.lower() in _IMAGE_EXTS and head.isdigit():
+        if ext.lower() in IMAGE_EXTS and head.isdigit():
             if int(head) in numbered:
                 raise SampleError(f"sample {key!r}: image members {numbered[int(head)]!r} and {m!r} share index {head}",
                                   "image_mismatch")
@@ -166,16 +167,22 @@ def _members(raw: dict[str, Any]) -> list[str]:
     return sorted(k for k in raw if not k.startswith("__"))
 
 
-def caption_messages(raw: dict[str, Any], n_images: int = 1) -> list[dict[str, str]]:
+def sample_caption(raw: dict[str, Any]) -> str:
+    """The caption of a sample, the one rule training and curate share: the .json member's "caption" when the
+    sample has a .json member, else its .txt member; stripped. Raises SampleError when there is none."""
     if "json" in raw:
-        doc = decode_json(raw)
-        caption = doc.get("caption")
+        caption = decode_json(raw).get("caption")
     else:
         caption = raw["txt"].decode("utf-8") if "txt" in raw else None
     if not isinstance(caption, str) or not caption.strip():
         raise SampleError(f"sample {raw.get('__key__')!r}: caption format needs a non-empty json 'caption' (or .txt)")
+    return caption.strip()
+
+
+def caption_messages(raw: dict[str, Any], n_images: int = 1) -> list[dict[str, str]]:
+    caption = sample_caption(raw)
     return [{"role": "user", "content": "\n".join([IMAGE_TOKEN] * n_images)},
-            {"role": "assistant", "content": caption.strip()}]
+            {"role": "assistant", "content": caption}]
 
 
 def conversation_messages(raw: dict[str, Any], n_images: int = 1) -> list[dict[str, str]]:

@@ -166,12 +166,7 @@ def save_linear_probe(uri: str, weight: torch.Tensor, bias: float, **metadata: s
         {"weight": weight.detach().float().reshape(-1).contiguous(), "bias": torch.tensor([float(bias)])},
         metadata=metadata or None,
     )
-    fs, path = storage.filesystem(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    storage.write_bytes(uri, data)
 
 
 def load_linear_probe(uri: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,61 +36,32 @@ from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_
 from vlm_trainer.curate.report import decision_lines, funnel, funnel_chart_png
 from vlm_trainer.curate.select import decide
 from vlm_trainer.curate.text import text_problem
-from vlm_trainer.data import expand_shards
+from vlm_trainer.data import TarSample, read_shard
 from vlm_trainer.parallel import DistEnv, barrier, gather_objects
 from vlm_trainer.progress import emit
+from vlm_trainer.samples import IMAGE_EXTS, SampleError, sample_caption
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = "curate-work"  # per-shard analyses and write markers, under the stage's output prefix
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 CAPTION_CHARS = 300  # a caption is cut to this in the records and the funnel's examples
 
 
-def read_samples(url: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """(key, [(member name, bytes), ...]) of each sample of a WebDataset tar, in order (members grouped by
-    key = the member's path up to the first dot of its file name, as WebDataset does)."""
-    fs, path = storage.filesystem(url)
+def read_samples(url: str) -> Iterator[TarSample]:
+    """The samples of one input shard, read by training's own reader (`data.read_shard`); a truncated shard
+    fails the stage, naming it."""
+    return read_shard(url, "stage.input.shards")
+
+
+def sample_parts(sample: TarSample) -> tuple[str | None, bytes | None]:
+    """The caption (by training's rule, `samples.sample_caption`: json's "caption" before .txt) and the image
+    bytes of one sample. A sample without a usable caption has None, which the text filter reports."""
+    raw = sample.raw("")
     try:
-        stream = fs.open(path, "rb")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"stage.input.shards: shard {url} does not exist") from None
-    with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        key: str | None = None
-        members: list[tuple[str, bytes]] = []
-        for m in tar:
-            if not m.isfile():
-                continue
-            folder, _, base = m.name.rpartition("/")
-            k = (folder + "/" if folder else "") + base.split(".", 1)[0]
-            f = tar.extractfile(m)
-            data = f.read() if f is not None else b""
-            if k != key and members:
-                yield key or "", members
-                members = []
-            key = k
-            members.append((m.name, data))
-        if members:
-            yield key or "", members
-
-
-def _ext(name: str) -> str:
-    return name.rpartition("/")[2].split(".", 1)[1].lower() if "." in name.rpartition("/")[2] else ""
-
-
-def sample_parts(members: list[tuple[str, bytes]]) -> tuple[str | None, bytes | None]:
-    """The caption (txt, or json's "caption") and the image bytes of one sample."""
-    parts = {_ext(n): d for n, d in members}
-    caption = None
-    if "txt" in parts:
-        caption = parts["txt"].decode("utf-8", errors="replace")
-    elif "json" in parts:
-        try:
-            doc = json.loads(parts["json"])
-            caption = doc.get("caption") if isinstance(doc, dict) and isinstance(doc.get("caption"), str) else None
-        except (ValueError, UnicodeDecodeError):
-            caption = None
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+        caption: str | None = sample_caption(raw)
+    except (SampleError, UnicodeDecodeError):
+        caption = None
+    image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
     return caption, image
 
 
@@ -118,9 +89,9 @@ class Analyser:
         hasher = phash if f.near_dedup.hash == "phash" else dhash
         records: list[dict[str, Any]] = []
         passed: list[tuple[int, Any, str]] = []
-        for pos, (key, members) in enumerate(read_samples(url)):
-            caption, data = sample_parts(members)
-            rec: dict[str, Any] = {"key": key, "pos": pos, "caption": caption[:CAPTION_CHARS] if caption else caption,
+        for pos, sample in enumerate(read_samples(url)):
+            caption, data = sample_parts(sample)
+            rec: dict[str, Any] = {"key": sample.key, "pos": pos, "caption": caption[:CAPTION_CHARS] if caption else caption,
                                    "reason": None}
             detail = text_problem(caption, f.text) if f.text.enabled else None
             if detail is not None:
@@ -175,36 +146,28 @@ def _save_tensor(uri: str, tensor: Any) -> None:
 
     buf = io.BytesIO()
     torch.save(tensor, buf)
-    fs, path = storage.filesystem(uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(buf.getvalue())
+    storage.write_bytes(uri, buf.getvalue())
 
 
 def _load_tensor(uri: str) -> Any:
     import torch
 
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as fh:
-        return torch.load(io.BytesIO(fh.read()), weights_only=True)
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), weights_only=True)
 
 
 def write_output_shard(src: str, dst: str, keep_positions: set[int]) -> dict[str, Any]:
     """Copy the kept samples of `src` (by position) to `dst`, members byte for byte; its manifest entry."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for pos, (_key, members) in enumerate(read_samples(src)):
+        for pos, sample in enumerate(read_samples(src)):
             if pos not in keep_positions:
                 continue
-            for name, data in members:
+            for name, _ext, data in sample.members:
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
     data = buf.getvalue()
-    fs, path = storage.filesystem(dst)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(data)
+    storage.write_bytes(dst, data)
     return {"path": dst.rsplit("/", 1)[1], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -257,7 +220,7 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
     stage = curate_stage(config.stage)
     assert stage is not None, f"stage {config.stage.name!r} is not a curate stage"
     started = time.perf_counter()
-    urls = expand_shards(stage.input.shards)
+    urls = storage.expand_shards(stage.input.shards, field="stage.input.shards")
     final = storage.join(config.output, contract.FINAL_DIR)
     work = storage.join(config.output, WORK_DIR)
     mine = list(range(env.rank, len(urls), env.world_size))
