@@ -247,7 +247,7 @@ def test_trainer_flops_come_from_the_same_accounting():
     """The trainer's MFU numerator: flops_for_trainer on the built model's LlavaConfig, per step."""
     import transformers as T
     from job_fixtures import GOOD
-    from vlm_core.spec import parse_job
+    from vlm_core.spec import DPOSpec, parse_job
 
     v = T.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                              patch_size=8, image_size=32)
@@ -276,7 +276,7 @@ def test_stage_input_reads_the_strategy_fields_a_newer_spec_adds():
     newer = NS(type="dpo", trainable=["language_model"], strategy="zero3", offload="optimizer", precision="bf16",
                batch=NS(micro_size=2), data=NS(max_length=512), gradient_checkpointing=True,
                resources=NS(nodes=2, procs_per_node=8, gpus_per_node=8),
-               lora=NS(rank=8, target_modules=["q_proj", "v_proj"]), qlora=False, dpo=NS(reference="auto"))
+               lora=NS(rank=8, target_modules=["q_proj", "v_proj"]), qlora=False, dpo=DPOSpec(reference="auto"))
     inp = A.stage_input(newer)
     assert (inp.strategy, inp.offload, inp.world_size, inp.lora_rank) == ("zero3", "optimizer", 16, 8)
     assert inp.lora_targets == ("q_proj", "v_proj") and inp.dpo_reference == "adapter_disabled"

@@ -32,7 +32,7 @@ from typing import Any
 from vlm_core import strategies
 from vlm_core.kinds import kind
 from vlm_core.model_config import tokens_per_image
-from vlm_core.spec import LoRASpec
+from vlm_core.spec import DPOSpec, LoRASpec
 
 GIB = 2**30
 
@@ -430,10 +430,8 @@ def stage_input(stage: Any, *, on_gpu: bool | None = None) -> StageInput:
     """A `StageSpec` as a StageInput. Fields a spec version may not have yet (offload, lora, qlora,
     dpo.reference) are read with defaults, so this works before and after they exist."""
     lora = getattr(stage, "lora", None)
-    dpo = getattr(stage, "dpo", None)
-    reference = getattr(dpo, "reference", "auto") if dpo is not None else "auto"
-    if reference == "auto":
-        reference = "adapter_disabled" if lora is not None else "sharded"
+    dpo = getattr(stage, "dpo", None) or DPOSpec()
+    reference = dpo.resolved_reference(lora=lora is not None)
     res = stage.resources
     gpu = res.gpus_per_node > 0 if on_gpu is None else on_gpu
     return StageInput(
@@ -476,11 +474,10 @@ def recipe(strategy: str, precision: str) -> Recipe:
     gradients) plus an fp32 master copy, fp32 gradient partition and Adam m/v: its own estimators'
     2 + 18 (ZeRO-2) and 18 (ZeRO-3) bytes per parameter.
     """
-    if strategy == "zero2" and precision == "bf16":
-        return Recipe(weights=2, grads=2, master=4, grads_fp32=4, optimizer=8)
-    if strategy == "zero3" and precision == "bf16":
+    row = strategies.traits(strategy)
+    if row.deepspeed and precision == "bf16":
         # ZeRO-3 reduce-scatters each block's 16-bit gradients straight into the fp32 partition
-        return Recipe(weights=2, grads=0, master=4, grads_fp32=4, optimizer=8)
+        return Recipe(weights=2, grads=0 if row.shards_parameters else 2, master=4, grads_fp32=4, optimizer=8)
     return Recipe(weights=4, grads=4, master=0, grads_fp32=0, optimizer=8)
 
 
@@ -611,8 +608,8 @@ def estimate_memory(shape: ModelShape, inp: StageInput) -> MemoryEstimate:
         r = Recipe(weights=4, grads=4, master=0, grads_fp32=0, optimizer=8)
     book = param_book(shape, inp)
     w = inp.world_size
-    shard_weights = inp.strategy in ("fsdp", "zero3")
-    shard_grads = inp.strategy != "ddp"
+    row = strategies.traits(inp.strategy)
+    shard_weights, shard_grads = row.shards_parameters, row.shards_gradients
     frozen_width = 2 if (inp.qlora or (r.weights == 2)) else r.weights
     weights = book.trained * r.weights + book.frozen_full * frozen_width
     weights += book.frozen_4bit * QLORA_BYTES_PER_PARAM
@@ -627,7 +624,7 @@ def estimate_memory(shape: ModelShape, inp: StageInput) -> MemoryEstimate:
     notes = []
     offloaded = 0.0
     if inp.offload != "none":
-        if inp.strategy == "fsdp":  # torch's CPUOffloadPolicy moves parameters, gradients and optimizer state
+        if not row.deepspeed:  # torch's CPUOffloadPolicy (FSDP2) moves parameters, gradients and optimizer state
             offloaded = weights + grads + master + grads_fp32 + optim
             weights = grads = master = grads_fp32 = optim = 0.0
         else:
@@ -643,19 +640,19 @@ def estimate_memory(shape: ModelShape, inp: StageInput) -> MemoryEstimate:
         "gradients_fp32": grads_fp32,
         "optimizer_states": optim,
     }
-    if inp.strategy == "ddp" and w > 1:
+    if not shard_grads and w > 1:  # replicated: DDP's gradient buckets for the all-reduce
         comps["ddp_buckets"] = book.trained * r.grads
     gathered = 0.0
-    if inp.strategy == "zero3":
+    if shard_weights and row.deepspeed:
         gathered = 4 * shape.largest_layer_params
-    elif inp.strategy == "fsdp":
+    elif shard_weights:
         # the block being computed and the one prefetched, unsharded (bf16 compute copies on GPU), and the
         # root (embeddings, head, projector), which stays unsharded from forward to backward
         width = 2 if inp.on_gpu and inp.precision == "bf16" else 4
         root = shape.lm.embedding_params + shape.lm.head_params + shape.projector_params
         gathered = (2 * shape.lm.layer_params + root) * width
     comps["gathered_params"] = gathered
-    if inp.strategy == "ddp" and inp.on_gpu and inp.precision == "bf16" and r.weights == 4:
+    if not shard_grads and inp.on_gpu and inp.precision == "bf16" and r.weights == 4:
         comps["autocast_copies"] = book.trained * 2  # autocast caches bf16 casts of trainable weights
     comps.update(activation_bytes(shape, inp))
     reference_model = kind(inp.stage_type).reference_model

@@ -39,6 +39,12 @@ class StrategyTraits:
     reshardable: bool  # a checkpoint resumes on another world size
 
     @property
+    def deepspeed(self) -> bool:
+        """DeepSpeed's engine keeps the state (16-bit parameters + an fp32 master copy in bf16), not torch's
+        (fp32 parameters, autocast or FSDP2's mixed-precision policy); its checkpoints are its own."""
+        return self.checkpoint_format == "deepspeed"
+
+    @property
     def shards_parameters(self) -> bool:
         return self.sharding == "parameters_too"
 

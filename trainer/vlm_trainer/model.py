@@ -172,18 +172,13 @@ def assemble_vlm(model_spec: ModelSpec, *, seed: int, materialize: bool = True) 
     return VLM(model, processor)
 
 
-def llava_of(model: nn.Module) -> nn.Module:
-    """The family's model inside a PEFT wrapper (or the model itself): `family.base_model`."""
-    return family.base_model(model)
-
-
 def apply_freezing(model: nn.Module, trainable: list[str]) -> None:
     """Only the stage's trainable parts get gradients; a frozen vision tower runs in eval mode."""
     family.check_parts(trainable)
     parts = family.parameter_parts(model)
     for name, param in model.named_parameters():
         if id(param) not in parts:
-            raise ValueError(f"parameter {name!r} belongs to no known part of {type(llava_of(model)).__name__}")
+            raise ValueError(f"parameter {name!r} belongs to no known part of {type(family.base_model(model)).__name__}")
         param.requires_grad_(parts[id(param)] in trainable)
     set_train_modes(model, trainable)
 

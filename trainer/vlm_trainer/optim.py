@@ -6,21 +6,20 @@ import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+from vlm_core import strategies
 from vlm_core.spec import ScheduleSpec, StageSpec
 
 
 def fused_applies(groups: list[dict], stage: StageSpec) -> bool:
     """torch's fused AdamW (one kernel for all parameters, on CPU and CUDA) where the parameters are plain
-    tensors it supports: ddp (replicated, CPU or CUDA) and fsdp on CUDA without offload (DTensor shards);
-    DeepSpeed drives its own flat partitions, and CPU-offloaded FSDP2 keeps the proven foreach path."""
+    tensors it supports, on the devices the strategy's row names (`fused_adamw_devices`: ddp on CPU or CUDA,
+    fsdp's DTensor shards on CUDA), without offload; DeepSpeed drives its own flat partitions, and
+    CPU-offloaded FSDP2 keeps the proven foreach path."""
     params = [p for g in groups for p in g["params"]]
     if not params or any(not p.is_floating_point() or p.is_meta for p in params):
         return False
-    if stage.strategy == "ddp":
-        return all(p.device.type in ("cpu", "cuda") for p in params)
-    if stage.strategy == "fsdp" and stage.offload == "none":
-        return all(p.device.type == "cuda" for p in params)
-    return False
+    devices = strategies.traits(stage.strategy).fused_adamw_devices
+    return stage.offload == strategies.NO_OFFLOAD and bool(devices) and all(p.device.type in devices for p in params)
 
 
 def build_optimizer(groups: list[dict], stage: StageSpec) -> torch.optim.AdamW:

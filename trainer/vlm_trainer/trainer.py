@@ -29,7 +29,7 @@ from torch import nn
 from vlm_core import accounting, contract, storage
 from vlm_core.spec import TrainerConfig
 
-from vlm_trainer import lora
+from vlm_trainer import family, lora
 from vlm_trainer.checkpoint import Checkpointer, ResumeState
 from vlm_trainer.data import LoaderPosition, count_samples, eval_samples
 from vlm_trainer.features import FeatureCache, cache_root, setup_feature_cache
@@ -46,7 +46,7 @@ from vlm_trainer.loader import (
     prefetch_per_worker,
 )
 from vlm_trainer.metrics import TrainerMetrics
-from vlm_trainer.model import VLM, apply_freezing, build_vlm, llava_of, param_groups, set_train_modes
+from vlm_trainer.model import VLM, apply_freezing, build_vlm, param_groups, set_train_modes
 from vlm_trainer.objective import Objective
 from vlm_trainer.optim import build_optimizer, build_scheduler
 from vlm_trainer.packing import efficiency, pack_row, packing_mode
@@ -189,7 +189,7 @@ class Trainer:
         else:
             apply_freezing(module, list(stage.trainable))
         if stage.gradient_checkpointing:
-            llava_of(module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            family.base_model(module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         run_frozen_tower_in_inference(module)  # a frozen vision tower: no autograd, no activations kept
         self.feature_cache: FeatureCache | None = None
         if stage.cache_vision_features:  # the frozen tower's features computed once per image (vlm_trainer.features)
@@ -205,7 +205,7 @@ class Trainer:
         self.objective = kind.objective(self, reads_weights=reads_weights)
 
         self.scheduler = build_scheduler(self.strategy.optimizer, self.total_steps, stage.schedule)
-        self.flop_rates = accounting.flops_for_trainer(llava_of(module).config.to_dict(), stage)  # the estimator's FLOPs (MFU)
+        self.flop_rates = accounting.flops_for_trainer(family.base_model(module).config.to_dict(), stage)  # the estimator's FLOPs (MFU)
 
         self.step, self.stats = 0, {}
         position: LoaderPosition | None = None
@@ -224,7 +224,7 @@ class Trainer:
         self.metrics = self._start_metrics()
         if latest is not None:
             self._make_loader(position)
-        attn = getattr(llava_of(module).config.get_text_config(), "_attn_implementation", None)
+        attn = getattr(family.base_model(module).config.get_text_config(), "_attn_implementation", None)
         self.packing = packing_mode(attn)
         self._step_data = {"samples": 0, "tokens": 0, "capacity": 0}
         self._data_totals = {"tokens": 0, "capacity": 0, "wait_seconds": 0.0, "step_seconds": 0.0}
@@ -301,7 +301,7 @@ class Trainer:
         return batch
 
     def _eager_attention(self) -> bool:
-        config = llava_of(self.hf_model).config.get_text_config()
+        config = family.base_model(self.hf_model).config.get_text_config()
         return getattr(config, "_attn_implementation", None) == "eager"
 
     # --- one optimizer step -----------------------------------------------------------------------
@@ -508,7 +508,7 @@ class Trainer:
 
     def _publish_final(self, evaluation: dict[str, Any]) -> str:
         """final/: the full model in Hugging Face format (merged, plus adapter/, for LoRA). Collective."""
-        stage, llava = self.config.stage, llava_of(self.hf_model)
+        stage, llava = self.config.stage, family.base_model(self.hf_model)
         state: dict[str, torch.Tensor] = {}
         if stage.lora is None:
             state = self.strategy.full_state_dict()

@@ -86,6 +86,13 @@ class DPOSpec(Strict):
         "LoRA adapter switched off (lora stages only). auto: adapter_disabled with lora, else sharded.",
     )
 
+    def resolved_reference(self, *, lora: bool) -> str:
+        """`reference` with `auto` resolved: the adapter-disabled policy for LoRA, else a sharded copy (the one
+        rule the trainer and the estimator both apply)."""
+        if self.reference != "auto":
+            return self.reference
+        return "adapter_disabled" if lora else "sharded"
+
 
 class LoRASpec(Strict):
     """PEFT LoRA on the language model: frozen base weights plus trainable low-rank adapters."""

@@ -127,9 +127,7 @@ class DPOObjective:
 def dpo_reference_mode(stage: StageSpec) -> str:
     """stage.dpo.reference with `auto` resolved: the adapter-disabled policy for LoRA, else a sharded copy."""
     assert stage.dpo is not None
-    if stage.dpo.reference != "auto":
-        return stage.dpo.reference
-    return "adapter_disabled" if stage.lora is not None else "sharded"
+    return stage.dpo.resolved_reference(lora=stage.lora is not None)
 
 
 class DPOKind(TrainingKind):

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from vlm_core import strategies as traits_table
 from vlm_core.spec import StageSpec
 
 from vlm_trainer.parallel import DistEnv
@@ -27,9 +28,7 @@ OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 class Strategy(ABC):
     """One stage's parallelism. Build with `strategies.build_strategy(stage, env)`, then `prepare()`."""
 
-    name: ClassVar[str]
-    checkpoint_format: ClassVar[str]  # "dcp" (torch.distributed.checkpoint) or "deepspeed"
-    reshardable: ClassVar[bool]  # can a checkpoint resume on a different world size?
+    name: ClassVar[str]  # the row of vlm_core.strategies this class implements
 
     model: nn.Module  # what training forwards go through (a DDP wrapper, a DeepSpeed engine, ...)
     module: nn.Module  # the model itself (sharded in place for FSDP2/ZeRO-3): eval, names, parameters
@@ -38,6 +37,21 @@ class Strategy(ABC):
     def __init__(self, stage: StageSpec, env: DistEnv):
         self.stage = stage
         self.env = env
+
+    @property
+    def traits(self) -> traits_table.StrategyTraits:
+        """What this strategy can do, from the torch-free table the spec and the estimator read."""
+        return traits_table.traits(self.name)
+
+    @property
+    def checkpoint_format(self) -> str:
+        """"dcp" (torch.distributed.checkpoint) or "deepspeed"."""
+        return self.traits.checkpoint_format
+
+    @property
+    def reshardable(self) -> bool:
+        """Can a checkpoint resume on a different world size?"""
+        return self.traits.reshardable
 
     @property
     def bf16(self) -> bool:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from vlm_trainer.strategies.fsdp import block_modules
-
-COMPILABLE_STRATEGIES = ("ddp", "fsdp")
+from vlm_trainer import family
 
 
 def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
     """Compile every transformer block of the LM and of the vision encoder in place; returns how many."""
-    blocks = block_modules(module)
+    blocks = family.decoder_blocks(module)
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)

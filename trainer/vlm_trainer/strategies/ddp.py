@@ -23,8 +23,6 @@ from vlm_trainer.strategies.dcp import dcp_load, dcp_save, full_state_dict
 
 class DDPStrategy(Strategy):
     name = "ddp"
-    checkpoint_format = "dcp"
-    reshardable = True
 
     def prepare(self, module: nn.Module, make_optimizer: OptimizerFactory) -> None:
         materialize_from_rank0(module, self.env)

@@ -49,8 +49,6 @@ def deepspeed_config(stage: StageSpec, *, zero_stage: int, world_size: int, cuda
 
 
 class ZeroStrategy(Strategy):
-    checkpoint_format = "deepspeed"
-    reshardable = False
     zero_stage: int
 
     def _config(self, with_optimizer: bool = True) -> dict[str, Any]:

@@ -17,24 +17,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from vlm_trainer.model import llava_of
+from vlm_trainer import family
 from vlm_trainer.parallel import to_empty_keeping_ties
 from vlm_trainer.strategies.base import OptimizerFactory, Strategy, grad_clip_norm
 from vlm_trainer.strategies.dcp import dcp_load, dcp_save, full_state_dict
 
 
-def block_modules(module: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of the LM and of the vision encoder (each one FSDP unit)."""
-    llava = llava_of(module)
-    tower = llava.model.vision_tower
-    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-    return list(llava.model.language_model.layers) + (list(encoder.layers) if encoder is not None else [])
-
-
 class FSDPStrategy(Strategy):
     name = "fsdp"
-    checkpoint_format = "dcp"
-    reshardable = True
 
     def _shard(self, module: nn.Module) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -44,7 +34,7 @@ class FSDPStrategy(Strategy):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if self.stage.offload != "none":
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        for block in block_modules(module):
+        for block in family.decoder_blocks(module):  # each block one FSDP unit
             fully_shard(block, **kwargs)
         fully_shard(module, **kwargs)
 
