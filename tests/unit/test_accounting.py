@@ -269,7 +269,7 @@ def test_stage_input_reads_the_strategy_fields_a_newer_spec_adds():
     from types import SimpleNamespace as NS
 
     from job_fixtures import GOOD
-    from vlm_core.spec import parse_job
+    from vlm_core.spec import DPOSpec, parse_job
 
     plain = A.stage_input(parse_job(GOOD).spec.stages[2])
     assert (plain.offload, plain.lora_rank, plain.qlora, plain.dpo_reference) == ("none", None, False, "sharded")
