@@ -247,7 +247,7 @@ def test_trainer_flops_come_from_the_same_accounting():
     """The trainer's MFU numerator: flops_for_trainer on the built model's LlavaConfig, per step."""
     import transformers as T
     from job_fixtures import GOOD
-    from vlm_core.spec import DPOSpec, parse_job
+    from vlm_core.spec import parse_job
 
     v = T.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                              patch_size=8, image_size=32)
