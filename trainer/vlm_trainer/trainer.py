@@ -211,11 +211,11 @@ class Trainer:
         position: LoaderPosition | None = None
         self.resumed: ResumeState | None = None
         for skipped in self.checkpointer.skipped:  # said in the normal output and the stage report
-            self._emit("checkpoint_skipped", **skipped)
+            self._emit(contract.EVENT_CHECKPOINT_SKIPPED, **skipped)
         if latest is not None:
             self.resumed = self.checkpointer.load(latest[1], self.strategy, self.scheduler)
             self.step, self.stats, position = self.resumed.step, self.resumed.stats, self.resumed.data_position
-            self._emit("resume", step=self.step, checkpoint=self.resumed.uri, from_world_size=self.resumed.world_size)
+            self._emit(contract.EVENT_RESUME, step=self.step, checkpoint=self.resumed.uri, from_world_size=self.resumed.world_size)
         else:
             # Different data-order/dropout streams per rank; the model was initialised identically above.
             random.seed(stage.seed + env.rank)
@@ -419,7 +419,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         stage, env = self.config.stage, self.env
         self._emit(
-            "start", step=self.step, total=self.total_steps, world_size=env.world_size, strategy=stage.strategy,
+            contract.EVENT_START, step=self.step, total=self.total_steps, world_size=env.world_size, strategy=stage.strategy,
             init_from=self.config.init_from, trainable=list(stage.trainable), device=str(env.device),
         )
         progress = ProgressReporter(self.config.output, self.total_steps, is_main=env.is_main, start_step=self.step)
@@ -441,14 +441,14 @@ class Trainer:
                 )
                 if self.metrics is not None:
                     self.metrics.observe_checkpoint(seconds)
-                self._emit("checkpoint", step=self.step, seconds=round(seconds, 3))
+                self._emit(contract.EVENT_CHECKPOINT, step=self.step, seconds=round(seconds, 3))
 
         self.loader.close()
         self._check_replicas()
         data = self._data_section()
-        self._emit("data", **{k: v for k, v in data.items() if k != "bad_samples_by_shard"})
+        self._emit(contract.EVENT_DATA, **{k: v for k, v in data.items() if k != "bad_samples_by_shard"})
         if self.feature_cache is not None:
-            self._emit("vision_feature_cache", fingerprint=self.feature_cache.fingerprint,
+            self._emit(contract.EVENT_VISION_FEATURE_CACHE, fingerprint=self.feature_cache.fingerprint,
                        **self.feature_cache.stats.as_dict())
         evaluation = self.evaluate()
         report = {
@@ -471,10 +471,10 @@ class Trainer:
         }
         if env.is_main:
             storage.write_json(storage.join(self.config.output, contract.EVAL_FILE), report)
-        self._emit("eval", **evaluation)
+        self._emit(contract.EVENT_EVAL, **evaluation)
         final = self._publish_final(evaluation)
         progress.write(self.step, loss=self.stats.get("train_loss_last"), tokens_per_second=None)
-        self._emit("done", final=final, steps=self.total_steps, wall_seconds=report["wall_seconds"])
+        self._emit(contract.EVENT_DONE, final=final, steps=self.total_steps, wall_seconds=report["wall_seconds"])
         if self.metrics is not None:
             self.metrics.set_progress(self.step, self.total_steps)
             self.metrics.close()
@@ -550,7 +550,7 @@ class Trainer:
         fingerprints = self.strategy.replica_fingerprints()
         if fingerprints is None:
             return
-        self._emit("replicas", parameter_sha256=fingerprints, equal=len(set(fingerprints)) == 1)
+        self._emit(contract.EVENT_REPLICAS, parameter_sha256=fingerprints, equal=len(set(fingerprints)) == 1)
         if len(set(fingerprints)) != 1:
             raise RuntimeError(f"DDP replicas diverged: parameter sha256 per rank {fingerprints}")
 

@@ -195,7 +195,7 @@ class _Progress:
             self.metrics.set_progress(self.done, self.total)
         if not self.env.is_main:
             return
-        emit("curate", stage=self.config.stage.name, phase=phase, step=self.done, total=self.total, **fields)
+        emit(contract.EVENT_CURATE, stage=self.config.stage.name, phase=phase, step=self.done, total=self.total, **fields)
         record = contract.ProgressRecord(step=self.done, total=self.total, updated_at=time.time())
         try:
             storage.write_json(storage.join(self.config.output, contract.PROGRESS_FILE), record.to_doc())
@@ -314,7 +314,7 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
                 fh.write(funnel_chart_png(doc, f"{config.job} / {stage.name}: {doc['kept']} of {doc['input']} kept"))
             storage.commit_dir(tmp, final, step=len(records), stage=stage.name, uploaded=uploaded,
                                extra={"kind": "curated_shards", "input": doc["input"], "kept": doc["kept"]})
-        emit("curated", stage=stage.name, input=doc["input"], kept=doc["kept"], removed=doc["removed"],
+        emit(contract.EVENT_CURATED, stage=stage.name, input=doc["input"], kept=doc["kept"], removed=doc["removed"],
              samples_per_second_per_rank=[t["samples_per_second"] for t in doc["throughput"]], final=final)
     barrier(env)
     if metrics is not None:

@@ -65,7 +65,7 @@ def run_stage(config: TrainerConfig, env: DistEnv) -> dict[str, Any] | None:
             return None
         if verdict >= 1:
             if env.is_main:
-                emit("skip", stage=config.stage.name, reason=f"{final} was committed by the previous holder")
+                emit(contract.EVENT_SKIP, stage=config.stage.name, reason=f"{final} was committed by the previous holder")
             return None
         return impl.run(config, env)
     finally:
