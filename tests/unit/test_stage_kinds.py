@@ -33,7 +33,7 @@ def test_the_registry_has_one_module_per_row_of_the_kinds_table():
 
 def test_an_unknown_type_names_the_accepted_ones():
     with pytest.raises(KeyError, match="accepted: " + ", ".join(STAGE_TYPES)):
-        stage_kind("reward")
+        stage_kind("nosuchkind")
     with pytest.raises(ValueError, match="trains no weights"):
         training_kind("curate")
 
