@@ -19,6 +19,11 @@ from vlm_core import storage
 
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli"]
 ENV = {**os.environ, "VLM_METRICS_PORT": "off", "COLUMNS": "200"}
+# How long the stage's processes may take to go after vlmctl stops or is SIGKILLed: torchrun stops its workers and
+# exits in about a second (vlm_operator.orphan_guard sends it one SIGTERM); a loaded machine may take a few.
+# The bound is generous on purpose: the test waits for the condition (no process left), not for a time;
+# an agent that never exits (torchrun hit by repeated SIGTERMs, issue 19) still fails it.
+PROCESSES_GONE_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +102,7 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_the_rerun_resumes(tmp_path:
     assert "interrupted by SIGINT during stage 'align'" in output
     assert f"vlmctl run {job}` again to resume" in output
     assert "Traceback" not in output and "SignalException" not in output
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + PROCESSES_GONE_SECONDS
     while trainers_of(store) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not trainers_of(store)
@@ -136,14 +141,14 @@ def test_sigkill_of_vlmctl_leaves_no_trainer_behind(tmp_path: Path, parts: dict)
     killed = time.monotonic()
     proc.wait(10)
     seen = []
-    while (alive := trainers_of(store)) and time.monotonic() < killed + 30:
+    while (alive := trainers_of(store)) and time.monotonic() < killed + PROCESSES_GONE_SECONDS:
         seen.append((round(time.monotonic() - killed, 1), [(p.pid, p.name()) for p in alive]))
-        time.sleep(0.5)
+        time.sleep(0.2)
     gone_after = time.monotonic() - killed
     left = trainers_of(store)
     for p in left:  # do not leak them into the rest of the suite
         p.kill()
-    assert not left and gone_after < 10, f"{len(left)} left, {gone_after:.1f} s after the kill: {seen[-3:]}"
+    assert not left, f"{len(left)} left, {gone_after:.1f} s after the kill: {seen[-3:]}"
 
 
 def test_the_stage_lease_is_exclusive_on_a_real_s3_server(s3_server) -> None:
