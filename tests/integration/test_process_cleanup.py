@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -39,7 +40,7 @@ LAUNCHER = textwrap.dedent("""
 """)
 
 
-def wait_for(condition, timeout: float, what: str) -> None:  # noqa: ANN001
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -97,3 +98,33 @@ def test_cmd_dies_with_a_killed_guard(tmp_path: Path) -> None:
     proc.kill()
     proc.wait(10)
     wait_for(lambda: gone(child.pid), 10, "CMD outlived its killed guard")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+def test_a_build_lock_with_a_live_builder_is_kept_a_stale_one_removed(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real processes, real /proc: a compiler working in one build folder, a process holding another lock
+    open (as torch's FileBaton does for the whole build), and a lock left by a killed build."""
+    from vlm_trainer.strategies.deepspeed_zero import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    locks = {}
+    for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"):
+        (tmp_path / op).mkdir()
+        locks[op] = tmp_path / op / "lock"
+        locks[op].touch()
+        os.utime(locks[op], (time.time() - 3600, time.time() - 3600))
+    compiler = subprocess.Popen(["sleep", "60"], cwd=tmp_path / "cpu_adam")
+    holder = subprocess.Popen([sys.executable, "-c", f"import os, sys, time; os.open({str(locks['fused_adam'])!r}, "
+                               "os.O_RDONLY); print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
+        assert clear_stale_build_locks() == [str(locks["deepspeed_shm_comm"])]
+        assert locks["cpu_adam"].exists() and locks["fused_adam"].exists()
+    finally:
+        compiler.kill()
+        holder.kill()
+        compiler.wait()
+        holder.wait()
+    # builders gone: now those locks are stale too
+    assert sorted(clear_stale_build_locks()) == sorted([str(locks["cpu_adam"]), str(locks["fused_adam"])])
