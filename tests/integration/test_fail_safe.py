@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,16 +66,17 @@ def wait_for_step(proc: subprocess.Popen, storage_dir: Path, step: int, timeout:
     raise TimeoutError(f"no step {step} within {timeout} s")
 
 
-def test_a_missing_model_fails_in_seconds_without_retries(tmp_path: Path, parts: dict) -> None:
+def test_a_missing_model_fails_before_any_process_starts_without_retries(tmp_path: Path, parts: dict) -> None:
     broken = {**parts, "vision": str(tmp_path / "no-such-vision")}
     job = job_file(tmp_path / "job.yaml", "job", broken, tmp_path / "store", max_restarts=3)
-    started = time.monotonic()
     out = run(job)
-    seconds = time.monotonic() - started
     assert out.returncode == 1
     assert "configuration error (not retried)" in out.stdout
     assert f"spec.model.visionEncoder: no Hugging Face checkpoint at {tmp_path / 'no-such-vision'}" in out.stdout
-    assert seconds < 5, f"took {seconds:.1f} s"
+    # Preflight refused it: no attempt was made (no torchrun, no torch import, no retry), whatever the
+    # machine's speed; the summary table's last column counts the attempts.
+    row = next((line for line in out.stdout.splitlines() if " align " in line and " failed " in line), "")
+    assert re.findall(r"\d+", row)[-1:] == ["0"], out.stdout
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("manifest.json"))
 
 
