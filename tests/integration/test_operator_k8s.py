@@ -132,9 +132,10 @@ async def test_max_restarts_exhausted_fails_the_job_with_the_reason(cluster: Clu
     )
 
 
-async def test_operator_restart_mid_stage_creates_no_duplicate_jobs(cluster: Cluster) -> None:
+async def test_operator_restart_mid_stage_creates_no_duplicate_jobs(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    release = tmp_path / "release"  # align holds after step 2 until the operator is back
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.4", FAKE_HOLD_AFTER_STEP="2", FAKE_HOLD_UNTIL=str(release))
     await c.create(job_doc(c, "steady", [("align", "align"), ("instruct", "instruct")], max_steps=8))
     await wait_for(
         lambda: c.status("steady").get("currentStage") == "align" and c.kubelet.running(),
@@ -142,16 +143,18 @@ async def test_operator_restart_mid_stage_creates_no_duplicate_jobs(cluster: Clu
         message="stage align running",
     )
     await c.operator.stop()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the operator is down for a while (not a wait for anything)
     await c.operator.start()
+    release.touch()
     status = await c.wait_phase("steady", "Succeeded", timeout=75)
     assert status["restarts"] == 0
     assert c.jobs_ever_created("steady") == {"steady-align-0", "steady-instruct-0"}
 
 
-async def test_suspend_deletes_the_pods_and_resume_continues_the_stage(cluster: Cluster) -> None:
+async def test_suspend_deletes_the_pods_and_resume_continues_the_stage(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    release = tmp_path / "release"  # the stage holds after step 2 until it was suspended
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.4", FAKE_HOLD_AFTER_STEP="2", FAKE_HOLD_UNTIL=str(release))
     await c.create(job_doc(c, "pausable", [("align", "align")], max_steps=14, every=2))
     output = f"{c.storage_uri}/pausable/align"
     await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 2, 60, message="checkpoint-2")
@@ -166,6 +169,7 @@ async def test_suspend_deletes_the_pods_and_resume_continues_the_stage(cluster: 
     assert not [p for p in c.owned("v1/pods", "pausable")]
     await wait_for(lambda: "Suspended" in c.events("pausable"), 10, message="the Suspended event")
 
+    release.touch()
     await c.patch_spec("pausable", {"suspend": False})
     status = await c.wait_phase("pausable", "Succeeded", timeout=60)
     assert status["stages"][0]["restarts"] == 0  # a suspension is not a failure
@@ -173,9 +177,11 @@ async def test_suspend_deletes_the_pods_and_resume_continues_the_stage(cluster: 
     assert storage.read_manifest(f"{output}/final")["resumed_from"] >= 2
 
 
-async def test_delete_removes_every_child(cluster: Cluster) -> None:
+async def test_delete_removes_every_child(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.5"
+    # the stage holds after step 1 for good: it is still running when the job is deleted
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.5", FAKE_HOLD_AFTER_STEP="1",
+                               FAKE_HOLD_UNTIL=str(tmp_path / "never"))
     await c.create(job_doc(c, "doomed2", [("align", "align"), ("instruct", "instruct")], max_steps=40))
     await wait_for(lambda: len(c.kubelet.running()) == 2, 30, message="two pods running")
     assert c.owned("v1/configmaps", "doomed2") and c.owned("v1/services", "doomed2")
