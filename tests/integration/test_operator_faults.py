@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from k8s_harness import NS, Cluster, KubeAPI, wait_for
 from ports import free_port
-from test_operator_k8s import JOBS, job_doc
+from test_operator_k8s import JOBS, Reconciles, job_doc
 from vlm_core import storage
 from vlm_operator import rbac
 
@@ -79,8 +80,11 @@ class TcpSwitch:
         self._writers.difference_update((writer, up_writer))
 
 
-async def test_s3_outage_during_a_handoff_holds_the_next_stage_until_storage_returns(cluster: Cluster) -> None:
+async def test_s3_outage_during_a_handoff_holds_the_next_stage_until_storage_returns(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     c = cluster
+    reconciles = Reconciles(monkeypatch, "outage")
     host, port = c.s3.endpoint.removeprefix("http://").split(":")
     switch = TcpSwitch(host, int(port))
     await switch.up()
@@ -101,7 +105,7 @@ async def test_s3_outage_during_a_handoff_holds_the_next_stage_until_storage_ret
             return cond.get("status") == "False" and cond.get("reason") == "CheckpointNotCommitted"
 
         await wait_for(waiting, 30, message="HandoffReady=False while storage is down")
-        await asyncio.sleep(3)  # several resync periods: still waiting, nothing started on unverified data
+        await reconciles.more(3)  # several reconciles later: still waiting, nothing started on unverified data
         status = c.status("outage")
         assert waiting() and status["stages"][0]["phase"] == "Succeeded"
         assert "storage check failed" in status["message"] and "align" in status["message"]

@@ -10,15 +10,43 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import write_stand_in_inputs
 from k8s_harness import NS, Cluster, wait_for
 from s3_server import SeaweedS3
 from vlm_core import storage
 
 JOBS = "batch/v1/jobs"
+
+
+class Reconciles:
+    """Counts the operator's reconciles of one job (the operator runs in this process): a test that checks
+    that nothing happens "a while later" waits for a number of reconciles, not for a number of seconds."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        from vlm_operator import reconcile
+
+        self.name, self.count, self._lock = name, 0, threading.Lock()
+        original = reconcile.reconcile
+
+        def counting(namespace: str, job: str, *args: Any, **kwargs: Any) -> str | None:
+            try:
+                return original(namespace, job, *args, **kwargs)
+            finally:
+                if job == name:
+                    with self._lock:
+                        self.count += 1
+
+        monkeypatch.setattr(reconcile, "reconcile", counting)
+
+    async def more(self, n: int, timeout: float = 60) -> None:
+        """Wait until the job has been reconciled `n` more times (resyncs, events, backoffs)."""
+        target = self.count + n
+        await wait_for(lambda: self.count >= target, timeout, message=f"{n} more reconciles of {self.name}")
 
 
 def job_doc(
@@ -192,13 +220,16 @@ async def test_delete_removes_every_child(cluster: Cluster, tmp_path: Path) -> N
     await wait_for(lambda: not c.kubelet.running(), 15, message="pod processes stopped")
 
 
-async def test_a_stage_that_cannot_fit_is_held_until_patched_to_a_suggested_alternative(cluster: Cluster) -> None:
+async def test_a_stage_that_cannot_fit_is_held_until_patched_to_a_suggested_alternative(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Admission: a 7B-shaped instruct stage with ddp on 80 GiB GPUs is not started (no Job), says why with
     computed alternatives, and starts once the spec is patched to the first alternative."""
     from vlm_core.spec import parse_job
     from vlm_operator import admission
 
     c = cluster
+    reconciles = Reconciles(monkeypatch, "toobig")
     configs = {
         "vision": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                    "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 14, "image_size": 336},
@@ -224,7 +255,7 @@ async def test_a_stage_that_cannot_fit_is_held_until_patched_to_a_suggested_alte
     assert "stage 'instruct' needs an estimated" in cond["message"] and "alternatives that fit:" in cond["message"]
     assert c.status("toobig")["phase"] == "Pending" and c.status("toobig")["message"] == cond["message"]
     await wait_for(lambda: "InsufficientGPUMemory" in c.events("toobig"), 10, message="the Warning event")
-    await asyncio.sleep(2.5)  # a few resyncs later: still held, still no Job
+    await reconciles.more(3)  # a few resyncs later: still held, still no Job
     assert c.jobs_ever_created("toobig") == set()
 
     alt = admission.checker(parse_job(doc))(0).alternatives[0]
