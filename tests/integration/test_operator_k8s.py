@@ -82,10 +82,17 @@ def job_doc(
     }
 
 
-async def test_two_stages_hand_off_through_s3_and_report_status(cluster: Cluster) -> None:
+async def test_two_stages_hand_off_through_s3_and_report_status(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"  # long enough for a resync to read progress.json
+    # Each stage holds after step 1 until a resync has read its progress.json into the status.
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.4", FAKE_HOLD_AFTER_STEP="1",
+                               FAKE_HOLD_UNTIL=str(tmp_path / "release-{stage}"))
     await c.create(job_doc(c, "pipe", [("align", "align"), ("instruct", "instruct")]))
+    for i, stage in enumerate(("align", "instruct")):
+        await wait_for(lambda i=i: len(c.status("pipe").get("stages", [])) > i
+                       and c.status("pipe")["stages"][i].get("totalSteps") == 6, 60,
+                       message=f"{stage}'s progress in the status")
+        (tmp_path / f"release-{stage}").touch()
     status = await c.wait_phase("pipe", "Succeeded", timeout=75)
 
     assert [s["phase"] for s in status["stages"]] == ["Succeeded", "Succeeded"]
@@ -124,13 +131,17 @@ async def test_two_stages_hand_off_through_s3_and_report_status(cluster: Cluster
     ]
 
 
-async def test_a_killed_pod_restarts_the_gang_which_resumes_from_its_checkpoint(cluster: Cluster) -> None:
+async def test_a_killed_pod_restarts_the_gang_which_resumes_from_its_checkpoint(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    release = tmp_path / "release"  # the stage holds after step 4 until the pod is killed
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.4", FAKE_HOLD_AFTER_STEP="4", FAKE_HOLD_UNTIL=str(release))
     await c.create(job_doc(c, "crash", [("align", "align")], max_steps=14, every=2))
     output = f"{c.storage_uri}/crash/align"
     await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 4, 60, message="checkpoint-4")
     c.kubelet.kill_pod("crash-align-0", index=1)
+    release.touch()
 
     status = await c.wait_phase("crash", "Succeeded", timeout=75)
     stage = status["stages"][0]
