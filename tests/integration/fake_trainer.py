@@ -5,6 +5,11 @@ the handoff (init_from must be a committed final/), resumes from the newest comm
 its output, "trains" maxSteps steps (sleeping FAKE_STEP_SECONDS each), commits checkpoint-<step>/
 every checkpoint.everySteps and finally final/ (rank 0), all through vlm_core.storage. It fails on
 purpose when FAKE_FAIL_STAGE names its stage, so tests can exhaust maxRestarts.
+
+A test that must act while a stage is still running (delete its Job, suspend it, restart the operator) holds
+it there instead of racing its length: with FAKE_HOLD_AFTER_STEP=N and FAKE_HOLD_UNTIL=<path>, no step after
+N starts until <path> exists (the test creates it when it is done); the ranks are killed or released.
+`{stage}` in the path is replaced by the stage's name, to release the stages of a job one by one.
 """
 
 from __future__ import annotations
@@ -44,7 +49,11 @@ def main() -> int:
     total = cfg.stage.max_steps or 1
     every = cfg.stage.checkpoint.every_steps
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.2"))
+    hold_after = int(os.environ.get("FAKE_HOLD_AFTER_STEP") or 0)
+    hold_until = os.environ.get("FAKE_HOLD_UNTIL", "").replace("{stage}", name)
     for step in range(start + 1, total + 1):
+        while hold_after and hold_until and step > hold_after and not os.path.exists(hold_until):
+            time.sleep(0.05)
         time.sleep(step_seconds)
         if rank != 0:
             continue

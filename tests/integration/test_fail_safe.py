@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,11 @@ from vlm_core import storage
 
 VLMCTL = [sys.executable, "-m", "vlm_operator.cli"]
 ENV = {**os.environ, "VLM_METRICS_PORT": "off", "COLUMNS": "200"}
+# How long the stage's processes may take to go after vlmctl stops or is SIGKILLed: torchrun stops its workers and
+# exits in about a second (vlm_operator.orphan_guard sends it one SIGTERM); a loaded machine may take a few.
+# The bound is generous on purpose: the test waits for the condition (no process left), not for a time;
+# an agent that never exits (torchrun hit by repeated SIGTERMs, issue 19) still fails it.
+PROCESSES_GONE_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +66,17 @@ def wait_for_step(proc: subprocess.Popen, storage_dir: Path, step: int, timeout:
     raise TimeoutError(f"no step {step} within {timeout} s")
 
 
-def test_a_missing_model_fails_in_seconds_without_retries(tmp_path: Path, parts: dict) -> None:
+def test_a_missing_model_fails_before_any_process_starts_without_retries(tmp_path: Path, parts: dict) -> None:
     broken = {**parts, "vision": str(tmp_path / "no-such-vision")}
     job = job_file(tmp_path / "job.yaml", "job", broken, tmp_path / "store", max_restarts=3)
-    started = time.monotonic()
     out = run(job)
-    seconds = time.monotonic() - started
     assert out.returncode == 1
     assert "configuration error (not retried)" in out.stdout
     assert f"spec.model.visionEncoder: no Hugging Face checkpoint at {tmp_path / 'no-such-vision'}" in out.stdout
-    assert seconds < 5, f"took {seconds:.1f} s"
+    # Preflight refused it: no attempt was made (no torchrun, no torch import, no retry), whatever the
+    # machine's speed; the summary table's last column counts the attempts.
+    row = next((line for line in out.stdout.splitlines() if " align " in line and " failed " in line), "")
+    assert re.findall(r"\d+", row)[-1:] == ["0"], out.stdout
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("manifest.json"))
 
 
@@ -97,7 +104,7 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_the_rerun_resumes(tmp_path:
     assert "interrupted by SIGINT during stage 'align'" in output
     assert f"vlmctl run {job}` again to resume" in output
     assert "Traceback" not in output and "SignalException" not in output
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + PROCESSES_GONE_SECONDS
     while trainers_of(store) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not trainers_of(store)
@@ -136,14 +143,14 @@ def test_sigkill_of_vlmctl_leaves_no_trainer_behind(tmp_path: Path, parts: dict)
     killed = time.monotonic()
     proc.wait(10)
     seen = []
-    while (alive := trainers_of(store)) and time.monotonic() < killed + 30:
+    while (alive := trainers_of(store)) and time.monotonic() < killed + PROCESSES_GONE_SECONDS:
         seen.append((round(time.monotonic() - killed, 1), [(p.pid, p.name()) for p in alive]))
-        time.sleep(0.5)
+        time.sleep(0.2)
     gone_after = time.monotonic() - killed
     left = trainers_of(store)
     for p in left:  # do not leak them into the rest of the suite
         p.kill()
-    assert not left and gone_after < 10, f"{len(left)} left, {gone_after:.1f} s after the kill: {seen[-3:]}"
+    assert not left, f"{len(left)} left, {gone_after:.1f} s after the kill: {seen[-3:]}"
 
 
 def test_the_stage_lease_is_exclusive_on_a_real_s3_server(s3_server) -> None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 from k8s_harness import NS, Cluster, KubeAPI, wait_for
 from ports import free_port
-from test_operator_k8s import JOBS, job_doc
+from test_operator_k8s import JOBS, Reconciles, job_doc
 from vlm_core import storage
 from vlm_operator import rbac
 
@@ -78,8 +80,11 @@ class TcpSwitch:
         self._writers.difference_update((writer, up_writer))
 
 
-async def test_s3_outage_during_a_handoff_holds_the_next_stage_until_storage_returns(cluster: Cluster) -> None:
+async def test_s3_outage_during_a_handoff_holds_the_next_stage_until_storage_returns(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     c = cluster
+    reconciles = Reconciles(monkeypatch, "outage")
     host, port = c.s3.endpoint.removeprefix("http://").split(":")
     switch = TcpSwitch(host, int(port))
     await switch.up()
@@ -100,7 +105,7 @@ async def test_s3_outage_during_a_handoff_holds_the_next_stage_until_storage_ret
             return cond.get("status") == "False" and cond.get("reason") == "CheckpointNotCommitted"
 
         await wait_for(waiting, 30, message="HandoffReady=False while storage is down")
-        await asyncio.sleep(3)  # several resync periods: still waiting, nothing started on unverified data
+        await reconciles.more(3)  # several reconciles later: still waiting, nothing started on unverified data
         status = c.status("outage")
         assert waiting() and status["stages"][0]["phase"] == "Succeeded"
         assert "storage check failed" in status["message"] and "align" in status["message"]
@@ -121,9 +126,10 @@ async def test_s3_outage_during_a_handoff_holds_the_next_stage_until_storage_ret
         await switch.down()
 
 
-async def test_a_stage_job_deleted_by_hand_is_recreated_and_resumes(cluster: Cluster) -> None:
+async def test_a_stage_job_deleted_by_hand_is_recreated_and_resumes(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    release = tmp_path / "release"  # the stage holds after step 4 until the test is done with it
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.4", FAKE_HOLD_AFTER_STEP="4", FAKE_HOLD_UNTIL=str(release))
     await c.create(job_doc(c, "handdel", [("align", "align")], max_steps=10, every=2))
     output = f"{c.storage_uri}/handdel/align"
     await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 4, 60, message="checkpoint-4")
@@ -132,6 +138,7 @@ async def test_a_stage_job_deleted_by_hand_is_recreated_and_resumes(cluster: Clu
         assert r.status == 200, await r.text()
     await wait_for(lambda: "handdel-align-1" in c.jobs_ever_created("handdel"), 30, message="Job recreated")
     report("stage_job_deleted_by_hand", time.monotonic() - t0)
+    release.touch()
     status = await c.wait_phase("handdel", "Succeeded", timeout=75)
     assert status["stages"][0]["restarts"] == 0  # a deleted Job is not a failed gang
     assert c.jobs_ever_created("handdel") == {"handdel-align-0", "handdel-align-1"}

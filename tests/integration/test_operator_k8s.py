@@ -10,15 +10,43 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import write_stand_in_inputs
 from k8s_harness import NS, Cluster, wait_for
 from s3_server import SeaweedS3
 from vlm_core import storage
 
 JOBS = "batch/v1/jobs"
+
+
+class Reconciles:
+    """Counts the operator's reconciles of one job (the operator runs in this process): a test that checks
+    that nothing happens "a while later" waits for a number of reconciles, not for a number of seconds."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        from vlm_operator import reconcile
+
+        self.name, self.count, self._lock = name, 0, threading.Lock()
+        original = reconcile.reconcile
+
+        def counting(namespace: str, job: str, *args: Any, **kwargs: Any) -> str | None:
+            try:
+                return original(namespace, job, *args, **kwargs)
+            finally:
+                if job == name:
+                    with self._lock:
+                        self.count += 1
+
+        monkeypatch.setattr(reconcile, "reconcile", counting)
+
+    async def more(self, n: int, timeout: float = 60) -> None:
+        """Wait until the job has been reconciled `n` more times (resyncs, events, backoffs)."""
+        target = self.count + n
+        await wait_for(lambda: self.count >= target, timeout, message=f"{n} more reconciles of {self.name}")
 
 
 def job_doc(
@@ -54,10 +82,17 @@ def job_doc(
     }
 
 
-async def test_two_stages_hand_off_through_s3_and_report_status(cluster: Cluster) -> None:
+async def test_two_stages_hand_off_through_s3_and_report_status(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"  # long enough for a resync to read progress.json
+    # Each stage holds after step 1 until a resync has read its progress.json into the status.
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.4", FAKE_HOLD_AFTER_STEP="1",
+                               FAKE_HOLD_UNTIL=str(tmp_path / "release-{stage}"))
     await c.create(job_doc(c, "pipe", [("align", "align"), ("instruct", "instruct")]))
+    for i, stage in enumerate(("align", "instruct")):
+        await wait_for(lambda i=i: len(c.status("pipe").get("stages", [])) > i
+                       and c.status("pipe")["stages"][i].get("totalSteps") == 6, 60,
+                       message=f"{stage}'s progress in the status")
+        (tmp_path / f"release-{stage}").touch()
     status = await c.wait_phase("pipe", "Succeeded", timeout=75)
 
     assert [s["phase"] for s in status["stages"]] == ["Succeeded", "Succeeded"]
@@ -96,13 +131,17 @@ async def test_two_stages_hand_off_through_s3_and_report_status(cluster: Cluster
     ]
 
 
-async def test_a_killed_pod_restarts_the_gang_which_resumes_from_its_checkpoint(cluster: Cluster) -> None:
+async def test_a_killed_pod_restarts_the_gang_which_resumes_from_its_checkpoint(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    release = tmp_path / "release"  # the stage holds after step 4 until the pod is killed
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.4", FAKE_HOLD_AFTER_STEP="4", FAKE_HOLD_UNTIL=str(release))
     await c.create(job_doc(c, "crash", [("align", "align")], max_steps=14, every=2))
     output = f"{c.storage_uri}/crash/align"
     await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 4, 60, message="checkpoint-4")
     c.kubelet.kill_pod("crash-align-0", index=1)
+    release.touch()
 
     status = await c.wait_phase("crash", "Succeeded", timeout=75)
     stage = status["stages"][0]
@@ -132,9 +171,10 @@ async def test_max_restarts_exhausted_fails_the_job_with_the_reason(cluster: Clu
     )
 
 
-async def test_operator_restart_mid_stage_creates_no_duplicate_jobs(cluster: Cluster) -> None:
+async def test_operator_restart_mid_stage_creates_no_duplicate_jobs(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    release = tmp_path / "release"  # align holds after step 2 until the operator is back
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.4", FAKE_HOLD_AFTER_STEP="2", FAKE_HOLD_UNTIL=str(release))
     await c.create(job_doc(c, "steady", [("align", "align"), ("instruct", "instruct")], max_steps=8))
     await wait_for(
         lambda: c.status("steady").get("currentStage") == "align" and c.kubelet.running(),
@@ -142,16 +182,18 @@ async def test_operator_restart_mid_stage_creates_no_duplicate_jobs(cluster: Clu
         message="stage align running",
     )
     await c.operator.stop()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the operator is down for a while (not a wait for anything)
     await c.operator.start()
+    release.touch()
     status = await c.wait_phase("steady", "Succeeded", timeout=75)
     assert status["restarts"] == 0
     assert c.jobs_ever_created("steady") == {"steady-align-0", "steady-instruct-0"}
 
 
-async def test_suspend_deletes_the_pods_and_resume_continues_the_stage(cluster: Cluster) -> None:
+async def test_suspend_deletes_the_pods_and_resume_continues_the_stage(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.4"
+    release = tmp_path / "release"  # the stage holds after step 2 until it was suspended
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.4", FAKE_HOLD_AFTER_STEP="2", FAKE_HOLD_UNTIL=str(release))
     await c.create(job_doc(c, "pausable", [("align", "align")], max_steps=14, every=2))
     output = f"{c.storage_uri}/pausable/align"
     await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 2, 60, message="checkpoint-2")
@@ -166,6 +208,7 @@ async def test_suspend_deletes_the_pods_and_resume_continues_the_stage(cluster: 
     assert not [p for p in c.owned("v1/pods", "pausable")]
     await wait_for(lambda: "Suspended" in c.events("pausable"), 10, message="the Suspended event")
 
+    release.touch()
     await c.patch_spec("pausable", {"suspend": False})
     status = await c.wait_phase("pausable", "Succeeded", timeout=60)
     assert status["stages"][0]["restarts"] == 0  # a suspension is not a failure
@@ -173,9 +216,11 @@ async def test_suspend_deletes_the_pods_and_resume_continues_the_stage(cluster: 
     assert storage.read_manifest(f"{output}/final")["resumed_from"] >= 2
 
 
-async def test_delete_removes_every_child(cluster: Cluster) -> None:
+async def test_delete_removes_every_child(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    c.kubelet.extra_env["FAKE_STEP_SECONDS"] = "0.5"
+    # the stage holds after step 1 for good: it is still running when the job is deleted
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.5", FAKE_HOLD_AFTER_STEP="1",
+                               FAKE_HOLD_UNTIL=str(tmp_path / "never"))
     await c.create(job_doc(c, "doomed2", [("align", "align"), ("instruct", "instruct")], max_steps=40))
     await wait_for(lambda: len(c.kubelet.running()) == 2, 30, message="two pods running")
     assert c.owned("v1/configmaps", "doomed2") and c.owned("v1/services", "doomed2")
@@ -186,13 +231,16 @@ async def test_delete_removes_every_child(cluster: Cluster) -> None:
     await wait_for(lambda: not c.kubelet.running(), 15, message="pod processes stopped")
 
 
-async def test_a_stage_that_cannot_fit_is_held_until_patched_to_a_suggested_alternative(cluster: Cluster) -> None:
+async def test_a_stage_that_cannot_fit_is_held_until_patched_to_a_suggested_alternative(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Admission: a 7B-shaped instruct stage with ddp on 80 GiB GPUs is not started (no Job), says why with
     computed alternatives, and starts once the spec is patched to the first alternative."""
     from vlm_core.spec import parse_job
     from vlm_operator import admission
 
     c = cluster
+    reconciles = Reconciles(monkeypatch, "toobig")
     configs = {
         "vision": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                    "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 14, "image_size": 336},
@@ -218,7 +266,7 @@ async def test_a_stage_that_cannot_fit_is_held_until_patched_to_a_suggested_alte
     assert "stage 'instruct' needs an estimated" in cond["message"] and "alternatives that fit:" in cond["message"]
     assert c.status("toobig")["phase"] == "Pending" and c.status("toobig")["message"] == cond["message"]
     await wait_for(lambda: "InsufficientGPUMemory" in c.events("toobig"), 10, message="the Warning event")
-    await asyncio.sleep(2.5)  # a few resyncs later: still held, still no Job
+    await reconciles.more(3)  # a few resyncs later: still held, still no Job
     assert c.jobs_ever_created("toobig") == set()
 
     alt = admission.checker(parse_job(doc))(0).alternatives[0]

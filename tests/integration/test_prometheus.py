@@ -9,6 +9,11 @@ endpoint when the stage ends, after which Prometheus marks its series stale: so 
 evaluated at one moment `at` in the middle of training, found from Prometheus' own data (both ranks
 stepping, a full rate window of samples, a checkpoint saved on each rank), not from wall-clock sleeps.
 
+Nothing here depends on how long the stage takes (a quiet machine trained it in 8 s, a busy one in 25 s):
+the stage runs under `paced_trainer.py`, which lets the ranks step only up to a number this test raises
+as Prometheus scrapes them (the lowest step scraped on any rank + AHEAD_STEPS), and holds the last step
+back until the moment `at` is found. So Prometheus sees the whole stage, a scrape every few steps.
+
 Needs Debian's Prometheus: `apt-get install -y --no-install-recommends prometheus`.
 """
 
@@ -21,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -42,11 +48,15 @@ from vlm_trainer.metrics import CPU_PEAK_FLOPS_PER_SECOND
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts" / "vlm-operator" / "dashboards" / "vlm-training.json"
 OPERATOR_METRICS_PROCESS = Path(__file__).with_name("operator_metrics_process.py")
+PACED_TRAINER = Path(__file__).with_name("paced_trainer.py")
 JOB, STAGE = "metrics-demo", "align"
-# The stage: 2 ranks x 2 micro-batches of 4 samples; long enough (~25 s here on 2 busy cores) for
-# Prometheus to scrape each rank many times, with a checkpoint every second or so.
+# The stage: 2 ranks x 2 micro-batches of 4 samples, a checkpoint every CHECKPOINT_EVERY steps. It runs
+# at most AHEAD_STEPS past what Prometheus has scraped, so Prometheus scrapes it at least
+# MAX_STEPS / AHEAD_STEPS times however fast it trains (more than the rate window needs).
 RANKS = 2
 MAX_STEPS = 240
+AHEAD_STEPS = 15
+PACER_SECONDS = 0.25  # how often the pacer reads Prometheus and rewrites the gate (its heartbeat)
 GLOBAL_BATCH, MICRO_BATCH = 16, 4
 SAMPLES_PER_RANK_STEP = GLOBAL_BATCH // RANKS
 CHECKPOINT_EVERY = 15
@@ -107,7 +117,43 @@ class Scraped:
     stage: subprocess.Popen[bytes]
     stage_log: Path
     started: float  # unix time the stage was launched
+    pacer: Pacer
     at: float | None = None  # the moment the checks read (unix seconds), once found
+
+
+class Pacer(threading.Thread):
+    """Writes the step the paced ranks may take up to: the lowest step Prometheus has scraped on any rank
+    plus AHEAD_STEPS, at most MAX_STEPS - 1 until the moment `at` is found. Rewrites the gate every
+    PACER_SECONDS (paced_trainer.py reads a gate left stale as "the test is gone")."""
+
+    def __init__(self, gate: Path, url: str) -> None:
+        super().__init__(name="prometheus-pacer", daemon=True)
+        self.gate, self.url = gate, url
+        self.allowed = AHEAD_STEPS
+        self.moment_found = threading.Event()
+        self.stopped = threading.Event()
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.gate.with_suffix(".tmp")
+        tmp.write_text(str(self.allowed))
+        os.replace(tmp, self.gate)
+
+    def scraped_step(self) -> int | None:
+        """The lowest step scraped on the ranks, once Prometheus has scraped them all."""
+        try:
+            steps = by_rank(query(self.url, f"vlm_trainer_step{{{SELECTOR}}}"))
+        except (OSError, AssertionError, KeyError, ValueError):
+            return None
+        return int(min(steps.values())) if len(steps) == RANKS else None
+
+    def run(self) -> None:
+        while not self.stopped.wait(PACER_SECONDS):
+            seen = self.scraped_step()
+            cap = MAX_STEPS if self.moment_found.is_set() else MAX_STEPS - 1
+            if seen is not None:
+                self.allowed = max(self.allowed, min(seen + AHEAD_STEPS, cap))
+            self.write()
 
 
 def write_stage_config(root: Path) -> Path:
@@ -148,12 +194,13 @@ def write_stage_config(root: Path) -> Path:
     return path
 
 
-def start_stage(config: Path, metrics_base_port: int, log: Path) -> subprocess.Popen[bytes]:
-    """`torchrun --nproc_per_node 2 -m vlm_trainer` in a session of its own (so teardown stops it all);
-    stdout (rank 0's JSON events) to `log`, stderr beside it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", contract.METRICS_PORT_ENV: str(metrics_base_port)}
+def start_stage(config: Path, metrics_base_port: int, log: Path, gate: Path) -> subprocess.Popen[bytes]:
+    """`torchrun --nproc_per_node 2` of `python -m vlm_trainer` paced by `gate` (paced_trainer.py) in a
+    session of its own (so teardown stops it all); stdout (rank 0's JSON events) to `log`, stderr beside it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", contract.METRICS_PORT_ENV: str(metrics_base_port),
+           "PACED_TRAINER_GATE": str(gate)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
-               "-m", contract.TRAINER_MODULE, "--config", str(config)]
+               str(PACED_TRAINER), "--config", str(config)]
     with open(log, "wb") as out, open(log.with_suffix(".err"), "wb") as err:
         return subprocess.Popen(command, env=env, stdout=out, stderr=err, start_new_session=True)
 
@@ -278,7 +325,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
     tmp = tmp_path_factory.mktemp("prometheus")
     config = write_stage_config(tmp)
     procs: list[subprocess.Popen[Any]] = []
-    stage = None
+    stage = pacer = None
     try:
         operator, operator_port = start_operator_metrics()
         procs.append(operator)
@@ -286,30 +333,33 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
         trainer_ports = [base + rank for rank in range(RANKS)]
         server, url = start_prometheus(tmp, trainer_ports, operator_port)
         procs.append(server)
+        pacer = Pacer(tmp / "gate", url)
+        pacer.start()
         started = time.time()
-        stage = start_stage(config, base, tmp / "stage.log")
-        yield Scraped(url, trainer_ports, operator_port, stage, tmp / "stage.log", started)
+        stage = start_stage(config, base, tmp / "stage.log", pacer.gate)
+        yield Scraped(url, trainer_ports, operator_port, stage, tmp / "stage.log", started, pacer)
     finally:
         if stage is not None:
             stop(stage, group=True)
+        if pacer is not None:
+            pacer.stopped.set()
+            pacer.join(5)
         for proc in reversed(procs):
             stop(proc)
 
 
 @pytest.fixture(scope="module")
 def at(prometheus: Scraped) -> float:
-    """Poll Prometheus (not the clock) until it holds a moment of training that every check can read."""
+    """Poll Prometheus (not the clock) until it holds a moment of training that every check can read; then
+    let the stage take its last step (the pacer held it back until now)."""
     deadline = time.monotonic() + STAGE_TIMEOUT_SECONDS
     while True:
         moment = find_moment(prometheus)
         if moment is not None:
             prometheus.at = moment
+            prometheus.pacer.moment_found.set()
             return moment
         if prometheus.stage.poll() is not None:
-            moment = find_moment(prometheus)  # the last scrapes may have landed after the previous poll
-            if moment is not None:
-                prometheus.at = moment
-                return moment
             pytest.fail(f"stage exited ({prometheus.stage.returncode}) with no moment where "
                         f"{MOMENT_CONDITIONS} all held:\n{stage_tail(prometheus)}")
         if time.monotonic() > deadline:

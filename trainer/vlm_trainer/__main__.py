@@ -59,12 +59,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop_with_parent() -> None:
-    """Under torchrun, a rank whose agent dies (even by SIGKILL) gets SIGTERM instead of living on."""
+    """Under torchrun, a rank whose agent dies (even by SIGKILL) gets SIGTERM instead of living on.
+
+    SIGTERM keeps its default action on purpose (set here, in case a launcher left it ignored): the rank
+    ends at once, wherever it is. A Python handler would only run when the main thread is back in the
+    interpreter, i.e. not while it waits inside a gloo/NCCL collective for a peer that is already gone,
+    and torchrun would wait out its shutdown timeout. Dying mid-checkpoint is safe: `storage.commit_dir`
+    writes manifest.json last, a folder without it is never loaded (the resume passes over it and says
+    so), and older checkpoints are only pruned after the new one is committed (the save's local temporary
+    folder is left behind, as with any kill)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return
     import ctypes
     import signal
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
