@@ -32,7 +32,7 @@ from typing import Any
 from vlm_core import strategies
 from vlm_core.kinds import kind
 from vlm_core.model_config import tokens_per_image
-from vlm_core.spec import DPOSpec, LoRASpec
+from vlm_core.spec import TRAINABLE_PARTS, DPOSpec, LoRASpec
 
 GIB = 2**30
 
@@ -52,7 +52,7 @@ VISION_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 STRATEGIES = strategies.STRATEGIES
 OFFLOADS = strategies.OFFLOADS
-PARTS = ("projector", "language_model", "vision_tower")
+PARTS = TRAINABLE_PARTS
 
 
 @dataclass(frozen=True)

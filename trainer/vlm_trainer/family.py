@@ -34,8 +34,9 @@ from transformers import (
     LlavaProcessor,
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from vlm_core.spec import TRAINABLE_PARTS
 
-PARTS = ("projector", "language_model", "vision_tower")
+PARTS = TRAINABLE_PARTS  # the schema's names of the three parts
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,15 @@ from vlm_core.spec.rules import (
     from_stage_problems,
     stage_rule_problems,
 )
-from vlm_core.spec.stages import Offload, Precision, StageSpec, StageType, Strategy, TrainablePart
+from vlm_core.spec.stages import (
+    TRAINABLE_PARTS,
+    Offload,
+    Precision,
+    StageSpec,
+    StageType,
+    Strategy,
+    TrainablePart,
+)
 from vlm_core.spec.training_parts import (
     BatchSpec,
     CheckpointSpec,
@@ -87,7 +95,7 @@ __all__ = [
     "ImageSpec", "JobSpec", "LoRASpec", "ModelSpec", "NearDedupSpec", "NsfwSpec", "ObjectMeta", "Offload",
     "OptimizerSpec", "Precision", "ResolutionPolicy", "ResolutionSpec", "ResourcesSpec", "Rule", "RunPolicySpec",
     "ScheduleSpec", "SemanticDedupSpec", "SpecError", "StageSpec", "StageType", "StorageSpec", "Strategy",
-    "Strict", "TextFilterSpec", "Toleration", "TrainablePart", "TrainerConfig", "VLMTrainingJob",
+    "Strict", "TextFilterSpec", "Toleration", "TrainablePart", "TRAINABLE_PARTS", "TrainerConfig", "VLMTrainingJob",
     "duplicate_stage_names", "dump_job", "field_default", "format_errors", "from_stage_problems", "load_job",
     "parse_job", "parse_job_text", "stage_rule_problems", "wire_names",
 ]

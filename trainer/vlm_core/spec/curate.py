@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from vlm_core import kinds, validators
 from vlm_core.spec.base import Strict
-from vlm_core.spec.resources import ResourcesSpec
+from vlm_core.spec.common import StageBase
 
 CURATE_TYPE = kinds.kind("curate").type  # the data-curation stage (CurateStage); a KeyError if the table lacks it
 # Scripts the curate stage's built-in language (script) detector tells apart.
@@ -193,11 +193,10 @@ class CurateOutputSpec(Strict):
     )
 
 
-class CurateStage(Strict):
+class CurateStage(StageBase):
     """A data-curation stage: filters, deduplicates and balances raw image-text shards into curated shards
     that a later training stage reads with `data: {fromStage: <this stage's name>}`."""
 
-    name: str = Field(description="DNS label, unique in the job; names the stage's storage prefix and Job.")
     type: Literal["curate"] = Field(description="curate: filter the input shards into committed output shards.")
     input: CurateInputSpec
     filters: CurateFiltersSpec = Field(default_factory=CurateFiltersSpec)
@@ -206,23 +205,10 @@ class CurateStage(Strict):
         None, description="Path or URI of a CLIP-style dual encoder (transformers CLIPModel or SiglipModel with its "
         "processor) for clipScore, nsfw and semanticDedup; GPU when present."
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, data order and dropout (rank r uses seed + r).")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_restarts: int | None = Field(None, ge=0, le=1000, description="Gang restarts of this stage; default spec.runPolicy.maxRestarts.")
-
-    @field_validator("name")
-    @classmethod
-    def _dns(cls, v: str) -> str:
-        return validators.dns_label(v, max_length=40)
-
     @field_validator("encoder")
     @classmethod
     def _enc(cls, v: str | None) -> str | None:
         return validators.input_uri(v, validators.STORAGE_SCHEMES) if v is not None else None
-
-    @property
-    def world_size(self) -> int:
-        return self.resources.nodes * self.resources.procs_per_node
 
     @model_validator(mode="after")
     def _encoder_needed(self) -> CurateStage:

@@ -5,14 +5,13 @@ Defaults by kind come from the kinds table (vlm_core.kinds); the cross-field rul
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from vlm_core import kinds, strategies, validators
-from vlm_core.spec.base import Strict
+from vlm_core import kinds, strategies
+from vlm_core.spec.common import StageBase
 from vlm_core.spec.data import DataSpec
-from vlm_core.spec.resources import ResourcesSpec
 from vlm_core.spec.rules import stage_rule_problems
 from vlm_core.spec.training_parts import (
     DEFAULT_CROSS_ENTROPY,
@@ -34,7 +33,8 @@ else:
     StageType = Literal[kinds.TRAINING_TYPES]  # training stages (StageSpec); curate is a CurateStage
     Strategy = Literal[strategies.STRATEGIES]
     Offload = Literal[strategies.OFFLOADS]
-TrainablePart = Literal["projector", "language_model", "vision_tower"]
+TrainablePart = Literal["projector", "language_model", "vision_tower"]  # a VLM's three parts
+TRAINABLE_PARTS: tuple[str, ...] = get_args(TrainablePart)
 Precision = Literal["bf16", "fp32"]
 
 
@@ -43,10 +43,9 @@ def _owners(field: str) -> tuple[str, ...]:
     return tuple(t for t, k in kinds.KINDS.items() if field in k.own_fields)
 
 
-class StageSpec(Strict):
+class StageSpec(StageBase):
     """One stage: what trains, on which data, how long, how distributed."""
 
-    name: str = Field(description="DNS label, unique in the job; names the stage's storage prefix and Job.")
     type: StageType = Field(description="; ".join(f"{t}: {k.summary}" for t, k in kinds.KINDS.items())
                             + f". {or_list(kinds.DATA_TYPES)} stages have their own fields (see input, filters, output).")
     data: DataSpec
@@ -104,16 +103,8 @@ class StageSpec(Strict):
         "positions only) or chunked (also over chunks of those positions, so the logits tensor is never held "
         "whole; Liger-Kernel's fused kernel on CUDA when installed). Equal loss and gradients.",
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, data order and dropout (rank r uses seed + r).")
     dpo: DPOSpec | None = Field(None, description=f"DPO settings (type {or_list(_owners('dpo'))} only).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_restarts: int | None = Field(None, ge=0, le=1000, description="Gang restarts of this stage; default spec.runPolicy.maxRestarts.")
-
-    @field_validator("name")
-    @classmethod
-    def _dns(cls, v: str) -> str:
-        return validators.dns_label(v, max_length=40)
 
     @model_validator(mode="after")
     def _defaults_and_rules(self) -> StageSpec:
@@ -130,10 +121,6 @@ class StageSpec(Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-    @property
-    def world_size(self) -> int:
-        return self.resources.nodes * self.resources.procs_per_node
 
     @property
     def grad_accum_steps(self) -> int:
