@@ -1,24 +1,40 @@
 """The stage kinds in the trainer: one module per kind, one registry, and `run_stage`, the entry they share.
 
-`STAGES` maps `stages[].type` to the kind's implementation (`base.StageKindImpl`); it has exactly the
-types of the torch-free table vlm_core.kinds (a test holds them equal). Adding a stage kind = one row in
-that table + one module here, registered below.
+`STAGES` maps `stages[].type` to the kind's implementation (`base.StageKindImpl`): every module of this
+package that defines `KIND` is one, found when the package is imported. It has exactly the types of the
+torch-free table vlm_core.kinds (a test holds them equal; an import here refuses a module without a row).
+Adding a stage kind = one row in that table + one module here.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
-from vlm_core import contract, storage
+from vlm_core import contract, kinds, storage
 from vlm_core.spec import TrainerConfig
 
 from vlm_trainer.lease import Lease, LeaseHeldError
 from vlm_trainer.parallel import DistEnv, all_reduce_sum
 from vlm_trainer.progress import emit
-from vlm_trainer.stages import align, curate, dpo, instruct
 from vlm_trainer.stages.base import StageKindImpl, TrainingKind
 
-STAGES: dict[str, StageKindImpl] = {k.row.type: k for k in (curate.KIND, align.KIND, instruct.KIND, dpo.KIND)}
+
+def _discover() -> dict[str, StageKindImpl]:
+    """Each module's `KIND`, in the kinds table's order."""
+    found: dict[str, StageKindImpl] = {}
+    for info in pkgutil.iter_modules(__path__):
+        impl = getattr(importlib.import_module(f"{__name__}.{info.name}"), "KIND", None)
+        if impl is None:
+            continue
+        if impl.row.type in found:
+            raise ImportError(f"vlm_trainer.stages.{info.name}: a second module for kind {impl.row.type!r}")
+        found[impl.row.type] = impl
+    return {t: found[t] for t in kinds.STAGE_TYPES if t in found}
+
+
+STAGES: dict[str, StageKindImpl] = _discover()
 
 
 def stage_kind(stage_type: str) -> StageKindImpl:
