@@ -48,10 +48,11 @@ def parse_job(doc: dict[str, Any]) -> VLMTrainingJob:
 MAX_JOB_FILE_BYTES = 1 << 20  # the API server refuses objects past ~1.5 MB; a job file is a few KB
 
 
-# The YAML 1.2 core schema's plain scalars, as kubectl reads a job file (sigs.k8s.io/yaml, go-yaml): `1e-3` and
-# `.inf` are numbers, `0o17` octal, `0x1F` hex, `017` decimal; only true/false (any case form the spec lists)
-# are booleans: `yes`, `no`, `on`, `off`, `y`, `n` stay strings; `1_000`, `1:30` and dates stay strings too.
-# PyYAML's default resolver is YAML 1.1's, which reads `1e-3` as a string and `no` as false.
+# The YAML 1.2 core schema's plain scalars: `1e-3` and `.inf` are numbers (as kubectl reads them), `0o17` octal,
+# `0x1F` hex, `017` decimal; only true/false (any case form the spec lists) are booleans: `yes`, `no`, `on`,
+# `off`, `y`, `n` stay strings, so a boolean field refuses them by name instead of guessing (kubectl's go-yaml v2
+# would still read `yes`/`on` as true); `1_000`, `1:30` and dates stay strings too. PyYAML's default resolver is
+# YAML 1.1's, which reads `1e-3` as a string and `no` as false.
 _CORE_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _CORE_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
 _CORE_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
