@@ -39,21 +39,42 @@ def test_the_layering_contracts_hold() -> None:
     assert " 0 broken" in out.stdout and "BROKEN" not in out.stdout
 
 
-def test_a_torch_import_inside_an_operator_function_breaks_the_build(tree: Path) -> None:
-    with open(tree / "operator" / "vlm_operator" / "builders.py", "a") as f:
-        f.write("\n\ndef _sneaky():\n    import torch\n\n    return torch\n")
-    out = lint_imports(tree)
-    assert out.returncode != 0
-    assert "vlm_operator is not allowed to import torch" in out.stdout
-    assert "vlm_operator.builders -> torch" in out.stdout
+def _in_a_function(import_line: str) -> str:
+    return f"\n\ndef _sneaky():\n    {import_line}\n"
 
 
-def test_a_second_module_talking_to_the_kubernetes_api_breaks_the_build(tree: Path) -> None:
-    with open(tree / "operator" / "vlm_operator" / "reconcile.py", "a") as f:
-        f.write("\n\nfrom kubernetes import client as _client  # noqa: E402\n")
+# (file appended to, what is appended, what lint-imports must say): one misplaced import per contract
+MISPLACED = {
+    "torch inside an operator function": (
+        "operator/vlm_operator/builders.py", _in_a_function("import torch"),
+        ["vlm_operator is not allowed to import torch", "vlm_operator.builders -> torch"]),
+    "a second module talking to the API": (
+        "operator/vlm_operator/reconcile.py", "\n\nfrom kubernetes import client as _client  # noqa: E402\n",
+        ["Only vlm_operator.kube talks to the Kubernetes API BROKEN"]),
+    "torch in the core": (
+        "trainer/vlm_core/storage.py", _in_a_function("import torch"),
+        ["The core is torch-free and knows neither side BROKEN", "vlm_core.storage -> torch"]),
+    "the core importing the trainer": (
+        "trainer/vlm_core/kinds.py", _in_a_function("from vlm_trainer import stages"),
+        ["The core is torch-free and knows neither side BROKEN"]),
+    "the operator importing the trainer": (
+        "operator/vlm_operator/planner.py", _in_a_function("import vlm_trainer.checkpoint"),
+        ["The operator never imports torch (nor what drags it in), nor the trainer BROKEN"]),
+    "an import circle (storage -> contract -> storage)": (
+        "trainer/vlm_core/storage.py", _in_a_function("from vlm_core import contract"),
+        ["No import circles inside a package BROKEN"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MISPLACED))
+def test_each_contract_catches_a_misplaced_import(tree: Path, case: str) -> None:
+    path, appended, expected = MISPLACED[case]
+    with open(tree / path, "a") as f:
+        f.write(appended)
     out = lint_imports(tree)
     assert out.returncode != 0
-    assert "Only vlm_operator.kube talks to the Kubernetes API BROKEN" in out.stdout
+    for line in expected:
+        assert line in out.stdout, out.stdout
 
 
 def test_importing_the_operator_leaves_torch_out() -> None:
@@ -68,40 +89,6 @@ def test_importing_the_operator_leaves_torch_out() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"torch imported by vlm_operator: {out.stdout.strip()}"
-
-
-def test_a_torch_import_in_the_core_breaks_the_build(tree: Path) -> None:
-    with open(tree / "trainer" / "vlm_core" / "storage.py", "a") as f:
-        f.write("\n\ndef _sneaky():\n    import torch\n\n    return torch\n")
-    out = lint_imports(tree)
-    assert out.returncode != 0
-    assert "The core is torch-free and knows neither side BROKEN" in out.stdout
-    assert "vlm_core.storage -> torch" in out.stdout
-
-
-def test_the_core_importing_the_trainer_breaks_the_build(tree: Path) -> None:
-    with open(tree / "trainer" / "vlm_core" / "kinds.py", "a") as f:
-        f.write("\n\ndef _sneaky():\n    from vlm_trainer import stages\n\n    return stages\n")
-    out = lint_imports(tree)
-    assert out.returncode != 0
-    assert "The core is torch-free and knows neither side BROKEN" in out.stdout
-
-
-def test_the_operator_importing_the_trainer_breaks_the_build(tree: Path) -> None:
-    with open(tree / "operator" / "vlm_operator" / "planner.py", "a") as f:
-        f.write("\n\ndef _sneaky():\n    import vlm_trainer.checkpoint\n\n    return vlm_trainer\n")
-    out = lint_imports(tree)
-    assert out.returncode != 0
-    assert "The operator never imports torch (nor what drags it in), nor the trainer BROKEN" in out.stdout
-
-
-def test_an_import_circle_breaks_the_build(tree: Path) -> None:
-    """storage -> contract and contract -> storage: a circle inside vlm_core."""
-    with open(tree / "trainer" / "vlm_core" / "storage.py", "a") as f:
-        f.write("\n\ndef _sneaky():\n    from vlm_core import contract\n\n    return contract\n")
-    out = lint_imports(tree)
-    assert out.returncode != 0
-    assert "No import circles inside a package BROKEN" in out.stdout
 
 
 def test_the_operator_sources_never_name_the_trainer_package() -> None:
