@@ -11,6 +11,7 @@ expression (the CRD's `x-kubernetes-validations`, vlm_operator.crd), so the two 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -57,14 +58,16 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-class Cond:
-    """A condition on one stage. `holds` is None where the stage's values have the wrong types."""
+class Cond(ABC):
+    """A condition on one stage, read two ways: in Python on the stage's dict, and as a CEL expression."""
 
+    @abstractmethod
     def holds(self, stage: Mapping[str, Any]) -> bool | None:
-        raise NotImplementedError
+        """True or False; None where the stage's values have the wrong types (their own errors report them)."""
 
+    @abstractmethod
     def cel(self) -> str:
-        raise NotImplementedError
+        """The same condition as a CEL expression over `self` (the stage)."""
 
 
 @dataclass(frozen=True)
