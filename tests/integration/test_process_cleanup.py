@@ -101,7 +101,7 @@ def test_a_build_lock_with_a_live_builder_is_kept_a_stale_one_removed(tmp_path: 
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Real processes, real /proc: a compiler working in one build folder, a process holding another lock
     open (as torch's FileBaton does for the whole build), and a lock left by a killed build."""
-    from vlm_trainer.strategies.deepspeed_zero import clear_stale_build_locks
+    from vlm_trainer.strategies.build_locks import clear_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     locks = {}

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from vlm_trainer.strategies import deepspeed_zero
-from vlm_trainer.strategies.deepspeed_zero import build_lock_holder, build_locks, clear_stale_build_locks
+from vlm_trainer.strategies import build_locks as lock_module
+from vlm_trainer.strategies.build_locks import build_lock_holder, build_locks, clear_stale_build_locks
 
 OLD = 3600.0
 
@@ -54,7 +54,7 @@ def proc(tmp_path: Path) -> Path:
 
 def test_a_stale_lock_is_removed_and_logged(ext: Path, proc: Path, caplog: pytest.LogCaptureFixture) -> None:
     stale = lock(ext, "deepspeed_shm_comm")
-    with caplog.at_level(logging.WARNING, logger=deepspeed_zero.__name__):
+    with caplog.at_level(logging.WARNING, logger=lock_module.__name__):
         assert clear_stale_build_locks(proc=str(proc)) == [str(stale)]  # $TORCH_EXTENSIONS_DIR is the root
     assert not stale.exists()
     assert (ext / "deepspeed_shm_comm").is_dir()  # only the lock goes; the build folder stays
@@ -115,4 +115,4 @@ def test_locks_are_found_in_both_layouts_of_the_root(tmp_path: Path, monkeypatch
     assert build_locks([str(tmp_path / "flat"), str(tmp_path / "default")]) == sorted([str(flat), str(nested)])
     from torch.utils.cpp_extension import get_default_build_root
 
-    assert deepspeed_zero.torch_extension_roots() == [get_default_build_root()]
+    assert lock_module.torch_extension_roots() == [get_default_build_root()]
