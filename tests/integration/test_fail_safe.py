@@ -4,7 +4,6 @@ a run cleanly (and a re-run resumes), a killed vlmctl leaves no process behind, 
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import signal
@@ -95,9 +94,14 @@ def test_a_bad_sample_ends_with_the_trainers_own_error_as_plain_text(tmp_path: P
 def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_the_rerun_resumes(tmp_path: Path, parts: dict) -> None:
     store = tmp_path / "store"
     job = job_file(tmp_path / "job.yaml", "job", parts, store, steps=100_000, every=2)
-    before = set(glob.glob("/tmp/vlmctl-job-*"))
-    proc = subprocess.Popen([*VLMCTL, "run", job], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    # vlmctl's temporary folders go to a TMPDIR of this test's own, so another run on the machine cannot
+    # add folders that look like litter
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    proc = subprocess.Popen([*VLMCTL, "run", job], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**ENV, "TMPDIR": str(private_tmp)})
     wait_for_step(proc, store, 3)
+    assert list(private_tmp.glob("vlmctl-job-*")), "the run keeps its logs in the private TMPDIR"
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
@@ -108,7 +112,7 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_the_rerun_resumes(tmp_path:
     while trainers_of(store) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not trainers_of(store)
-    assert set(glob.glob("/tmp/vlmctl-job-*")) <= before  # no litter
+    assert not list(private_tmp.glob("vlmctl-job-*"))  # no litter
     committed = storage.latest_checkpoint(f"file://{store}/job/align")
     assert committed is not None and committed[0] >= 2
 
