@@ -7,6 +7,7 @@ Torch-free: training runs in torchrun child processes, the quickstart's data and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,10 +41,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from vlm_core import reruns
+
     from vlm_operator.local_ui import run_with_progress
 
     job = _load_or_exit(args.job)
-    return run_with_progress(job, verbose=args.verbose, job_file=args.job)
+    if args.rerun_from is not None:
+        try:
+            reruns.covered(job, args.rerun_from, field="--rerun-from")
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return run_with_progress(job, verbose=args.verbose, job_file=args.job, rerun_from=args.rerun_from)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from vlm_operator import describe
+
+    job = _load_or_exit(args.job)
+    rows = describe.describe(job)
+    print(json.dumps([r.as_dict() for r in rows], indent=2) if args.output == "json" else describe.render(job, rows))
+    return 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -59,8 +77,6 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    import json
-
     from vlm_operator import estimate
 
     job = _load_or_exit(args.job)
@@ -111,7 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a job's stages on this machine (torchrun via TorchX)")
     r.add_argument("job")
     r.add_argument("-v", "--verbose", action="store_true", help="print every trainer log line")
+    r.add_argument("--rerun-from", metavar="STAGE", help="run STAGE and every stage after it again: their previous "
+                   "outputs are kept aside under <storage.uri>/<job>/.replaced/<time>/ (never deleted)")
     r.set_defaults(func=cmd_run)
+
+    ds = sub.add_parser("describe", help="each stage: done (with what it was run with), differs (and what changed), "
+                        "or pending")
+    ds.add_argument("job")
+    ds.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    ds.set_defaults(func=cmd_describe)
 
     d = sub.add_parser("render", help="print the Kubernetes objects the operator creates (a dry run)")
     d.add_argument("job")

@@ -2,9 +2,11 @@
 
 Each stage is a torchrun job launched through TorchX's `local_cwd` scheduler and its `dist.torchrun`
 component, exactly the command a pod runs on Kubernetes. The state lives in storage, not in this
-process: a stage is done when its `final/` is committed, so re-running a finished job does nothing and
-re-running an interrupted one starts the interrupted stage again, where the trainer resumes from its own
-last committed checkpoint. The same planner decides for both backends.
+process: a stage is done when its `final/` is committed with the fingerprint of the job file's settings and
+inputs (`vlm_core.fingerprint`), so re-running a finished job does nothing, re-running an interrupted one starts
+the interrupted stage again, where the trainer resumes from its own last committed checkpoint, and re-running an
+edited one is refused naming what changed until the user reruns from a stage (`rerun_from`: those outputs are
+kept aside). The same planner decides for both backends.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vlm_core import contract, storage
+from vlm_core import contract, fingerprint, reruns, storage
 from vlm_core.redact import redact
 from vlm_core.spec import TrainerConfig, VLMTrainingJob
 
@@ -44,7 +46,8 @@ def observe_local(job: VLMTrainingJob, restarts: dict[int, int] | None = None,
     for i in range(len(job.spec.stages)):
         v = storage.verify_committed(planner.final_uri(job, i), options=options)
         if v.ok:
-            out.append(planner.StageObservation("Succeeded", restarts.get(i, 0), True))
+            out.append(planner.StageObservation("Succeeded", restarts.get(i, 0), True,
+                                                fingerprint=fingerprint.recorded(v.manifest)))
         elif i in failed:
             out.append(planner.StageObservation("Failed", restarts.get(i, 0), False, failed[i],
                                                 retryable=i not in fatal))
@@ -96,6 +99,13 @@ class RunResult:
     succeeded: bool
     stages: list[StageResult] = field(default_factory=list)
     message: str = ""
+    changed: planner.SpecChanged | None = None  # set when a committed stage differs from the job file
+    set_aside: list[tuple[str, str]] = field(default_factory=list)  # (from, to) of outputs a rerun moved aside
+
+
+def stage_fingerprint(job: VLMTrainingJob, options: storage.Options | None = None) -> Callable[[int], fingerprint.Fingerprint]:
+    """The planner's `fingerprint(index)`: stage `index`'s fingerprint with its inputs as they are in storage."""
+    return lambda i: fingerprint.compute(planner.resolve_stage(job, i), options)
 
 
 def parse_log_line(line: str) -> tuple[int | None, dict | None]:
@@ -170,8 +180,10 @@ class LocalRunner:
 
     def __init__(self, job: VLMTrainingJob, *, log_dir: str | None = None,
                  on_line: Callable[[str, str, int | None, dict | None], None] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, rerun_from: str | None = None):
         self.job = job
+        # --rerun-from: checked now (a name that is not a stage fails before anything moves)
+        self.rerun = reruns.covered(job, rerun_from, field="--rerun-from") if rerun_from is not None else []
         self.keep_logs = log_dir is not None  # a folder of our own is removed when the run ends
         self.log_dir = log_dir or tempfile.mkdtemp(prefix=f"vlmctl-{job.name}-")
         self.on_line = on_line  # (stage name, raw line, rank, event or None)
@@ -251,6 +263,8 @@ class LocalRunner:
 
     def _plan_and_run(self) -> RunResult:
         result = RunResult(False)
+        if self.rerun:  # the outputs of the stages rerun are kept aside, never deleted
+            result.set_aside = reruns.set_aside(self.job, self.rerun, reruns.stamp(), options=self.storage_options)
         attempts: dict[int, int] = {}
         started: dict[int, float] = {}
         while True:
@@ -260,7 +274,11 @@ class LocalRunner:
                 observed,
                 admit=admission.checker(self.job, options=self.storage_options),
                 preflight=lambda i: preflight.check_stage(self.job, i, self.storage_options),
+                fingerprint=stage_fingerprint(self.job, self.storage_options),
             )
+            if isinstance(action, planner.SpecChanged):  # nothing reruns by itself
+                result.changed, result.message = action, action.message(self.job)
+                return result
             if isinstance(action, planner.Done):
                 result.succeeded = True
                 return result

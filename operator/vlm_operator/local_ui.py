@@ -111,7 +111,22 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
     return uri
 
 
-def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: str | None = None) -> int:
+def _refuse_changed(console: Console, job: VLMTrainingJob, changed: planner.SpecChanged, job_file: str | None) -> int:
+    """A committed stage differs from the file: say what changed and the two ways on; nothing was run."""
+    name = job.spec.stages[changed.index].name
+    file = job_file or "<job.yaml>"
+    lines = [f"refused: stage {name!r} of job {job.name!r} was committed by other settings or inputs than {file} says now:"]
+    lines += [f"  {c}" for c in changed.changes]
+    lines += [f"Nothing was run. To run {name!r} and the stages after it again with the file's settings: "
+              f"`vlmctl run {file} --rerun-from {name}` (their previous outputs are kept aside under "
+              f"{storage.join(job.spec.storage.uri, job.name, contract.REPLACED_DIR)}/, not deleted); "
+              "or give the job a new metadata.name. `vlmctl describe` lists every stage."]
+    console.print(Text(redact("\n".join(lines))), highlight=False, soft_wrap=True)
+    return 1
+
+
+def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: str | None = None,
+                      rerun_from: str | None = None) -> int:
     """`vlmctl run`: run the job with live progress bars; print a summary and write the report."""
     console = Console()
     bars: dict[str, TaskID] = {}
@@ -171,7 +186,7 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: s
     t0 = time.monotonic()
     try:
         with progress:
-            runner = LocalRunner(job, on_line=on_line)
+            runner = LocalRunner(job, on_line=on_line, rerun_from=rerun_from)
             try:
                 result = runner.run()
             finally:
@@ -184,6 +199,10 @@ def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: s
         console.print(f"Run `vlmctl run {job_file or '<job.yaml>'}` again to resume from the last checkpoint.",
                       markup=False, highlight=False, soft_wrap=True)
         return stop.exit_code
+    for src, dst in result.set_aside:
+        console.print(f"rerun: kept {src} aside at {dst}", markup=False, highlight=False, soft_wrap=True)
+    if result.changed is not None:
+        return _refuse_changed(console, job, result.changed, job_file)
     table = Table(title=f"{job.name}: {'succeeded' if result.succeeded else 'failed'} in {time.monotonic() - t0:.1f} s")
     for col in ("stage", "type", "result", "wall s", "attempts"):
         table.add_column(col)

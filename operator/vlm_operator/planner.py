@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from vlm_core import contract, storage
+from vlm_core.fingerprint import Fingerprint, differences
 from vlm_core.kinds import kind
 from vlm_core.redact import redact
 from vlm_core.spec import TrainerConfig, VLMTrainingJob
@@ -42,6 +43,7 @@ class StageObservation:
     committed: bool = False  # final/ verified in storage (manifest present, files and sizes match)
     message: str = ""  # why it failed, or why final/ is not committed
     retryable: bool = True  # False for configuration errors: no restart can fix them
+    fingerprint: dict | None = None  # the record stamped into the committed final/ (None: none stamped)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,24 @@ class Wait:
 
 
 @dataclass(frozen=True)
+class SpecChanged:
+    """Stage `index` is committed, but by other settings or inputs than the job file's now: it is not done,
+    and nothing reruns by itself (`changes`: one line per field, `old -> new`). The ways on: rerun from that
+    stage (`vlmctl run --rerun-from`, `spec.runPolicy.rerunFrom`), or a new metadata.name."""
+
+    index: int
+    changes: tuple[str, ...]
+    kind: str = field(default="changed", init=False)
+
+    def message(self, job: VLMTrainingJob) -> str:
+        name = job.spec.stages[self.index].name
+        return (f"stage {name!r} was committed by other settings than the job's now: " + "; ".join(self.changes)
+                + f". To run it again with the job's settings, rerun from it (vlmctl run --rerun-from {name}; on "
+                f"Kubernetes spec.runPolicy.rerunFrom: {name}): its outputs and those of the stages after it are "
+                "kept aside, not deleted. Or give the job a new metadata.name.")
+
+
+@dataclass(frozen=True)
 class Suspend:
     index: int | None
     kind: str = field(default="suspend", init=False)
@@ -81,7 +101,7 @@ class Fail:
     kind: str = field(default="fail", init=False)
 
 
-Action = StartStage | Wait | Suspend | Done | Fail
+Action = StartStage | Wait | Suspend | Done | Fail | SpecChanged
 
 
 def stage_output(job: VLMTrainingJob, index: int) -> str:
@@ -194,12 +214,16 @@ def plan(
     observed: list[StageObservation],
     admit: Callable[[int], Admission | None] | None = None,
     preflight: Callable[[int], Sequence[str]] | None = None,
+    fingerprint: Callable[[int], Fingerprint] | None = None,
 ) -> Action:
     """The next action for `job` given each stage's observation (missing entries count as Pending).
 
     `admit(index)` (see `admission.checker`) is asked before a stage starts; a refusal holds it in a Wait.
     `preflight(index)` (see `preflight.check_stage`) is asked before a stage's first launch (not before a
     restart: its inputs were checked then); any problem fails the job (`preflight_failure`).
+    `fingerprint(index)` (see `vlm_core.fingerprint.compute`: it reads the inputs in storage) is asked for a
+    committed stage, whose stamped fingerprint must equal it (else `SpecChanged`), and for a stage about to
+    start, whose config carries it (the trainer stamps it and resumes only a checkpoint with the same one).
     """
     stages = job.spec.stages
     obs = list(observed) + [StageObservation()] * (len(stages) - len(observed))
@@ -207,6 +231,9 @@ def plan(
         o = obs[i]
         if o.phase == "Succeeded":
             if o.committed:
+                changes = differences(o.fingerprint, fingerprint(i)) if fingerprint is not None else []
+                if changes:
+                    return SpecChanged(i, tuple(changes))
                 continue
             return Wait(f"stage {stage.name!r} finished but its final/ is not committed yet: {o.message}", i)
         if job.spec.suspend or job.spec.run_policy.suspend:
@@ -220,10 +247,13 @@ def plan(
         decision = admit(i) if admit is not None else None
         if decision is not None and not decision.admitted:
             return Wait(decision.message, i, admission=decision)
+        config = resolve_stage(job, i)
+        if fingerprint is not None:
+            config = config.model_copy(update={"fingerprint": fingerprint(i).record()})
         if o.phase == "Failed":
-            return StartStage(i, resolve_stage(job, i), restart=True, restarts=o.restarts + 1, admission=decision)
+            return StartStage(i, config, restart=True, restarts=o.restarts + 1, admission=decision)
         failed = preflight_failure(job, i, preflight(i)) if preflight is not None else None
         if failed is not None:
             return failed
-        return StartStage(i, resolve_stage(job, i), restarts=o.restarts, admission=decision)
+        return StartStage(i, config, restarts=o.restarts, admission=decision)
     return Done()

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from vlm_core import contract, storage
+from vlm_core import contract, fingerprint, storage
 from vlm_core.spec import TrainerConfig
 
 
@@ -45,6 +45,12 @@ def main() -> int:
             print(f"init_from not committed: {v.reason}", flush=True)
             return 3
     latest = storage.latest_checkpoint(cfg.output)
+    stamp = {fingerprint.KEY: cfg.fingerprint} if cfg.fingerprint is not None else {}
+    if latest and cfg.fingerprint is not None:  # like the trainer: resume only under the same fingerprint
+        changes = fingerprint.differences(fingerprint.recorded(storage.read_manifest(latest[1])), cfg.fingerprint)
+        if changes:
+            print(f"checkpoint {latest[1]} was written by other settings: {'; '.join(changes)}", flush=True)
+            return 4
     start = latest[0] if latest else 0
     total = cfg.stage.max_steps or 1
     every = cfg.stage.checkpoint.every_steps
@@ -65,7 +71,8 @@ def main() -> int:
                 with open(os.path.join(d, "state.json"), "w") as f:
                     json.dump({"step": step}, f)
                 storage.commit_dir(
-                    d, storage.join(cfg.output, f"{contract.CHECKPOINT_PREFIX}{step}"), step=step, stage=name
+                    d, storage.join(cfg.output, f"{contract.CHECKPOINT_PREFIX}{step}"), step=step, stage=name,
+                    extra=stamp,
                 )
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
@@ -76,7 +83,7 @@ def main() -> int:
                 storage.join(cfg.output, contract.FINAL_DIR),
                 step=total,
                 stage=name,
-                extra={"resumed_from": start, "world_size": world},
+                extra={"resumed_from": start, "world_size": world, **stamp},
             )
     return 0
 

@@ -141,6 +141,14 @@ def stage_final(storage_uri: str, job: str, stage: str) -> str:
     return join(stage_output(storage_uri, job, stage), FINAL_DIR)
 
 
+REPLACED_DIR = ".replaced"  # <storage.uri>/<job>/.replaced/<stamp>/<stage>: outputs a rerun set aside
+
+
+def replaced_output(storage_uri: str, job: str, stage: str, stamp: str) -> str:
+    """Where a rerun keeps a stage's previous outputs (never deleted by us): <storage.uri>/<job>/.replaced/<stamp>/<stage>."""
+    return join(storage_uri, job, REPLACED_DIR, stamp, stage)
+
+
 def curated_shard(final: str, index: int) -> str:
     """<final>/curated-<index>.tar: the curate stage's output shard for input shard `index`."""
     return join(final, CURATED_SHARD.format(index=index))

@@ -141,6 +141,20 @@ def remove(uri: str, *, options: Options | None = None) -> None:
         fs.rm(path, recursive=True)
 
 
+def move(src: str, dst: str, *, options: Options | None = None) -> bool:
+    """Move the folder (or file) `src` to `dst` on the same storage (a rename locally; copy, then delete on
+    object stores). False when `src` does not exist."""
+    fs, src_path = filesystem(src, options)
+    _, dst_path = filesystem(dst, options)
+    if not fs.exists(src_path):
+        return False
+    parent = dst_path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.mv(src_path, dst_path, recursive=True)
+    return True
+
+
 def _sha256(f: Any) -> str:
     """sha256 of an open binary file, read in 1 MiB chunks."""
     h = hashlib.sha256()

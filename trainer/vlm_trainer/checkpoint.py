@@ -21,7 +21,8 @@ old ranks' mean position, so the order of the rest of that epoch differs from an
 
 `<output>/final/`: a Hugging Face folder (`config.json`, `model.safetensors` in fp32, generation config,
 processor) that `LlavaForConditionalGeneration.from_pretrained` loads as is; with LoRA also `adapter/`.
-Once committed, the stage is done and a re-run does nothing.
+Once committed, the stage is done and a re-run does nothing, as long as the job's settings and inputs are those
+stamped into its manifest (`vlm_core.fingerprint`; a checkpoint is resumed only under the same fingerprint).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from vlm_core import contract, storage
+from vlm_core.fingerprint import KEY as FINGERPRINT_KEY
+from vlm_core.fingerprint import differences, recorded
 
 from vlm_trainer.data import DataPosition, LoaderPosition
 from vlm_trainer.parallel import DistEnv, barrier, gather_objects
@@ -51,6 +54,10 @@ STATE_DIR = "state"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
+
+
+class ConfigurationError(ValueError):
+    """The stage cannot run as configured (not retried: a restart would fail the same way)."""
 
 
 @dataclass
@@ -116,12 +123,16 @@ def resplit_loader_positions(positions: list[dict[str, Any]], world_size: int) -
 class Checkpointer:
     """Saves, finds, verifies and loads this stage's checkpoints; publishes final/."""
 
-    def __init__(self, output: str, stage: str, *, every_steps: int, keep_last: int, env: DistEnv):
+    def __init__(self, output: str, stage: str, *, every_steps: int, keep_last: int, env: DistEnv,
+                 fingerprint: dict[str, Any] | None = None):
         self.output = output
         self.stage = stage
         self.every_steps = every_steps
         self.keep_last = keep_last
         self.env = env
+        # Stamped into every manifest this stage commits; a checkpoint is resumed only under the same one.
+        self.fingerprint = fingerprint
+        self.stamp = {FINGERPRINT_KEY: fingerprint} if fingerprint is not None else {}
 
     @property
     def final_uri(self) -> str:
@@ -172,7 +183,7 @@ class Checkpointer:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump(state, f, indent=2)
                 files = [entry for rank_files in everyone for entry in rank_files]
-                storage.commit_dir(tmp, uri, step=step, stage=self.stage, uploaded=files)
+                storage.commit_dir(tmp, uri, step=step, stage=self.stage, uploaded=files, extra=self.stamp)
                 storage.prune_checkpoints(self.output, self.keep_last)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -191,10 +202,23 @@ class Checkpointer:
         for step, uri in reversed(committed):
             verification = storage.verify_committed(uri, check_sha256=True)
             if verification.ok:
+                self.check_fingerprint(uri, verification.manifest)
                 return step, uri
             self.skipped.append({"checkpoint": uri, "reason": verification.reason})
             log.warning("skipping checkpoint %s: %s", uri, verification.reason)
         return None
+
+    def check_fingerprint(self, uri: str, manifest: dict[str, Any] | None) -> None:
+        """Refuse to resume a checkpoint written under other settings or inputs: no half-old, half-new model."""
+        if self.fingerprint is None:
+            return
+        changes = differences(recorded(manifest), self.fingerprint)
+        if changes:
+            raise ConfigurationError(
+                f"stage {self.stage!r}: checkpoint {uri} was written by other settings than this run's: "
+                + "; ".join(changes) + f". Rerun the stage from the start (vlmctl run --rerun-from {self.stage}; on "
+                f"Kubernetes spec.runPolicy.rerunFrom: {self.stage}), or restore the settings it was written with."
+            )
 
     def load(self, uri: str, strategy: Strategy, scheduler: Any) -> ResumeState:
         """Collective: restore trainable parameters, optimizer, scheduler, this rank's RNG and data position."""
@@ -239,7 +263,7 @@ class Checkpointer:
             tmp = tempfile.mkdtemp(prefix=f"vlm-{self.stage}-final-")
             try:
                 write(tmp)
-                storage.commit_dir(tmp, self.final_uri, step=step, stage=self.stage, extra=extra)
+                storage.commit_dir(tmp, self.final_uri, step=step, stage=self.stage, extra={**(extra or {}), **self.stamp})
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         barrier(self.env)

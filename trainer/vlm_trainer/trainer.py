@@ -166,7 +166,7 @@ class Trainer:
         self.total_steps = total_steps_of(config)
         self.checkpointer = Checkpointer(
             config.output, stage.name, every_steps=stage.checkpoint.every_steps,
-            keep_last=stage.checkpoint.keep_last, env=env,
+            keep_last=stage.checkpoint.keep_last, env=env, fingerprint=config.fingerprint,
         )
         self.strategy = build_strategy(stage, env)
 
@@ -461,6 +461,8 @@ class Trainer:
             "resumed_from_step": self.resumed.step if self.resumed else None,
             "skipped_checkpoints": self.checkpointer.skipped,
             "world_size": env.world_size,
+            # what produced this stage's output (vlm_core.fingerprint; final/manifest.json has the whole record)
+            "fingerprint": (self.config.fingerprint or {}).get("digest"),
             "data": data,
             # wall-clock times (s since the epoch) of this rank-0 process: its start, build start, model built,
             # first step done (issue 14's start-up accounting; `bench/startup_bench.py` reads them)
@@ -525,7 +527,8 @@ class Trainer:
                 raise NonFiniteError(f"final/ not published: {len(bad)} tensor(s) hold NaN/Inf, e.g. {bad[0]}")
             write_hf_folder(folder, llava.config, llava.generation_config, weights, self.vlm.processor)
 
-        return self.checkpointer.publish_final(write, step=self.total_steps, extra={"eval": evaluation})
+        return self.checkpointer.publish_final(write, step=self.total_steps,
+                                               extra={"eval": evaluation, "config": self.config.dump()})
 
     def _observe(self, result: StepResult, lr: float, eta_seconds: float | None, *, step: int | None = None) -> None:
         if self.metrics is None:

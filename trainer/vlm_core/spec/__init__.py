@@ -24,8 +24,12 @@ from vlm_core.spec.base import (
     KIND,
     PLURAL,
     STAGE_TAGS,
+    ContentOf,
+    NoEffect,
     Strict,
+    content_of,
     field_default,
+    no_effect,
     wire_names,
 )
 from vlm_core.spec.curate import (
@@ -90,12 +94,12 @@ from vlm_core.spec.training_parts import (
 __all__ = [
     "API_GROUP", "API_VERSION", "BOUND_REASONS", "CURATE_ONLY_FIELDS", "CURATE_TYPE", "KIND", "MAX_JOB_FILE_BYTES",
     "PLURAL", "SCRIPTS", "STAGE_RULES", "STAGE_TAGS", "STAGE_TYPES", "TRAINING_ONLY_FIELDS", "AnyStage", "BalanceSpec", "BatchSpec",
-    "CheckpointSpec", "ClipScoreSpec", "CurateFiltersSpec", "CurateInputSpec", "CurateOutputSpec", "CurateStage",
+    "CheckpointSpec", "ClipScoreSpec", "ContentOf", "CurateFiltersSpec", "CurateInputSpec", "CurateOutputSpec", "CurateStage",
     "DPOReference", "DPOSpec", "DataFormat", "DataSourceSpec", "DataSpec", "ExactDedupSpec", "ImageFilterSpec",
-    "ImageSpec", "JobSpec", "LoRASpec", "ModelSpec", "NearDedupSpec", "NsfwSpec", "ObjectMeta", "Offload",
+    "ImageSpec", "JobSpec", "NoEffect", "LoRASpec", "ModelSpec", "NearDedupSpec", "NsfwSpec", "ObjectMeta", "Offload",
     "OptimizerSpec", "Precision", "ResolutionPolicy", "ResolutionSpec", "ResourcesSpec", "Rule", "RunPolicySpec",
     "ScheduleSpec", "SemanticDedupSpec", "SpecError", "StageSpec", "StageType", "StorageSpec", "Strategy",
     "Strict", "TextFilterSpec", "Toleration", "TrainablePart", "TRAINABLE_PARTS", "TrainerConfig", "VLMTrainingJob",
-    "duplicate_stage_names", "dump_job", "field_default", "format_errors", "from_stage_problems", "load_job",
+    "content_of", "duplicate_stage_names", "dump_job", "field_default", "format_errors", "from_stage_problems", "load_job", "no_effect",
     "parse_job", "parse_job_text", "stage_rule_problems", "wire_names",
 ]

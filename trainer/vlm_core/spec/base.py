@@ -8,8 +8,9 @@ silently.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import AliasGenerator, BaseModel, ConfigDict, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
@@ -43,6 +44,36 @@ BOUND_REASONS: dict[str, str] = {
     "beta": "DPO's KL strength",
     "gradClip": "a global gradient-norm bound",
 }
+
+
+@dataclass(frozen=True)
+class NoEffect:
+    """Field metadata (`Annotated[T, NoEffect("why")]`): the field cannot change what a stage produces (it
+    says where the stage runs, how it is scheduled or watched, or how fast it goes), so it is left out of the
+    stage's fingerprint (`vlm_core.fingerprint`) and changing it never makes a finished stage differ.
+    Every other field counts."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class ContentOf:
+    """Field metadata (`Annotated[T, ContentOf("shards")]`): the field names data or weights in storage whose
+    CONTENT enters the stage's fingerprint: "shards" (shard URL patterns: each shard's size and etag or
+    mtime), "folder" (a model folder: every file's size and etag or mtime), "file" (one file), "checkpoint"
+    (a committed folder: its manifest's file digests)."""
+
+    kind: Literal["shards", "folder", "file", "checkpoint"]
+
+
+def content_of(info: Any) -> ContentOf | None:
+    """The ContentOf marker of a pydantic FieldInfo, if it has one."""
+    return next((m for m in getattr(info, "metadata", ()) if isinstance(m, ContentOf)), None)
+
+
+def no_effect(info: Any) -> NoEffect | None:
+    """The NoEffect marker of a pydantic FieldInfo, if it has one."""
+    return next((m for m in getattr(info, "metadata", ()) if isinstance(m, NoEffect)), None)
 
 
 def _number_annotation(annotation: Any) -> str | None:

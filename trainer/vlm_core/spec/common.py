@@ -6,10 +6,12 @@ new kind's schema class starts from the same names, bounds and rules.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field, field_validator
 
 from vlm_core import validators
-from vlm_core.spec.base import Strict
+from vlm_core.spec.base import NoEffect, Strict
 from vlm_core.spec.resources import ResourcesSpec
 
 STAGE_NAME_MAX = 40  # the stage name is part of Job and Service names (63 characters with the job's)
@@ -21,7 +23,7 @@ class StageBase(Strict):
     name: str = Field(description="DNS label, unique in the job; names the stage's storage prefix and Job.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of initialisation, data order and dropout (rank r uses seed + r).")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_restarts: int | None = Field(None, ge=0, le=1000, description="Gang restarts of this stage; default spec.runPolicy.maxRestarts.")
+    max_restarts: Annotated[int | None, NoEffect("the restart budget")] = Field(None, ge=0, le=1000, description="Gang restarts of this stage; default spec.runPolicy.maxRestarts.")
 
     @field_validator("name")
     @classmethod

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from vlm_core import kinds, validators
-from vlm_core.spec.base import Strict
+from vlm_core.spec.base import ContentOf, NoEffect, Strict
 from vlm_core.spec.common import StageBase
 
 CURATE_TYPE = kinds.kind("curate").type  # the data-curation stage (CurateStage); a KeyError if the table lacks it
@@ -19,7 +19,7 @@ SCRIPTS = ("latin", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "thai
 class CurateInputSpec(Strict):
     """Raw image-text pairs to curate: WebDataset caption shards ({png|jpg|webp, txt|json.caption})."""
 
-    shards: list[str] = Field(
+    shards: Annotated[list[str], ContentOf("shards")] = Field(
         min_length=1,
         description="WebDataset shard URLs (brace patterns allowed); relative ones resolve against spec.storage.uri. "
         "Ranks take shards round-robin; each input shard gives one output shard.",
@@ -111,7 +111,7 @@ class ClipScoreSpec(Strict):
 class NsfwSpec(Strict):
     """A linear probe over the dual encoder's image embeddings (reason nsfw). Off unless given."""
 
-    probe: str = Field(description="Path or URI of the probe file (weights and bias over the image embedding).")
+    probe: Annotated[str, ContentOf("file")] = Field(description="Path or URI of the probe file (weights and bias over the image embedding).")
     threshold: float = Field(0.5, ge=0, le=1, description="Drop images whose probe probability is at least this.")
 
     @field_validator("probe")
@@ -152,7 +152,7 @@ class BalanceSpec(Strict):
     concepts: list[str] = Field(
         default_factory=list, description="Concepts, matched as whole words or phrases in the caption (case-insensitive)."
     )
-    concepts_file: str | None = Field(
+    concepts_file: Annotated[str | None, ContentOf("file")] = Field(
         None, description="Path or URI of a text file with one concept per line (added to `concepts`)."
     )
     per_concept_cap: int = Field(gt=0, le=10**12, description="Most samples kept per concept.")
@@ -188,7 +188,7 @@ class CurateFiltersSpec(Strict):
 class CurateOutputSpec(Strict):
     """What the stage writes to <output>/final/ (committed like a checkpoint: files first, manifest last)."""
 
-    examples_per_reason: int = Field(
+    examples_per_reason: Annotated[int, NoEffect("examples in the report only")] = Field(
         5, ge=0, le=1000, description="Example keys and captions per reason in funnel.json."
     )
 
@@ -201,7 +201,7 @@ class CurateStage(StageBase):
     input: CurateInputSpec
     filters: CurateFiltersSpec = Field(default_factory=CurateFiltersSpec)
     output: CurateOutputSpec = Field(default_factory=CurateOutputSpec)
-    encoder: str | None = Field(
+    encoder: Annotated[str | None, ContentOf("folder")] = Field(
         None, description="Path or URI of a CLIP-style dual encoder (transformers CLIPModel or SiglipModel with its "
         "processor) for clipScore, nsfw and semanticDedup; GPU when present."
     )

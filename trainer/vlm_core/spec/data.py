@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from vlm_core import kinds, validators
-from vlm_core.spec.base import Strict
+from vlm_core.spec.base import ContentOf, NoEffect, Strict
 
 if TYPE_CHECKING:  # the type checker sees a string; pydantic sees the kinds table's formats as a Literal
     DataFormat = str
@@ -55,7 +55,7 @@ class ResolutionSpec(Strict):
 class DataSourceSpec(Strict):
     """One data source of a mix: shards in one format, drawn in proportion to its weight."""
 
-    shards: list[str] = Field(min_length=1, description="WebDataset shard URLs of this source (brace patterns allowed).")
+    shards: Annotated[list[str], ContentOf("shards")] = Field(min_length=1, description="WebDataset shard URLs of this source (brace patterns allowed).")
     format: DataFormat = Field(description="The samples' format (see data.format).")
     weight: float = Field(1.0, gt=0, le=1e6, description="Relative share of this source in the mix (> 0).")
 
@@ -68,7 +68,7 @@ class DataSourceSpec(Strict):
 class DataSpec(Strict):
     """Training data of a stage: WebDataset shards (`shards` + `format`), or a weighted mix (`sources`)."""
 
-    shards: list[str] = Field(
+    shards: Annotated[list[str], ContentOf("shards")] = Field(
         default_factory=list,
         description="WebDataset shard URLs (brace patterns allowed, e.g. data/train-{000..003}.tar); "
         "relative ones resolve against spec.storage.uri. Exactly one of shards, fromStage or sources.",
@@ -92,11 +92,11 @@ class DataSpec(Strict):
         "e.g. [{shards: [caps-{000..009}.tar], format: caption, weight: 3}, {shards: [qa-000.tar], format: "
         "conversation, weight: 1}]. evalShards are read in the first source's format.",
     )
-    workers: int = Field(
+    workers: Annotated[int, NoEffect("the order and resume do not depend on it (loader.py)")] = Field(
         0, ge=0, le=64, description="DataLoader worker processes per rank that read, decode and tokenize off the "
         "training process; 0 does it in the training process. The order (and resume) does not depend on it.",
     )
-    cache_mib: int = Field(
+    cache_mib: Annotated[int, NoEffect("results identical to uncached")] = Field(
         0, ge=0, le=1_048_576, alias="cacheMiB", description="Encoded-sample cache per encoding process (each worker, "
         "or the training process with workers 0), in MiB: a later epoch skips decode, image processing and "
         "tokenization of samples already encoded (keyed by a digest of the sample's bytes; results identical to "
@@ -107,7 +107,7 @@ class DataSpec(Strict):
         "chosen == rejected, truncated shard) are skipped and counted; the stage fails once more than this share "
         "of the samples read (by all ranks) is bad, checked from 1/share samples on (0: the first bad sample fails).",
     )
-    eval_shards: list[str] = Field(
+    eval_shards: Annotated[list[str], ContentOf("shards")] = Field(
         default_factory=list, description="Held-out shards in the same format, evaluated when the stage ends."
     )
     max_length: int = Field(256, gt=0, le=131072, description="Maximum tokens per sample (image tokens included).")

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from vlm_core import __version__, kinds, validators
-from vlm_core.spec.base import API_GROUP, API_VERSION, KIND, Strict, wire_names
+from vlm_core.spec.base import API_GROUP, API_VERSION, KIND, ContentOf, NoEffect, Strict, wire_names
 from vlm_core.spec.curate import CURATE_TYPE, CurateStage
 from vlm_core.spec.model import ModelSpec, StorageSpec
 from vlm_core.spec.resources import Toleration
@@ -71,6 +71,12 @@ class RunPolicySpec(Strict):
         description="ServiceAccount of the trainer pods (default: vlm-trainer, created by the chart); "
         "its API token is never mounted.",
     )
+    rerun_from: str | None = Field(
+        None, description="Rerun from this stage (a stage name): its committed output and those of the stages after "
+        "it are kept aside under <storage.uri>/<job>/.replaced/ and the stages run again with the job's settings. "
+        "Applied once per value: setting it again to the same stage does nothing; clear it, then set it. A finished "
+        "stage whose settings or inputs changed is never rerun without it (condition SpecChanged).",
+    )
 
 
 class ImageSpec(Strict):
@@ -107,6 +113,10 @@ class JobSpec(Strict):
                                     for s in self.stages])
         if refs:
             raise ValueError("\n".join(refs))
+        names = [s.name for s in self.stages]
+        if self.run_policy.rerun_from is not None and self.run_policy.rerun_from not in names:
+            raise ValueError(f"runPolicy.rerunFrom: {self.run_policy.rerun_from!r} is not a stage of this job; "
+                             f"one of: {', '.join(names)}")
         return self
 
 
@@ -163,13 +173,17 @@ class TrainerConfig(Strict):
     the VLM from spec.model's vision encoder and language model); `output` is this stage's prefix.
     """
 
-    job: str
-    stage_index: int = Field(ge=0)
+    job: Annotated[str, NoEffect("a name")]
+    stage_index: Annotated[int, NoEffect("a position")] = Field(ge=0)
     stage: AnyStage
     model: ModelSpec
     storage: StorageSpec
-    init_from: str | None = None
-    output: str
+    # Where the weights come from and go: locations, not results (the weights' content is an input).
+    init_from: Annotated[str | None, NoEffect("a location"), ContentOf("checkpoint")] = None
+    output: Annotated[str, NoEffect("a location")]
+    fingerprint: Annotated[dict[str, Any] | None, NoEffect("the fingerprint itself")] = Field(
+        None, description="What produces the stage's output (vlm_core.fingerprint): set by the backend at launch, "
+        "stamped by the trainer into every manifest it commits, and compared on resume.")
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, mode="json")

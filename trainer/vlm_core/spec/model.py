@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
 from vlm_core import contract, storage, validators
-from vlm_core.spec.base import Strict
+from vlm_core.spec.base import ContentOf, NoEffect, Strict
 
 
 class ModelSpec(Strict):
     """The VLM's parts: a pretrained vision encoder and language model, joined by a projector."""
 
-    vision_encoder: str = Field(
+    vision_encoder: Annotated[str, ContentOf("folder")] = Field(
         description="Path or storage URI (file://, s3://, gs://) of a Hugging Face vision-encoder checkpoint "
         "(CLIP or SigLIP vision model)."
     )
-    language_model: str = Field(
+    language_model: Annotated[str, ContentOf("folder")] = Field(
         description="Path or storage URI of a Hugging Face causal-LM checkpoint; its tokenizer is used."
     )
     projector: Literal["mlp2x_gelu"] = Field(
@@ -43,13 +43,13 @@ class ModelSpec(Strict):
 class StorageSpec(Strict):
     """Where checkpoints and outputs live; credentials only by Secret reference, never inline."""
 
-    uri: str = Field(description="Base URI for checkpoints and outputs: file://, s3:// or gs:// (or a local path).")
-    secret_ref: str | None = Field(
+    uri: Annotated[str, NoEffect("where outputs are written")] = Field(description="Base URI for checkpoints and outputs: file://, s3:// or gs:// (or a local path).")
+    secret_ref: Annotated[str | None, NoEffect("how storage is reached")] = Field(
         None,
         description="Name of a Secret whose keys become the trainer pods' env (e.g. AWS_ACCESS_KEY_ID, "
         "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL). Kubernetes backend only.",
     )
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, SeaweedFS, ...).")
+    endpoint_url: Annotated[str | None, NoEffect("how storage is reached")] = Field(None, description="S3-compatible endpoint URL (MinIO, SeaweedFS, ...).")
 
     def fsspec_options(self, credentials: Mapping[str, str] | None = None) -> dict[str, Any]:
         """fsspec options for this job's storage: its endpoint, plus credentials given as the Secret's

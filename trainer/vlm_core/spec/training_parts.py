@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from vlm_core import kinds
-from vlm_core.spec.base import BOUND_REASONS, Strict
+from vlm_core.spec.base import BOUND_REASONS, NoEffect, Strict
 
 DPOReference = Literal["auto", "sharded", "adapter_disabled"]
 CrossEntropy = Literal["labelled", "chunked"]  # stages[].crossEntropy, for kinds with a per-token loss
@@ -112,5 +112,5 @@ class LoRASpec(Strict):
 class CheckpointSpec(Strict):
     """Resumable checkpoints under <output>/checkpoint-<step>/ (manifest.json written last)."""
 
-    every_steps: int = Field(100, gt=0, le=1_000_000_000, description="Save a resumable checkpoint every N optimizer steps.")
-    keep_last: int = Field(2, gt=0, le=1000, description="Committed checkpoints kept; older ones are deleted.")
+    every_steps: Annotated[int, NoEffect("resume is exact, so where checkpoints fall does not change the result")] = Field(100, gt=0, le=1_000_000_000, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_last: Annotated[int, NoEffect("checkpoints kept")] = Field(2, gt=0, le=1000, description="Committed checkpoints kept; older ones are deleted.")

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vlm_core import contract, storage
+from vlm_core.fingerprint import KEY as FINGERPRINT_KEY
 from vlm_core.spec import CurateStage, TrainerConfig
 from vlm_core.stage_classes import curate_stage
 
@@ -63,6 +64,11 @@ def sample_parts(sample: TarSample) -> tuple[str | None, bytes | None]:
         caption = None
     image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
     return caption, image
+
+
+def stage_stamp(config: TrainerConfig) -> dict[str, Any]:
+    """The stage fingerprint (vlm_core.fingerprint) the backend launched it with, for final/'s manifest."""
+    return {FINGERPRINT_KEY: config.fingerprint} if config.fingerprint is not None else {}
 
 
 def fingerprint(stage: CurateStage) -> str:
@@ -313,7 +319,8 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
             with open(os.path.join(tmp, contract.FUNNEL_CHART), "wb") as fh:
                 fh.write(funnel_chart_png(doc, f"{config.job} / {stage.name}: {doc['kept']} of {doc['input']} kept"))
             storage.commit_dir(tmp, final, step=len(records), stage=stage.name, uploaded=uploaded,
-                               extra={"kind": "curated_shards", "input": doc["input"], "kept": doc["kept"]})
+                               extra={"kind": "curated_shards", "input": doc["input"], "kept": doc["kept"],
+                                      "config": config.dump(), **stage_stamp(config)})
         emit(contract.EVENT_CURATED, stage=stage.name, input=doc["input"], kept=doc["kept"], removed=doc["removed"],
              samples_per_second_per_rank=[t["samples_per_second"] for t in doc["throughput"]], final=final)
     barrier(env)
