@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from vlm_core import storage
+from vlm_core.kinds import KINDS
 from vlm_core.spec import TrainerConfig, content_of, no_effect
 
 VERSION = 1
@@ -52,6 +53,16 @@ class Fingerprint:
         return {"version": VERSION, "digest": self.digest, "settings": self.settings, "inputs": self.inputs}
 
 
+def _fields(config: TrainerConfig) -> Iterator[tuple[str, Any, Any]]:
+    """The config's leaf fields that describe the stage: a stage kind that builds no model (curate: a data stage)
+    does not read `model`, so the model's settings and folders are not its inputs."""
+    row = KINDS.get(config.stage.type)
+    reads_model = row is None or row.trains
+    for path, info, value in _walk(config, ""):
+        if reads_model or not path.startswith("model."):
+            yield path, info, value
+
+
 def _walk(model: BaseModel, prefix: str) -> Iterator[tuple[str, Any, Any]]:
     """(wire path, FieldInfo, value) of every leaf field of `model`, sub-models and lists of them expanded."""
     for name, info in type(model).model_fields.items():
@@ -69,7 +80,7 @@ def _walk(model: BaseModel, prefix: str) -> Iterator[tuple[str, Any, Any]]:
 def settings(config: TrainerConfig) -> dict[str, Any]:
     """Every field that can change the stage's output, by wire path, as JSON values."""
     out: dict[str, Any] = {}
-    for path, info, value in _walk(config, ""):
+    for path, info, value in _fields(config):
         if no_effect(info) is None:
             out[path] = json.loads(json.dumps(value, default=_json_default))
     return out
@@ -86,7 +97,7 @@ def _json_default(v: Any) -> Any:
 def content_fields(config: TrainerConfig) -> list[tuple[str, str, Any]]:
     """(wire path, content kind, value) of every set field whose content is an input."""
     out: list[tuple[str, str, Any]] = []
-    for path, info, value in _walk(config, ""):
+    for path, info, value in _fields(config):
         marker = content_of(info)
         if marker is not None and value not in (None, [], ""):
             out.append((path, marker.kind, value))
@@ -184,7 +195,7 @@ def recorded(manifest: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _show(v: Any) -> str:
-    text = json.dumps(v, default=str)
+    text = v if isinstance(v, str) else json.dumps(v, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

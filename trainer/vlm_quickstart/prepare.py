@@ -244,10 +244,31 @@ def job_documents(out_dir: str, data_paths: list[str], seed: int, recipe: Recipe
     )
 
 
+def prepared_earlier(out_dir: str, seed: int, recipe: Recipe) -> dict[str, Any] | None:
+    """quickstart.json of an earlier `prepare` of `out_dir` with this seed and recipe whose files are all there."""
+    try:
+        with open(os.path.join(out_dir, "quickstart.json")) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if info.get("seed") != seed or info.get("recipe") != json.loads(json.dumps(asdict(recipe))):
+        return None
+    needed = [info.get(k) for k in ("job", "naive", "raw", "raw_truth", "heldout_text")]
+    needed += list((info.get("stage0") or {}).values())
+    return info if all(isinstance(p, str) and os.path.exists(p) for p in needed) else None
+
+
 def prepare(out_dir: str, seed: int = 0, recipe: Recipe | None = None, log: Any = print) -> dict[str, Any]:
-    """Write data, stage-0 checkpoints and the job files into `out_dir`; return what was written."""
+    """Write data, stage-0 checkpoints and the job files into `out_dir`; return what was written. A folder
+    prepared earlier with the same seed and recipe is reused as it is: rewriting its shards and models would
+    change the inputs of every stage trained on them (their fingerprints), and cost a minute."""
     recipe = recipe or Recipe()
     out_dir = os.path.abspath(out_dir)
+    earlier = prepared_earlier(out_dir, seed, recipe)
+    if earlier is not None:
+        log(f"reusing the data, stage-0 models and job files prepared earlier in {out_dir} (same seed and recipe; "
+            "delete the folder to start over)")
+        return earlier
     data_dir = os.path.join(out_dir, "data")
     t0 = time.perf_counter()
     paths = write_shards(data_dir, "train", TRAIN_SAMPLES, seed) + write_shards(
@@ -320,6 +341,7 @@ def prepare(out_dir: str, seed: int = 0, recipe: Recipe | None = None, log: Any 
         },
         "recipe": asdict(recipe),
         "prepare_seconds": time.perf_counter() - t0,
+        "prepared_at": time.time(),
     }
     with open(os.path.join(out_dir, "quickstart.json"), "w") as f:
         json.dump(info, f, indent=2)
