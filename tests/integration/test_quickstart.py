@@ -126,6 +126,19 @@ def test_hallucination_rate_of_generated_answers_after_instruct_and_dpo(quicksta
     assert h["dpo"] <= h["instruct"] + 3 / 1200, h
 
 
+def test_quality_checks_are_gates_or_info_and_the_gates_give_the_exit_code(quickstart):
+    """The fixture asserted exit 0: every gate met, and the table and report.json say each check's role."""
+    checks = quickstart["report"]["checks"]
+    assert {c["role"] for c in checks.values()} == {"gate", "info"}
+    assert all(c["met"] for c in checks.values() if c["role"] == "gate"), checks
+    gates = sum(c["role"] == "gate" for c in checks.values())
+    rows = [line for line in quickstart["stdout"].splitlines() if line.startswith("│") and "_" in line]
+    for name, c in checks.items():
+        row = next(line for line in rows if f" {name} " in line)
+        assert f" {c['role']} " in row and ("MISS" in row) == (c["role"] == "gate" and not c["met"]), row
+    assert f"quality gate: all {gates} gating checks met (exit 0)" in quickstart["stdout"]
+
+
 def _shape_probe_accuracy(model: SiglipVisionModel, train, heldout) -> float:
     """Held-out accuracy of a linear probe for shape on the mean-pooled features LLaVA reads."""
     model.eval()

@@ -27,9 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         default="full",
         help="how the instruct stage trains: full (ddp), zero2 (DeepSpeed ZeRO-2) or lora (PEFT adapters)",
     )
-    ev = sub.add_parser("evaluate", help="measure every stage on the held-out split; write report.json")
+    ev = sub.add_parser("evaluate", help="measure every stage on the held-out split; write report.json; exit 1 when a gating check is missed")
     ev.add_argument("--dir", required=True, help="the folder `prepare` wrote")
-    ev.add_argument("--strict", action="store_true", help="exit 1 when a quality claim is not met")
     ev.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from vlm_quickstart.evaluate import evaluate
 
-    return evaluate(args.dir, strict=args.strict)
+    return evaluate(args.dir)
 
 
 if __name__ == "__main__":

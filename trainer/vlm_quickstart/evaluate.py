@@ -35,28 +35,12 @@ from vlm_core import contract, storage
 from vlm_core.spec import VLMTrainingJob, load_job
 from vlm_core.stage_classes import curate_stage, training_stage
 
+from vlm_quickstart.checks import checks, exit_code, print_checks
 from vlm_quickstart.noise import EXPECTED_REASON
 from vlm_quickstart.prepare import RAW_JOB_NAME
 from vlm_quickstart.pretrain import load_language_model, text_perplexity
 from vlm_quickstart.shapes import read_shards
 from vlm_quickstart.vocab import CAPTION_PROMPTS, COLOUR_QUESTIONS, COLOURS, SHAPE_QUESTIONS, SHAPES
-
-# The issue's claims, checked on every report (`--strict` turns a miss into a non-zero exit).
-THRESHOLDS = {
-    "caption_accuracy_after_align": 0.90,
-    "answer_accuracy_after_instruct": 0.90,
-    "caption_accuracy_after_instruct": 0.90,
-    "dpo_reward_accuracy": 0.85,
-    "dpo_reward_margin": 0.0,
-    "perplexity_ratio_staged_over_before_max": 1.25,
-    "perplexity_ratio_naive_over_staged_min": 3.0,
-    # Issue 11: the curate stage removes what was planted and keeps the clean pairs; DPO does not raise
-    # the hallucination rate of generated answers (it should lower it).
-    "curate_planted_recall_min": 0.9,
-    "curate_clean_kept_min": 0.95,
-    "curate_duplicate_groups_one_kept_min": 0.95,
-    "hallucination_ratio_dpo_over_instruct_max": 1.0,
-}
 
 
 class MissingStageOutput(RuntimeError):
@@ -254,44 +238,6 @@ def curate_summary(job: VLMTrainingJob, truth: dict[str, dict[str, Any]]) -> dic
     }
 
 
-def checks(
-    stage0_ppl: float, staged: list[dict], naive: list[dict], curate: dict[str, Any] | None = None
-) -> dict[str, dict[str, Any]]:
-    """The issues' quality claims, each with its value, threshold and verdict."""
-    by = {r["stage"]: r for r in staged}
-    final_ppl = staged[-1]["text_perplexity"]
-    recalls = [p["recall"] for p in curate["planted"].values() if p["recall"] is not None] if curate else []
-    groups = curate["duplicate_groups"] if curate else None
-    instruct_h, dpo_h = by["instruct"]["hallucination_rate"], by["dpo"]["hallucination_rate"]
-    got = {
-        "caption_accuracy_after_align": by["align"]["caption_accuracy"],
-        "answer_accuracy_after_instruct": by["instruct"]["answer_accuracy"],
-        "caption_accuracy_after_instruct": by["instruct"]["caption_accuracy"],
-        "dpo_reward_accuracy": by["dpo"].get("reward_accuracy"),
-        "dpo_reward_margin": by["dpo"].get("reward_margin"),
-        "perplexity_ratio_staged_over_before_max": final_ppl / stage0_ppl,
-        "perplexity_ratio_naive_over_staged_min": naive[-1]["text_perplexity"] / final_ppl if naive else None,
-        "curate_planted_recall_min": min(recalls) if recalls else None,
-        "curate_clean_kept_min": curate["clean_kept_share"] if curate else None,
-        "curate_duplicate_groups_one_kept_min": groups["exactly_one_kept"] / groups["count"] if groups else None,
-        # Equal rates (including both 0) pass: the claim is that DPO does not make it worse.
-        "hallucination_ratio_dpo_over_instruct_max": dpo_h / instruct_h if instruct_h else (1.0 if dpo_h == 0 else None),
-    }
-    out = {}
-    for name, threshold in THRESHOLDS.items():
-        value = got[name]
-        if value is None:
-            ok = False
-        elif name.endswith("_max"):
-            ok = value <= threshold
-        elif name == "dpo_reward_margin":
-            ok = value > threshold
-        else:
-            ok = value >= threshold
-        out[name] = {"value": value, "threshold": threshold, "ok": ok}
-    return out
-
-
 def quality_vs_quantity(staged: list[dict], raw: list[dict], curate: dict[str, Any] | None, raw_samples: int) -> dict:
     """Align on the curated shards vs the same align stage on the raw shards (same steps, seed, recipe)."""
     if not raw or curate is None:
@@ -371,9 +317,7 @@ def print_report(report: dict[str, Any]) -> None:
             + ", ".join(f"{stage} {_fmt(rate)}" for stage, rate in h.items()),
             highlight=False,
         )
-    for name, c in report["checks"].items():
-        mark = "ok  " if c["ok"] else "MISS"
-        console.print(f"  {mark} {name}: {_fmt(c['value'])} (threshold {c['threshold']:g})", highlight=False)
+    print_checks(console, report["checks"])
 
 
 def print_curate(console: Any, curate: dict[str, Any]) -> None:
@@ -402,8 +346,8 @@ def print_curate(console: Any, curate: dict[str, Any]) -> None:
     )
 
 
-def evaluate(qdir: str, strict: bool = False) -> int:
-    """Measure, print and store the report; non-zero if a stage output is missing (or, strict, a claim fails)."""
+def evaluate(qdir: str) -> int:
+    """Measure, print and store the report; 2 if a stage output is missing, 1 if a gating check is missed."""
     with open(os.path.join(qdir, "quickstart.json")) as f:
         info = json.load(f)
     job = load_job(info["job"])
@@ -446,9 +390,7 @@ def evaluate(qdir: str, strict: bool = False) -> int:
     storage.write_json(uri, report)
     print_report(report)
     print(f"report: {uri}")
-    if strict and not all(c["ok"] for c in report["checks"].values()):
-        return 1
-    return 0
+    return exit_code(report["checks"])
 
 
 def _tokenizer(info: dict[str, Any]) -> Any:
