@@ -118,6 +118,9 @@ async def instant_kubelet(api: KubeAPI, http: aiohttp.ClientSession, stop: async
                 storage.join(config["output"], contract.FINAL_DIR),
                 step=1,
                 stage=config["stage"]["name"],
+                # like a trainer: stamp the fingerprint it was launched with (else the next stage sees a final/
+                # of unknown provenance and the operator refuses to build on it)
+                extra={"fingerprint": config["fingerprint"]} if config.get("fingerprint") else None,
             )
             now = datetime.now().astimezone().isoformat().replace("+00:00", "Z")
             status = {

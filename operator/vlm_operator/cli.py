@@ -102,31 +102,32 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     qdir = os.path.abspath(args.dir)
     py = sys.executable
     print(f"quickstart: preparing synthetic data and stage-0 models in {qdir}", flush=True)
-    before = _prepared_at(qdir)
     rc = subprocess.call([py, "-m", "vlm_quickstart", "prepare", "--dir", qdir, "--seed", str(args.seed),
                           "--instruct", args.instruct])
     if rc:
         return rc
-    # Data and models prepared anew (another seed or recipe): every stage runs again on them, earlier outputs
-    # kept aside. Reused as they were: stages already done with the same settings are skipped.
-    fresh = _prepared_at(qdir) != before
     for name in ("job.yaml", "raw.yaml", "naive.yaml"):
         path = os.path.join(qdir, name)
         job = _load_or_exit(path)
         print(f"\nquickstart: running {path} ({' -> '.join(s.name for s in job.spec.stages)})", flush=True)
-        rc = run_with_progress(job, verbose=args.verbose, job_file=path,
-                               rerun_from=job.spec.stages[0].name if fresh and before is not None else None)
+        rc = run_with_progress(job, verbose=args.verbose, job_file=path, rerun_from=_quickstart_rerun(job))
         if rc:
             return rc
     return subprocess.call([py, "-m", "vlm_quickstart", "evaluate", "--dir", qdir])
 
 
-def _prepared_at(qdir: str) -> float | None:
-    try:
-        with open(os.path.join(qdir, "quickstart.json")) as f:
-            return json.load(f).get("prepared_at")
-    except (OSError, ValueError):
+def _quickstart_rerun(job: VLMTrainingJob) -> str | None:
+    """The quickstart writes its own job files, so where a stage done earlier differs from them (another seed or
+    recipe, data prepared anew, an older release) it reruns from that stage, saying so; `vlmctl run` refuses instead."""
+    from vlm_operator.describe import describe
+
+    first = next((r for r in describe(job) if r.state == "differs"), None)
+    if first is None:
         return None
+    print(f"quickstart: stage {first.name!r} was run earlier with other settings or inputs ({'; '.join(first.changes[:3])}"
+          f"{'; ...' if len(first.changes) > 3 else ''}): running it and the stages after it again (earlier outputs "
+          "kept aside)", flush=True)
+    return first.name
 
 
 def build_parser() -> argparse.ArgumentParser:
