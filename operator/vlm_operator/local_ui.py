@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
-from vlm_core import contract, storage
+from vlm_core import contract, fingerprint, storage
 from vlm_core.kinds import kind
 from vlm_core.redact import redact
 from vlm_core.spec import VLMTrainingJob
@@ -76,8 +76,8 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
     base = contract.job_output(job.spec.storage.uri, job.name)
     walls = {s.name: s for s in result.stages}
     lines = [f"# {job.name}", "", f"Result: {'succeeded' if result.succeeded else 'FAILED: ' + redact(result.message)}", "",
-             "| stage | type | steps | loss first | loss last | tokens/s | wall s (this run) | attempts |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| stage | type | steps | loss first | loss last | tokens/s | wall s (this run) | attempts | fingerprint |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for i, st in enumerate(job.spec.stages):
         rows = _history(job, i)
         w = walls.get(st.name)
@@ -92,6 +92,9 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
         else:
             cells = ["-"] * 4
         cells += [f"{w.wall_seconds:.1f}", str(w.attempts)] if w else ["- (earlier run)", "-"]
+        # what produced the committed final/ (its manifest holds the settings and inputs: `vlmctl describe -o json`)
+        stamp = fingerprint.recorded(storage.read_manifest(planner.final_uri(job, i)))
+        cells.append(stamp["digest"][:12] if stamp else "-")
         lines.append(f"| {st.name} | {st.type} | " + " | ".join(cells) + " |")
     lines.append("")
     for i, st in enumerate(job.spec.stages):
