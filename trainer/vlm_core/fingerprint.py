@@ -204,7 +204,7 @@ def differences(old: Mapping[str, Any] | None, new: Fingerprint | Mapping[str, A
     `stage.optimizer.lr: 0.0001 -> 0.0005`. Empty when the digests agree."""
     new_record = new.record() if isinstance(new, Fingerprint) else dict(new)
     if old is None:
-        return ["(no fingerprint: committed by an older release, so what produced it is unknown)"]
+        return ["no fingerprint: committed by an older release, so what produced it is unknown"]
     if old.get("digest") == new_record.get("digest"):
         return []
     lines = []
@@ -215,7 +215,7 @@ def differences(old: Mapping[str, Any] | None, new: Fingerprint | Mapping[str, A
                 was = _show(a[key]) if key in a else "(absent)"
                 now = _show(b[key]) if key in b else "(absent)"
                 lines.append(f"{label}{key}: {was} -> {now}")
-    return lines or ["(the fingerprint's format changed)"]
+    return lines or ["the fingerprint's format changed"]
 
 
 _ABSENT = object()
