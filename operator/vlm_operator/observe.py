@@ -8,6 +8,7 @@ stage's verified checkpoint once committed, and start/completion times of Jobs s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,16 @@ def pod_failure(pods: Sequence[Mapping[str, Any]]) -> PodFailure | None:
     return None
 
 
+def failjob_failure(job_obj: Mapping[str, Any]) -> contract.Failure | None:
+    """The table's row of a Job failed by a podFailurePolicy FailJob rule (reason PodFailurePolicy, the
+    exit code in the message): the verdict stands even when the failed pods are gone."""
+    for c in (job_obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Failed" and c.get("status") == "True" and c.get("reason") == "PodFailurePolicy":
+            found = re.search(r"exit code (\d+)", c.get("message") or "")
+            return contract.failure_of_exit_code(int(found.group(1))) if found else None
+    return None
+
+
 def job_queued(job_obj: Mapping[str, Any] | None) -> bool:
     """A stage Job that exists but is suspended: Kueue's webhook creates queue-labelled Jobs suspended
     and unsuspends them on admission (and suspends them again on preemption). The planner sees such a
@@ -188,6 +199,8 @@ def observe_stages(
             v = verify(planner.final_uri(job, i))
             committed, message = v.ok, ("" if v.ok else v.reason)
         why = pod_failure(pods(cur)) if phase == "Failed" and cur is not None and pods is not None else None
+        if why is None and phase == "Failed" and cur is not None and (rule := failjob_failure(cur)) is not None:
+            why = PodFailure(message, rule, False)  # the pods are gone; the Job's own condition says why
         if why is not None:
             out.append(StageObservation(
                 phase, restarts, committed, why.message, retryable=why.retryable,  # type: ignore[arg-type]

@@ -163,3 +163,10 @@ def test_the_local_backend_applies_the_same_table() -> None:
     assert (obs[0].retryable, obs[0].failure) == (False, "BadData")
     a = planner.plan(job(), obs)
     assert isinstance(a, planner.Fail) and a.code == "BadData"
+
+
+def test_a_job_failed_by_a_failjob_rule_is_not_retried_even_when_its_pods_are_gone() -> None:
+    obs = observe.observe_stages(job(), observe.JobStatus(), [[stage_job("Failed")], []],
+                                 lambda uri: pytest.fail("no storage"), pods=lambda j: [])
+    assert (obs[0].retryable, obs[0].failure) == (False, "BadData")
+    assert "exit code 65" in obs[0].message
