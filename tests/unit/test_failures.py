@@ -170,3 +170,20 @@ def test_a_job_failed_by_a_failjob_rule_is_not_retried_even_when_its_pods_are_go
                                  lambda uri: pytest.fail("no storage"), pods=lambda j: [])
     assert (obs[0].retryable, obs[0].failure) == (False, "BadData")
     assert "exit code 65" in obs[0].message
+
+
+def test_an_evictions_restart_keeps_the_count_and_says_so_in_a_warning() -> None:
+    from vlm_operator.status_model import JobStatus, StageStatus
+
+    obs = [Obs("Failed", restarts=0, message="a pod was evicted (DisruptionTarget)", disrupted=True), Obs()]
+    action = planner.plan(job(max_restarts=0), obs)
+    assert isinstance(action, planner.StartStage) and action.restarts == 0
+    failed = stage_job("Failed")
+    relaunched = dict(failed, metadata={**failed["metadata"], "name": "demo-align-1",
+                                        "labels": {**failed["metadata"]["labels"], contract.LABEL_LAUNCH: "1"}})
+    prev = JobStatus(phase="Running", stages=[StageStatus(name="align", type="align", phase="Running", launches=1)])
+    new = observe.compute_status(job(max_restarts=0), 1, prev, obs, action, [[failed], []], "now",
+                                 launched={0: relaunched})
+    assert new.stages[0].restarts == 0 and new.stages[0].launches == 2
+    assert new.stages[0].message == observe.EVICTED + "a pod was evicted (DisruptionTarget)"
+    assert [e[1] for e in observe.stage_events(prev, new)] == ["StageRescheduled"]
