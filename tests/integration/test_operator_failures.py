@@ -87,3 +87,17 @@ async def test_a_drained_pod_is_replaced_without_spending_max_restarts(cluster: 
     pods = [p for p in c.api.list_objects("v1/pods", NS) if p["metadata"]["name"].startswith("drained-align-0-")]
     assert len(pods) == 2 and drained.name in {p["metadata"]["name"] for p in pods}
     assert storage.read_manifest(f"{output}/final")["resumed_from"] >= 2  # the new pod resumed
+
+
+async def test_a_transient_exception_is_retried_and_each_restart_says_why(cluster: Cluster) -> None:
+    c = cluster
+    c.kubelet.extra_env.update(FAKE_RAISE="ConnectionResetError: storage went away")
+    await c.create(one_node(job_doc(c, "flaky", [("align", "align")], max_restarts=1)))
+    status = await c.wait_phase("flaky", "Failed", timeout=60)
+    expected = "rank 0: ConnectionResetError: storage went away"
+    assert c.jobs_ever_created("flaky") == {"flaky-align-0", "flaky-align-1"}  # retried up to maxRestarts 1
+    failed = next(x for x in status["conditions"] if x["type"] == "Failed")
+    assert failed["reason"] == "MaxRestartsExceeded"
+    assert status["message"] == f"stage 'align' failed after 1 restart(s) (maxRestarts 1): {expected}"
+    await wait_for(lambda: any(r == "StageRestarted" and m.endswith(f"restarted after: {expected}")
+                               for r, m in warnings(c, "flaky")), 10, message="the restart's reason in its Event")
