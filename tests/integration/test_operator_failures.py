@@ -101,3 +101,29 @@ async def test_a_transient_exception_is_retried_and_each_restart_says_why(cluste
     assert status["message"] == f"stage 'align' failed after 1 restart(s) (maxRestarts 1): {expected}"
     await wait_for(lambda: any(r == "StageRestarted" and m.endswith(f"restarted after: {expected}")
                                for r, m in warnings(c, "flaky")), 10, message="the restart's reason in its Event")
+
+
+async def test_a_gang_broken_by_a_drain_is_restarted_without_spending_max_restarts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Two nodes: pod 1 is evicted (its Job replaces it) and its peer then fails, as torchrun's ranks do when
+    a peer vanishes; the Job fails, and the operator restarts the gang without counting it (maxRestarts 0)."""
+    c = cluster
+    release = tmp_path / "release"
+    c.kubelet.extra_env.update(FAKE_HOLD_AFTER_STEP="2", FAKE_HOLD_UNTIL=str(release))
+    doc = job_doc(c, "gang", [("align", "align")], max_steps=4, every=2, max_restarts=0)
+    await c.create(doc)  # nodes: 2
+    output = f"{c.storage_uri}/gang/align"
+    await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 2, 60, message="checkpoint-2")
+    await c.kubelet.drain_pod("gang-align-0", index=1)
+    c.kubelet.kill_pod("gang-align-0", index=0)  # the peer's collective fails
+    await wait_for(lambda: "gang-align-1" in c.jobs_ever_created("gang"), 30, message="the gang's relaunch")
+    release.touch()
+
+    status = await c.wait_phase("gang", "Succeeded", timeout=60)
+    assert status["stages"][0]["restarts"] == 0 and status["restarts"] == 0
+    assert c.jobs_ever_created("gang") == {"gang-align-0", "gang-align-1"}
+    assert storage.read_manifest(f"{output}/final")["resumed_from"] >= 2
+    await wait_for(lambda: any(r == "StageRescheduled" for r, _ in warnings(c, "gang")), 10,
+                   message="the StageRescheduled event")
+    assert not any(r == "StageRestarted" for r, _ in warnings(c, "gang"))
