@@ -3,8 +3,12 @@
 Per stage: a ConfigMap with the resolved trainer config, a headless Service for the torchrun
 rendezvous, and an Indexed batch/v1 Job whose `nodes` pods run
 
+    python -m <contract.LAUNCHER_MODULE> -- \
     torchrun --nnodes=N --node_rank=$(JOB_COMPLETION_INDEX) --nproc_per_node=G --rdzv_backend=c10d
              --rdzv_endpoint=<job>-0.<service>:29400 -m <contract.TRAINER_MODULE> --config /etc/vlm-trainer/config.json
+
+(the launcher turns the first failing rank's exception into the pod's exit code and termination message,
+per `contract.FAILURES`, which also gives the Job's podFailurePolicy).
 
 Every Job of a stage gets a fresh name ending in its launch number, so a gang restart never waits for
 the deletion of the failed Job. `render_job` returns every object of every stage (a dry run).
@@ -192,6 +196,35 @@ def torchrun_command(job: VLMTrainingJob, index: int, launch: int) -> list[str]:
     ]
 
 
+def launch_command(job: VLMTrainingJob, index: int, launch: int) -> list[str]:
+    """The container command: torchrun under the launcher, which exits with the code `contract.FAILURES`
+    gives the first failing rank's exception (torchrun alone exits 1 for any failure) and writes its record
+    to the termination message."""
+    return ["python", "-m", contract.LAUNCHER_MODULE, "--", *torchrun_command(job, index, launch)]
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """The stage Job's podFailurePolicy, from the contract's one table: a pod evicted (drain, preemption)
+    is ignored (not counted; the Job replaces it), an exit code no restart can fix fails the Job at once.
+    Needs restartPolicy Never on the pod template (it is)."""
+    return {
+        "rules": [
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": contract.DISRUPTION_CONDITION, "status": "True"}],
+            },
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER_NAME,
+                    "operator": "In",
+                    "values": sorted(f.exit_code for f in contract.FAILURES if not f.retryable),
+                },
+            },
+        ]
+    }
+
+
 def _resources(job: VLMTrainingJob, index: int) -> dict[str, Any]:
     r = job.spec.stages[index].resources
     amounts: dict[str, str] = {}
@@ -220,6 +253,7 @@ def _env(job: VLMTrainingJob) -> list[dict[str, Any]]:
         {"name": contract.CONFIG_ENV, "value": f"{contract.CONFIG_MOUNT_DIR}/{contract.CONFIG_FILE}"},
         {"name": contract.METRICS_PORT_ENV, "value": str(contract.METRICS_PORT)},
         {"name": contract.UNBUFFERED_ENV, "value": "1"},
+        {"name": contract.TERMINATION_LOG_ENV, "value": contract.TERMINATION_LOG},
     ]
     if job.spec.storage.endpoint_url:
         env.append({"name": contract.ENDPOINT_URL_ENV, "value": job.spec.storage.endpoint_url})
@@ -235,7 +269,8 @@ def build_stage_job(
     owner: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Indexed batch/v1 Job: `nodes` pods, one torchrun agent each; any failed pod fails the Job
-    (backoffLimit 0) so the operator can restart the gang as a whole."""
+    (backoffLimit 0) so the operator can restart the gang as a whole, except an evicted one, which the
+    Job replaces (`pod_failure_policy`)."""
     stage = job.spec.stages[index]
     policy = job.spec.run_policy
     nodes = stage.resources.nodes
@@ -252,8 +287,11 @@ def build_stage_job(
         "name": CONTAINER_NAME,
         "image": job.spec.image.ref,
         "imagePullPolicy": job.spec.image.pull_policy,
-        "command": torchrun_command(job, index, launch),
+        "command": launch_command(job, index, launch),
         "env": _env(job),
+        # The launcher writes the first failing rank's error there; without it, the log's tail stands in.
+        "terminationMessagePath": contract.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "ports": [{"name": "rdzv", "containerPort": contract.RDZV_PORT, "protocol": "TCP"}, *metrics_ports],
         "volumeMounts": [
             {"name": "config", "mountPath": contract.CONFIG_MOUNT_DIR, "readOnly": True},
@@ -311,6 +349,7 @@ def build_stage_job(
             "completions": nodes,
             "parallelism": nodes,
             "backoffLimit": 0,
+            "podFailurePolicy": pod_failure_policy(),
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }

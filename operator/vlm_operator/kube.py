@@ -131,6 +131,11 @@ def _list_pods(namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]
     return [p for p in _raw(resp).get("items", []) if _matches(p, labels)]
 
 
+def list_job_pods(namespace: str, job_name: str) -> list[dict[str, Any]]:
+    """The pods of one stage Job (asked only about a failed one: its containers' termination messages)."""
+    return _list_pods(namespace, {builders.JOB_NAME_LABEL: job_name})
+
+
 def _ignore_404(fn: Any, *args: Any, **kwargs: Any) -> bool:
     try:
         fn(*args, **kwargs)

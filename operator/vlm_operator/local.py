@@ -11,7 +11,6 @@ kept aside). The same planner decides for both backends.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -19,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from vlm_core import contract, fingerprint, reruns, storage
@@ -34,14 +33,14 @@ LOG_PREFIX_SEP = "]:"
 def observe_local(job: VLMTrainingJob, restarts: dict[int, int] | None = None,
                   failed: dict[int, str] | None = None,
                   options: storage.Options | None = None,
-                  fatal: set[int] | None = None) -> list[planner.StageObservation]:
+                  fatal: Mapping[int, str] | None = None) -> list[planner.StageObservation]:
     """Each stage's observation, recomputed from storage and this run's launches: `restarts` holds the
     planner's restart count of each stage's latest launch (`StartStage.restarts`, as a Job's annotation
     does on Kubernetes), `failed` why that launch failed, `fatal` the stages whose failure no restart
-    can fix."""
+    can fix, with the reason `contract.FAILURES` gives it."""
     restarts = restarts or {}
     failed = failed or {}
-    fatal = fatal or set()
+    fatal = fatal or {}
     out = []
     for i in range(len(job.spec.stages)):
         v = storage.verify_committed(planner.final_uri(job, i), options=options)
@@ -50,7 +49,7 @@ def observe_local(job: VLMTrainingJob, restarts: dict[int, int] | None = None,
                                                 fingerprint=fingerprint.recorded(v.manifest)))
         elif i in failed:
             out.append(planner.StageObservation("Failed", restarts.get(i, 0), False, failed[i],
-                                                retryable=i not in fatal))
+                                                retryable=i not in fatal, failure=fatal.get(i, "")))
         else:
             out.append(planner.StageObservation("Pending", restarts.get(i, 0), False, v.reason))
     return out
@@ -121,45 +120,20 @@ def parse_log_line(line: str) -> tuple[int | None, dict | None]:
     return rank, contract.parse_event(body)
 
 
-@dataclass(frozen=True)
-class TrainerError:
-    """The first failing rank's exception, from torchelastic's error record."""
-
-    message: str  # "SomeError: message"
-    rank: int | None
-
-    @property
-    def type_name(self) -> str:
-        return self.message.split(":", 1)[0].rsplit(".", 1)[-1].strip()
-
-    @property
-    def retryable(self) -> bool:
-        return self.type_name not in contract.NOT_RETRIED_ERRORS
-
-    def __str__(self) -> str:
-        return redact(self.message if self.rank is None else f"rank {self.rank}: {self.message}")
+TrainerError = contract.TrainerError  # the first failing rank's exception (the contract's record format)
 
 
 def trainer_error(error_file: str) -> TrainerError | None:
     """The failing rank's exception from torchelastic's error file, or None if there is none.
 
     The trainer's main is wrapped in torchelastic's `record` (with its rank added); torchrun copies the
-    first failure's record to the file named by `contract.ERROR_FILE_ENV` in its own environment."""
+    first failure's record to the file named by `contract.ERROR_FILE_ENV` in its own environment. A pod's
+    termination message holds the same record (`contract.error_record`)."""
     try:
         with open(error_file) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
+            return contract.parse_error_record(f.read())
+    except OSError:
         return None
-    message = doc.get("message") if isinstance(doc, dict) else None
-    info: dict = {}
-    if isinstance(message, dict):
-        extra = message.get("extraInfo")
-        info = extra if isinstance(extra, dict) else {}
-        message = message.get("message")
-    if not isinstance(message, str) or not message:
-        return None
-    rank = info.get("rank")
-    return TrainerError(message, int(rank) if isinstance(rank, (int, str)) and str(rank).isdigit() else None)
 
 
 class Interrupted(Exception):
@@ -199,7 +173,8 @@ class LocalRunner:
             self.env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         self.restarts: dict[int, int] = {}  # the planner's restart count of each stage's latest launch
         self.errors: dict[int, str] = {}  # why a stage's latest launch failed
-        self.fatal: set[int] = set()  # stages whose last failure no restart can fix
+        self.fatal: dict[int, str] = {}  # stages whose last failure no restart can fix: its reason
+        self.last_error: TrainerError | None = None  # the latest failed launch's trainer error
         self.last_step: dict[str, int] = {}
         self.current: str | None = None
 
@@ -239,7 +214,7 @@ class LocalRunner:
         if ok:
             return True, "", True
         state = status.state.name if status else "UNKNOWN"
-        error = trainer_error(error_file)
+        error = self.last_error = trainer_error(error_file)
         if error is not None:
             return False, f"torchrun ended {state}; trainer error ({error})", error.retryable
         return False, redact(f"torchrun ended {state}; last lines:\n" + "\n".join(tail)), True
@@ -299,6 +274,7 @@ class LocalRunner:
             started.setdefault(i, time.monotonic())
             self.restarts[i] = action.restarts
             self.errors.pop(i, None)
+            self.last_error = None
             attempts[i] = attempts.get(i, 0) + 1
             ok, msg, retryable = self._run_stage(action.config)
             if ok and not storage.verify_committed(planner.final_uri(self.job, i), options=self.storage_options).ok:
@@ -308,5 +284,5 @@ class LocalRunner:
                                                  time.monotonic() - started[i], attempts[i]))
             else:
                 self.errors[i] = msg
-                if not retryable:
-                    self.fatal.add(i)
+                if not retryable:  # the contract's table (contract.FAILURES) says no restart can fix it
+                    self.fatal[i] = self.last_error.failure.reason if self.last_error else planner.FAIL_CONFIGURATION

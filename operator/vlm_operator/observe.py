@@ -8,10 +8,13 @@ stage's verified checkpoint once committed, and start/completion times of Jobs s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vlm_core import contract, storage
+from vlm_core.redact import redact
 from vlm_core.spec import VLMTrainingJob
 
 from vlm_operator import builders, planner
@@ -19,6 +22,7 @@ from vlm_operator.planner import StageObservation
 from vlm_operator.status_model import Condition, JobPhase, JobStatus, StagePhaseStatus, StageStatus
 
 Verifier = Callable[[str], storage.Verification]
+EVICTED = "evicted, restarted without spending maxRestarts: "  # a stage message after an eviction's restart
 
 
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
@@ -75,6 +79,74 @@ def job_phase(job_obj: Mapping[str, Any]) -> tuple[str, str]:
     return "Running", ""
 
 
+@dataclass(frozen=True)
+class PodFailure:
+    """Why a failed stage Job's gang failed, from its pods: the first failing rank's error (its container's
+    termination message, written by the launcher) and the table's verdict on it."""
+
+    message: str  # "rank 1: BadDataError: ..." (redacted), else the log's tail or the exit code
+    failure: contract.Failure | None  # the table's row (by exit code, else the record's type); None: unknown
+    disrupted: bool  # a pod carries the DisruptionTarget condition: evicted, not failed
+
+    @property
+    def retryable(self) -> bool:
+        return self.failure is None or self.failure.retryable
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The trainer container's terminated state, if it ended with a non-zero code."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for c in sorted(statuses, key=lambda c: c.get("name") != builders.CONTAINER_NAME):
+        t = (c.get("state") or {}).get("terminated") or {}
+        if t.get("exitCode"):
+            return t
+    return None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][-500:] if lines else ""
+
+
+def pod_failure(pods: Sequence[Mapping[str, Any]]) -> PodFailure | None:
+    """What a failed stage Job's pods tell (None: no pod ended with an error and none was evicted).
+
+    The first failing rank is the earliest record among the pods' termination messages (a record carries its
+    rank and time); pods the Job killed after that first failure left none. Without any record, a failed
+    pod's message (the kubelet's fallback to the log's tail) or its exit code stands in."""
+    disrupted = any(
+        c.get("type") == contract.DISRUPTION_CONDITION and c.get("status") == "True"
+        for p in pods for c in (p.get("status") or {}).get("conditions") or []
+    )
+    failed = [(p, t) for p in pods if (t := _terminated(p)) is not None]
+    records = [(r, p, t) for p, t in failed if (r := contract.parse_error_record(t.get("message") or "")) is not None]
+    if records:
+        error, pod, term = min(records, key=lambda x: x[0].timestamp if x[0].timestamp is not None else float("inf"))
+        failure = contract.failure_of_exit_code(term.get("exitCode")) or error.failure
+        return PodFailure(str(error), failure, disrupted)
+    if failed:
+        # a code in the table first (the launcher's own verdict), then the earliest to finish
+        pod, term = min(failed, key=lambda x: (contract.failure_of_exit_code(x[1].get("exitCode")) is None,
+                                               x[1].get("finishedAt") or ""))
+        name = pod.get("metadata", {}).get("name", "?")
+        tail = _last_line(term.get("message") or "")
+        text = f"pod {name} exited with code {term.get('exitCode')}" + (f": {tail}" if tail else "")
+        return PodFailure(redact(text), contract.failure_of_exit_code(term.get("exitCode")), disrupted)
+    if disrupted:
+        return PodFailure("a pod was evicted (DisruptionTarget)", None, True)
+    return None
+
+
+def failjob_failure(job_obj: Mapping[str, Any]) -> contract.Failure | None:
+    """The table's row of a Job failed by a podFailurePolicy FailJob rule (reason PodFailurePolicy, the
+    exit code in the message): the verdict stands even when the failed pods are gone."""
+    for c in (job_obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Failed" and c.get("status") == "True" and c.get("reason") == "PodFailurePolicy":
+            found = re.search(r"exit code (\d+)", c.get("message") or "")
+            return contract.failure_of_exit_code(int(found.group(1))) if found else None
+    return None
+
+
 def job_queued(job_obj: Mapping[str, Any] | None) -> bool:
     """A stage Job that exists but is suspended: Kueue's webhook creates queue-labelled Jobs suspended
     and unsuspends them on admission (and suspends them again on preemption). The planner sees such a
@@ -98,9 +170,12 @@ def observe_stages(
     prev: JobStatus,
     jobs_by_stage: Sequence[Sequence[Mapping[str, Any]]],
     verify: Verifier,
+    pods: Callable[[Mapping[str, Any]], Sequence[Mapping[str, Any]]] | None = None,
 ) -> list[StageObservation]:
     """Each stage's observation. Storage is asked only about a finished stage not yet known committed,
-    and only up to the first stage that is not done (later stages cannot matter to the planner)."""
+    and only up to the first stage that is not done (later stages cannot matter to the planner).
+    `pods(job)` (a failed stage Job's pods) is asked only about a stage whose current Job failed: its
+    first failing rank's error, and whether a restart can fix it (`pod_failure`)."""
     out: list[StageObservation] = []
     blocked = False
     for i, stage in enumerate(job.spec.stages):
@@ -123,7 +198,17 @@ def observe_stages(
         if phase == "Succeeded" and not blocked:
             v = verify(planner.final_uri(job, i))
             committed, message = v.ok, ("" if v.ok else v.reason)
-        out.append(StageObservation(phase, restarts, committed, message))  # type: ignore[arg-type]
+        why = pod_failure(pods(cur)) if phase == "Failed" and cur is not None and pods is not None else None
+        if why is None and phase == "Failed" and cur is not None and (rule := failjob_failure(cur)) is not None:
+            why = PodFailure(message, rule, False)  # the pods are gone; the Job's own condition says why
+        if why is not None:
+            out.append(StageObservation(
+                phase, restarts, committed, why.message, retryable=why.retryable,  # type: ignore[arg-type]
+                failure=why.failure.reason if why.failure is not None and not why.retryable else "",
+                disrupted=why.disrupted,
+            ))
+        else:
+            out.append(StageObservation(phase, restarts, committed, message))  # type: ignore[arg-type]
         blocked = blocked or not (phase == "Succeeded" and committed)
     return out
 
@@ -188,6 +273,9 @@ def stage_status(
         message = None
         if isinstance(action, planner.StartStage) and action.index == index:
             restarts = action.restarts
+            if action.restart and o.message:  # the failure this launch restarts after (the pod's own error)
+                evicted = o.disrupted and restarts == o.restarts
+                message = (EVICTED if evicted else "restarted after: ") + o.message
     elif isinstance(action, planner.Suspend) and action.index == index:
         stage_phase = "Suspended"
     elif o.phase == "Running" and job_queued(cur):
@@ -389,9 +477,12 @@ def stage_events(prev: JobStatus, new: JobStatus) -> list[tuple[str, str, str]]:
                 (
                     "Warning",
                     "StageRestarted",
-                    f"stage {s.name!r}: gang restart {s.restarts} (Job {s.job_name})",
+                    f"stage {s.name!r}: gang restart {s.restarts} (Job {s.job_name})"
+                    + (f"; {s.message}" if s.message else ""),
                 )
             )
+        elif s.message and s.message.startswith(EVICTED) and s.launches > (p.launches if p else 0):
+            events.append(("Warning", "StageRescheduled", f"stage {s.name!r} (Job {s.job_name}): {s.message}"))
         elif s.phase == "Running" and before != "Running":
             events.append(("Normal", "StageStarted", f"stage {s.name!r} started (Job {s.job_name})"))
         if s.checkpoint and not (p and p.checkpoint):

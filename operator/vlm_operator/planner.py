@@ -6,7 +6,8 @@ anything between calls: both backends recompute the observation each time (level
 
 The planner alone decides whether a stage may (re)start: it counts restarts (`StartStage.restarts`;
 each backend stamps that number on the launch and reports it back in the observation), spends the
-restart budget (`failure_after`), and turns a failing preflight into a failure (`preflight_failure`),
+restart budget (`failure_after`; a failure the contract's table calls deterministic ends the stage at once, an
+eviction restarts it for free), and turns a failing preflight into a failure (`preflight_failure`),
 with the same reason and code whichever backend runs the job.
 """
 
@@ -30,7 +31,8 @@ StagePhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 
 # The reason of the Failed condition (and of `vlmctl run`'s failure): why no restart follows.
 FAIL_MAX_RESTARTS = "MaxRestartsExceeded"  # the restart budget (maxRestarts) is spent
-FAIL_CONFIGURATION = "ConfigurationError"  # the trainer failed with an error no restart can fix
+FAIL_CONFIGURATION = contract.FAILURES[0].reason  # the trainer failed with a configuration error
+# ... and the other failures no restart can fix, by the contract's table: BadData, NonFiniteLoss, OutOfMemory
 FAIL_PREFLIGHT = "PreflightFailed"  # the stage's inputs are missing or disagree with the spec
 
 
@@ -42,7 +44,9 @@ class StageObservation:
     restarts: int = 0
     committed: bool = False  # final/ verified in storage (manifest present, files and sizes match)
     message: str = ""  # why it failed, or why final/ is not committed
-    retryable: bool = True  # False for configuration errors: no restart can fix them
+    retryable: bool = True  # False for a failure no restart can fix (contract.FAILURES)
+    failure: str = ""  # when not retryable: the table's reason (contract.Failure.reason)
+    disrupted: bool = False  # a pod was evicted (drain, preemption): a restart that spends no maxRestarts
     fingerprint: dict | None = None  # the record stamped into the committed final/ (None: none stamped)
 
 
@@ -189,9 +193,12 @@ def failure_after(job: VLMTrainingJob, index: int, o: StageObservation) -> Fail 
     """Stage `index` failed (`o.restarts` restarts before the failed launch): the Fail that ends the job
     when no restart may follow (a configuration error, or the restart budget spent), else None."""
     name = job.spec.stages[index].name
+    if o.disrupted:  # evicted, not failed: restarted without spending the budget
+        return None
     if not o.retryable:
-        return Fail(index, f"stage {name!r} failed with a configuration error (not retried): {o.message}",
-                    code=FAIL_CONFIGURATION)
+        failure = next((f for f in contract.FAILURES if f.reason == o.failure), contract.FAILURES[0])
+        return Fail(index, f"stage {name!r} failed with {failure.what} (not retried): {o.message}",
+                    code=failure.reason)
     limit = max_restarts(job, index)
     if o.restarts >= limit:
         return Fail(index, f"stage {name!r} failed after {o.restarts} restart(s) (maxRestarts {limit}): {o.message}",
@@ -251,7 +258,8 @@ def plan(
         if fingerprint is not None:
             config = config.model_copy(update={"fingerprint": fingerprint(i).record()})
         if o.phase == "Failed":
-            return StartStage(i, config, restart=True, restarts=o.restarts + 1, admission=decision)
+            spent = 0 if o.disrupted else 1  # an eviction is not the stage's failure
+            return StartStage(i, config, restart=True, restarts=o.restarts + spent, admission=decision)
         failed = preflight_failure(job, i, preflight(i)) if preflight is not None else None
         if failed is not None:
             return failed

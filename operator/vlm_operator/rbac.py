@@ -48,7 +48,13 @@ RULES: tuple[Rule, ...] = (
         ("get", "list", "watch", "create", "delete"),
         "each stage is an Indexed Job, watched; a failed gang is deleted and recreated",
     ),
-    Rule("", "pods", ("list", "delete"), "a torn-down gang's pods are deleted now, not by garbage collection"),
+    Rule(
+        "",
+        "pods",
+        ("list", "delete"),
+        "a failed gang's pods are read for their termination messages (the trainer's error), and a torn-down "
+        "gang's pods are deleted now, not by garbage collection",
+    ),
     Rule(
         "",
         "services",

@@ -285,7 +285,9 @@ def _reconcile_locked(
         functools.partial(_stage_marker, job, jobs_by_stage),
         verify or (lambda uri: storage.verify_committed(uri, options=options())),
     )
-    observed = observe.observe_stages(job, prev, jobs_by_stage, check)
+    observed = observe.observe_stages(
+        job, prev, jobs_by_stage, check, pods=lambda j: kube.list_job_pods(namespace, j["metadata"]["name"])
+    )
     # Preflight runs before any pod of a stage exists: inputs present and agreeing with the spec.
     action = planner.plan(
         job,

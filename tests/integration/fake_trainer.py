@@ -10,6 +10,10 @@ A test that must act while a stage is still running (delete its Job, suspend it,
 it there instead of racing its length: with FAKE_HOLD_AFTER_STEP=N and FAKE_HOLD_UNTIL=<path>, no step after
 N starts until <path> exists (the test creates it when it is done); the ranks are killed or released.
 `{stage}` in the path is replaced by the stage's name, to release the stages of a job one by one.
+
+FAKE_RAISE="<ExceptionType>: <message>" (with FAKE_RAISE_STAGE naming the stage, default every stage) makes
+rank FAKE_RAISE_RANK (default 0) raise that exception after FAKE_RAISE_AFTER_STEP steps (default 0), through
+the trainer's own torchelastic `record` (with its rank), as the real trainer fails.
 """
 
 from __future__ import annotations
@@ -57,7 +61,10 @@ def main() -> int:
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.2"))
     hold_after = int(os.environ.get("FAKE_HOLD_AFTER_STEP") or 0)
     hold_until = os.environ.get("FAKE_HOLD_UNTIL", "").replace("{stage}", name)
+    raise_after = int(os.environ.get("FAKE_RAISE_AFTER_STEP") or 0)
     for step in range(start + 1, total + 1):
+        if step > raise_after:
+            maybe_raise(name, rank)
         while hold_after and hold_until and step > hold_after and not os.path.exists(hold_until):
             time.sleep(0.05)
         time.sleep(step_seconds)
@@ -88,5 +95,25 @@ def main() -> int:
     return 0
 
 
+def maybe_raise(stage: str, rank: int) -> None:
+    """FAKE_RAISE: this rank raises the named exception type (a class made with that name)."""
+    spec = os.environ.get("FAKE_RAISE", "")
+    if not spec or os.environ.get("FAKE_RAISE_STAGE", stage) != stage:
+        return
+    if rank != int(os.environ.get("FAKE_RAISE_RANK") or 0):
+        return
+    type_name, _, message = spec.partition(":")
+    raise type(type_name.strip(), (RuntimeError,), {})(message.strip())
+
+
+def recorded_main() -> int:
+    if not os.environ.get("FAKE_RAISE"):
+        return main()
+    from torch.distributed.elastic.multiprocessing.errors import record
+    from vlm_trainer.__main__ import _ranked_error_handler
+
+    return record(main, error_handler=_ranked_error_handler())()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recorded_main())

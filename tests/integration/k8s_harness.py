@@ -12,6 +12,12 @@
   env (JOB_COMPLETION_INDEX, Secret `envFrom`, ConfigMap mounts materialised as temp files, the
   rendezvous host mapped to 127.0.0.1 on a free port), and writes pod and Job status back from exit
   codes like the Job controller (backoffLimit 0: one failed pod fails the Job and kills the rest).
+  Like a kubelet it gives each container a file at its `terminationMessagePath` (a local file; the path
+  in env values is remapped to it) and puts what the container wrote there, else with
+  `FallbackToLogsOnError` the log's tail, in `state.terminated.message`. Like the Job controller it
+  applies the Job's `podFailurePolicy`: a pod failing with a listed condition (`drain_pod` sets
+  DisruptionTarget, as an eviction does) is ignored and replaced, a listed exit code fails the Job with
+  reason PodFailurePolicy.
 """
 
 from __future__ import annotations
@@ -418,16 +424,56 @@ class PodProcess:
     proc: asyncio.subprocess.Process
     log_path: str
     killed: bool = False
+    termination_path: str = ""
+    ignored: bool = False  # failed, but the Job's podFailurePolicy ignores it (evicted): replaced
 
 
 CommandMapper = Callable[[list[str], dict[str, str]], list[str]]
 
 
 def torchrun_as_python(argv: list[str], env: dict[str, str]) -> list[str]:
-    """`torchrun ...` as the venv's `python -m torch.distributed.run ...` (the default mapping)."""
-    if argv and argv[0] == "torchrun":
-        return [python_executable(), "-m", "torch.distributed.run", *argv[1:]]
+    """`torchrun ...` as the venv's `python -m torch.distributed.run ...` (the default mapping), also
+    under the launcher (`python -m vlm_trainer.launch -- torchrun ...`: `python` is the venv's)."""
+    if argv[:3] == ["python", "-m", contract.LAUNCHER_MODULE]:
+        argv = [python_executable(), *argv[1:]]
+    if "torchrun" in argv:
+        i = argv.index("torchrun")
+        return [*argv[:i], python_executable(), "-m", "torch.distributed.run", *argv[i + 1 :]]
     return argv
+
+
+TERMINATION_MESSAGE_MAX = 4096  # bytes of the container's file the kubelet keeps
+FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048  # FallbackToLogsOnError: the log's tail, whichever is smaller
+
+
+def termination_message(container: Mapping[str, Any], termination_path: str, log_path: str, code: int) -> str:
+    """What a kubelet puts in `state.terminated.message`: the container's termination file, else (policy
+    FallbackToLogsOnError, a failed container) the last 80 lines / 2048 bytes of its log."""
+    with contextlib.suppress(OSError), open(termination_path, "rb") as f:
+        text = f.read(TERMINATION_MESSAGE_MAX).decode(errors="replace")
+        if text:
+            return text
+    if code == 0 or container.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+        return ""
+    with contextlib.suppress(OSError), open(log_path, "rb") as f:
+        tail = b"\n".join(f.read().splitlines()[-FALLBACK_LOG_LINES:])[-FALLBACK_LOG_BYTES:]
+        return tail.decode(errors="replace")
+    return ""
+
+
+def policy_rule(job: Mapping[str, Any], pod: Mapping[str, Any], container: str, code: int) -> tuple[int, str] | None:
+    """(index, action) of the first podFailurePolicy rule a failed pod matches, like the Job controller."""
+    conditions = {(c.get("type"), c.get("status")) for c in (pod.get("status") or {}).get("conditions") or []}
+    for i, rule in enumerate(((job.get("spec") or {}).get("podFailurePolicy") or {}).get("rules") or []):
+        on_codes = rule.get("onExitCodes")
+        if on_codes and on_codes.get("containerName", container) == container:
+            listed = code in on_codes.get("values", [])
+            if listed == (on_codes.get("operator") == "In"):
+                return i, rule["action"]
+        for pattern in rule.get("onPodConditions") or []:
+            if (pattern.get("type"), pattern.get("status", "True")) in conditions:
+                return i, rule["action"]
+    return None
 
 
 @dataclass
@@ -441,6 +487,7 @@ class Kubelet:
     poll_seconds: float = 0.2
     pods: dict[tuple[str, str], PodProcess] = field(default_factory=dict)
     started_jobs: set[str] = field(default_factory=set)  # Job uids
+    rdzv_ports: dict[str, int] = field(default_factory=dict)  # per Job uid
     # When set (and not yet released), a Job whose pods all succeeded is reported Complete only once
     # this event is set: a test can fault storage between a stage's commit and its handoff.
     completion_gate: asyncio.Event | None = None
@@ -561,77 +608,95 @@ class Kubelet:
 
     async def _start_job(self, job: Mapping[str, Any]) -> None:
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        spec = job["spec"]["template"]["spec"]
-        container = spec["containers"][0]
-        rdzv_port = free_port()
+        self.rdzv_ports[job["metadata"]["uid"]] = free_port()
         await self._patch(
             f"/apis/batch/v1/namespaces/{ns}/jobs/{name}/status",
             {"status": {"startTime": _now(), "active": job["spec"]["parallelism"]}},
         )
         for index in range(job["spec"]["completions"]):
-            pod_name = f"{name}-{index}-{''.join(random.choices(string.ascii_lowercase, k=5))}"
-            labels = {
-                **(job["spec"]["template"]["metadata"].get("labels") or {}),
-                "batch.kubernetes.io/job-name": name,
-                "job-name": name,
-                "batch.kubernetes.io/job-completion-index": str(index),
-            }
-            pod = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "name": pod_name,
-                    "namespace": ns,
-                    "labels": labels,
-                    "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
-                    "ownerReferences": [
-                        {
-                            "apiVersion": "batch/v1",
-                            "kind": "Job",
-                            "name": name,
-                            "uid": job["metadata"]["uid"],
-                            "controller": True,
-                        }
-                    ],
-                },
-                "spec": {**spec, "hostname": f"{name}-{index}"},
-                "status": {"phase": "Pending"},
-            }
-            pod = await self._post(f"/api/v1/namespaces/{ns}/pods", pod)
-            pod_dir = os.path.join(self.workdir, ns, pod_name)
-            os.makedirs(pod_dir, exist_ok=True)
-            mounts = await self._materialise_volumes(ns, spec, container, pod_dir)
-            env = await self._pod_env(ns, container, pod)
-            env = {k: _remap_paths(v, mounts) for k, v in env.items()}
-            if contract.METRICS_PORT_ENV in env:  # every pod has its own network namespace on a cluster
-                env[contract.METRICS_PORT_ENV] = str(free_port())
-            argv = [
-                _remap_paths(_expand(a, env), mounts)
-                for a in [*container.get("command", []), *container.get("args", [])]
-            ]
-            argv = [_remap_rdzv(a, rdzv_port) for a in argv]
-            argv = self.command_mapper(argv, env)
-            log_path = os.path.join(pod_dir, "log.txt")
-            with open(log_path, "wb") as out:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    env=env,
-                    cwd=pod_dir,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            p = PodProcess(ns, pod_name, name, index, proc, log_path)
-            self.pods[(ns, pod_name)] = p
-            await self._patch(
-                f"/api/v1/namespaces/{ns}/pods/{pod_name}/status",
-                {"status": {"phase": "Running", "startTime": _now()}},
+            await self._start_pod(job, index)
+
+    async def _start_pod(self, job: Mapping[str, Any], index: int) -> None:
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        spec = job["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        rdzv_port = self.rdzv_ports[job["metadata"]["uid"]]
+        pod_name = f"{name}-{index}-{''.join(random.choices(string.ascii_lowercase, k=5))}"
+        labels = {
+            **(job["spec"]["template"]["metadata"].get("labels") or {}),
+            "batch.kubernetes.io/job-name": name,
+            "job-name": name,
+            "batch.kubernetes.io/job-completion-index": str(index),
+        }
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod_name,
+                "namespace": ns,
+                "labels": labels,
+                "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": name,
+                        "uid": job["metadata"]["uid"],
+                        "controller": True,
+                    }
+                ],
+            },
+            "spec": {**spec, "hostname": f"{name}-{index}"},
+            "status": {"phase": "Pending"},
+        }
+        pod = await self._post(f"/api/v1/namespaces/{ns}/pods", pod)
+        pod_dir = os.path.join(self.workdir, ns, pod_name)
+        os.makedirs(pod_dir, exist_ok=True)
+        mounts = await self._materialise_volumes(ns, spec, container, pod_dir)
+        # the container's termination message file, as the kubelet mounts it (empty at start)
+        termination_path = os.path.join(pod_dir, "termination-log")
+        open(termination_path, "w").close()
+        mounts[container.get("terminationMessagePath") or "/dev/termination-log"] = termination_path
+        env = await self._pod_env(ns, container, pod)
+        env = {k: _remap_paths(v, mounts) for k, v in env.items()}
+        if contract.METRICS_PORT_ENV in env:  # every pod has its own network namespace on a cluster
+            env[contract.METRICS_PORT_ENV] = str(free_port())
+        argv = [
+            _remap_paths(_expand(a, env), mounts)
+            for a in [*container.get("command", []), *container.get("args", [])]
+        ]
+        argv = [_remap_rdzv(a, rdzv_port) for a in argv]
+        argv = self.command_mapper(argv, env)
+        log_path = os.path.join(pod_dir, "log.txt")
+        with open(log_path, "wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                cwd=pod_dir,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
             )
-            asyncio.create_task(self._watch_pod(p, job))
+        p = PodProcess(ns, pod_name, name, index, proc, log_path, termination_path=termination_path)
+        self.pods[(ns, pod_name)] = p
+        await self._patch(
+            f"/api/v1/namespaces/{ns}/pods/{pod_name}/status",
+            {"status": {"phase": "Running", "startTime": _now()}},
+        )
+        asyncio.create_task(self._watch_pod(p, job))
 
     async def _watch_pod(self, p: PodProcess, job: Mapping[str, Any]) -> None:
         code = await p.proc.wait()
         phase = "Succeeded" if code == 0 else "Failed"
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        terminated: dict[str, Any] = {
+            "exitCode": code,
+            "reason": ("Completed" if code == 0 else "Error"),
+            "finishedAt": _now(),
+        }
+        message = termination_message(container, p.termination_path, p.log_path, code)
+        if message:
+            terminated["message"] = message
         await self._patch(
             f"/api/v1/namespaces/{p.namespace}/pods/{p.name}/status",
             {
@@ -644,21 +709,16 @@ class Kubelet:
                             "restartCount": 0,
                             "image": "local",
                             "imageID": "local",
-                            "state": {
-                                "terminated": {
-                                    "exitCode": code,
-                                    "reason": ("Completed" if code == 0 else "Error"),
-                                }
-                            },
+                            "state": {"terminated": terminated},
                         }
                     ],
                 }
             },
         )
-        await self._update_job(p.namespace, p.job, job, failed_pod=None if code == 0 else (p.name, code))
+        await self._update_job(p.namespace, p.job, job, failed_pod=None if code == 0 else (p, code))
 
     async def _update_job(
-        self, ns: str, name: str, job: Mapping[str, Any], failed_pod: tuple[str, int] | None
+        self, ns: str, name: str, job: Mapping[str, Any], failed_pod: tuple[PodProcess, int] | None
     ) -> None:
         current = await self._get(f"/apis/batch/v1/namespaces/{ns}/jobs/{name}")
         if current is None or current["metadata"]["uid"] != job["metadata"]["uid"]:
@@ -666,7 +726,16 @@ class Kubelet:
         status = current.get("status") or {}
         if status.get("conditions"):
             return  # already finished
-        mine = [p for p in self.pods.values() if p.job == name and p.namespace == ns]
+        rule = None
+        if failed_pod is not None:
+            pod = await self._get(f"/api/v1/namespaces/{ns}/pods/{failed_pod[0].name}") or {}
+            container = job["spec"]["template"]["spec"]["containers"][0]["name"]
+            rule = policy_rule(job, pod, container, failed_pod[1])
+        if rule is not None and rule[1] == "Ignore":  # not counted; the Job controller replaces the pod
+            failed_pod[0].ignored = True  # type: ignore[index]
+            await self._start_pod(job, failed_pod[0].index)  # type: ignore[index]
+            return
+        mine = [p for p in self.pods.values() if p.job == name and p.namespace == ns and not p.ignored]
         done = [p for p in mine if p.proc.returncode is not None]
         succeeded = sum(1 for p in done if p.proc.returncode == 0)
         failed = len(done) - succeeded
@@ -674,12 +743,18 @@ class Kubelet:
         if failed_pod is not None:
             for p in mine:  # backoffLimit 0: the Job fails and its other pods are terminated
                 self._kill(p)
+            reason, message = "BackoffLimitExceeded", f"pod {failed_pod[0].name} exited with code {failed_pod[1]}"
+            if rule is not None and rule[1] == "FailJob":
+                reason = "PodFailurePolicy"
+                message = (f"Container {job['spec']['template']['spec']['containers'][0]['name']} for pod "
+                           f"{ns}/{failed_pod[0].name} failed with exit code {failed_pod[1]} matching FailJob rule "
+                           f"at index {rule[0]}")
             patch["conditions"] = [
                 {
                     "type": "Failed",
                     "status": "True",
-                    "reason": "BackoffLimitExceeded",
-                    "message": f"pod {failed_pod[0]} exited with code {failed_pod[1]}",
+                    "reason": reason,
+                    "message": message,
                     "lastTransitionTime": _now(),
                 }
             ]
@@ -701,6 +776,19 @@ class Kubelet:
             for pid in [*_descendants(p.proc.pid), p.proc.pid]:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+
+    async def drain_pod(self, job_name_prefix: str, index: int = 0) -> PodProcess:
+        """Evict a running pod as `kubectl drain` does: the pod gets the DisruptionTarget condition, then its
+        container is stopped (the Job's podFailurePolicy decides what that failure means)."""
+        for p in self.pods.values():
+            if p.job.startswith(job_name_prefix) and p.index == index and p.proc.returncode is None:
+                condition = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                             "message": "Eviction API: evicting", "lastTransitionTime": _now()}
+                await self._patch(f"/api/v1/namespaces/{p.namespace}/pods/{p.name}/status",
+                                  {"status": {"conditions": [condition]}})
+                self._kill(p)
+                return p
+        raise LookupError(f"no running pod {index} of a Job named {job_name_prefix}*")
 
     def kill_pod(self, job_name_prefix: str, index: int = 1) -> PodProcess:
         """Crash a running pod (SIGKILL), as a node failure would."""

@@ -57,6 +57,7 @@ class FakeApi:
         monkeypatch.setattr(kube, "create", lambda obj: self.created.append(obj) or True)
         monkeypatch.setattr(kube, "apply_configmap", lambda obj: None)
         monkeypatch.setattr(kube, "delete_stage_job", lambda ns, name: None)
+        monkeypatch.setattr(kube, "list_job_pods", lambda ns, name: [])
         monkeypatch.setattr(kube, "now", lambda: "2026-12-07T10:00:00Z")
 
 

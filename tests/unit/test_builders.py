@@ -81,13 +81,14 @@ def container(obj: dict[str, Any]) -> dict[str, Any]:
 def test_torchrun_wiring_for_one_and_many_nodes(nodes: int, procs: int, expect: list[str]) -> None:
     j = builders.build_stage_job(job(nodes=nodes, procs=procs), 0, NS, launch=3)
     cmd = container(j)["command"]
-    assert cmd[0] == "torchrun"
+    # torchrun runs under the launcher, which maps the first failing rank's exception to the exit code
+    assert cmd[:5] == ["python", "-m", contract.LAUNCHER_MODULE, "--", "torchrun"]
     for arg in expect:
         assert arg in cmd
     assert "--node_rank=$(JOB_COMPLETION_INDEX)" in cmd
     assert "--rdzv_backend=c10d" in cmd
     assert "--rdzv_endpoint=demo-align-3-0.demo-align:29400" in cmd
-    assert cmd[cmd.index("-m") + 1] == contract.TRAINER_MODULE
+    assert cmd[cmd.index("-m", 4) + 1] == contract.TRAINER_MODULE
     assert cmd[-2:] == ["--config", f"{contract.CONFIG_MOUNT_DIR}/{contract.CONFIG_FILE}"]
     spec = j["spec"]
     assert (spec["completions"], spec["parallelism"], spec["completionMode"], spec["backoffLimit"]) == (
@@ -265,3 +266,25 @@ def test_env_names_are_the_contract_ones() -> None:
     env = {e["name"]: e.get("value") for e in container(builders.build_stage_job(job(), 0, NS))["env"]}
     assert env[contract.UNBUFFERED_ENV] == "1" and env[contract.ENDPOINT_URL_ENV] == "http://s3.local:9000"
     assert env[contract.METRICS_PORT_ENV] == str(contract.METRICS_PORT)
+
+
+def test_stage_job_fails_at_once_on_the_tables_deterministic_codes_and_ignores_evictions() -> None:
+    spec = builders.build_stage_job(job(), 0, NS)["spec"]
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    fail = rules[1]
+    assert fail["action"] == "FailJob" and fail["onExitCodes"]["operator"] == "In"
+    assert fail["onExitCodes"]["containerName"] == container(builders.build_stage_job(job(), 0, NS))["name"]
+    # every deterministic row of the contract's table, none of the retryable ones, never 0
+    assert fail["onExitCodes"]["values"] == sorted(f.exit_code for f in contract.FAILURES if not f.retryable)
+    assert contract.TRANSIENT.exit_code not in fail["onExitCodes"]["values"] and 0 not in fail["onExitCodes"]["values"]
+    # podFailurePolicy is only valid with restartPolicy Never
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_trainer_container_reports_its_error_in_the_termination_message() -> None:
+    c = container(builders.build_stage_job(job(), 0, NS))
+    assert c["terminationMessagePath"] == contract.TERMINATION_LOG
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env[contract.TERMINATION_LOG_ENV] == contract.TERMINATION_LOG

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vlm_core.redact import redact
 from vlm_core.storage import join
 
 # The trainer entry point, as torchrun runs it: `torchrun ... -m vlm_trainer --config <uri>`.
@@ -27,11 +28,136 @@ ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 ENDPOINT_URL_ENV = "AWS_ENDPOINT_URL"
 UNBUFFERED_ENV = "PYTHONUNBUFFERED"
 
-# Exception types a restart cannot fix (a configuration problem, another writer holding the stage, a
-# non-finite loss that would recur from the same checkpoint): a stage failing with one (by torchelastic's
-# error record) is failed at once, not retried.
-NOT_RETRIED_ERRORS = ("ModelConfigError", "SpecError", "ValidationError", "ConfigurationError", "LeaseHeldError",
-                      "NonFiniteError")
+# Which failures a restart can fix: ONE table, read by the launcher (exit code of a failed pod), the
+# builders (each stage Job's podFailurePolicy), the operator (restart or fail, from a failed pod's exit code
+# or its termination record) and the local backend (from torchelastic's error record).
+# torchrun itself exits 1 whatever its workers' exit codes are, so the pod's entry point
+# (`python -m LAUNCHER_MODULE -- torchrun ...`) maps the first failing rank's exception type to its code.
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One kind of trainer failure: the exception types that mean it, the pod's exit code, whether a
+    restart can succeed, and the reason a Failed condition names."""
+
+    reason: str
+    exit_code: int
+    retryable: bool
+    what: str  # how a status message names it: "stage 'x' failed with <what> (not retried)"
+    errors: tuple[str, ...] = ()  # exception type names (as torchelastic's record spells them)
+    why: str = ""
+
+
+FAILURES: tuple[Failure, ...] = (
+    Failure("ConfigurationError", 78, False, "a configuration error",  # sysexits' EX_CONFIG
+            ("ModelConfigError", "SpecError", "ValidationError", "ConfigurationError", "ResolutionError",
+             "QLoRAUnavailable", "LeaseHeldError"),
+            "the config, the model or another writer holding the stage: the same again on every restart"),
+    Failure("BadData", 65, False, "bad data over its budget", ("BadDataError",),  # EX_DATAERR
+            "more bad samples than data.maxBadSampleShare: the same shards give the same share again"),
+    Failure("NonFiniteLoss", 66, False, "a non-finite loss", ("NonFiniteError",),
+            "a non-finite loss recurs from the same checkpoint on the same batches"),
+    Failure("OutOfMemory", 67, False, "out of memory", ("OutOfMemoryError",),
+            "out of memory: the restart resumes at the same batch with the same memory"),
+    Failure("TrainerError", 75, True, "an error", (),  # EX_TEMPFAIL: any other exception a rank raised
+            "another exception (storage, network, a peer lost): worth a gang restart"),
+)
+TRANSIENT = FAILURES[-1]
+# A pod failing with one of these conditions was evicted (drain, preemption, node pressure) and did not
+# fail on its own: its Job ignores it (podFailurePolicy Ignore), the operator restarts without spending
+# maxRestarts.
+DISRUPTION_CONDITION = "DisruptionTarget"
+
+# For the table's readers that go by exception type name (the local backend) or exit code (pods).
+NOT_RETRIED_ERRORS = tuple(e for f in FAILURES if not f.retryable for e in f.errors)
+
+
+def failure_of_error(type_name: str) -> Failure:
+    """The table's row for an exception type name (any type not listed is transient)."""
+    return next((f for f in FAILURES if type_name in f.errors), TRANSIENT)
+
+
+def failure_of_exit_code(code: int | None) -> Failure | None:
+    """The table's row for a pod's exit code; None for a code not in it (a crash, a kill: transient)."""
+    return next((f for f in FAILURES if f.exit_code == code), None)
+
+
+# The pod's entry point around torchrun, and where it writes the first failing rank's record: the file the
+# kubelet reads into the container's termination message (builders set terminationMessagePath to it;
+# TERMINATION_LOG_ENV carries the path, so a test's kubelet stand-in can put the file elsewhere).
+LAUNCHER_MODULE = "vlm_trainer.launch"
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LOG_ENV = "VLM_TERMINATION_LOG"
+TERMINATION_MESSAGE_MAX = 4096  # bytes the kubelet keeps of a termination message
+
+
+@dataclass(frozen=True)
+class TrainerError:
+    """The first failing rank's exception, from an error record (torchelastic's error file locally; the same
+    record, without the traceback, in a pod's termination message)."""
+
+    message: str  # "SomeError: message"
+    rank: int | None = None
+    timestamp: float | None = None
+
+    @property
+    def type_name(self) -> str:
+        return self.message.split(":", 1)[0].rsplit(".", 1)[-1].strip()
+
+    @property
+    def failure(self) -> Failure:
+        return failure_of_error(self.type_name)
+
+    @property
+    def retryable(self) -> bool:
+        return self.failure.retryable
+
+    def __str__(self) -> str:
+        return redact(self.message if self.rank is None else f"rank {self.rank}: {self.message}")
+
+
+def parse_error_record(text: str) -> TrainerError | None:
+    """The exception in an error record (torchelastic's error-file JSON: `{"message": {"message": ...,
+    "extraInfo": {"rank", "timestamp", ...}}}`), or None if `text` is not one."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    message = doc.get("message") if isinstance(doc, dict) else None
+    info: dict = {}
+    if isinstance(message, dict):
+        extra = message.get("extraInfo")
+        info = extra if isinstance(extra, dict) else {}
+        message = message.get("message")
+    if not isinstance(message, str) or not message:
+        return None
+    rank, stamp = info.get("rank"), info.get("timestamp")
+    return TrainerError(
+        message,
+        int(rank) if isinstance(rank, (int, str)) and str(rank).isdigit() else None,
+        float(stamp) if isinstance(stamp, (int, float, str)) and str(stamp).replace(".", "", 1).isdigit() else None,
+    )
+
+
+def error_record(error: TrainerError, exit_code: int) -> str:
+    """The record a pod's termination message holds: torchelastic's format without the traceback, the
+    message redacted and cut so that the whole record fits the kubelet's TERMINATION_MESSAGE_MAX bytes."""
+    info: dict[str, Any] = {}
+    if error.rank is not None:
+        info["rank"] = str(error.rank)
+    if error.timestamp is not None:
+        info["timestamp"] = str(int(error.timestamp))
+    full = redact(error.message)
+    keep = len(full)
+    while True:
+        message = full if keep == len(full) else full[:keep] + "..."
+        text = json.dumps({"message": {"message": message, "extraInfo": info}, "errorCode": exit_code},
+                          ensure_ascii=False)
+        excess = len(text.encode()) - TERMINATION_MESSAGE_MAX
+        if excess <= 0:
+            return text
+        keep = max(0, min(keep, len(full)) - max(1, excess // 4) - 3)  # a character is 1 to 4 UTF-8 bytes
+
 
 # Storage layout under <storage.uri>/<job>/<stage>/
 FINAL_DIR = "final"  # HF-format weights, published when the stage ends (committed, manifest last)
