@@ -193,3 +193,26 @@ def test_a_rerun_interrupted_by_a_crash_resumes_under_the_same_stamp(
     assert events == [("Normal", "RerunFrom", "rerun from stage 'instruct' (spec.runPolicy.rerunFrom): previous "
                                               f"outputs kept aside: {aside[0]}, {aside[1]}")]
     assert spec_changes.rerun_decision(j, new) is None  # applied: nothing more
+
+
+def test_a_running_stage_is_compared_by_the_digest_on_its_job_and_named_from_its_configmap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vlm_operator import builders
+
+    j = job()
+    old = fingerprint.Fingerprint({"stage.maxSteps": 10})
+    new = fingerprint.Fingerprint({"stage.maxSteps": 20})
+    config = planner.resolve_stage(j, 1).model_copy(update={"fingerprint": old.record()})
+    objs = builders.build_stage_objects(j, 1, "ns", config, launch=0)
+    stage_job, configmap = objs[-1], objs[0]
+    assert stage_job["metadata"]["annotations"][builders.ANNOTATION_FINGERPRINT] == old.digest
+    reads: list[str] = []
+    monkeypatch.setattr(kube, "read_configmap", lambda ns, name: reads.append(name) or configmap["data"])
+    fps = spec_changes.JobFingerprints(j, "ns", {"spec": {}}, lambda: None, Fingerprints())
+    monkeypatch.setattr(fps, "expected", lambda i: new)
+    changed = fps.running(1, stage_job)
+    assert changed == Changed("instruct", ("stage.maxSteps: 10 -> 20",), running=True)
+    assert fps.running(1, stage_job) == changed and reads == ["demo-instruct-config"]  # read once per Job
+    monkeypatch.setattr(fps, "expected", lambda i: old)
+    assert fps.running(1, stage_job) is None  # launched with the spec's settings
