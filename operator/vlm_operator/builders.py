@@ -26,6 +26,9 @@ from vlm_core import contract
 from vlm_core.spec import API_GROUP, API_VERSION, KIND, TrainerConfig, VLMTrainingJob
 
 ANNOTATION_RESTARTS = "training.vlm.dev/restarts"  # gang restarts of the stage before this Job
+# The digest of the fingerprint the stage was launched with (vlm_core.fingerprint; the full record is in the
+# stage's ConfigMap): the operator compares it with the spec's while the stage runs (spec_changes).
+ANNOTATION_FINGERPRINT = "training.vlm.dev/fingerprint"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -267,6 +270,7 @@ def build_stage_job(
     launch: int = 0,
     restarts: int = 0,
     owner: Mapping[str, Any] | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Indexed batch/v1 Job: `nodes` pods, one torchrun agent each; any failed pod fails the Job
     (backoffLimit 0) so the operator can restart the gang as a whole, except an evicted one, which the
@@ -340,6 +344,8 @@ def build_stage_job(
         pod_spec["priorityClassName"] = policy.priority_class_name
     meta = _metadata(name, namespace, job_labels, owner)
     meta["annotations"] = {ANNOTATION_RESTARTS: str(restarts)}
+    if fingerprint:
+        meta["annotations"][ANNOTATION_FINGERPRINT] = fingerprint
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -370,7 +376,8 @@ def build_stage_objects(
         build_stage_configmap(job, index, namespace, config, owner),
         build_stage_service(job, index, namespace, owner),
         build_stage_network_policy(job, index, namespace, owner),
-        build_stage_job(job, index, namespace, launch, restarts, owner),
+        build_stage_job(job, index, namespace, launch, restarts, owner,
+                        fingerprint=(config.fingerprint or {}).get("digest")),
     ]
 
 

@@ -192,6 +192,17 @@ def delete_children(namespace: str, job_name: str) -> int:
     return count
 
 
+def read_configmap(namespace: str, name: str) -> dict[str, str] | None:
+    """A ConfigMap's data (None if it does not exist)."""
+    try:
+        resp = _core().read_namespaced_config_map(name, namespace, _preload_content=False)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return _raw(resp).get("data") or {}
+
+
 def read_secret(namespace: str, name: str) -> dict[str, str]:
     """A Secret's data, decoded (a job's storage credentials); empty if it does not exist."""
     try:

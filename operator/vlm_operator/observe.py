@@ -171,11 +171,14 @@ def observe_stages(
     jobs_by_stage: Sequence[Sequence[Mapping[str, Any]]],
     verify: Verifier,
     pods: Callable[[Mapping[str, Any]], Sequence[Mapping[str, Any]]] | None = None,
+    stamped: Callable[[int, Mapping[str, Any] | None], dict[str, Any] | None] | None = None,
 ) -> list[StageObservation]:
     """Each stage's observation. Storage is asked only about a finished stage not yet known committed,
     and only up to the first stage that is not done (later stages cannot matter to the planner).
     `pods(job)` (a failed stage Job's pods) is asked only about a stage whose current Job failed: its
-    first failing rank's error, and whether a restart can fix it (`pod_failure`)."""
+    first failing rank's error, and whether a restart can fix it (`pod_failure`).
+    `stamped(index, manifest)`: the fingerprint record of committed stage `index` (`manifest`: the one its
+    handoff check just read, None: known committed earlier; see spec_changes.JobFingerprints.stamped)."""
     out: list[StageObservation] = []
     blocked = False
     for i, stage in enumerate(job.spec.stages):
@@ -184,7 +187,8 @@ def observe_stages(
         cur = current_job(jobs)
         restarts = max([p.restarts if p else 0, *(job_restarts(j) for j in jobs)])
         if p is not None and p.phase == "Succeeded" and p.checkpoint:
-            out.append(StageObservation("Succeeded", restarts, committed=True))
+            out.append(StageObservation("Succeeded", restarts, committed=True,
+                                        fingerprint=stamped(i, None) if stamped is not None else None))
             continue
         if cur is None:
             phase, message = (
@@ -198,6 +202,10 @@ def observe_stages(
         if phase == "Succeeded" and not blocked:
             v = verify(planner.final_uri(job, i))
             committed, message = v.ok, ("" if v.ok else v.reason)
+            if v.ok and stamped is not None:
+                record = stamped(i, v.manifest)
+                out.append(StageObservation("Succeeded", restarts, True, fingerprint=record))
+                continue
         why = pod_failure(pods(cur)) if phase == "Failed" and cur is not None and pods is not None else None
         if why is None and phase == "Failed" and cur is not None and (rule := failjob_failure(cur)) is not None:
             why = PodFailure(message, rule, False)  # the pods are gone; the Job's own condition says why
@@ -313,6 +321,9 @@ def job_phase_and_message(
         return "Suspended", "suspended by spec.suspend"
     if isinstance(action, planner.StartStage):
         return "Running", f"stage {stages[action.index].name!r} started"
+    if isinstance(action, planner.SpecChanged):  # nothing starts: never Succeeded; Running only while pods run
+        running = any(s.phase in ("Running", "Queued") for s in stages)
+        return ("Running" if running else "Pending"), action.message(job)
     wait_reason = action.reason if isinstance(action, planner.Wait) else None
     if index is not None and stages[index].phase == "Queued":
         queue = job.spec.run_policy.queue_name

@@ -24,7 +24,7 @@ from typing import Any
 from vlm_core import contract, storage
 from vlm_core.spec import SpecError, VLMTrainingJob, parse_job
 
-from vlm_operator import admission, builders, kube, metrics, observe, planner, preflight
+from vlm_operator import admission, builders, kube, metrics, observe, planner, preflight, spec_changes
 
 log = logging.getLogger(__name__)
 _locks: dict[tuple[str, str], threading.Lock] = {}
@@ -179,6 +179,7 @@ def forget(namespace: str, name: str) -> None:
         _locks.pop((namespace, name), None)
     job_cache.forget(namespace, name)
     storage_checks.forget(namespace, name)
+    spec_changes.cache.forget(namespace, name)
     _next_resync.pop((namespace, name), None)
     metrics.set_job_phase(namespace, name, None)
 
@@ -279,6 +280,12 @@ def _reconcile_locked(
     options = functools.cache(lambda: storage_options(job, namespace))
     listed = kube.list_stage_jobs(namespace, name) if jobs is None else jobs
     jobs_by_stage = observe.group_jobs_by_stage(job, job_cache.merge(namespace, name, listed))
+    rerun = spec_changes.rerun_decision(job, prev)
+    if rerun is not None:  # spec.runPolicy.rerunFrom not applied yet: set the stages aside, then go on
+        prev = spec_changes.apply_rerun(job, body, prev, rerun, jobs_by_stage, options(),
+                                        functools.partial(job_cache.deleted, namespace, name))
+        jobs_by_stage = observe.group_jobs_by_stage(job, job_cache.merge(namespace, name, listed))
+    fingerprints = spec_changes.JobFingerprints(job, namespace, body, options)
     check = storage_checks.verifier(
         namespace,
         name,
@@ -286,7 +293,8 @@ def _reconcile_locked(
         verify or (lambda uri: storage.verify_committed(uri, options=options())),
     )
     observed = observe.observe_stages(
-        job, prev, jobs_by_stage, check, pods=lambda j: kube.list_job_pods(namespace, j["metadata"]["name"])
+        job, prev, jobs_by_stage, check, pods=lambda j: kube.list_job_pods(namespace, j["metadata"]["name"]),
+        stamped=fingerprints.stamped,
     )
     # Preflight runs before any pod of a stage exists: inputs present and agreeing with the spec.
     action = planner.plan(
@@ -294,7 +302,11 @@ def _reconcile_locked(
         observed,
         admit=admission.checker(job, options=options),
         preflight=lambda i: preflight.check_stage(job, i, options()),
+        fingerprint=fingerprints.expected,
     )
+    changed = [c for c in [spec_changes.from_action(job, action)] if c is not None]
+    changed += [c for i, o in enumerate(observed) if o.phase == "Running"
+                and (c := fingerprints.running(i, observe.current_job(jobs_by_stage[i]))) is not None]
     launched: dict[int, Mapping[str, Any]] = {}
     now = kube.now()
     if isinstance(action, planner.StartStage):
@@ -313,12 +325,13 @@ def _reconcile_locked(
     status = observe.compute_status(
         job, generation, prev, observed, action, jobs_by_stage, now, launched=launched, progress=progress
     )
+    status = spec_changes.with_changes(job, status, prev, changed, now)
     _record_metrics(job, prev, status, launched)
     new, old = observe.dump_status(status), observe.dump_status(prev)
     if new != old:
         # A merge patch keeps keys it does not mention: clear the ones that no longer apply.
         kube.patch_status(namespace, name, {**dict.fromkeys(old), **new})
-    for type_, reason, message in observe.stage_events(prev, status):
+    for type_, reason, message in observe.stage_events(prev, status) + spec_changes.events(prev, status):
         kube.post_event(body, type_, reason, message)
     metrics.set_job_phase(namespace, name, status.phase)
     ttl = job.spec.run_policy.ttl_seconds_after_finished

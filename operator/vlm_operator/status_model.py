@@ -28,7 +28,7 @@ class _Wire(BaseModel):
 class Condition(_Wire):
     """A standard Kubernetes condition."""
 
-    type: str = Field(description="Running, Queued, Suspended, HandoffReady, Admitted, Succeeded or Failed.")
+    type: str = Field(description="Running, Queued, Suspended, HandoffReady, Admitted, SpecChanged, Succeeded or Failed.")
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(description="CamelCase machine-readable reason.")
     message: str = Field("", description="Human-readable detail.")
@@ -53,6 +53,17 @@ class StageStatus(_Wire):
     message: str | None = None
 
 
+class RerunStatus(_Wire):
+    """spec.runPolicy.rerunFrom as the operator applied it (once per value: a value already applied does
+    nothing until it is cleared; clearing it clears this)."""
+
+    from_: str = Field(alias="from", description="The stage the rerun started from (spec.runPolicy.rerunFrom).")
+    at: str = Field(description="The rerun's stamp: its outputs set aside are under <storage.uri>/<job>/.replaced/<at>/.")
+    set_aside: list[str] = Field(default_factory=list, description="Where the previous outputs were moved.")
+    completed: bool = Field(False, description="False while the rerun is being applied (Jobs deleted, outputs "
+                            "moved); a crash in between resumes it under the same stamp.")
+
+
 class JobStatus(_Wire):
     """status of a VLMTrainingJob, written by the operator."""
 
@@ -67,3 +78,4 @@ class JobStatus(_Wire):
     observed_generation: int | None = Field(None, description="metadata.generation this status reflects.")
     stages: list[StageStatus] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
+    rerun: RerunStatus | None = Field(None, description="The rerun spec.runPolicy.rerunFrom asked for, once applied.")

@@ -151,7 +151,17 @@ def move(src: str, dst: str, *, options: Options | None = None) -> bool:
     parent = dst_path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    fs.mv(src_path, dst_path, recursive=True)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    if local or not fs.isdir(src_path):
+        fs.mv(src_path, dst_path, recursive=True)
+        return True
+    # An object store: copy the objects one by one (a recursive mv also copies the folder markers some
+    # servers list, e.g. SeaweedFS, and fails on them), then delete. Repeating it after a crash is safe.
+    root = src_path.rstrip("/") + "/"
+    for key in fs.find(src_path):
+        if key.startswith(root):
+            fs.copy(key, f"{dst_path.rstrip('/')}/{key[len(root):]}")
+    fs.rm(src_path, recursive=True)
     return True
 
 
