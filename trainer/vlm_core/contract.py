@@ -28,10 +28,11 @@ ENDPOINT_URL_ENV = "AWS_ENDPOINT_URL"
 UNBUFFERED_ENV = "PYTHONUNBUFFERED"
 
 # Exception types a restart cannot fix (a configuration problem, another writer holding the stage, a
-# non-finite loss that would recur from the same checkpoint): a stage failing with one (by torchelastic's
-# error record) is failed at once, not retried.
+# non-finite loss that would recur from the same checkpoint, storage refusing the job's credentials or
+# prefix: vlm_core.storage_errors, whose transient StorageUnavailable is retried): a stage failing with
+# one (by torchelastic's error record) is failed at once, not retried.
 NOT_RETRIED_ERRORS = ("ModelConfigError", "SpecError", "ValidationError", "ConfigurationError", "LeaseHeldError",
-                      "NonFiniteError")
+                      "NonFiniteError", "StorageError")
 
 # Storage layout under <storage.uri>/<job>/<stage>/
 FINAL_DIR = "final"  # HF-format weights, published when the stage ends (committed, manifest last)
