@@ -14,6 +14,7 @@ import sys
 import yaml
 from vlm_core.redact import redact, redact_obj
 from vlm_core.spec import SpecError, VLMTrainingJob, load_job
+from vlm_core.storage_errors import StorageError
 
 
 def _load_or_exit(path: str) -> VLMTrainingJob:
@@ -43,7 +44,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vlm_operator.local_ui import run_with_progress
 
     job = _load_or_exit(args.job)
-    return run_with_progress(job, verbose=args.verbose, job_file=args.job)
+    try:
+        return run_with_progress(job, verbose=args.verbose, job_file=args.job)
+    except StorageError as err:  # storage failing mid-run, after its preflight passed: named, no traceback
+        print(f"error: {redact(str(err))}", file=sys.stderr)
+        return 1
 
 
 def cmd_render(args: argparse.Namespace) -> int:
