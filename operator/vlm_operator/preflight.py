@@ -22,7 +22,7 @@ from vlm_core.model_config import (
 )
 from vlm_core.spec import VLMTrainingJob
 from vlm_core.stage_classes import curate_stage, training_stage
-from vlm_core.storage_errors import StorageError
+from vlm_core.storage_errors import StorageError, classify
 
 from vlm_operator import planner
 
@@ -60,7 +60,11 @@ def _shards(job: VLMTrainingJob, index: int, field: str, patterns: list[str],
     for j, pattern in enumerate(patterns):
         where = f"spec.stages[{index}].{section}.{field}[{j}]"
         urls = storage.expand_shards([planner.resolve_shard(job, pattern)])
-        missing = [u for u in urls if not storage.exists(u, options=options)]
+        try:
+            missing = [u for u in urls if not storage.exists(u, options=options)]
+        except StorageError as err:  # shards in another bucket than spec.storage.uri: named by their field
+            out.append(str(classify(err, err.uri, options, field=where) or err))
+            continue
         if missing:
             out.append(f"{where}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]}")
             continue

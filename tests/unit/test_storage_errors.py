@@ -157,3 +157,34 @@ def test_a_stage_failing_on_refused_storage_is_not_retried_but_on_unavailable_st
     unreachable = classify(EndpointConnectionError(endpoint_url="http://s3:9000"), URI)
     assert type(unreachable).__name__ == "StorageUnavailable"
     assert type(classify(s3fs_translated("AccessDenied"), URI)).__name__ == "StorageError"
+
+
+def test_preflight_says_a_storage_problem_alone_and_names_a_refused_shard_by_its_field(tmp_path, monkeypatch) -> None:
+    """The storage check comes first and alone (every other check would fail on it too); a shard on storage
+    that refuses the credentials is a problem of that shard's field, not a crash of the preflight."""
+    from test_preflight import job, write_inputs
+    from vlm_operator import preflight
+
+    j = job(tmp_path, write_inputs(tmp_path), [str(tmp_path / "a.tar")])
+    assert preflight.check_stage(j, 0) == []
+
+    def refuse(uri, *, options=None, field="spec.storage.uri"):
+        raise classify(NoCredentialsError(), uri, options, field=field)
+
+    monkeypatch.setattr(storage, "check_writable", refuse)
+    problems = preflight.check_stage(j, 0)
+    assert len(problems) == 1 and problems[0].startswith("spec.storage.secretRef: no credentials for file://")
+    monkeypatch.undo()
+
+    real_exists = storage.exists
+
+    def denied(uri, *, options=None):
+        if uri.endswith("a.tar"):
+            raise classify(s3fs_translated("AccessDenied"), uri, options)
+        return real_exists(uri, options=options)
+
+    monkeypatch.setattr(storage, "exists", denied)
+    problems = preflight.check_stage(j, 0)
+    assert problems == [f"spec.stages[0].data.shards[0]: access denied to {tmp_path / 'a.tar'} (AccessDenied): "
+                        "grant the credentials (spec.storage.secretRef, or the environment locally) access there "
+                        "(spec.storage.uri needs read and write), or fix spec.stages[0].data.shards[0]"]

@@ -163,9 +163,9 @@ def message(kind: str, detail: str, uri: str, options: Any = None, *, field: str
         return SECRET_FIELD, (f"{SECRET_FIELD}: the storage rejected the credentials for {uri} ({detail}): "
                               f"check {creds} in the environment (vlmctl run) or in the Secret named by {SECRET_FIELD}")
     if kind == DENIED:
-        return where, (f"{where}: access denied to {uri} ({detail}): give the credentials "
-                       f"({SECRET_FIELD}, or the environment locally) read and write access to this prefix, "
-                       f"or point {where} at one they may write")
+        return where, (f"{where}: access denied to {uri} ({detail}): grant the credentials ({SECRET_FIELD}, "
+                       f"or the environment locally) access there ({URI_FIELD} needs read and write), "
+                       f"or fix {where}")
     if kind == NO_BUCKET:
         return where, (f"{where}: bucket {bucket!r} of {uri} does not exist"
                        + (f" at {_base(endpoint)}" if endpoint else "") + f": create it or fix {where}")
