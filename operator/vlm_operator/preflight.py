@@ -2,10 +2,10 @@
 
 Torch-free and cheap (a few small reads): the job's storage first (`check_storage`: bucket, credentials,
 a probe object written and removed under the job's prefix), then the model's `config.json` files, the
-existence of every shard, and the first bytes of the first shard of each pattern. Problems come back as 'field: message' lines and
-are configuration errors: no restart can fix them, so the stage fails at once instead of being retried.
-The planner asks it before a stage's first launch (`planner.plan(preflight=...)`), for both backends,
-and words the failure (`planner.preflight_failure`).
+existence of every shard, and the first bytes of the first shard of each pattern. Problems come back as
+'field: message' lines and are configuration errors: no restart can fix them, so the stage fails at once
+instead of being retried. The planner asks it before a stage's first launch (`planner.plan(preflight=...)`),
+for both backends, and words the failure (`planner.preflight_failure`).
 """
 
 from __future__ import annotations

@@ -10,11 +10,13 @@ SeaweedFS expresses the read-only prefix as an identity whose actions are only [
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,8 @@ import pytest
 from k8s_harness import NS, Cluster, wait_for
 from ports import free_port
 from s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
-from vlm_core import storage
+from vlm_core import storage, storage_errors
+from vlm_core.storage_errors import StorageUnavailable
 
 READER_KEY, READER_SECRET = "vlm-reader-key", "vlm-reader-secret"
 
@@ -187,7 +190,8 @@ def _gcs_env(url: str) -> dict[str, str]:
 
 GCS_ROUND_TRIP = r"""
 import os, sys, tempfile
-from vlm_core import storage
+from vlm_core import storage, storage_errors
+from vlm_core.storage_errors import StorageUnavailable
 storage.check_writable("gs://vlm/runs/job")
 local = tempfile.mkdtemp()
 with open(os.path.join(local, "weights.bin"), "wb") as f:
@@ -220,3 +224,90 @@ def test_vlmctl_run_names_a_missing_gcs_bucket(gcs_emulator: str, tmp_path: Path
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert lines == ["error: spec.storage.uri: bucket 'no-such-bucket' of gs://no-such-bucket/runs/faulty does not "
                      f"exist at {gcs_emulator}: create it or fix spec.storage.uri"], run.stderr
+
+
+class Forwarder:
+    """A TCP forwarder to the S3 server on a port chosen up front and opened on demand: until `start`,
+    connections to it are refused (an S3 endpoint that is down)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port, self.target = free_port(), target_port
+        self._server: socket.socket | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+def test_a_commit_during_an_outage_is_retried_with_backoff_and_lands(
+    s3_with_reader: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The trainer's checkpoint commit while the S3 endpoint refuses connections: the storage layer waits
+    (1 s, then 4 s) and tries again; the endpoint comes back during the second wait and the commit lands."""
+    forwarder = Forwarder(s3_with_reader.port)
+    options = {**storage.s3_options(endpoint_url=forwarder.endpoint, key=ACCESS_KEY, secret=SECRET_KEY),
+               "config_kwargs": {"retries": {"max_attempts": 1}}}  # botocore's own retries off: ours are tested
+    waits: list[float] = []
+
+    def backoff(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 2:
+            forwarder.start()  # storage returns while the layer waits
+
+    monkeypatch.setattr(storage_errors, "RETRY_DELAYS", (1.0, 4.0, 15.0))
+    monkeypatch.setattr(storage_errors, "_sleep", backoff)
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "weights.bin").write_bytes(os.urandom(4096))
+    try:
+        storage.commit_dir(str(local), "s3://vlm/outage/align/checkpoint-2", step=2, stage="align", options=options)
+        assert waits == [1.0, 4.0]
+        assert storage.verify_committed("s3://vlm/outage/align/checkpoint-2", check_sha256=True, options=options).ok
+        err = capsys.readouterr().err
+        assert err.count("retrying in") == 2 and "spec.storage.endpointUrl: cannot connect to" in err
+    finally:
+        forwarder.stop()
+
+
+def test_an_outage_that_outlasts_the_retries_is_named_storage_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    options = {**storage.s3_options(endpoint_url=down, key=ACCESS_KEY, secret=SECRET_KEY),
+               "config_kwargs": {"retries": {"max_attempts": 1}}}
+    waits: list[float] = []
+    monkeypatch.setattr(storage_errors, "RETRY_DELAYS", (2.0,))  # one retry: s3fs' own retries take ~2 s a try
+    monkeypatch.setattr(storage_errors, "_sleep", waits.append)
+    with pytest.raises(StorageUnavailable) as caught:
+        storage.write_json("s3://vlm/outage/align/progress.json", {"step": 1}, options=options)
+    assert waits == [2.0]
+    assert str(caught.value).startswith(f"spec.storage.endpointUrl: cannot connect to {down}")

@@ -198,6 +198,7 @@ RETRY_DELAYS: tuple[float, ...] = tuple(
     float(x) for x in os.environ.get("VLM_STORAGE_RETRY_DELAYS", "1,4,15").split(",") if x.strip())
 
 F = TypeVar("F", bound=Callable[..., Any])
+_sleep = time.sleep  # the backoff's wait (a test makes storage come back during it)
 
 
 def named(uri_arg: str = "uri", *, retry: bool = False) -> Callable[[F], F]:
@@ -228,7 +229,7 @@ def named(uri_arg: str = "uri", *, retry: bool = False) -> Callable[[F], F]:
                     if named_err.transient and delays and not named_err.final:
                         delay = delays.pop(0)
                         print(f"storage: {named_err.message}; retrying in {delay:g}s", file=sys.stderr, flush=True)
-                        time.sleep(delay)
+                        _sleep(delay)
                         continue
                     named_err.final = retry or named_err.final
                     if named_err is err:
