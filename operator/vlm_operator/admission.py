@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from vlm_core import accounting, storage
 from vlm_core.spec import ModelSpec, StageSpec, VLMTrainingJob
 from vlm_core.stage_classes import training_stage
+from vlm_core.storage_errors import StorageError, classify
 
 MAX_ALTERNATIVES = 4
 NODE_FACTORS = (1, 2, 4)
@@ -68,6 +69,8 @@ def read_config(uri: str, field: str, options: storage.Options | None = None) ->
     path = storage.join(uri, "config.json")
     try:
         return storage.read_json(path, options=options)
+    except StorageError as err:  # no credentials, endpoint down, access denied: its own one line
+        raise ValueError(str(classify(err, path, options, field=field) or err)) from err
     except (OSError, ImportError, ValueError) as err:  # missing, no access, no fsspec backend, not JSON
         raise ValueError(f"{field}: cannot read {path}: {err}") from err
 

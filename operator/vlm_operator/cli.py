@@ -15,6 +15,7 @@ import sys
 import yaml
 from vlm_core.redact import redact, redact_obj
 from vlm_core.spec import SpecError, VLMTrainingJob, load_job
+from vlm_core.storage_errors import StorageError
 
 
 def _load_or_exit(path: str) -> VLMTrainingJob:
@@ -52,7 +53,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    return run_with_progress(job, verbose=args.verbose, job_file=args.job, rerun_from=args.rerun_from)
+    try:
+        return run_with_progress(job, verbose=args.verbose, job_file=args.job, rerun_from=args.rerun_from)
+    except StorageError as err:  # storage failing mid-run, after its preflight passed: named, no traceback
+        print(f"error: {redact(str(err))}", file=sys.stderr)
+        return 1
 
 
 def cmd_describe(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import sys
 import time
 
 from rich.console import Console
@@ -28,7 +29,7 @@ from vlm_core.kinds import kind
 from vlm_core.redact import redact
 from vlm_core.spec import VLMTrainingJob
 
-from vlm_operator import planner
+from vlm_operator import planner, preflight
 from vlm_operator.local import Interrupted, LocalRunner, RunResult
 
 
@@ -130,7 +131,14 @@ def _refuse_changed(console: Console, job: VLMTrainingJob, changed: planner.Spec
 
 def run_with_progress(job: VLMTrainingJob, *, verbose: bool = False, job_file: str | None = None,
                       rerun_from: str | None = None) -> int:
-    """`vlmctl run`: run the job with live progress bars; print a summary and write the report."""
+    """`vlmctl run`: run the job with live progress bars; print a summary and write the report.
+
+    The job's storage is checked first (reachable, credentials, bucket, writable): a problem is one line
+    naming the spec.storage field, exit code 2, before anything starts."""
+    problems = preflight.check_storage(job, job.spec.storage.fsspec_options())
+    if problems:
+        print(f"error: {redact(problems[0])}", file=sys.stderr)
+        return 2
     console = Console()
     bars: dict[str, TaskID] = {}
     logs: dict[str, list[str]] = {}

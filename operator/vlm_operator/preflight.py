@@ -1,10 +1,11 @@
 """Preflight: before a stage's first process starts, check that its inputs exist and agree with the spec.
 
-Torch-free and cheap (a few small reads): the model's `config.json` files, the existence of every shard,
-and the first bytes of the first shard of each pattern. Problems come back as 'field: message' lines and
-are configuration errors: no restart can fix them, so the stage fails at once instead of being retried.
-The planner asks it before a stage's first launch (`planner.plan(preflight=...)`), for both backends,
-and words the failure (`planner.preflight_failure`).
+Torch-free and cheap (a few small reads): the job's storage first (`check_storage`: bucket, credentials,
+a probe object written and removed under the job's prefix), then the model's `config.json` files, the
+existence of every shard, and the first bytes of the first shard of each pattern. Problems come back as
+'field: message' lines and are configuration errors: no restart can fix them, so the stage fails at once
+instead of being retried. The planner asks it before a stage's first launch (`planner.plan(preflight=...)`),
+for both backends, and words the failure (`planner.preflight_failure`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vlm_core.model_config import (
 )
 from vlm_core.spec import VLMTrainingJob
 from vlm_core.stage_classes import curate_stage, training_stage
+from vlm_core.storage_errors import StorageError, classify
 
 from vlm_operator import planner
 
@@ -58,7 +60,11 @@ def _shards(job: VLMTrainingJob, index: int, field: str, patterns: list[str],
     for j, pattern in enumerate(patterns):
         where = f"spec.stages[{index}].{section}.{field}[{j}]"
         urls = storage.expand_shards([planner.resolve_shard(job, pattern)])
-        missing = [u for u in urls if not storage.exists(u, options=options)]
+        try:
+            missing = [u for u in urls if not storage.exists(u, options=options)]
+        except StorageError as err:  # shards in another bucket than spec.storage.uri: named by their field
+            out.append(str(classify(err, err.uri, options, field=where) or err))
+            continue
         if missing:
             out.append(f"{where}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]}")
             continue
@@ -71,9 +77,22 @@ def _shards(job: VLMTrainingJob, index: int, field: str, patterns: list[str],
             out.append(f"{where}: {urls[0]} is not a tar archive (WebDataset shards are tar files)")
 
 
+def check_storage(job: VLMTrainingJob, options: storage.Options | None = None) -> list[str]:
+    """The job's storage (spec.storage): reachable, the credentials accepted, the bucket there and the job's
+    prefix writable. One line naming the spec.storage field to fix, or nothing."""
+    try:
+        storage.check_writable(storage.join(job.spec.storage.uri, job.name), options=options)
+    except StorageError as err:
+        return [err.message]
+    return []
+
+
 def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None = None) -> list[str]:
-    """Every problem with stage `index`'s inputs; empty when it may start."""
-    out: list[str] = []
+    """Every problem with stage `index`'s inputs; empty when it may start. A storage problem comes alone:
+    every other check would fail on it too."""
+    out = check_storage(job, options)
+    if out:
+        return out
     if (curate := curate_stage(job.spec.stages[index])) is not None:  # reads no model; its input shards must exist
         _shards(job, index, "shards", curate.input.shards, options, out, section="input")
         return out

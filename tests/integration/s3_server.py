@@ -37,6 +37,7 @@ class SeaweedS3:
     port: int = 0
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
+    extra_args: tuple[str, ...] = ()  # more `weed mini` flags, e.g. ("-s3.config=<identities.json>",)
     proc: subprocess.Popen | None = None
 
     @property
@@ -87,6 +88,7 @@ class SeaweedS3:
                 "-admin.ui=false",
                 *ports,
                 f"-bucket={self.bucket}",
+                *self.extra_args,
             ],
             env=env,
             stdout=self._log,

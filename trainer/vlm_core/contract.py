@@ -51,8 +51,9 @@ class Failure:
 FAILURES: tuple[Failure, ...] = (
     Failure("ConfigurationError", 78, False, "a configuration error",  # sysexits' EX_CONFIG
             ("ModelConfigError", "SpecError", "ValidationError", "ConfigurationError", "ResolutionError",
-             "QLoRAUnavailable", "LeaseHeldError"),
-            "the config, the model or another writer holding the stage: the same again on every restart"),
+             "QLoRAUnavailable", "LeaseHeldError", "StorageError"),
+            "the config, the model, storage refusing the job (credentials, access; vlm_core.storage_errors) or "
+            "another writer holding the stage: the same again on every restart"),
     Failure("BadData", 65, False, "bad data over its budget", ("BadDataError",),  # EX_DATAERR
             "more bad samples than data.maxBadSampleShare: the same shards give the same share again"),
     Failure("NonFiniteLoss", 66, False, "a non-finite loss", ("NonFiniteError",),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -22,6 +23,12 @@ from typing import Any
 import braceexpand
 import fsspec
 from fsspec.core import url_to_fs
+
+from vlm_core.storage_errors import NO_BUCKET, URI_FIELD, StorageError, classify, named, named_error
+
+# gcsfs logs its retries and fallbacks with tracebacks; without a handler of the application's they would
+# reach the screen (logging's last resort). The StorageError raised in the end says what went wrong.
+logging.getLogger("gcsfs").addHandler(logging.NullHandler())
 
 MANIFEST = "manifest.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -82,20 +89,27 @@ def filesystem(uri: str, options: Options | None = None) -> tuple[fsspec.Abstrac
     opts: dict[str, Any] = {}
     if uri.startswith(("s3://", "gs://", "gcs://")):
         opts = {"use_listings_cache": False, "skip_instance_cache": True, **(options or {})}
+    if uri.startswith(("gs://", "gcs://")) and "token" not in opts and not os.environ.get("STORAGE_EMULATOR_HOST"):
+        # Application Default Credentials or a clear "no credentials", never a silent anonymous fallback
+        # that only fails after a minute of retries.
+        opts["token"] = "google_default"
     return url_to_fs(uri, **opts)
 
 
+@named()
 def exists(uri: str, *, options: Options | None = None) -> bool:
     fs, path = filesystem(uri, options)
     return fs.exists(path)
 
 
+@named()
 def read_text(uri: str, *, options: Options | None = None) -> str:
     fs, path = filesystem(uri, options)
     with fs.open(path, "r") as f:
         return f.read()
 
 
+@named()
 def read_head(uri: str, n: int, *, options: Options | None = None) -> bytes:
     """The first `n` bytes of a file (a preflight look at a shard without reading it all)."""
     fs, path = filesystem(uri, options)
@@ -108,12 +122,14 @@ def write_text(uri: str, text: str, *, options: Options | None = None) -> None:
     write_bytes(uri, text.encode(), options=options)
 
 
+@named()
 def read_bytes(uri: str, *, options: Options | None = None) -> bytes:
     fs, path = filesystem(uri, options)
     with fs.open(path, "rb") as f:
         return f.read()
 
 
+@named(retry=True)
 def write_bytes(uri: str, data: bytes, *, atomic: bool = False, options: Options | None = None) -> None:
     """Write a whole file; `atomic`: under a temporary name, then moved, so a reader never sees half of it."""
     fs, path = filesystem(uri, options)
@@ -135,6 +151,7 @@ def write_json(uri: str, obj: Any, *, options: Options | None = None) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True), options=options)
 
 
+@named(retry=True)
 def remove(uri: str, *, options: Options | None = None) -> None:
     fs, path = filesystem(uri, options)
     if fs.exists(path):
@@ -173,6 +190,7 @@ def _sha256(f: Any) -> str:
     return h.hexdigest()
 
 
+@named(retry=True)
 def upload_files(local_dir: str, uri: str, *, options: Options | None = None) -> list[dict[str, Any]]:
     """Upload every file under `local_dir` into `uri` (no manifest) and return their manifest entries, for
     a folder that several processes write and one commits (`commit_dir(..., uploaded=entries)`)."""
@@ -190,6 +208,7 @@ def upload_files(local_dir: str, uri: str, *, options: Options | None = None) ->
     return entries
 
 
+@named(retry=True)
 def commit_dir(
     local_dir: str,
     uri: str,
@@ -231,6 +250,7 @@ def commit_dir(
     return uri
 
 
+@named()
 def read_manifest(uri: str, *, options: Options | None = None) -> dict[str, Any] | None:
     """The manifest of a committed checkpoint at `uri`, or None if it has none (or it is unreadable)."""
     fs, path = filesystem(uri, options)
@@ -248,6 +268,7 @@ class Verification:
     manifest: dict[str, Any] | None = None
 
 
+@named()
 def verify_committed(uri: str, *, check_sha256: bool = False, options: Options | None = None) -> Verification:
     """Is `uri` a complete committed checkpoint? Manifest present, every listed file present with its size
     (and, if asked, its sha256). The operator checks sizes before starting the next stage; the trainer
@@ -272,6 +293,7 @@ def verify_committed(uri: str, *, check_sha256: bool = False, options: Options |
     return Verification(True, "committed", manifest)
 
 
+@named("output")
 def _checkpoint_folders(output: str, options: Options | None) -> list[tuple[int, str, bool]]:
     """(step, uri, committed) of every checkpoint-<step>/ folder under `output`, oldest first."""
     fs, path = filesystem(output, options)
@@ -312,6 +334,7 @@ def prune_checkpoints(output: str, keep_last: int, *, options: Options | None = 
         remove(uri, options=options)
 
 
+@named(retry=True)
 def download_dir(uri: str, local_dir: str, *, options: Options | None = None) -> str:
     """Copy a folder from storage to a local folder (returned). Local URIs are returned as paths, uncopied."""
     if not is_remote(uri):
@@ -320,3 +343,35 @@ def download_dir(uri: str, local_dir: str, *, options: Options | None = None) ->
     os.makedirs(local_dir, exist_ok=True)
     fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
     return local_dir
+
+
+PROBE_PREFIX = ".vlm-storage-probe-"
+
+
+def check_writable(uri: str, *, options: Options | None = None, field: str = URI_FIELD) -> None:
+    """The storage preflight: `uri`'s bucket exists, the credentials work and may write there (a small
+    probe object is written and removed again). Raises a StorageError naming the field to fix."""
+    import uuid
+
+    probe = join(uri, PROBE_PREFIX + uuid.uuid4().hex[:12])
+    try:
+        if is_remote(uri):
+            # Few tries for this first look: an endpoint that does not answer is said in about a second.
+            quick = {"config_kwargs": {"retries": {"max_attempts": 3}}} if uri.startswith("s3://") else {}
+            fs, path = filesystem(uri, {**quick, **(options or {})})
+            bucket = path.split("/", 1)[0]
+            try:
+                fs.info(bucket)
+            except FileNotFoundError as err:
+                raise named_error(NO_BUCKET, "NoSuchBucket", uri, options, field=field) from err
+            except PermissionError:
+                pass  # may not list or head the bucket; the write below says what is wrong
+        write_bytes(probe, b"probe", options=options)
+        remove(probe, options=options)
+    except StorageError as err:  # said of the prefix checked, not of the probe object
+        raise named_error(err.kind, err.detail, uri, options, field=field) from None
+    except Exception as err:
+        named_err = classify(err, uri, options, field=field)
+        if named_err is None:
+            raise
+        raise named_err from err
