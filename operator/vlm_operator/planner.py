@@ -216,6 +216,14 @@ def preflight_failure(job: VLMTrainingJob, index: int, problems: Sequence[str]) 
                               + "; ".join(problems)), code=FAIL_PREFLIGHT)
 
 
+def _launch_config(job: VLMTrainingJob, index: int, fingerprint: Callable[[int], Fingerprint] | None) -> TrainerConfig:
+    """The resolved config a launch carries, with the fingerprint the trainer stamps into its manifests."""
+    config = resolve_stage(job, index)
+    if fingerprint is not None:
+        config = config.model_copy(update={"fingerprint": fingerprint(index).record()})
+    return config
+
+
 def plan(
     job: VLMTrainingJob,
     observed: list[StageObservation],
@@ -254,14 +262,13 @@ def plan(
         decision = admit(i) if admit is not None else None
         if decision is not None and not decision.admitted:
             return Wait(decision.message, i, admission=decision)
-        config = resolve_stage(job, i)
-        if fingerprint is not None:
-            config = config.model_copy(update={"fingerprint": fingerprint(i).record()})
         if o.phase == "Failed":
             spent = 0 if o.disrupted else 1  # an eviction is not the stage's failure
-            return StartStage(i, config, restart=True, restarts=o.restarts + spent, admission=decision)
+            return StartStage(i, _launch_config(job, i, fingerprint), restart=True, restarts=o.restarts + spent,
+                              admission=decision)
+        # the preflight first: inputs it finds missing or unreadable are named there, not by the fingerprint
         failed = preflight_failure(job, i, preflight(i)) if preflight is not None else None
         if failed is not None:
             return failed
-        return StartStage(i, config, restarts=o.restarts, admission=decision)
+        return StartStage(i, _launch_config(job, i, fingerprint), restarts=o.restarts, admission=decision)
     return Done()
