@@ -189,21 +189,18 @@ class _S3Store:
 class _BestEffortStore:
     """Any other fsspec filesystem: the same calls, but check and write are separate requests."""
 
-    def __init__(self, fs: Any, path: str) -> None:
-        self.fs, self.path = fs, path
+    def __init__(self, uri: str, options: storage.Options | None) -> None:
+        self.uri, self.options = uri, options
 
     def get(self) -> tuple[bytes, str] | None:
         try:
-            data = self.fs.cat_file(self.path)
+            data = storage.read_bytes(self.uri, options=self.options)
         except FileNotFoundError:
             return None
         return data, hashlib.sha256(data).hexdigest()
 
     def _write(self, data: bytes) -> str:
-        parent = self.path.rsplit("/", 1)[0]
-        if parent:
-            self.fs.makedirs(parent, exist_ok=True)
-        self.fs.pipe_file(self.path, data)
+        storage.write_bytes(self.uri, data, options=self.options)
         return hashlib.sha256(data).hexdigest()
 
     def create(self, data: bytes) -> str | None:
@@ -217,7 +214,7 @@ class _BestEffortStore:
         current = self.get()
         if current is None or current[1] != version:
             return False
-        self.fs.rm_file(self.path)
+        storage.remove(self.uri, options=self.options)
         return True
 
 
@@ -231,7 +228,7 @@ def _store(uri: str, options: storage.Options | None) -> _Store:
         return _LocalStore(path)
     if "s3" in protocols:
         return _S3Store(fs, path)
-    return _BestEffortStore(fs, path)
+    return _BestEffortStore(uri, options)
 
 
 def read(uri: str, options: storage.Options | None = None) -> LeaseRecord | None:
