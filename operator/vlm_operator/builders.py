@@ -46,6 +46,9 @@ TRAINER_SERVICE_ACCOUNT = "vlm-trainer"
 # A pod always gets a memory limit: a stage without resources.memory gets this one (documented in
 # the README and the field's description). Memory-backed /dev/shm counts against it.
 DEFAULT_MEMORY = "32Gi"
+# A pod always gets a CPU request and limit: a stage without resources.cpu gets one core per torchrun
+# process and one per DataLoader worker of each (procsPerNode x (1 + data.workers)), as if it had said so
+# (documented in the README and the field's description).
 HOME_DIR = "/home/vlm"  # the image's HOME (Dockerfile); an emptyDir, since the root filesystem is read-only
 TMP_DIR = "/tmp"
 TMP_SIZE = "16Gi"  # torch.compile/Triton caches and fsspec temp files
@@ -228,11 +231,18 @@ def pod_failure_policy() -> dict[str, Any]:
     }
 
 
+def default_cpu(stage: Any) -> str:
+    """CPU of a stage's pod when resources.cpu is unset: a core per process and per DataLoader worker."""
+    data = getattr(stage, "data", None)
+    workers = getattr(data, "workers", 0) or 0
+    return str(stage.resources.procs_per_node * (1 + workers))
+
+
 def _resources(job: VLMTrainingJob, index: int) -> dict[str, Any]:
-    r = job.spec.stages[index].resources
+    stage = job.spec.stages[index]
+    r = stage.resources
     amounts: dict[str, str] = {}
-    if r.cpu:
-        amounts["cpu"] = r.cpu
+    amounts["cpu"] = r.cpu or default_cpu(stage)
     amounts["memory"] = r.memory or DEFAULT_MEMORY
     limits = dict(amounts)
     if r.gpus_per_node:

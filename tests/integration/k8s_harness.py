@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("k8s_harness")
 VENV_PYTHON = "/work/main/.venv/bin/python"
 CRD_RESOURCE = f"{API_GROUP}/{API_VERSION}/{PLURAL}"
+PEERING_RESOURCE = "kopf.dev/v1/clusterkopfpeerings"  # Kopf peering (operator replicas with --peering)
 NS = "default"
 
 
@@ -111,6 +112,12 @@ class KubeAPI(KubernetesEmulator):
             singular=KIND.lower(),
             namespaced=True,
             subresources={"status"},
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+        )
+        self.resources[PEERING_RESOURCE] = ResourceInfo(
+            kind="ClusterKopfPeering",
+            singular="clusterkopfpeering",
+            namespaced=False,
             verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
         )
 

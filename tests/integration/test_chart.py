@@ -189,19 +189,28 @@ def test_every_rendered_manifest_validates(chart: helm_python.Chart, case: str) 
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             # A CRD kubernetes-validate does not ship: checked against the structural schema above.
             jsonschema.validate(doc, MONITOR_SCHEMAS[doc["kind"]])
+        elif doc["apiVersion"].startswith("kopf.dev/"):  # the peering object: against the chart's peering CRDs
+            jsonschema.validate(doc, PEERING_SCHEMAS[doc["kind"]])
         else:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
 
-def test_defaults_run_one_hardened_cluster_wide_operator(chart: helm_python.Chart) -> None:
+def test_defaults_run_a_hardened_cluster_wide_operator_with_a_standby(chart: helm_python.Chart) -> None:
     docs = render(chart, {})
     deployment = one(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2  # one active, one standby (Kopf peering)
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = spec["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"] == ["vlmctl", "operator", "--all-namespaces"]
+    assert container["command"] == [
+        "vlmctl", "operator", "--all-namespaces", "--peering", "vlm-operator", "--peering-lifetime", "15"
+    ]
+    pod_id = next(e for e in container["env"] if e["name"] == "POD_ID")  # each replica's name among the peers
+    assert pod_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    peering = one(docs, "ClusterKopfPeering")
+    assert peering["apiVersion"] == "kopf.dev/v1" and peering["metadata"]["name"] == "vlm-operator"
+    assert by_kind(docs, "KopfPeering") == []
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": 8080, "health": 8081}
@@ -234,6 +243,41 @@ def test_defaults_run_one_hardened_cluster_wide_operator(chart: helm_python.Char
     assert crd["metadata"]["name"] == "vlmtrainingjobs.training.vlm.dev"
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert by_kind(docs, "ServiceMonitor") == [] and by_kind(docs, "PodMonitor") == []
+
+
+PEERING_CRDS = {d["spec"]["names"]["kind"]: d
+                for d in yaml.safe_load_all((CHART_DIR / "crds" / "kopf-peering.yaml").read_text())}
+PEERING_SCHEMAS = {
+    kind: {**crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "required": ["apiVersion", "kind", "metadata"]}
+    for kind, crd in PEERING_CRDS.items()
+}
+
+
+def test_peering_crds_are_valid_crds_for_the_kinds_the_operator_uses() -> None:
+    assert set(PEERING_CRDS) == {"ClusterKopfPeering", "KopfPeering"}
+    for crd in PEERING_CRDS.values():
+        kubernetes_validate.validate(crd, KUBE_VERSION, strict=True)
+        assert crd["spec"]["group"] == "kopf.dev"
+    assert PEERING_CRDS["ClusterKopfPeering"]["spec"]["scope"] == "Cluster"
+    assert PEERING_CRDS["KopfPeering"]["spec"]["scope"] == "Namespaced"
+
+
+def test_single_namespace_replicas_share_a_kopfpeering_and_one_replica_runs_standalone(
+    chart: helm_python.Chart,
+) -> None:
+    docs = render(chart, {"operator": {"singleNamespace": True, "watchNamespace": "team-a",
+                                       "peering": {"name": "team-a-ops", "lifetime": 20}}})
+    peering = one(docs, "KopfPeering")
+    assert peering["metadata"] == {**peering["metadata"], "name": "team-a-ops", "namespace": "team-a"}
+    assert by_kind(docs, "ClusterKopfPeering") == []
+    command = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[-4:] == ["--peering", "team-a-ops", "--peering-lifetime", "20"]
+
+    single = render(chart, {"operator": {"replicas": 1}})
+    deployment = one(single, "Deployment")["spec"]
+    assert deployment["replicas"] == 1 and deployment["strategy"] == {"type": "Recreate"}
+    assert deployment["template"]["spec"]["containers"][0]["command"] == ["vlmctl", "operator", "--all-namespaces"]
+    assert by_kind(single, "ClusterKopfPeering") == [] and by_kind(single, "KopfPeering") == []
 
 
 def _rules(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -278,7 +322,7 @@ def test_trainer_service_account_without_token_in_each_namespace(chart: helm_pyt
 def test_single_namespace_mode_and_monitoring(chart: helm_python.Chart) -> None:
     docs = render(chart, CASES["single-namespace-monitoring"])
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["vlmctl", "operator", "--namespace", "team-a"]
+    assert container["command"][:4] == ["vlmctl", "operator", "--namespace", "team-a"]
     assert by_kind(docs, "ClusterRole") == [] and by_kind(docs, "ClusterRoleBinding") == []
     assert one(docs, "Role")["metadata"]["namespace"] == "team-a"
     binding = one(docs, "RoleBinding")
@@ -342,6 +386,8 @@ def test_dashboard_configmap_ships_the_dashboard_file(chart: helm_python.Chart) 
             "/trainerMetrics/podMonitor/interval",
         ),
         ({"crds": {"instal": False}}, "instal"),
+        ({"operator": {"replicas": 0}}, "/operator/replicas"),
+        ({"operator": {"peering": {"name": "vlm-operator", "lifetime": 1}}}, "/operator/peering/lifetime"),
     ],
 )
 def test_values_schema_rejects_bad_values(

@@ -3,6 +3,9 @@ emulator with the kubelet stand-in and a real S3 server (SeaweedFS). Each test a
 survives with nothing lost, prints the measured recovery time (`FAULT <name> recovered_seconds=...`),
 and checks every API request the operator sent against the generated RBAC list (vlm_operator.rbac).
 
+The standby tests run the operator as real processes (`vlmctl operator --peering`, two replicas as the
+chart runs them) and end them with SIGKILL: no graceful stop, no goodbye in the peering object.
+
 Covered elsewhere (tests/integration/test_operator_k8s.py): the operator restarted mid-stage (no
 duplicate Jobs, the pipeline completes), a killed pod (gang restart resumes from its checkpoint), the
 VLMTrainingJob deleted mid-stage (every child gone).
@@ -12,12 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from k8s_harness import NS, Cluster, KubeAPI, wait_for
+from k8s_harness import NS, PEERING_RESOURCE, Cluster, KubeAPI, python_executable, wait_for
 from ports import free_port
 from test_operator_k8s import JOBS, Reconciles, job_doc
 from vlm_core import storage
@@ -169,4 +176,127 @@ async def test_a_pod_failing_every_time_fails_after_max_restarts_and_ttl_cleans_
     assert c.jobs_ever_created("flappy") == {"flappy-align-0", "flappy-align-1", "flappy-align-2"}
     assert c.owned(JOBS, "flappy") == [] and not c.kubelet.running()
     assert c.api.operator_requests[("training.vlm.dev", "vlmtrainingjobs", "delete")] == 1
+    assert_requests_within_rbac(c.api)
+
+
+PEERING = "vlm-operator"  # the chart's ClusterKopfPeering
+# --peering-lifetime of the replicas here (the chart's default is 15 s): the takeover bound. Replicas renew
+# every second; at 3 s a loaded 2-core machine delayed a renewal past the lifetime and the standby briefly
+# counted the live active replica as dead, so the margin here is 5 s.
+LIFETIME = 6
+
+
+class OperatorProcess:
+    """One operator replica: `vlmctl operator --peering` as its own process against the emulator (KUBECONFIG
+    and the operator's env inherited), POD_ID as its peering identity, its log in a file."""
+
+    def __init__(self, name: str, log_dir: Path) -> None:
+        self.name, self.log_path = name, log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [python_executable(), "-m", "vlm_operator.cli", "operator", "--peering", PEERING,
+                 "--peering-lifetime", str(LIFETIME), "--metrics-port", "0", "--liveness-port", "0"],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "POD_ID": self.name},
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to say goodbye (its peering record just stops being renewed)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def replicas(c: Cluster, log_dir: Path) -> AsyncIterator[dict[str, OperatorProcess]]:
+    """The peering object (the chart creates it) and a pool of replicas, every one killed at the end."""
+    await c.operator.stop()  # the fixture's in-process operator: these tests run the operator as processes
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}}
+    async with c.http.post("apis/kopf.dev/v1/clusterkopfpeerings", json=peering) as r:
+        assert r.status in (200, 201), await r.text()
+    pool: dict[str, OperatorProcess] = {}
+    try:
+        yield pool
+    finally:
+        for op in pool.values():
+            op.kill()
+        for op in pool.values():
+            print(f"--- {op.name} log (tail) ---\n{op.log()[-3000:]}")
+
+
+def peers(c: Cluster) -> dict[str, Any]:
+    return (c.api.get_object(PEERING_RESOURCE, None, PEERING) or {}).get("status") or {}  # type: ignore[arg-type]
+
+
+async def start_replica(c: Cluster, pool: dict[str, OperatorProcess], name: str, log_dir: Path) -> OperatorProcess:
+    op = pool[name] = OperatorProcess(name, log_dir)
+    op.start()
+    await wait_for(lambda: name in peers(c), 60, message=f"{name}'s keep-alive in the peering object")
+    return op
+
+
+ACTIVE = "Resuming operations"  # Kopf's log line when a replica (paused from its start) becomes active
+
+
+async def test_sigkill_of_the_active_replica_mid_stage_the_standby_takes_over(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    release = tmp_path / "release"  # align holds after step 2 (mid-stage) until the standby has taken over
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.3", FAKE_HOLD_AFTER_STEP="2", FAKE_HOLD_UNTIL=str(release))
+    async with replicas(c, tmp_path) as pool:
+        active = await start_replica(c, pool, "operator-a", tmp_path)
+        standby = await start_replica(c, pool, "operator-b", tmp_path)
+        await c.create(job_doc(c, "standby", [("align", "align"), ("instruct", "instruct")], max_steps=6))
+        output = f"{c.storage_uri}/standby/align"
+        await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 2, 60, message="align checkpoint-2")
+        # operator-a did all of it; operator-b (started later: lower priority) waits, paused from its start
+        assert c.jobs_ever_created("standby") == {"standby-align-0"}
+        assert ACTIVE not in standby.log() and "Handler" not in standby.log() and ACTIVE in active.log()
+
+        active.kill()
+        killed = time.monotonic()
+        await wait_for(lambda: ACTIVE in standby.log(), 4 * LIFETIME + 30, message="the standby took over")
+        takeover = time.monotonic() - killed
+        report("standby_takeover_after_sigkill", takeover)
+        assert takeover < LIFETIME + 10, f"takeover took {takeover:.1f} s (peering lifetime {LIFETIME} s)"
+        release.touch()
+        await wait_for(lambda: "standby-instruct-0" in c.jobs_ever_created("standby"), 60, message="handoff")
+        status = await c.wait_phase("standby", "Succeeded", timeout=60)
+    assert status["restarts"] == 0 and status["stages"][0]["restarts"] == 0
+    assert c.jobs_ever_created("standby") == {"standby-align-0", "standby-instruct-0"}  # no duplicate, no rerun
+    assert not storage.read_manifest(f"{output}/final").get("resumed_from")  # align ran through, never restarted
+    assert_requests_within_rbac(c.api)
+
+
+async def test_both_replicas_killed_and_one_restarted_the_job_continues(cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    release = tmp_path / "release"
+    c.kubelet.extra_env.update(FAKE_STEP_SECONDS="0.3", FAKE_HOLD_AFTER_STEP="2", FAKE_HOLD_UNTIL=str(release))
+    async with replicas(c, tmp_path) as pool:
+        await start_replica(c, pool, "operator-a", tmp_path)
+        await start_replica(c, pool, "operator-b", tmp_path)
+        await c.create(job_doc(c, "orphan", [("align", "align"), ("instruct", "instruct")], max_steps=6))
+        output = f"{c.storage_uri}/orphan/align"
+        await wait_for(lambda: (storage.latest_checkpoint(output) or (0,))[0] >= 2, 60, message="align checkpoint-2")
+        for op in pool.values():
+            op.kill()
+        release.touch()  # align finishes while no operator runs: its handoff waits for one
+        await wait_for(lambda: storage.verify_committed(f"{output}/final").ok, 60, message="align final/")
+        await wait_for(lambda: not c.kubelet.running(), 30, message="align pods exited")
+        assert c.jobs_ever_created("orphan") == {"orphan-align-0"}
+
+        restarted = time.monotonic()
+        fresh = await start_replica(c, pool, "operator-c", tmp_path)  # the dead replicas' records are still there
+        await wait_for(lambda: "orphan-instruct-0" in c.jobs_ever_created("orphan"), 4 * LIFETIME + 60,
+                       message="the restarted replica did the handoff")
+        report("both_replicas_killed_one_restarted", time.monotonic() - restarted)
+        assert ACTIVE in fresh.log()
+        status = await c.wait_phase("orphan", "Succeeded", timeout=60)
+    assert status["restarts"] == 0
+    assert c.jobs_ever_created("orphan") == {"orphan-align-0", "orphan-instruct-0"}
+    assert not storage.read_manifest(f"{output}/final").get("resumed_from")
     assert_requests_within_rbac(c.api)

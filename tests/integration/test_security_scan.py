@@ -62,6 +62,13 @@ def test_checkov_finds_nothing_but_the_documented_skips(tmp_path: Path) -> None:
     scan.mkdir()
     for ex in EXAMPLES:
         (scan / f"example-{ex.stem}.yaml").write_text(_render_example(ex))
+    # A job that asks for no CPU and no memory: the operator's documented defaults must satisfy the scan.
+    bare = yaml.safe_load(EXAMPLES[0].read_text())
+    for stage in bare["spec"]["stages"]:
+        for key in ("cpu", "memory"):
+            stage.get("resources", {}).pop(key, None)
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(bare))
+    (scan / "example-no-cpu-no-memory.yaml").write_text(_render_example(tmp_path / "bare.yaml"))
     (scan / "chart-cluster.yaml").write_text(yaml.safe_dump_all(_docs_of_chart(ALL_ON)))
     single = {**ALL_ON, "operator": {"singleNamespace": True, "watchNamespace": "team-a"}}
     (scan / "chart-single-namespace.yaml").write_text(yaml.safe_dump_all(_docs_of_chart(single)))

@@ -123,20 +123,28 @@ def test_no_secret_ref_means_no_env_from() -> None:
 
 
 @pytest.mark.parametrize(
-    "index,gpus,expect_requests,expect_limits",
+    "index,procs,gpus,expect_requests,expect_limits",
     [
-        # no resources.memory: the documented default memory limit, always (never unbounded)
-        (0, 0, {"memory": builders.DEFAULT_MEMORY}, {"memory": builders.DEFAULT_MEMORY}),
-        (0, 8, {"memory": builders.DEFAULT_MEMORY}, {"memory": builders.DEFAULT_MEMORY, "nvidia.com/gpu": "8"}),
-        (1, 0, {"cpu": "8", "memory": "64Gi"}, {"cpu": "8", "memory": "64Gi"}),
-        (1, 4, {"cpu": "8", "memory": "64Gi"}, {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "4"}),
+        # no resources.memory: the documented default memory limit, always (never unbounded); no
+        # resources.cpu: the documented default, a core per process and per DataLoader worker (none here)
+        (0, 1, 0, {"cpu": "1", "memory": builders.DEFAULT_MEMORY}, {"cpu": "1", "memory": builders.DEFAULT_MEMORY}),
+        (0, 8, 8, {"cpu": "8", "memory": builders.DEFAULT_MEMORY},
+         {"cpu": "8", "memory": builders.DEFAULT_MEMORY, "nvidia.com/gpu": "8"}),
+        (1, 1, 0, {"cpu": "8", "memory": "64Gi"}, {"cpu": "8", "memory": "64Gi"}),
+        (1, 4, 4, {"cpu": "8", "memory": "64Gi"}, {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "4"}),
     ],
 )
-def test_resources(index: int, gpus: int, expect_requests: Any, expect_limits: Any) -> None:
-    c = container(builders.build_stage_job(job(gpus=gpus), index, NS))
+def test_resources(index: int, procs: int, gpus: int, expect_requests: Any, expect_limits: Any) -> None:
+    c = container(builders.build_stage_job(job(procs=procs, gpus=gpus), index, NS))
     res = c.get("resources", {})
     assert res.get("requests") == expect_requests
     assert res.get("limits") == expect_limits
+
+
+def test_default_cpu_counts_each_process_and_its_data_loader_workers() -> None:
+    doc = job_doc(procs=4)
+    doc["spec"]["stages"][0]["data"]["workers"] = 3
+    assert container(builders.build_stage_job(parse_job(doc), 0, NS))["resources"]["limits"]["cpu"] == "16"
 
 
 def test_scheduling_hints_image_and_queue() -> None:

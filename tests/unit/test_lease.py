@@ -3,6 +3,7 @@ holder's lease (no longer renewed) is taken over once it expires; release frees 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -52,3 +53,76 @@ def test_only_one_of_many_concurrent_takers_wins(tmp_path) -> None:
     assert len(won) == 1
     assert lease.read(f"{out}/{lease.LEASE_FILE}").holder == won[0].record.holder
     won[0].release()
+
+
+def _expired_lease(out: str) -> None:
+    lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=0.05, holder="crashed")  # never renewed
+    time.sleep(0.1)  # let it expire (the point of this fixture: a crashed holder's lease)
+    assert lease.read(f"{out}/{lease.LEASE_FILE}").expired()
+
+
+def race_two_takers_over_an_expired_lease(out: str, monkeypatch: pytest.MonkeyPatch) -> list[lease.Lease]:
+    """Two runners find the same expired lease and BOTH decide to take it over before either acts (a
+    barrier on `LeaseRecord.expired`): the interleaving that, with delete-then-create, let the second
+    taker delete the first one's fresh lease."""
+    barrier = threading.Barrier(2, timeout=5)
+    decided: set[int] = set()
+    real_expired = lease.LeaseRecord.expired
+
+    def expired(self: lease.LeaseRecord, now: float | None = None) -> bool:
+        result = real_expired(self, now)
+        if result and self.holder == "crashed" and threading.get_ident() not in decided:
+            decided.add(threading.get_ident())
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+        return result
+
+    monkeypatch.setattr(lease.LeaseRecord, "expired", expired)
+    won: list[lease.Lease] = []
+    refused: list[str] = []
+
+    def take(name: str) -> None:
+        try:
+            held = lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=1.0, holder=name)
+            won.append(held)
+            held.keep_alive(0.1, on_lost=lambda err: None)
+        except lease.LeaseHeldError as err:
+            refused.append(str(err))
+
+    threads = [threading.Thread(target=take, args=(f"taker-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(decided) == 2, "both takers saw the expired lease"
+    return won
+
+
+def test_two_takers_of_an_expired_lease_cannot_both_win(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = f"file://{tmp_path}/job/align"
+    _expired_lease(out)
+    won = race_two_takers_over_an_expired_lease(out, monkeypatch)
+    try:
+        assert [w.record.holder for w in won] == [lease.read(f"{out}/{lease.LEASE_FILE}").holder]
+        time.sleep(0.35)  # several renewal intervals: the winner keeps renewing, no one lost anything
+        assert won[0].lost is None and lease.read(f"{out}/{lease.LEASE_FILE}").holder == won[0].record.holder
+    finally:
+        for w in won:
+            w.release()
+    assert not storage.exists(f"{out}/{lease.LEASE_FILE}")
+
+
+def test_a_holder_whose_lease_was_taken_stops_loudly(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    out = f"file://{tmp_path}/job/align"
+    slow = lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=0.2, holder="slow")
+    time.sleep(0.25)  # it missed its renewals (a long pause): the lease expired and was taken over
+    taker = lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=5, holder="taker")
+    lost: list[lease.LeaseLostError] = []
+    stopped = threading.Event()
+    slow.keep_alive(0.05, on_lost=lambda err: (lost.append(err), stopped.set()))
+    assert stopped.wait(5), "the keep-alive never reported the lost lease"
+    assert "held by taker" in str(lost[0]) and slow.lost is lost[0]
+    assert any(r.levelname == "ERROR" and "lost the lease" in r.getMessage() for r in caplog.records)
+    slow.release()  # releases nothing: the lease is the taker's
+    assert lease.read(f"{out}/{lease.LEASE_FILE}").holder == "taker"
+    taker.release()

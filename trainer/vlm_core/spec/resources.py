@@ -16,7 +16,9 @@ class ResourcesSpec(Strict):
     nodes: int = Field(1, gt=0, le=4096, description="Nodes (pods) in the torchrun gang.")
     procs_per_node: int = Field(1, gt=0, le=64, description="torchrun --nproc_per_node: processes (GPUs) per node.")
     gpus_per_node: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod (0 on CPU).")
-    cpu: Annotated[str | None, NoEffect("scheduling")] = Field(None, description="CPU request/limit per pod, a Kubernetes quantity, e.g. '8' or '500m'.")
+    cpu: Annotated[str | None, NoEffect("scheduling")] = Field(
+        None, description="CPU request/limit per pod, a Kubernetes quantity, e.g. '8' or '500m' (default when omitted: "
+        "one CPU per process and per DataLoader worker, procsPerNode x (1 + data.workers)).")
     memory: Annotated[str | None, NoEffect("scheduling")] = Field(
         None, description="Memory request/limit per pod, a Kubernetes quantity, e.g. '64Gi' (default when omitted: 32Gi)."
     )
