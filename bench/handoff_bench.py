@@ -3,16 +3,19 @@
 Two processes: this one runs only the real operator (Kopf, the handlers of vlm_operator); a child
 (`--serve`) runs the Kubernetes API emulator of the integration tests and an instant kubelet, which for
 each stage Job commits the stage's final/ (vlm_core.storage, file://) and marks the Job Complete.
-So what is measured is the operator's own overhead:
+The emulator answers each request after a latency drawn uniformly from `--latency-ms` (default 5-10 ms,
+a real API server's round trip; 0 turns it off), and the operator's API client runs with its deployed
+rate limit (`VLM_OPERATOR_API_QPS`/`_BURST`, defaults 100/200). So what is measured is the operator's own
+overhead at a realistic API round trip:
 
 - handoff latency: stage k Job complete (its completionTime) -> stage k+1 Job created
   (its creationTimestamp), per handoff;
 - makespan: N jobs x S stages, all created at once, until all Succeeded; reconciles per second
-  (= the operator's GETs of a VLMTrainingJob, one per reconcile);
+  (counted in the operator process);
 - API requests per job, by verb and resource (the emulator counts what the operator's clients send);
 - the operator process' CPU seconds and peak RSS.
 
-    .venv/bin/python bench/handoff_bench.py --jobs 1 100 1000 --stages 3
+    .venv/bin/python bench/handoff_bench.py --jobs 100 1000 5000 --stages 3
 
 Writes bench/results/operator.json and bench/results/operator.md.
 """
@@ -140,20 +143,41 @@ async def instant_kubelet(api: KubeAPI, http: aiohttp.ClientSession, stop: async
         await asyncio.sleep(0.02)
 
 
-def _succeeded(api: KubeAPI) -> int:
-    """VLMTrainingJobs whose status says Succeeded (read in place: no copies of every object)."""
-    return sum(
-        1
-        for (res, _ns, _name), obj in list(api._objects.items())
-        if res.plural == "vlmtrainingjobs" and not obj.deleted
-        and ((obj.raw.get("status") or {}).get("phase") == "Succeeded")
-    )
+class Succeeded:
+    """VLMTrainingJobs whose status says Succeeded, followed on the emulator's event log (like a watch:
+    its cost does not grow with the number of objects)."""
+
+    def __init__(self, api: KubeAPI) -> None:
+        self.api, self.position, self.names = api, 0, set()
+
+    def __call__(self) -> int:
+        logs = [events for res, events in self.api._log.items() if res.plural == "vlmtrainingjobs"]
+        new = logs[0][self.position:] if logs else []
+        self.position += len(new)
+        for _rv, event in new:
+            obj = event["object"]
+            if event["type"] != "DELETED" and (obj.get("status") or {}).get("phase") == "Succeeded":
+                self.names.add(obj["metadata"]["name"])
+            else:
+                self.names.discard(obj["metadata"]["name"])
+        return len(self.names)
 
 
-async def serve(n_jobs: int, n_stages: int, tmp: str) -> None:
+async def _create_all(http: aiohttp.ClientSession, docs: list[dict[str, Any]], parallel: int = 64) -> None:
+    """POST every job at once (a burst; `parallel` requests in flight, as many clients would send)."""
+    gate = asyncio.Semaphore(parallel)
+
+    async def one(doc: dict[str, Any]) -> None:
+        async with gate, http.post(f"apis/training.vlm.dev/v1alpha1/namespaces/{NS}/vlmtrainingjobs", json=doc) as r:
+            assert r.status in (200, 201), await r.text()
+
+    await asyncio.gather(*(one(d) for d in docs))
+
+
+async def serve(n_jobs: int, n_stages: int, tmp: str, latency: tuple[float, float] | None) -> None:
     """The child: emulator + instant kubelet. Prints its URL, creates the jobs when the parent says
     `go`, prints `done` when all succeeded (or on `stop`), then one JSON line of measurements."""
-    async with KubeAPI() as api, Server(api) as server:
+    async with KubeAPI(latency=latency) as api, Server(api) as server:
         async with aiohttp.ClientSession(str(server.url)) as http:
             print(json.dumps({"url": str(server.url)}), flush=True)
             loop = asyncio.get_running_loop()
@@ -171,15 +195,11 @@ async def serve(n_jobs: int, n_stages: int, tmp: str) -> None:
                 profiler = cProfile.Profile()
                 profiler.enable()
             t0 = time.perf_counter()
-            for i in range(n_jobs):
-                doc = job_doc(f"job-{i:04d}", n_stages, f"file://{tmp}/store")
-                async with http.post(
-                    f"apis/training.vlm.dev/v1alpha1/namespaces/{NS}/vlmtrainingjobs", json=doc
-                ) as r:
-                    assert r.status in (200, 201), await r.text()
+            await _create_all(http, [job_doc(f"job-{i:04d}", n_stages, f"file://{tmp}/store") for i in range(n_jobs)])
+            succeeded = Succeeded(api)
             stopper = asyncio.create_task(reader.readline())
             while not stopper.done():
-                if _succeeded(api) == n_jobs:
+                if succeeded() == n_jobs:
                     break
                 await asyncio.sleep(0.2)
             makespan = time.perf_counter() - t0
@@ -192,7 +212,6 @@ async def serve(n_jobs: int, n_stages: int, tmp: str) -> None:
             await asyncio.sleep(2.0)  # what the operator still sends once everything finished
             requests = dict(api.operator_requests)
             jobs = api.list_objects("batch/v1/jobs", NS)
-            succeeded = _succeeded(api)
             print(json.dumps({
                 "makespan": makespan,
                 "requests": [[*k, v] for k, v in requests.items()],
@@ -206,16 +225,37 @@ async def serve(n_jobs: int, n_stages: int, tmp: str) -> None:
                     }
                     for j in jobs
                 ],
-                "succeeded": succeeded,
+                "succeeded": succeeded(),
             }), flush=True)
             stopper.cancel()
 
 
-async def run(n_jobs: int, n_stages: int, timeout: float) -> dict[str, Any]:
+_reconciles = collections.Counter()
+
+
+def count_reconciles() -> None:
+    """Count the operator's reconciles (it no longer GETs the job per reconcile, so the API cannot)."""
+    from vlm_operator import reconcile
+
+    if getattr(reconcile.reconcile, "counted", False):
+        return
+    original = reconcile.reconcile
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        _reconciles["n"] += 1
+        return original(*args, **kwargs)
+
+    counted.counted = True  # type: ignore[attr-defined]
+    reconcile.reconcile = counted  # type: ignore[assignment]
+
+
+async def run(n_jobs: int, n_stages: int, timeout: float, latency_ms: str) -> dict[str, Any]:
     """The parent: the operator alone in this process, against the child's emulator."""
+    count_reconciles()
+    _reconciles.clear()
     with tempfile.TemporaryDirectory() as tmp:
         child = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.abspath(__file__), "--serve", str(n_jobs), str(n_stages), tmp,
+            sys.executable, os.path.abspath(__file__), "--serve", str(n_jobs), str(n_stages), tmp, latency_ms,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=256 * 1024 * 1024,
         )
         assert child.stdin is not None and child.stdout is not None
@@ -255,7 +295,7 @@ async def run(n_jobs: int, n_stages: int, timeout: float) -> dict[str, Any]:
     requests: collections.Counter = collections.Counter()
     for group, res, verb, count in stats["requests"]:
         requests[f"{verb} {group + '/' if group else ''}{res}"] += count
-    reconciles = requests.get("get training.vlm.dev/vlmtrainingjobs", 0)
+    reconciles = _reconciles["n"]
 
     def pct(p: float) -> float:
         return round(handoffs[min(len(handoffs) - 1, int(p * len(handoffs)))], 4) if handoffs else float("nan")
@@ -263,9 +303,14 @@ async def run(n_jobs: int, n_stages: int, timeout: float) -> dict[str, Any]:
     if os.environ.get("BENCH_DETAIL"):  # every stage Job's owner, index, created and completed (for tracing)
         with open(os.environ["BENCH_DETAIL"], "w") as f:
             json.dump(jobs, f)
+    from vlm_operator import kube
+
     return {
         "jobs": n_jobs,
         "stages_per_job": n_stages,
+        "api_latency_ms": latency_ms,
+        "operator_api_qps": kube.API_QPS,
+        "operator_api_burst": kube.API_BURST,
         "timed_out_after_seconds": timeout if timed_out else None,
         "succeeded": stats["succeeded"],
         "stage_jobs_created": len(jobs),
@@ -293,7 +338,7 @@ async def run(n_jobs: int, n_stages: int, timeout: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve"]:
-        asyncio.run(serve(int(argv[1]), int(argv[2]), argv[3]))
+        asyncio.run(serve(int(argv[1]), int(argv[2]), argv[3], parse_latency(argv[4])))
         return 0
     if argv[:1] == ["--report"]:  # --report LOG COMMAND NOTE: the runs a killed invocation printed
         with open(argv[1]) as f:
@@ -304,18 +349,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument(
+        "--latency-ms",
+        default="5-10",
+        help="Per-request API latency, uniform in LOW-HIGH milliseconds (or one value; 0: none). Default 5-10.",
+    )
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kopf").setLevel(logging.ERROR)
+    parse_latency(args.latency_ms)  # a bad value fails here, not in the child
     runs = []
     for n in args.jobs:
-        runs.append(asyncio.run(run(n, args.stages, args.timeout)))
+        runs.append(asyncio.run(run(n, args.stages, args.timeout, args.latency_ms)))
         print(json.dumps(runs[-1]), flush=True)
     write_report(runs, "python bench/handoff_bench.py " + " ".join(argv), args.out)
     return 0
+
+
+def parse_latency(text: str) -> tuple[float, float] | None:
+    """`5-10` -> (0.005, 0.010) seconds; `7` -> (0.007, 0.007); `0` -> None."""
+    try:
+        low, _, high = text.partition("-")
+        lo, hi = float(low), float(high or low)
+    except ValueError:
+        raise SystemExit(f"--latency-ms: {text!r} is not LOW-HIGH milliseconds (e.g. 5-10) or one number") from None
+    if lo < 0 or hi < lo:
+        raise SystemExit(f"--latency-ms: {text!r}: need 0 <= LOW <= HIGH")
+    return None if hi == 0 else (lo / 1000, hi / 1000)
+
+
+def _latency_text(runs: list[dict[str, Any]]) -> str:
+    return "/".join(sorted({str(r.get("api_latency_ms", "0")) for r in runs}))
+
+
+def _limit_text(runs: list[dict[str, Any]]) -> str:
+    return "/".join(
+        sorted({f"{r.get('operator_api_qps')} QPS, burst {r.get('operator_api_burst')}" for r in runs})
+    )
 
 
 def write_report(runs: list[dict[str, Any]], command: str, out: str, note: str = "") -> None:
@@ -343,7 +416,11 @@ def write_report(runs: list[dict[str, Any]], command: str, out: str, note: str =
         f"{result['machine']['load_average_at_end'][0]:.1f}), Python {result['machine']['python']}; the real "
         "Kopf operator alone in one process, against the kmock-based API emulator and an instant kubelet in "
         "another (each stage's final/ committed on file://, its Job completed at once), so the numbers are "
-        "operator overhead only. Peak RSS is the operator process' high-water mark since it started.",
+        "operator overhead only. Every API request is answered after "
+        f"{_latency_text(runs)} ms (uniform), and the operator's API client is rate-limited to "
+        f"{_limit_text(runs)} (`VLM_OPERATOR_API_QPS`/`VLM_OPERATOR_API_BURST`; Kopf's own requests are not). "
+        "All jobs are created at once. Peak RSS is the operator process' high-water mark since it started; "
+        "reconciles are counted in the operator process.",
         "",
         "| jobs | stages | succeeded | stage Jobs (dup) | makespan s | reconciles/s | API req/job | "
         "operator CPU s | peak RSS MiB | handoff p50 s | p90 s | p99 s | max s |",

@@ -4,15 +4,26 @@ Objects travel as plain wire dicts (camelCase), the same shape the pure builders
 observers read. Creation is idempotent (409 = already there); children are found by labels and the
 labels are re-checked here, so a server that ignores label selectors cannot mix jobs up. Children are
 deleted explicitly rather than left to garbage collection.
+
+Client-side rate limit, as client-go's clients have it (the Python client has none): a token bucket of
+`VLM_OPERATOR_API_QPS` requests per second (default 100) with bursts of `VLM_OPERATOR_API_BURST` (default
+200), shared by every thread. A request for a job with a handoff pending (`priority(key)`, whichever
+thread makes it: a reconcile of that job already holding its lock inherits the priority) is served
+before waiting ordinary ones, and half the bucket is kept for such requests, so a burst of new jobs
+cannot hold a finished stage's successor back. Kopf's own requests
+(watches, finalizers, Events) go through Kopf's client and are not limited by it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
+import os
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -29,6 +40,114 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _api: kubernetes.client.ApiClient | None = None
 COMPONENT = "vlm-operator"
+API_QPS = float(os.environ.get("VLM_OPERATOR_API_QPS", "100"))
+API_BURST = int(os.environ.get("VLM_OPERATOR_API_BURST", "200"))
+# Connections kept open to the API server: at least one per reconcile thread (urllib3's default is 10).
+API_CONNECTIONS = int(os.environ.get("VLM_OPERATOR_API_CONNECTIONS", "32"))
+
+
+class RateLimiter:
+    """A token bucket (`qps` per second, up to `burst` at once) with two lanes: a waiting priority request
+    takes the next token before any ordinary one, and ordinary requests leave `reserve` tokens (default
+    half the burst) for priority ones. qps <= 0: no limit."""
+
+    def __init__(
+        self,
+        qps: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        reserve: int | None = None,
+    ) -> None:
+        self.qps, self.burst = qps, max(1, burst)
+        self.reserve = self.burst // 2 if reserve is None else min(reserve, self.burst - 1)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = float(self.burst)
+        self._stamp = clock()
+        self._cond = threading.Condition()
+        self._priority_waiting = 0
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.qps)
+        self._stamp = now
+
+    def try_acquire(self, priority: bool = False) -> float:
+        """Take a token now (0.0), or the seconds to wait before trying again."""
+        with self._cond:
+            if self.qps <= 0:
+                return 0.0
+            self._refill()
+            need = 1.0 if priority else 1.0 + self.reserve
+            if self._tokens >= need and (priority or self._priority_waiting == 0):
+                self._tokens -= 1.0
+                return 0.0
+            return max((need - self._tokens) / self.qps, 0.001)
+
+    def acquire(self, priority: bool | Callable[[], bool] = False) -> float:
+        """Block until a token is taken; returns the seconds waited. `priority` may be a callable, asked
+        again while waiting (a request can become urgent while it waits)."""
+        urgent = priority if callable(priority) else (lambda: priority)
+        waited, counted = 0.0, False
+        try:
+            while True:
+                now_urgent = urgent()
+                if now_urgent != counted:
+                    with self._cond:
+                        self._priority_waiting += 1 if now_urgent else -1
+                    counted = now_urgent
+                delay = self.try_acquire(now_urgent)
+                if delay <= 0:
+                    return waited
+                self._sleep(min(delay, 0.05) if not now_urgent else delay)
+                waited += min(delay, 0.05) if not now_urgent else delay
+        finally:
+            if counted:
+                with self._cond:
+                    self._priority_waiting -= 1
+
+
+limiter = RateLimiter(API_QPS, API_BURST)
+_lane = threading.local()
+_boosted: dict[Any, int] = {}
+_boost_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def working_for(key: Any) -> Iterator[None]:
+    """API requests this thread makes inside the block are for `key` (a job)."""
+    before = getattr(_lane, "key", None)
+    _lane.key = key
+    try:
+        yield
+    finally:
+        _lane.key = before
+
+
+@contextlib.contextmanager
+def priority(key: Any) -> Iterator[None]:
+    """While inside, every request for `key` goes first (a stage handoff of that job is pending)."""
+    with _boost_lock:
+        _boosted[key] = _boosted.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        with _boost_lock:
+            if _boosted[key] <= 1:
+                del _boosted[key]
+            else:
+                _boosted[key] -= 1
+
+
+def _urgent() -> bool:
+    key = getattr(_lane, "key", None)
+    return key is not None and key in _boosted
+
+
+class _LimitedApiClient(kubernetes.client.ApiClient):
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        limiter.acquire(_urgent)
+        return super().request(*args, **kwargs)
 
 
 def load_config() -> None:
@@ -46,7 +165,9 @@ def api_client() -> kubernetes.client.ApiClient:
     global _api
     with _lock:
         if _api is None:
-            _api = kubernetes.client.ApiClient()
+            config = kubernetes.client.Configuration.get_default_copy()
+            config.connection_pool_maxsize = max(config.connection_pool_maxsize or 0, API_CONNECTIONS)
+            _api = _LimitedApiClient(config)
         return _api
 
 

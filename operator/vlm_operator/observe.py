@@ -320,7 +320,8 @@ def job_phase_and_message(
     if isinstance(action, planner.Suspend):
         return "Suspended", "suspended by spec.suspend"
     if isinstance(action, planner.StartStage):
-        return "Running", f"stage {stages[action.index].name!r} started"
+        # the planner's words for a running stage: a later reconcile that finds it running changes nothing
+        return "Running", f"stage {stages[action.index].name!r} is running"
     if isinstance(action, planner.SpecChanged):  # nothing starts: never Succeeded; Running only while pods run
         running = any(s.phase in ("Running", "Queued") for s in stages)
         return ("Running" if running else "Pending"), action.message(job)
@@ -478,7 +479,10 @@ def compute_status(
 
 
 def stage_events(prev: JobStatus, new: JobStatus) -> list[tuple[str, str, str]]:
-    """(type, reason, message) of the Kubernetes Events a status change deserves."""
+    """(type, reason, message) of the Kubernetes Events a status change deserves: the ones a user acts
+    on (a restart, a failure, an admission refusal, a suspension, the job's end). A stage starting or
+    committing its checkpoint is in the status (`stages[]`, the HandoffReady condition), not an Event:
+    at a fleet's scale those were most of the operator's API requests."""
     events: list[tuple[str, str, str]] = []
     for s in new.stages:
         p = next((x for x in prev.stages if x.name == s.name), None)
@@ -494,10 +498,6 @@ def stage_events(prev: JobStatus, new: JobStatus) -> list[tuple[str, str, str]]:
             )
         elif s.message and s.message.startswith(EVICTED) and s.launches > (p.launches if p else 0):
             events.append(("Warning", "StageRescheduled", f"stage {s.name!r} (Job {s.job_name}): {s.message}"))
-        elif s.phase == "Running" and before != "Running":
-            events.append(("Normal", "StageStarted", f"stage {s.name!r} started (Job {s.job_name})"))
-        if s.checkpoint and not (p and p.checkpoint):
-            events.append(("Normal", "StageSucceeded", f"stage {s.name!r} committed {s.checkpoint}"))
         if s.phase == "Failed" and before != "Failed" and new.phase == "Failed":
             events.append(("Warning", "StageFailed", f"stage {s.name!r} failed: {new.message}"))
     admitted = next((c for c in new.conditions if c.type == "Admitted"), None)

@@ -9,7 +9,13 @@ At scale (1,000 jobs) nothing is listed per reconcile: the stage Jobs come from 
 (fed by the Job watch; complete before any handler runs, so a restarted operator sees every Job),
 overlaid with the Jobs this process just created or deleted until the watch reports them (`JobCache`).
 Storage is asked only when its answer can have changed: a stage Job finished, or a pending handoff's
-backoff elapsed (`StorageChecks`). The resync timer is adaptive (`next_resync_delay`).
+backoff elapsed (`StorageChecks`). The resync is adaptive (`next_resync_delay`): a job is woken only when
+its state can change without an API event.
+
+Nor is the VLMTrainingJob read per reconcile: the caller passes the body its watch delivered (Kopf's
+index), and the status this process last wrote stands in for the body's until the watch brings that
+write back (`StatusCache`), so a reconcile between a status write and its watch event neither plans from
+nor re-posts Events for an old status.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from vlm_core import contract, storage
+from vlm_core.redact import redact_obj
 from vlm_core.spec import SpecError, VLMTrainingJob, parse_job
 
 from vlm_operator import admission, builders, kube, metrics, observe, planner, preflight, spec_changes
@@ -134,38 +141,94 @@ class StorageChecks:
                 del self._failed[k]
 
 
+class StatusCache:
+    """The status this process last wrote for each job, until the watch delivers a body carrying it.
+
+    A body from the watch lags our own status writes by one event; read in that gap it would show the
+    status before the write, and the reconcile would redo the write and repeat its Events. The status is
+    owned by this operator (one writer), so a body whose status differs from the one we wrote is older."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._written: dict[tuple[str, str], tuple[str | None, dict[str, Any]]] = {}
+
+    def wrote(self, namespace: str, name: str, uid: str | None, status: Mapping[str, Any]) -> None:
+        """`status` as the server stores it (no None values: a merge patch removes those keys), for the
+        object `uid` (a job deleted and created again under its name is another object)."""
+        with self._lock:
+            self._written[(namespace, name)] = (uid, {k: v for k, v in status.items() if v is not None})
+
+    def current(
+        self, namespace: str, name: str, uid: str | None, body_status: Mapping[str, Any] | None
+    ) -> Mapping[str, Any] | None:
+        """The job's current status: ours while the body does not show it yet, else the body's."""
+        key = (namespace, name)
+        with self._lock:
+            entry = self._written.get(key)
+            if entry is None:
+                return body_status
+            if entry[0] != uid or dict(body_status or {}) == entry[1]:
+                del self._written[key]  # the watch caught up (or this is another object)
+                return body_status
+            return entry[1]
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._written.pop((namespace, name), None)
+
+
 job_cache = JobCache()
 storage_checks = StorageChecks()
+status_cache = StatusCache()
 _next_resync: dict[tuple[str, str], float] = {}
+_running: set[tuple[str, str]] = set()
+# Progress polls of running stages (storage reads) per second across all jobs: with more running jobs
+# than this times the progress period, each job's poll spreads out (the cost stays flat with fleet size).
+PROGRESS_READS_PER_SECOND = 20.0
 
 
 def next_resync_delay(
-    phase: str | None, resync_seconds: float, handoff_backoff: float | None, progress_seconds: float | None = None
+    phase: str | None,
+    resync_seconds: float,
+    handoff_backoff: float | None,
+    progress_seconds: float | None = None,
+    running_jobs: int = 0,
 ) -> float:
-    """Seconds until the timer should reconcile a job again (watch events reconcile it sooner, and every
-    reconcile, whatever triggered it, pushes this back): a pending handoff when its storage backoff
-    ends; a running job every `progress_seconds` (default 3 periods: its stage's progress.json; storage
-    sends no events); a waiting
-    (Pending/Queued/Suspended) job every 6; a finished one never (its TTL is scheduled by `reconcile`)."""
+    """Seconds until a job should be reconciled again without an event (watch events reconcile it sooner,
+    and every reconcile, whatever triggered it, pushes this back): a pending handoff when its storage
+    backoff ends; a running job every `progress_seconds` (default 3 periods: its stage's progress.json;
+    storage sends no events), slower when more jobs run than `PROGRESS_READS_PER_SECOND` allows in
+    that period; a waiting (Pending/Queued/Suspended) job every 6 periods (admission and preflight
+    read storage); a finished one never (its TTL is scheduled by `reconcile`)."""
     if phase in ("Succeeded", "Failed", None):
         return float("inf")
     if handoff_backoff is not None:
         return max(handoff_backoff, 0.5)
     if phase == "Running":
-        return progress_seconds if progress_seconds is not None else resync_seconds * 3
+        every = progress_seconds if progress_seconds is not None else resync_seconds * 3
+        return max(every, running_jobs / PROGRESS_READS_PER_SECOND)
     return resync_seconds * 6
 
 
 def resync_due(namespace: str, name: str) -> bool:
-    """Whether the adaptive timer should reconcile this job now (unknown jobs: yes; not while another
+    """Whether the resync should reconcile this job now (unknown jobs: yes; not while another
     reconcile of it runs or waits: that one sees the same state)."""
     if _lock(namespace, name).locked():
         return False
     return time.monotonic() >= _next_resync.get((namespace, name), 0.0)
 
 
+def resync_in(namespace: str, name: str) -> float | None:
+    """Seconds until this job's next resync is due (None: none: it waits for events only)."""
+    due = _next_resync.get((namespace, name))
+    return None if due is None else max(0.0, due - time.monotonic())
+
+
 def _schedule(namespace: str, name: str, delay: float) -> None:
-    _next_resync[(namespace, name)] = time.monotonic() + delay
+    if delay == float("inf"):
+        _next_resync.pop((namespace, name), None)
+    else:
+        _next_resync[(namespace, name)] = time.monotonic() + delay
 
 
 def known_jobs() -> int:
@@ -180,7 +243,9 @@ def forget(namespace: str, name: str) -> None:
     job_cache.forget(namespace, name)
     storage_checks.forget(namespace, name)
     spec_changes.cache.forget(namespace, name)
+    status_cache.forget(namespace, name)
     _next_resync.pop((namespace, name), None)
+    _running.discard((namespace, name))
     metrics.set_job_phase(namespace, name, None)
 
 
@@ -240,17 +305,25 @@ def reconcile(
     jobs: Sequence[Mapping[str, Any]] | None = None,
     resync_seconds: float = 10.0,
     progress_seconds: float | None = None,
+    body: Mapping[str, Any] | None = None,
 ) -> str | None:
     """Reconcile one VLMTrainingJob; returns its phase (None if it is gone or being deleted).
 
-    `jobs`: its stage Jobs as the watch knows them (Kopf's index); None lists them from the API."""
+    `jobs`: its stage Jobs as the watch knows them (Kopf's index); None lists them from the API.
+    `body`: the VLMTrainingJob as the watch knows it (Kopf's index); None reads it from the API."""
+    key = (namespace, name)
     with _lock(namespace, name):
-        phase, ttl_left = _reconcile_locked(namespace, name, verify, jobs)
+        phase, ttl_left = _reconcile_locked(namespace, name, verify, jobs, body)
         if phase is None:
-            _next_resync.pop((namespace, name), None)
+            _next_resync.pop(key, None)
+            _running.discard(key)
         else:
+            if phase == "Running":
+                _running.add(key)
+            else:
+                _running.discard(key)
             delay = next_resync_delay(
-                phase, resync_seconds, storage_checks.pending(namespace, name), progress_seconds
+                phase, resync_seconds, storage_checks.pending(namespace, name), progress_seconds, len(_running)
             )
             _schedule(namespace, name, min(delay, ttl_left) if ttl_left is not None else delay)
         return phase
@@ -261,12 +334,14 @@ def _reconcile_locked(
     name: str,
     verify: Callable[[str], storage.Verification] | None,
     jobs: Sequence[Mapping[str, Any]] | None,
+    given: Mapping[str, Any] | None,
 ) -> tuple[str | None, float | None]:
     """(phase, seconds until its TTL deletion is due, if one is pending)."""
-    body = kube.get_training_job(namespace, name)
+    body = kube.get_training_job(namespace, name) if given is None else dict(given)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None, None
-    prev = observe.parse_status(body.get("status"))
+    uid = body["metadata"].get("uid")
+    prev = observe.parse_status(status_cache.current(namespace, name, uid, body.get("status")))
     generation = body["metadata"].get("generation")
     try:
         job = parse_job(body)
@@ -283,7 +358,8 @@ def _reconcile_locked(
     rerun = spec_changes.rerun_decision(job, prev)
     if rerun is not None:  # spec.runPolicy.rerunFrom not applied yet: set the stages aside, then go on
         prev = spec_changes.apply_rerun(job, body, prev, rerun, jobs_by_stage, options(),
-                                        functools.partial(job_cache.deleted, namespace, name))
+                                        functools.partial(job_cache.deleted, namespace, name),
+                                        functools.partial(_write_status, namespace, name, uid))
         jobs_by_stage = observe.group_jobs_by_stage(job, job_cache.merge(namespace, name, listed))
     fingerprints = spec_changes.JobFingerprints(job, namespace, body, options)
     check = storage_checks.verifier(
@@ -330,12 +406,17 @@ def _reconcile_locked(
     new, old = observe.dump_status(status), observe.dump_status(prev)
     if new != old:
         # A merge patch keeps keys it does not mention: clear the ones that no longer apply.
-        kube.patch_status(namespace, name, {**dict.fromkeys(old), **new})
+        _write_status(namespace, name, uid, {**dict.fromkeys(old), **new})
     for type_, reason, message in observe.stage_events(prev, status) + spec_changes.events(prev, status):
         kube.post_event(body, type_, reason, message)
     metrics.set_job_phase(namespace, name, status.phase)
     ttl = job.spec.run_policy.ttl_seconds_after_finished
     return status.phase, (float(ttl) if ttl is not None and status.phase in ("Succeeded", "Failed") else None)
+
+
+def _write_status(namespace: str, name: str, uid: str | None, status: Mapping[str, Any]) -> None:
+    kube.patch_status(namespace, name, status)
+    status_cache.wrote(namespace, name, uid, redact_obj(dict(status)))
 
 
 def _stage_marker(job: VLMTrainingJob, jobs_by_stage: list[list[Mapping[str, Any]]], uri: str) -> str:
@@ -389,7 +470,7 @@ def _invalid(body: Mapping[str, Any], prev: observe.JobStatus, generation: int |
     )
     new, old = observe.dump_status(status), observe.dump_status(prev)
     if new != old:
-        kube.patch_status(meta["namespace"], meta["name"], {**dict.fromkeys(old), **new})
+        _write_status(meta["namespace"], meta["name"], meta.get("uid"), {**dict.fromkeys(old), **new})
         kube.post_event(body, "Warning", "InvalidSpec", message)
     metrics.set_job_phase(meta["namespace"], meta["name"], "Failed")
     return "Failed"

@@ -311,13 +311,15 @@ def apply_rerun(
     jobs_by_stage: Sequence[Sequence[Mapping[str, Any]]],
     options: storage.Options | None,
     deleted: Callable[[str], None],
+    write: Callable[[Mapping[str, Any]], None],
 ) -> JobStatus:
     """Carry out `rerun` (level-triggered, see the module doc); returns the status to reconcile on from
-    (written, and the Normal Event posted)."""
+    (written with `write(whole status, None for keys to remove)`, and the Normal Event posted)."""
     ns, name = body["metadata"]["namespace"], job.name
+    old_doc = prev.model_dump(by_alias=True, mode="json", exclude_none=True)
     if not rerun.resumed:  # the intent first: a crash from here on resumes under the same stamp
         intent = RerunStatus(from_=rerun.stage, at=rerun.at, completed=False)
-        kube.patch_status(ns, name, {"rerun": intent.model_dump(by_alias=True, mode="json")})
+        write({**old_doc, "rerun": intent.model_dump(by_alias=True, mode="json")})
     for i in rerun.indices:
         for j in jobs_by_stage[i] if i < len(jobs_by_stage) else []:
             kube.delete_stage_job(ns, j["metadata"]["name"])
@@ -331,8 +333,7 @@ def apply_rerun(
                                                          rerun.at), options=options)
     ]
     new = after_rerun(job, prev, rerun, set_aside)
-    old_doc, new_doc = prev.model_dump(by_alias=True, mode="json", exclude_none=True), new.model_dump(
-        by_alias=True, mode="json", exclude_none=True)
-    kube.patch_status(ns, name, {**dict.fromkeys(old_doc), **new_doc})
+    new_doc = new.model_dump(by_alias=True, mode="json", exclude_none=True)
+    write({**dict.fromkeys(old_doc), **new_doc})
     kube.post_event(body, *rerun_event(rerun, set_aside))
     return new

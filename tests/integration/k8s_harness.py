@@ -5,7 +5,9 @@
   answered 422; watches served from `resourceVersion` out of a per-resource event log (snapshot and
   subscription under one lock), `sendInitialEvents` closed with a BOOKMARK; lists with a real
   resourceVersion; equality label selectors honoured; a bounded request history (kmock's request matching
-  scans it on every request, which made long runs quadratic).
+  scans it on every request, which made long runs quadratic); optionally a per-request latency
+  (`latency=(low, high)` seconds, uniform; every request but a watch's stream, as a real API server's
+  round trip; off by default).
 - `use_kubeconfig`: a kubeconfig pointing at the emulator, made the `kubernetes` client's default.
 - `OperatorRunner`: `kopf.spawn_tasks` + `kopf.run_tasks` with a stop flag in the test's loop.
 - `Kubelet`: watches Jobs and runs each pod's container command as local processes with the pod's
@@ -103,6 +105,8 @@ class KubeAPI(KubernetesEmulator):
     operator_requests: collections.Counter = attrs.field(factory=collections.Counter, init=False)
     # The requests being served now (by identity): the only history kmock's matching needs.
     _in_flight: dict[int, Any] = attrs.field(factory=dict, init=False)
+    # (low, high) seconds added to each request before it is served (None: answer at once).
+    latency: tuple[float, float] | None = attrs.field(default=None, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -162,6 +166,8 @@ class KubeAPI(KubernetesEmulator):
         for payload in self._payloads:
             payload._requests[:] = [r for r in payload._requests if id(r) in self._in_flight]
         try:
+            if self.latency is not None and request.action != action.WATCH:
+                await asyncio.sleep(random.uniform(*self.latency))
             return await self._handle_in_flight(request)
         finally:
             self._in_flight.pop(id(request), None)

@@ -128,10 +128,8 @@ async def test_real_trainer_two_stages_with_a_gang_restart(
         assert any(f["path"].endswith(".safetensors") for f in v.manifest["files"])  # HF format final/
     await wait_for(lambda: "Succeeded" in c.events("tiny"), 10, message="the Succeeded event")
     events = c.events("tiny")
-    assert (
-        events.count("StageStarted") == 3
-        and "StageRestarted" in events
-        and events.count("StageSucceeded") == 3
-    )
+    # Events for what a user acts on (the restart, the end), none per stage start or commit
+    assert "StageRestarted" in events and events.count("Succeeded") == 1
+    assert not {"StageStarted", "StageSucceeded"} & set(events)
     assert c.jobs_ever_created("tiny") == {"tiny-curate-0", "tiny-align-0", "tiny-align-1", "tiny-instruct-0"}
     assert os.path.exists(tiny_assets["lm"])

@@ -261,21 +261,48 @@ def test_condition_transition_time_is_kept_while_the_status_holds() -> None:
     assert later.conditions[0].last_transition_time == NOW
 
 
-def test_events_for_start_and_success() -> None:
+def test_a_handoff_posts_no_event_and_the_end_posts_one() -> None:
+    """Events only for what a user acts on: a stage starting or committing is in the status (stages[],
+    HandoffReady), not an Event; the job's end is one."""
     prev = JobStatus()
     running = status_for(
         planner.StartStage(0, planner.resolve_stage(make_job(), 0)),
         [StageObservation(), StageObservation()],
         launched={0: stage_job(0, 0)},
     )
-    assert [e[1] for e in observe.stage_events(prev, running)] == ["StageStarted"]
+    assert observe.stage_events(prev, running) == []
     committed = status_for(
         planner.StartStage(1, planner.resolve_stage(make_job(), 1)),
         [StageObservation("Succeeded", 0, True), StageObservation()],
         prev=running,
         launched={1: stage_job(1, 0)},
     )
-    assert [e[1] for e in observe.stage_events(running, committed)] == ["StageSucceeded", "StageStarted"]
+    assert committed.stages[0].checkpoint and committed.stages[1].phase == "Running"
+    assert observe.stage_events(running, committed) == []
+    done = status_for(
+        planner.Done(),
+        [StageObservation("Succeeded", 0, True), StageObservation("Succeeded", 0, True)],
+        prev=committed,
+    )
+    assert [e[:2] for e in observe.stage_events(committed, done)] == [("Normal", "Succeeded")]
+
+
+def test_a_later_reconcile_of_a_running_stage_writes_nothing() -> None:
+    """The status right after a stage started is the status of every later reconcile that finds it
+    running (no second status write per stage)."""
+    j = make_job()
+    started = status_for(
+        planner.StartStage(0, planner.resolve_stage(j, 0)),
+        [StageObservation(), StageObservation()],
+        launched={0: stage_job(0, 0)},
+    )
+    later = status_for(
+        planner.plan(make_job(), [StageObservation("Running"), StageObservation()]),
+        [StageObservation("Running"), StageObservation()],
+        jobs=[[stage_job(0, 0)], []],
+        prev=started,
+    )
+    assert observe.dump_status(later) == observe.dump_status(started)
 
 
 def test_progress_is_reported_for_the_running_stage() -> None:

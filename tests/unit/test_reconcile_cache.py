@@ -1,12 +1,15 @@
 """The operator's in-memory view at scale: the Job overlay that closes the watch's lag (no duplicate
-gang), the handoff-check backoff (storage asked only when it can have changed), the adaptive resync."""
+gang), the status overlay that closes it for our own status writes (no GET per reconcile), the
+handoff-check backoff (storage asked only when it can have changed), the adaptive resync, and the API
+client's rate limit."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from vlm_core.storage import Verification
-from vlm_operator.reconcile import JobCache, StorageChecks, next_resync_delay
+from vlm_operator.kube import RateLimiter
+from vlm_operator.reconcile import JobCache, StatusCache, StorageChecks, next_resync_delay
 
 
 def job(name: str) -> dict[str, Any]:
@@ -84,3 +87,58 @@ def test_the_resync_timer_adapts_to_the_phase() -> None:
     assert next_resync_delay("Queued", 10, None) == 60 and next_resync_delay("Pending", 10, None) == 60
     assert next_resync_delay("Succeeded", 10, None) == float("inf")  # finished: events only (and TTL)
     assert next_resync_delay("Failed", 10, None) == float("inf")
+    # many running jobs: each one's progress poll spreads out, so all together stay at a fixed rate
+    assert next_resync_delay("Running", 10, None, running_jobs=100) == 30
+    assert next_resync_delay("Running", 10, None, running_jobs=5000) == 250  # 5,000 / 20 reads per second
+
+
+def test_a_body_older_than_our_status_write_reads_as_the_status_we_wrote() -> None:
+    cache = StatusCache()
+    old = {"phase": "Running", "progress": "0/3"}
+    assert cache.current("ns", "demo", "u1", old) == old  # nothing written by us: the body's
+    cache.wrote("ns", "demo", "u1", {"phase": "Running", "progress": "1/3", "message": None})
+    assert cache.current("ns", "demo", "u1", old) == {"phase": "Running", "progress": "1/3"}  # the watch lags
+    assert cache.current("ns", "other", "u1", old) == old
+    assert cache.current("ns", "demo", "u2", None) is None  # deleted and created again: a new object
+    cache.wrote("ns", "demo", "u1", {"phase": "Running", "progress": "1/3"})
+    caught_up = {"phase": "Running", "progress": "1/3"}
+    assert cache.current("ns", "demo", "u1", caught_up) == caught_up  # the watch delivered our write ...
+    assert cache.current("ns", "demo", "u1", old) == old  # ... and the overlay is gone
+    cache.wrote("ns", "demo", "u1", caught_up)
+    cache.forget("ns", "demo")
+    assert cache.current("ns", "demo", "u1", old) == old
+
+
+def test_the_rate_limit_allows_a_burst_then_qps_and_serves_a_handoff_first() -> None:
+    clock = Clock()
+
+    def sleep(s: float) -> None:
+        clock.now += s
+
+    limiter = RateLimiter(qps=10, burst=4, clock=clock, sleep=sleep)  # 2 of the 4 kept for handoffs
+    assert [limiter.acquire() for _ in range(2)] == [0.0, 0.0]  # ordinary requests: half the burst
+    assert limiter.try_acquire() > 0  # the rest is a handoff's
+    assert [limiter.acquire(priority=True) for _ in range(2)] == [0.0, 0.0]
+    assert 0.3 - 1e-6 <= limiter.acquire() <= 0.31  # then ordinary ones at qps, above the reserve
+    clock.now += 0.1
+    limiter._priority_waiting = 1  # a handoff waits for the next token: an ordinary request does not get it
+    assert limiter.try_acquire() > 0 and limiter.try_acquire(priority=True) == 0.0
+    limiter._priority_waiting = 0
+    assert RateLimiter(qps=0, burst=1).acquire() == 0.0  # qps 0: no limit
+
+
+def test_a_pending_handoff_makes_every_request_for_its_job_urgent() -> None:
+    """A reconcile of the job already holding its lock (ordinary lane) inherits the handoff's priority."""
+    from vlm_operator import kube
+
+    with kube.working_for(("ns", "demo")):
+        assert not kube._urgent()
+        with kube.priority(("ns", "demo")):
+            assert kube._urgent()
+            with kube.priority(("ns", "demo")):
+                assert kube._urgent()
+            assert kube._urgent()
+            with kube.working_for(("ns", "other")):
+                assert not kube._urgent()
+        assert not kube._urgent()
+    assert not kube._urgent()

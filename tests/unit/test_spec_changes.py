@@ -156,7 +156,7 @@ def test_a_rerun_interrupted_by_a_crash_resumes_under_the_same_stamp(
     patches: list[dict[str, Any]] = []
     events: list[tuple[str, ...]] = []
     deleted: list[str] = []
-    monkeypatch.setattr(kube, "patch_status", lambda ns, name, status: patches.append(copy.deepcopy(status)))
+    write = lambda status: patches.append(copy.deepcopy(dict(status)))  # noqa: E731 (the status writer)
     monkeypatch.setattr(kube, "post_event", lambda owner, *e: events.append(e))
     monkeypatch.setattr(kube, "delete_stage_job", lambda ns, name: deleted.append(name))
     jobs = [[{"metadata": {"name": f"demo-{n}-0"}}] for n in ("align", "instruct", "dpo")]
@@ -175,8 +175,10 @@ def test_a_rerun_interrupted_by_a_crash_resumes_under_the_same_stamp(
     rerun = spec_changes.rerun_decision(j, finished(), lambda: "T1")
     assert rerun is not None
     with pytest.raises(OSError):
-        spec_changes.apply_rerun(j, body, finished(), rerun, jobs, None, deleted.append)
-    assert patches == [{"rerun": {"from": "instruct", "at": "T1", "setAside": [], "completed": False}}]
+        spec_changes.apply_rerun(j, body, finished(), rerun, jobs, None, deleted.append, write)
+    # the whole status is written (the status cache keeps whole ones): the finished status plus the intent
+    assert len(patches) == 1 and patches[0]["phase"] == finished().phase
+    assert patches[0]["rerun"] == {"from": "instruct", "at": "T1", "setAside": [], "completed": False}
     assert deleted == ["demo-instruct-0", "demo-instruct-0", "demo-dpo-0", "demo-dpo-0"]  # API + cache
 
     # the next reconcile reads the intent back and finishes the same rerun
@@ -184,7 +186,7 @@ def test_a_rerun_interrupted_by_a_crash_resumes_under_the_same_stamp(
     prev = finished().model_copy(update={"rerun": RerunStatus.model_validate(patches[0]["rerun"])})
     again = spec_changes.rerun_decision(j, prev, lambda: "T2")
     assert again == Rerun("instruct", (1, 2), "T1", resumed=True)
-    new = spec_changes.apply_rerun(j, body, prev, again, jobs, None, deleted.append)
+    new = spec_changes.apply_rerun(j, body, prev, again, jobs, None, deleted.append, write)
     aside = [contract.replaced_output(j.spec.storage.uri, "demo", n, "T1") for n in ("instruct", "dpo")]
     assert new.rerun == RerunStatus(from_="instruct", at="T1", set_aside=aside, completed=True)
     assert all(storage.exists(storage.join(a, "final", "manifest.json")) for a in aside)
