@@ -64,7 +64,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
     from vlm_operator import describe
 
     job = _load_or_exit(args.job)
-    rows = describe.describe(job)
+    try:
+        rows = describe.describe(job)
+    except StorageError as err:  # named, no traceback (as run and estimate)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
+        return 2
     print(json.dumps([r.as_dict() for r in rows], indent=2) if args.output == "json" else describe.render(job, rows))
     return 0
 

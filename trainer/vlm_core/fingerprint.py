@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from vlm_core import storage
 from vlm_core.kinds import KINDS
 from vlm_core.spec import TrainerConfig, content_of, no_effect
+from vlm_core.storage_errors import named
 
 VERSION = 1
 KEY = "fingerprint"  # the manifest's (and the config's) key of the record
@@ -115,6 +116,16 @@ def _signature(info: Mapping[str, Any] | None) -> str:
     return " ".join(parts)
 
 
+@named("uri")
+def _listing(uri: str, options: storage.Options | None) -> dict[str, Any]:
+    """A folder's entries by name, with their info (size, etag or mtime); {} when it does not exist."""
+    fs, path = storage.filesystem(uri, options)
+    try:
+        return {posixpath.basename(str(e["name"]).rstrip("/")): e for e in fs.ls(path, detail=True)}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+
+
 def _stats(urls: list[str], options: storage.Options | None) -> dict[str, str]:
     """Each URL's signature, one listing per parent folder (not one request per shard)."""
     out: dict[str, str] = {}
@@ -122,11 +133,7 @@ def _stats(urls: list[str], options: storage.Options | None) -> dict[str, str]:
     for url in urls:
         by_parent.setdefault(posixpath.dirname(url.rstrip("/")), []).append(url)
     for parent, members in by_parent.items():
-        fs, parent_path = storage.filesystem(parent, options)
-        try:
-            listing = {posixpath.basename(str(e["name"]).rstrip("/")): e for e in fs.ls(parent_path, detail=True)}
-        except (FileNotFoundError, NotADirectoryError):
-            listing = {}
+        listing = _listing(parent, options)
         for url in members:
             out[url] = _signature(listing.get(posixpath.basename(url.rstrip("/"))))
     return out
@@ -136,6 +143,7 @@ def _digest(lines: list[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
+@named("uri")
 def _folder(uri: str, options: storage.Options | None) -> str:
     fs, path = storage.filesystem(uri, options)
     try:
