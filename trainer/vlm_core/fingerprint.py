@@ -34,6 +34,7 @@ from vlm_core.storage_errors import named
 
 VERSION = 1
 KEY = "fingerprint"  # the manifest's (and the config's) key of the record
+FEW_SHARDS = 8  # up to this many shards of one folder are asked one by one, beyond it the folder is listed
 MAX_LISTED_SHARDS = 64  # beyond this, one digest per field instead of one line per shard (keeps configs small)
 _SIGNATURE_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "mtime", "LastModified", "updated")
 
@@ -117,6 +118,21 @@ def _signature(info: Mapping[str, Any] | None) -> str:
 
 
 @named("uri")
+def _info(uri: str, options: storage.Options | None) -> dict[str, Any] | None:
+    fs, path = storage.filesystem(uri, options)
+    try:
+        return dict(fs.info(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _infos(urls: list[str], options: storage.Options | None) -> dict[str, Any]:
+    """Like `_listing`, for just these URLs (one request each)."""
+    found = {posixpath.basename(u.rstrip("/")): _info(u, options) for u in urls}
+    return {name: info for name, info in found.items() if info is not None}
+
+
+@named("uri")
 def _listing(uri: str, options: storage.Options | None) -> dict[str, Any]:
     """A folder's entries by name, with their info (size, etag or mtime); {} when it does not exist."""
     fs, path = storage.filesystem(uri, options)
@@ -133,7 +149,9 @@ def _stats(urls: list[str], options: storage.Options | None) -> dict[str, str]:
     for url in urls:
         by_parent.setdefault(posixpath.dirname(url.rstrip("/")), []).append(url)
     for parent, members in by_parent.items():
-        listing = _listing(parent, options)
+        # A few shards in a big folder (a storage root holding every job's outputs): one request per shard,
+        # never a listing whose size grows with everything else stored there. Many shards: one listing.
+        listing = _listing(parent, options) if len(members) > FEW_SHARDS else _infos(members, options)
         for url in members:
             out[url] = _signature(listing.get(posixpath.basename(url.rstrip("/"))))
     return out
