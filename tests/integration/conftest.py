@@ -23,6 +23,10 @@ from s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
 os.environ.setdefault("VLM_OPERATOR_RESYNC_SECONDS", "1")
 os.environ.setdefault("VLM_OPERATOR_RETRY_SECONDS", "1")
 os.environ.setdefault("VLM_OPERATOR_PROGRESS_SECONDS", "1")
+# Storage backoff (1, 4, 15 s by default): short here, so an outage test waits for reconciles, not for the
+# backoff; the tests of the backoff itself set RETRY_DELAYS explicitly. Read when vlm_core.storage_errors is
+# first imported.
+os.environ.setdefault("VLM_STORAGE_RETRY_DELAYS", "0.2,0.5,1")
 FAKE_TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_trainer.py")
 
 
