@@ -4,12 +4,14 @@ tools on loopback), tests/gpu (CUDA, opt-in). Markers are applied here, so no te
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 TIERS = ("unit", "integration", "gpu")
 _HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE / "support"))  # helpers shared by the tiers (not tests themselves)
 
 
 def tier_of(path: Path) -> str | None:

@@ -3,11 +3,11 @@ holder's lease (no longer renewed) is taken over once it expires; release frees 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
 import pytest
+from lease_race import race_two_takers, wait_for_renewals, wait_until
 from vlm_core import storage
 from vlm_trainer import lease
 
@@ -57,54 +57,16 @@ def test_only_one_of_many_concurrent_takers_wins(tmp_path) -> None:
 
 def _expired_lease(out: str) -> None:
     lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=0.05, holder="crashed")  # never renewed
-    time.sleep(0.1)  # let it expire (the point of this fixture: a crashed holder's lease)
-    assert lease.read(f"{out}/{lease.LEASE_FILE}").expired()
-
-
-def race_two_takers_over_an_expired_lease(out: str, monkeypatch: pytest.MonkeyPatch) -> list[lease.Lease]:
-    """Two runners find the same expired lease and BOTH decide to take it over before either acts (a
-    barrier on `LeaseRecord.expired`): the interleaving that, with delete-then-create, let the second
-    taker delete the first one's fresh lease."""
-    barrier = threading.Barrier(2, timeout=5)
-    decided: set[int] = set()
-    real_expired = lease.LeaseRecord.expired
-
-    def expired(self: lease.LeaseRecord, now: float | None = None) -> bool:
-        result = real_expired(self, now)
-        if result and self.holder == "crashed" and threading.get_ident() not in decided:
-            decided.add(threading.get_ident())
-            with contextlib.suppress(threading.BrokenBarrierError):
-                barrier.wait()
-        return result
-
-    monkeypatch.setattr(lease.LeaseRecord, "expired", expired)
-    won: list[lease.Lease] = []
-    refused: list[str] = []
-
-    def take(name: str) -> None:
-        try:
-            held = lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=1.0, holder=name)
-            won.append(held)
-            held.keep_alive(0.1, on_lost=lambda err: None)
-        except lease.LeaseHeldError as err:
-            refused.append(str(err))
-
-    threads = [threading.Thread(target=take, args=(f"taker-{i}",)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert len(decided) == 2, "both takers saw the expired lease"
-    return won
+    wait_until(lambda: lease.read(f"{out}/{lease.LEASE_FILE}").expired(), 10, "the crashed holder's lease to expire")
 
 
 def test_two_takers_of_an_expired_lease_cannot_both_win(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = f"file://{tmp_path}/job/align"
     _expired_lease(out)
-    won = race_two_takers_over_an_expired_lease(out, monkeypatch)
+    won = race_two_takers(out, monkeypatch, ttl_seconds=1.0, renew_every=0.1)
     try:
         assert [w.record.holder for w in won] == [lease.read(f"{out}/{lease.LEASE_FILE}").holder]
-        time.sleep(0.35)  # several renewal intervals: the winner keeps renewing, no one lost anything
+        wait_for_renewals(won[0], 3)  # the winner keeps renewing, no one lost anything
         assert won[0].lost is None and lease.read(f"{out}/{lease.LEASE_FILE}").holder == won[0].record.holder
     finally:
         for w in won:
@@ -115,7 +77,8 @@ def test_two_takers_of_an_expired_lease_cannot_both_win(tmp_path, monkeypatch: p
 def test_a_holder_whose_lease_was_taken_stops_loudly(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     out = f"file://{tmp_path}/job/align"
     slow = lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=0.2, holder="slow")
-    time.sleep(0.25)  # it missed its renewals (a long pause): the lease expired and was taken over
+    # it missed its renewals (a long pause): the lease expired and was taken over
+    wait_until(lambda: lease.read(f"{out}/{lease.LEASE_FILE}").expired(), 10, "the slow holder's lease to expire")
     taker = lease.Lease.acquire(out, job="job", stage="align", ttl_seconds=5, holder="taker")
     lost: list[lease.LeaseLostError] = []
     stopped = threading.Event()
