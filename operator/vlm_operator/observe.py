@@ -527,3 +527,10 @@ def parse_status(raw: Mapping[str, Any] | None) -> JobStatus:
 
 def dump_status(status: JobStatus) -> dict[str, Any]:
     return status.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def status_patch(old: JobStatus, new: JobStatus) -> dict[str, Any] | None:
+    """The merge patch that turns status `old` into `new` (None when they are equal). A merge patch keeps
+    the keys it does not mention, so the keys that no longer apply are cleared with None."""
+    new_doc, old_doc = dump_status(new), dump_status(old)
+    return None if new_doc == old_doc else {**dict.fromkeys(old_doc), **new_doc}

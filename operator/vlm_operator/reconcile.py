@@ -403,10 +403,8 @@ def _reconcile_locked(
     )
     status = spec_changes.with_changes(job, status, prev, changed, now)
     _record_metrics(job, prev, status, launched)
-    new, old = observe.dump_status(status), observe.dump_status(prev)
-    if new != old:
-        # A merge patch keeps keys it does not mention: clear the ones that no longer apply.
-        _write_status(namespace, name, uid, {**dict.fromkeys(old), **new})
+    if (patch := observe.status_patch(prev, status)) is not None:
+        _write_status(namespace, name, uid, patch)
     for type_, reason, message in observe.stage_events(prev, status) + spec_changes.events(prev, status):
         kube.post_event(body, type_, reason, message)
     metrics.set_job_phase(namespace, name, status.phase)
@@ -468,9 +466,8 @@ def _invalid(body: Mapping[str, Any], prev: observe.JobStatus, generation: int |
             ],
         }
     )
-    new, old = observe.dump_status(status), observe.dump_status(prev)
-    if new != old:
-        _write_status(meta["namespace"], meta["name"], meta.get("uid"), {**dict.fromkeys(old), **new})
+    if (patch := observe.status_patch(prev, status)) is not None:
+        _write_status(meta["namespace"], meta["name"], meta.get("uid"), patch)
         kube.post_event(body, "Warning", "InvalidSpec", message)
     metrics.set_job_phase(meta["namespace"], meta["name"], "Failed")
     return "Failed"

@@ -34,7 +34,7 @@ from typing import Any
 from vlm_core import contract, fingerprint, reruns, storage
 from vlm_core.spec import VLMTrainingJob
 
-from vlm_operator import builders, kube, planner
+from vlm_operator import builders, kube, observe, planner
 from vlm_operator.status_model import Condition, JobStatus, RerunStatus, StageStatus
 
 CONDITION = "SpecChanged"
@@ -333,7 +333,7 @@ def apply_rerun(
                                                          rerun.at), options=options)
     ]
     new = after_rerun(job, prev, rerun, set_aside)
-    new_doc = new.model_dump(by_alias=True, mode="json", exclude_none=True)
-    write({**dict.fromkeys(old_doc), **new_doc})
+    if (patch := observe.status_patch(prev, new)) is not None:
+        write(patch)
     kube.post_event(body, *rerun_event(rerun, set_aside))
     return new
