@@ -6,8 +6,8 @@
 LLaVA JSON: `--records` LLaVA-style records over `--images` distinct JPEG files of `--size` x `--size` pixels
 (photo-like noise, ~quality 90: decoding them is the work, as in real data), planted faults as in the tests
 (3 missing, 1 corrupt, 1 text-only), local image root, local output, 256 MiB shards. Parquet: `--parquet-rows`
-HF-style rows with the same JPEGs embedded. Each is imported once per `--workers` entry into a fresh
-output; records/s = records / wall seconds of `run_import` (reading, decoding every image once with PIL,
+HF-style rows with the same JPEGs embedded. Each is imported once per `--workers` entry per round
+(`--repeats` rounds, worker counts alternating; the median is reported) into a fresh output; records/s = records / wall seconds of `run_import` (reading, decoding every image once with PIL,
 writing the shards and their commit), on this machine.
 """
 
@@ -74,28 +74,38 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=336)
     ap.add_argument("--parquet-rows", type=int, default=2000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; the worker counts alternate within a round")
     ap.add_argument("--out", default="bench/results/issue21/import.json")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="import-bench-"))
     try:
         facts = build(root, args.records, args.images, args.size, args.parquet_rows)
         runs = []
-        for name, inputs, image_root in (("llava-json", [str(root / "llava.json")], str(root / "images")),
-                                         ("hf-parquet", [str(root / "hf.parquet")], None)):
+        for rnd in range(args.repeats):
+            for name, inputs, image_root in (("llava-json", [str(root / "llava.json")], str(root / "images")),
+                                             ("hf-parquet", [str(root / "hf.parquet")], None)):
+                for w in args.workers:
+                    out = root / f"out-{name}-{w}"
+                    load = os.getloadavg()[0]
+                    started = time.perf_counter()
+                    s = run_import(ImportSettings(inputs, str(out), image_root=image_root, workers=w))
+                    wall = time.perf_counter() - started
+                    runs.append({"round": rnd, "input": name, "workers": w, "records": s.records, "samples": s.samples,
+                                 "skipped": s.skipped, "seconds": round(wall, 2),
+                                 "records_per_s": round(s.records / wall, 1), "mb_written": round(s.bytes / 1e6, 1),
+                                 "load_avg_1m_before": round(load, 2)})
+                    print(json.dumps(runs[-1]), flush=True)
+                    shutil.rmtree(out)
+        medians = {}
+        for name in ("llava-json", "hf-parquet"):
             for w in args.workers:
-                out = root / f"out-{name}-{w}"
-                started = time.perf_counter()
-                s = run_import(ImportSettings(inputs, str(out), image_root=image_root, workers=w))
-                wall = time.perf_counter() - started
-                runs.append({"input": name, "workers": w, "records": s.records, "samples": s.samples,
-                             "skipped": s.skipped, "seconds": round(wall, 2), "records_per_s": round(s.records / wall, 1),
-                             "mb_written": round(s.bytes / 1e6, 1)})
-                print(json.dumps(runs[-1]), flush=True)
-                shutil.rmtree(out)
+                rates = sorted(r["records_per_s"] for r in runs if r["input"] == name and r["workers"] == w)
+                medians[f"{name} workers={w}"] = rates[len(rates) // 2]
+        print(json.dumps({"median_records_per_s": medians}), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-              "settings": {**vars(args), **facts}, "runs": runs}
+              "settings": {**vars(args), **facts}, "median_records_per_s": medians, "runs": runs}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -26,7 +26,7 @@ def test_import_from_s3_then_train_on_imported_shards_and_parquet_rows(parts, s3
     fs.put_file(str(json_path), f"{s3_server.bucket}/bring-your-data/llava.json")
 
     cmd = [sys.executable, "-m", "vlm_operator.cli", "data", "import", f"{base}/llava.json", "--image-root",
-           f"{base}/images", "--output", f"{base}/shards", "--shard-size", "64KB", "--workers", "2", "--summary", "json"]
+           f"{base}/images", "--output", f"{base}/shards", "--shard-size", "64KiB", "--workers", "2", "--summary", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)

@@ -216,12 +216,24 @@ def _checked(data: bytes, where: str) -> tuple[bytes, str]:
                                   "image_unreadable") from None
 
 
-Result = tuple[int, str, list[tuple[str, bytes]] | None, str | None, bool]  # index, id, members, reason, added
+Result = tuple[int, str, bytes | None, str | None, bool]  # index, id, the sample's tar members, reason, added
+
+
+def tar_members(key: str, members: list[tuple[str, bytes]]) -> bytes:
+    """A sample's members as tar bytes (a header per member, data padded to 512-byte blocks; mtime 0, mode
+    0644, no owner): built by the worker, so the main process only concatenates them into a shard."""
+    out = []
+    for ext, data in members:
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        out += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data,
+                b"\0" * (-len(data) % tarfile.BLOCKSIZE)]
+    return b"".join(out)
 
 
 def process_record(record: Any, index: int, fmt: str | None, root: str,
                    options: storage.Options | None = None) -> Result:
-    """One record -> (index, id, sample members [(ext, bytes)] or None, skip reason or None, markers added)."""
+    """One record -> (index, id, the sample as tar members or None, skip reason or None, markers added)."""
     rid = records.record_id(record, index) if isinstance(record, dict) else str(index)
     if isinstance(record, dict) and "__bad_json__" in record:
         return index, rid, None, "bad_record", False
@@ -237,7 +249,7 @@ def process_record(record: Any, index: int, fmt: str | None, root: str,
         key = f"{index:09d}"
         raw = records.raw_sample(normal, datas, exts, key, "")
         members = [(name, raw[name]) for name in ["json", *records.member_names(exts)]]
-        return index, rid, members, None, normal.markers_added
+        return index, rid, tar_members(key, members), None, normal.markers_added
     except records.RecordError as err:
         return index, rid, None, err.reason, False
 
@@ -266,26 +278,18 @@ def _task(args: tuple[Unit, int]) -> list[Result]:
 # --- shards -----------------------------------------------------------------------------------------
 
 
-def _member_size(n: int) -> int:
-    return tarfile.BLOCKSIZE + -(-n // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+_END = b"\0" * (2 * tarfile.BLOCKSIZE)  # end-of-archive
 
 
 class _Shard:
     def __init__(self, index: int, first: int):
         self.index, self.first, self.next = index, first, first
-        self.samples: list[tuple[str, list[tuple[str, bytes]]]] = []
-        self.size = 2 * tarfile.BLOCKSIZE  # end-of-archive blocks
+        self.samples: list[bytes] = []  # each sample's tar members
+        self.size = len(_END)
         self.summary = Summary()
 
     def tar(self) -> bytes:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, members in self.samples:
-                for ext, data in members:
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
+        return b"".join([*self.samples, _END])
 
 
 def _signature(settings: ImportSettings, urls: list[str], fmt: str) -> str:
@@ -401,12 +405,11 @@ def run_import(settings: ImportSettings, progress: Callable[[int, int], None] | 
                 if members is None:
                     shard.summary.skip(reason or "bad_record", rid)
                 else:
-                    size = sum(_member_size(len(d)) for _e, d in members)
-                    if shard.samples and shard.size + size > settings.shard_bytes:
+                    if shard.samples and shard.size + len(members) > settings.shard_bytes:
                         close(shard)
                         shard = _Shard(shard.index + 1, index)
-                    shard.samples.append((f"{index:09d}", members))
-                    shard.size += size
+                    shard.samples.append(members)
+                    shard.size += len(members)
                     shard.summary.markers_added += int(added)
                 shard.next = index + 1
             done += len(batch)
