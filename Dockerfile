@@ -87,6 +87,7 @@ RUN --mount=type=bind,from=trainer-build,source=/wheels,target=/wheels \
       fsspec==2026.9.0 \
       s3fs==2026.9.0 \
       webdataset==1.0.2 \
+      pyarrow==26.0.1 \
       pillow==13.0.0 \
       prometheus-client==0.26.0 \
       bitsandbytes==0.50.2 \

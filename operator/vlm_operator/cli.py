@@ -125,6 +125,44 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return subprocess.call([py, "-m", "vlm_quickstart", "evaluate", "--dir", qdir])
 
 
+def _size(text: str) -> int:
+    """`256MB`, `64MiB`, `1GB`, `100000` (bytes) -> bytes."""
+    units = {"": 1, "B": 1, "K": 1 << 10, "KB": 10**3, "KIB": 1 << 10, "M": 1 << 20, "MB": 10**6, "MIB": 1 << 20,
+             "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30}
+    t = text.strip().upper()
+    digits = t.rstrip("KMGIB")
+    try:
+        return int(float(digits) * units[t[len(digits):]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"a size such as 256MB, 64MiB or 1GB, got {text!r}") from None
+
+
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from vlm_core import dataimport
+
+    settings = dataimport.ImportSettings(
+        inputs=args.inputs, output=args.output, image_root=args.image_root, shard_bytes=args.shard_size,
+        workers=args.workers, dry_run=args.dry_run, format=args.format,
+    )
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("import"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
+                   TimeRemainingColumn(), console=console, disable=not console.is_terminal, transient=True)
+    task = bar.add_task("import", total=None)
+    try:
+        with bar:
+            summary = dataimport.run_import(settings, lambda done, total: bar.update(task, completed=done, total=total))
+    except (dataimport.ImportProblem, ValueError) as err:
+        print(f"error: {redact(str(err))}", file=sys.stderr)
+        return 2
+    except StorageError as err:
+        print(f"error: {redact(str(err))}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary.as_dict(), indent=2) if args.summary == "json" else dataimport.render(summary))
+    return 0
+
+
 def _quickstart_rerun(job: VLMTrainingJob) -> str | None:
     """The quickstart writes its own job files, so where a stage done earlier differs from them (another seed or
     recipe, data prepared anew, an older release) it reruns from that stage, saying so; `vlmctl run` refuses instead."""
@@ -176,6 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget", type=float, metavar="GPU_HOURS", help="which LM size this budget trains compute-optimally")
     e.add_argument("--model-configs", metavar="DIR", help="read <DIR>/<checkpoint name>/config.json instead of the URIs")
     e.set_defaults(func=cmd_estimate)
+
+    dt = sub.add_parser("data", help="bring your data: convert datasets into this project's shards")
+    dsub = dt.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser(
+        "import", help="LLaVA / ShareGPT / ShareGPT4V / preference JSON(L) or Hugging Face Parquet -> WebDataset shards",
+        description="Convert records (LLaVA JSON + image folder, ShareGPT / ShareGPT4V, preference JSON with "
+        "chosen/rejected, Hugging Face Parquet with embedded images) into WebDataset shards the stages read. "
+        "Re-running continues after the shards already committed; --dry-run checks everything and writes nothing.")
+    di.add_argument("inputs", nargs="+", metavar="INPUT", help=".json / .jsonl / .parquet files (path, file://, s3://, "
+                    "gs://; brace patterns allowed), read in order")
+    di.add_argument("--output", required=True, help="where the shards go (path, file://, s3://, gs://)")
+    di.add_argument("--image-root", help="folder image paths are relative to (default: each input file's folder)")
+    di.add_argument("--shard-size", type=_size, default=256 << 20, help="shard size limit, e.g. 256MB (default 256MiB)")
+    di.add_argument("--workers", type=int, default=2, help="worker processes (default 2; 0 or 1: in this process)")
+    di.add_argument("--format", choices=["conversation", "preference"],
+                    help="the samples' format (default: the first usable record's); records of the other are skipped")
+    di.add_argument("--dry-run", action="store_true", help="read and check everything, write nothing")
+    di.add_argument("--summary", choices=["text", "json"], default="text", help="the summary's form (json: the numbers)")
+    di.set_defaults(func=cmd_data_import)
 
     o = sub.add_parser("operator", help="run the Kopf operator (see `vlmctl operator --help`)", add_help=False)
     o.add_argument("rest", nargs=argparse.REMAINDER)

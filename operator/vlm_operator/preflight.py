@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm_core import storage
+from vlm_core import parquet, storage
 from vlm_core.model_config import (
     VisionFacts,
     max_length_problem,
@@ -73,7 +73,10 @@ def _shards(job: VLMTrainingJob, index: int, field: str, patterns: list[str],
         except OSError as err:
             out.append(f"{where}: {urls[0]} is not readable: {err}")
             continue
-        if head[TAR_MAGIC_OFFSET:TAR_MAGIC_OFFSET + 5] != b"ustar":
+        if parquet.is_parquet(urls[0]):
+            if head[:4] != parquet.MAGIC:
+                out.append(f"{where}: {urls[0]} is not a Parquet file (no PAR1 header)")
+        elif head[TAR_MAGIC_OFFSET:TAR_MAGIC_OFFSET + 5] != b"ustar":
             out.append(f"{where}: {urls[0]} is not a tar archive (WebDataset shards are tar files)")
 
 

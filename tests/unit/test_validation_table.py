@@ -70,6 +70,8 @@ CASES: list[tuple[str, Any, str]] = [
     ("maxlength-huge", at("spec.stages.0.data.maxLength", 10**9), "spec.stages[0].data.maxLength"),
     ("shards-empty", at("spec.stages.0.data.shards", []), "spec.stages[0].data.shards"),
     ("shards-not-list", at("spec.stages.0.data.shards", "a.tar"), "spec.stages[0].data.shards"),
+    ("shards-tar-and-parquet", at("spec.stages.0.data.shards", ["s3://b/hf-0.parquet", "s3://b/a.tar"]),
+     "spec.stages[0].data.shards: mixes Parquet files (s3://b/hf-0.parquet) with WebDataset tar shards"),
     ("shard-with-credentials", at("spec.stages.0.data.shards", ["s3://AKIAIOSFODNN7EXAMPLE:abc@b/a.tar"]), "spec.stages[0].data.shards: holds a credential"),
     ("shard-presigned", at("spec.stages.0.data.evalShards", ["https://h/a.tar?X-Amz-Signature=abc"]), "spec.stages[0].data.evalShards: holds a credential"),
     ("format-unknown", at("spec.stages.0.data.format", "captions"), "spec.stages[0].data.format"),

@@ -14,6 +14,17 @@ Training order of one rank, epoch e:
 4. samples pass a shuffle buffer seeded by (seed, e, rank).
 Epochs repeat forever; the loop stops by step count.
 
+Parquet shards (`data.shards` naming `.parquet` files: the kind is inferred from the suffix, and one source
+reads one kind, `vlm_core.parquet.shard_kind`) are read in place, without converting: their unit is the row
+group (listed from the files' footers), and steps 1-4 apply to row groups as to tar shards: shuffled by
+(seed, e), split across ranks (rank r reads row groups r, r+world, ...; fewer row groups than ranks: every
+rank reads all and keeps every world-size-th row), rows in file order, then the shuffle buffer. Each row is
+normalised by `vlm_core.records` (the normaliser `vlmctl data import` uses) into the raw sample a tar shard
+would hold (`json` + image members), so the encoders and everything downstream (loader workers, the cache,
+resume, the bad-sample counters) are the same; a row that cannot be a sample becomes a bad-sample marker
+with its reason (no_image, image_missing, image_mismatch, missing_field, ...), a row group pyarrow cannot
+read one `unreadable_row_group` marker.
+
 Several sources (`data.sources: [{shards, format, weight}]`) are several such streams, each with its own
 epochs, interleaved by `mix_order`: draw n goes to the source whose realised count lags its weight's share
 the most (ties: the first source), so every prefix of the mix is within one sample per source of the
@@ -36,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import webdataset as wds
-from vlm_core import storage
+from vlm_core import parquet, records, storage
 from webdataset.tariterators import base_plus_ext
 
 
@@ -229,6 +240,54 @@ def _every_nth(rank: int, world: int) -> Callable[[Iterable[Any]], Iterator[Any]
     return split
 
 
+UNREADABLE_ROW_GROUP = "unreadable_row_group"
+
+
+def parquet_groups(urls: list[str], field: str = SHARDS_FIELD) -> list[parquet.RowGroup]:
+    """The row groups of the stage's Parquet files, in file order (footers only)."""
+    groups = []
+    for url in urls:
+        try:
+            groups += parquet.row_groups(url)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{field}: Parquet file {url} does not exist") from None
+        except ValueError as err:  # pyarrow.ArrowInvalid: not a Parquet file
+            raise ValueError(f"{field}: {url} is not a readable Parquet file ({err})") from None
+    return groups
+
+
+def parquet_samples(groups: Iterable[parquet.RowGroup]) -> Iterator[dict[str, Any]]:
+    """Raw samples of the row groups' rows, in order (the Parquet twin of `expand_tar_samples`)."""
+    import pyarrow
+
+    for group in groups:
+        try:
+            rows = list(parquet.read_rows(group))
+        except (ValueError, pyarrow.ArrowException) as err:
+            yield {"__bad__": UNREADABLE_ROW_GROUP, "__url__": group.url, "__key__": f"row group {group.index}",
+                   "__detail__": f"{group.url}: row group {group.index} cannot be read ({err})"}
+            continue
+        for row_no, row in rows:
+            yield records.embedded_sample(row, row_no, str(row_no), group.url)
+
+
+def _parquet_pass(
+    groups: list[parquet.RowGroup], *, rank: int, world: int, shard_seed: Any | None, sample_seed: Any | None,
+    shuffle_buffer: int,
+) -> Iterator[dict[str, Any]]:
+    """`raw_samples` for Parquet: row groups take the place of shards."""
+    groups = list(groups)
+    if shard_seed is not None:
+        random.Random(str(shard_seed)).shuffle(groups)
+    by_group = len(groups) >= world
+    stream: Iterator[dict[str, Any]] = parquet_samples(groups[rank::world] if by_group else groups)
+    if not by_group:
+        stream = _every_nth(rank, world)(stream)
+    if shuffle_buffer > 0 and sample_seed is not None:
+        stream = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(str(sample_seed)))(stream)
+    return iter(stream)
+
+
 def raw_samples(
     urls: list[str],
     *,
@@ -237,8 +296,15 @@ def raw_samples(
     shard_seed: Any | None,
     sample_seed: Any | None,
     shuffle_buffer: int,
+    groups: list[parquet.RowGroup] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """One pass over `urls` for one rank: a WebDataset pipeline yielding raw samples (member bytes by ext)."""
+    """One pass over `urls` for one rank: a WebDataset pipeline yielding raw samples (member bytes by ext).
+    Parquet files (or their listed `groups`) are read by row group."""
+    if groups is None and parquet.shard_kind(list(urls), SHARDS_FIELD) == "parquet":
+        groups = parquet_groups(list(urls))
+    if groups is not None:
+        return _parquet_pass(groups, rank=rank, world=world, shard_seed=shard_seed, sample_seed=sample_seed,
+                             shuffle_buffer=shuffle_buffer)
     urls = list(urls)
     if shard_seed is not None:
         random.Random(str(shard_seed)).shuffle(urls)
@@ -272,6 +338,8 @@ class TrainStream:
         position: DataPosition | None = None,
     ):
         self.urls = storage.expand_shards(shards, field=SHARDS_FIELD)
+        parquet_files = parquet.shard_kind(self.urls, SHARDS_FIELD) == "parquet"
+        self.groups = parquet_groups(self.urls) if parquet_files else None  # listed once, read every epoch
         self.seed, self.rank, self.world = seed, rank, world
         self.shuffle_buffer = shuffle_buffer
         self.position = position or DataPosition()
@@ -286,6 +354,7 @@ class TrainStream:
             shard_seed=f"{self.seed}/{epoch}" if shuffle else None,
             sample_seed=f"{self.seed}/{epoch}/{self.rank}" if shuffle else None,
             shuffle_buffer=self.shuffle_buffer,
+            groups=self.groups,
         )
 
     def _generate(self) -> Iterator[dict[str, Any]]:
@@ -321,14 +390,20 @@ class TrainStream:
 def eval_samples(shards: list[str], *, rank: int, world: int) -> Iterator[dict[str, Any]]:
     """One unshuffled pass over held-out shards; rank r keeps samples r, r+world, ... (balanced to +-1)."""
     urls = storage.expand_shards(shards, field=SHARDS_FIELD)
+    if parquet.shard_kind(urls, SHARDS_FIELD) == "parquet":
+        return _every_nth(rank, world)(parquet_samples(parquet_groups(urls)))
     stages = [wds.SimpleShardList(urls), open_with_fsspec, expand_tar_samples, _every_nth(rank, world)]
     return iter(wds.DataPipeline(*stages))
 
 
 def count_samples(shards: list[str]) -> int:
-    """Samples in the shards, by reading the tar headers (keys grouped as WebDataset groups them)."""
+    """Samples in the shards, by reading the tar headers (keys grouped as WebDataset groups them); rows of
+    Parquet files, from their footers (bad ones included, as a tar's bad samples are)."""
     total = 0
-    for url in storage.expand_shards(shards, field=SHARDS_FIELD):
+    urls = storage.expand_shards(shards, field=SHARDS_FIELD)
+    if parquet.shard_kind(urls, SHARDS_FIELD) == "parquet":
+        return sum(g.rows for g in parquet_groups(urls))
+    for url in urls:
         fs, path = storage.filesystem(url)
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             last = None

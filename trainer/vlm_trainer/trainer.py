@@ -66,7 +66,7 @@ def total_steps_of(config: TrainerConfig) -> int:
     stage = config.stage
     if stage.max_steps is not None:
         return stage.max_steps
-    samples = count_samples([url for source in stage.data.source_list() for url in source.shards])
+    samples = sum(count_samples(source.shards) for source in stage.data.source_list())  # a tar or a Parquet source
     if samples == 0:
         raise ValueError("stage.data.shards: the shards hold no samples")
     return max(1, math.ceil(stage.epochs * samples / stage.batch.global_size))

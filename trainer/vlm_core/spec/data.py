@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlm_core import kinds, validators
+from vlm_core import kinds, parquet, storage, validators
 from vlm_core.spec.base import ContentOf, NoEffect, Strict
 
 if TYPE_CHECKING:  # the type checker sees a string; pydantic sees the kinds table's formats as a Literal
@@ -55,14 +55,21 @@ class ResolutionSpec(Strict):
 class DataSourceSpec(Strict):
     """One data source of a mix: shards in one format, drawn in proportion to its weight."""
 
-    shards: Annotated[list[str], ContentOf("shards")] = Field(min_length=1, description="WebDataset shard URLs of this source (brace patterns allowed).")
+    shards: Annotated[list[str], ContentOf("shards")] = Field(min_length=1, description="WebDataset shard URLs of this source (brace patterns allowed), or Parquet files (*.parquet); all of one kind.")
     format: DataFormat = Field(description="The samples' format (see data.format).")
     weight: float = Field(1.0, gt=0, le=1e6, description="Relative share of this source in the mix (> 0).")
 
     @field_validator("shards")
     @classmethod
     def _shard_uris(cls, v: list[str]) -> list[str]:
-        return validators.input_uris(v)
+        return one_shard_kind(validators.input_uris(v))
+
+
+def one_shard_kind(v: list[str]) -> list[str]:
+    """A list of shards is all WebDataset tars or all Parquet files (`.parquet`, read in place)."""
+    if v:
+        parquet.shard_kind(storage.expand_shards(v), None)  # the error's location names the field
+    return v
 
 
 class DataSpec(Strict):
@@ -70,8 +77,9 @@ class DataSpec(Strict):
 
     shards: Annotated[list[str], ContentOf("shards")] = Field(
         default_factory=list,
-        description="WebDataset shard URLs (brace patterns allowed, e.g. data/train-{000..003}.tar); "
-        "relative ones resolve against spec.storage.uri. Exactly one of shards, fromStage or sources.",
+        description="WebDataset shard URLs (brace patterns allowed, e.g. data/train-{000..003}.tar), or Parquet "
+        "files (*.parquet, HF-style rows read in place, split by row group); all of one kind. "
+        "Relative ones resolve against spec.storage.uri. Exactly one of shards, fromStage or sources.",
     )
     from_stage: str | None = Field(
         None,
@@ -128,7 +136,7 @@ class DataSpec(Strict):
     @field_validator("shards", "eval_shards")
     @classmethod
     def _shard_uris(cls, v: list[str]) -> list[str]:
-        return validators.input_uris(v)
+        return one_shard_kind(validators.input_uris(v))
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
