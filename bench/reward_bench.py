@@ -15,8 +15,9 @@ Issue 22's "done" for the reward kind: held-out pairwise accuracy >= 0.9 on the 
 
     .venv/bin/python bench/reward_bench.py --dir /tmp/qs-reward --out bench/results/reward/quickstart-seed0.json
 
-Variants: `full` (ddp, projector + LM + head; the kind's defaults except lr), `lora` (LoRA adapters, head fully
-trained as modules_to_save), `margin` (full with reward.margin 0.5).
+Variants: `full` (ddp, projector + LM + head; the kind's defaults except lr), `lora` (LoRA adapters at lr 5e-4, head
+fully trained as modules_to_save), `margin` (full with reward.margin 0.5). Stage names carry the step count, so runs
+with other `--steps` sit beside each other in the same quickstart folder.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import yaml
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
-    "lora": {"lora": {"rank": 16, "alpha": 32}},
+    "lora": {"lora": {"rank": 16, "alpha": 32}, "optimizer": {"lr": 5e-4}},  # LoRA wants a higher lr
     "margin": {"reward": {"margin": 0.5}},
 }
 
@@ -59,7 +60,7 @@ def reward_job(base: dict[str, Any], variant: str, steps: int, lr: float, margin
     dpo = stages[names.index("dpo")]
     kept = stages[: names.index("instruct") + 1]
     stage = {
-        "name": f"reward-{variant}",
+        "name": f"reward-{variant}-{steps}",
         "type": "reward",
         "data": dpo["data"],
         "batch": dpo["batch"],
