@@ -52,6 +52,7 @@ def _training_values() -> dict[str, Any]:
     optional ones a default leaves out."""
     stage = S.dump_job(S.parse_job(GOOD))["spec"]["stages"][2]
     stage.update(lora={"rank": 8}, epochs=1)
+    stage.update(reward={"margin": 0.5})  # a reward stage's own field (the dpo stage above has none)
     return stage
 
 
