@@ -186,12 +186,17 @@ def near_dedup(records: list[dict[str, Any]], filters: CurateFiltersSpec, d: Dec
     sims = np.ones(pairs.shape[0], dtype=np.float32)
     if spec.verify is not None and pairs.shape[0]:
         if spec.verify.signal == "thumbnail":
-            vectors = G.thumbnail_vectors(decode_thumbs([records[i]["thumb"] for i in idx]))
+            # only the samples in a candidate pair need their thumbnails decoded
+            used = np.unique(pairs)
+            thumbs = np.zeros((len(idx), THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
+            thumbs[used] = decode_thumbs([records[idx[k]]["thumb"] for k in used.tolist()])
+            sims = G.aligned_similarity(pairs, thumbs, blur=spec.verify.blur)
+            pairs, sims = G.confirm_scores(pairs, sims, spec.verify.min_similarity)
         else:
             emb = np.asarray(embeddings[idx].float().numpy() if hasattr(embeddings, "numpy") else embeddings[idx],
                              dtype=np.float32)
             vectors = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        pairs, sims = G.confirm(pairs, vectors, spec.verify.min_similarity)
+            pairs, sims = G.confirm(pairs, vectors, spec.verify.min_similarity)
     score = np.array([float(records[i].get("clip", np.nan)) for i in idx]) if spec.keep == "clipScore" else None
     kept, dup = G.keep_best(len(idx), pairs, score)
     similarity = {(int(a), int(b)): float(s) for (a, b), s in zip(pairs.tolist(), sims.tolist(), strict=True)}
