@@ -247,6 +247,6 @@ def test_the_merged_stage_schema_documents_both_kinds() -> None:
     assert item["required"] == ["name", "type"]  # data is required for training kinds by a CEL rule
     # kubectl explain documents the curate fields too, down to the thresholds
     near = props["filters"]["properties"]["nearDedup"]["properties"]["maxDistance"]
-    assert "bits" in near["description"] and near["default"] == 4
+    assert "bits" in near["description"] and near["default"] == 10
     assert "fromStage" in props["data"]["properties"] and props["data"]["properties"]["fromStage"]["description"]
     assert "default" not in props["strategy"]  # a training-only default would be stamped onto curate stages

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -136,19 +137,27 @@ def clip_scores(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
 
 
 def keep_by_clip(
-    scores: torch.Tensor, *, threshold: float | None = None, keep_top_fraction: float | None = None
+    scores: torch.Tensor, *, threshold: float | None = None, keep_top_fraction: float | None = None,
+    percentile: float | None = None,
 ) -> torch.Tensor:
     """Which samples pass the CLIP-score filter: a bool [n].
 
     `threshold`: keep scores at or above it. `keep_top_fraction` (0 < f <= 1): keep the ceil(f * n)
     highest scores (DataComp's `clip_score_*_30_percent` is f = 0.3); equal scores are ranked by
-    position, so the result is deterministic. Given both, a sample must pass both.
+    position, so the result is deterministic. `percentile` (0 <= p < 100): keep scores at or above the
+    p-th percentile of these scores (linear interpolation, as numpy's default). Given several, a sample
+    must pass each.
     """
-    if threshold is None and keep_top_fraction is None:
-        raise EmbedError("clip score filter: set threshold or keepTopFraction (or both)")
+    if threshold is None and keep_top_fraction is None and percentile is None:
+        raise EmbedError("clip score filter: set threshold, keepTopFraction or percentile")
     keep = torch.ones(scores.shape[0], dtype=torch.bool)
     if threshold is not None:
         keep &= scores >= threshold
+    if percentile is not None and scores.shape[0]:
+        if not 0.0 <= percentile < 100.0:
+            raise EmbedError(f"percentile: must be in [0, 100), got {percentile}")
+        cut = float(np.percentile(scores.double().numpy(), percentile))
+        keep &= scores.double() >= cut
     if keep_top_fraction is not None:
         if not 0.0 < keep_top_fraction <= 1.0:
             raise EmbedError(f"keepTopFraction: must be in (0, 1], got {keep_top_fraction}")

@@ -10,7 +10,8 @@
 3. Write (per shard, resumable): each rank copies the kept samples of its input shards, byte for byte, to
    `<output>/final/curated-<shard>.tar` (one output shard per input shard: sized like the input, less what
    was dropped); a marker records each finished shard.
-4. Commit: rank 0 writes decisions.jsonl, funnel.json and funnel.png and commits final/ like a
+4. Commit: rank 0 writes decisions.jsonl, funnel.json, funnel.png and the removed duplicates side by side
+   with what they repeat (duplicates.png, duplicates.html) and commits final/ like a
    checkpoint (`storage.commit_dir`: files first, manifest.json last, listing the shards). A later
    training stage reads the shards with `data: {fromStage: <this stage>}` once the manifest verifies.
 """
@@ -33,9 +34,16 @@ from vlm_core.fingerprint import KEY as FINGERPRINT_KEY
 from vlm_core.spec import CurateStage, TrainerConfig
 from vlm_core.stage_classes import curate_stage
 
-from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_hash
-from vlm_trainer.curate.report import decision_lines, funnel, funnel_chart_png
-from vlm_trainer.curate.select import decide
+from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_hash, thumbnail
+from vlm_trainer.curate.report import (
+    decision_lines,
+    duplicate_pairs,
+    duplicates_html,
+    duplicates_png,
+    funnel,
+    funnel_chart_png,
+)
+from vlm_trainer.curate.select import decide, encode_thumb, uses_embeddings
 from vlm_trainer.curate.text import text_problem
 from vlm_trainer.data import TarSample, read_shard
 from vlm_trainer.parallel import DistEnv, barrier, gather_objects
@@ -84,7 +92,7 @@ class Analyser:
         self.stage = stage
         self.encoder: Any = None
         f = stage.filters
-        if stage.encoder is not None and (f.clip_score or f.nsfw or f.semantic_dedup):
+        if stage.encoder is not None and (f.clip_score or f.nsfw or uses_embeddings(f)):
             from vlm_trainer.curate import embed
 
             self.encoder = embed.load_dual_encoder(stage.encoder)
@@ -92,7 +100,9 @@ class Analyser:
     def shard(self, url: str) -> tuple[list[dict[str, Any]], Any]:
         """The records of one shard, and its image embeddings (a tensor, or None without an encoder)."""
         f = self.stage.filters
-        hasher = phash if f.near_dedup.hash == "phash" else dhash
+        hashers = {"phash": phash, "dhash": dhash}
+        near = f.near_dedup
+        thumbs = near.enabled and near.verify is not None and near.verify.signal == "thumbnail"
         records: list[dict[str, Any]] = []
         passed: list[tuple[int, Any, str]] = []
         for pos, sample in enumerate(read_samples(url)):
@@ -110,7 +120,10 @@ class Analyser:
             if rec["reason"] is None:
                 assert image is not None
                 rec["pixel"] = pixel_hash(image)
-                rec["phash"] = hasher(image)
+                if near.enabled:
+                    rec["hashes"] = {h: hashers[h](image) for h in near.hashes}
+                    if thumbs:
+                        rec["thumb"] = encode_thumb(thumbnail(image))
                 passed.append((pos, image, caption or ""))
             records.append(rec)
         embeddings = self._embed(records, passed) if self.encoder is not None else None
@@ -177,6 +190,22 @@ def write_output_shard(src: str, dst: str, keep_positions: set[int]) -> dict[str
     return {"path": dst.rsplit("/", 1)[1], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def read_images(urls: list[str], owners: list[int], records: list[dict[str, Any]], wanted: set[int]) -> dict[int, Any]:
+    """The decoded images of the samples `wanted` (global indices), reading each shard that holds one once."""
+    by_shard: dict[int, dict[int, int]] = {}
+    for i in wanted:
+        by_shard.setdefault(owners[i], {})[int(records[i]["pos"])] = i
+    out: dict[int, Any] = {}
+    for shard, positions in sorted(by_shard.items()):
+        last = max(positions)
+        for pos, sample in enumerate(read_samples(urls[shard])):
+            if pos in positions:
+                out[positions[pos]] = decode(sample_parts(sample)[1])
+            if pos >= last:
+                break
+    return {i: im for i, im in out.items() if im is not None}
+
+
 def read_concepts(stage: CurateStage) -> list[str]:
     b = stage.filters.balance
     if b is None:
@@ -234,7 +263,7 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
     metrics = _start_metrics(config)
     progress = _Progress(config, env, 2 * len(mine), metrics)
     analyser: Analyser | None = None
-    wants_embeddings = stage.filters.semantic_dedup is not None
+    wants_embeddings = uses_embeddings(stage.filters)
 
     # 1. analyse my shards (or take the analyses an earlier run finished)
     analyses: dict[int, dict[str, Any]] = {}
@@ -311,7 +340,13 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
                         "throughput": [t for _, t in gathered]})
     if env.is_main:
         uploaded = [e for part, _ in gathered for e in part]
+        pairs = duplicate_pairs(decisions, stage.output.examples_per_reason)
+        images = read_images(urls, owners, records, {k for _, i, j in pairs for k in (i, j)})
         with tempfile.TemporaryDirectory(prefix="vlm-curate-") as tmp:
+            with open(os.path.join(tmp, contract.DUPLICATES_CHART), "wb") as fh:
+                fh.write(duplicates_png(records, decisions, pairs, images))
+            with open(os.path.join(tmp, contract.DUPLICATES_PAGE), "w") as fh:
+                fh.write(duplicates_html(records, decisions, pairs, images))
             with open(os.path.join(tmp, contract.DECISIONS_FILE), "w") as fh:
                 fh.write(decision_lines(records, decisions))
             with open(os.path.join(tmp, contract.FUNNEL_FILE), "w") as fh:

@@ -3,12 +3,17 @@
 Ranks analyse their own shards (`runner.analyse_shard`: text and image checks, hashes, embedding scores)
 and exchange the light per-sample records; every rank then runs `decide` on the same records in the same
 global order (input shard index, then position in the shard), so the result does not depend on the
-number of ranks. Filters run in the seed's order; a sample is judged by the first filter that drops it,
-and deduplication keeps the first sample of each group in that global order.
+number of ranks. Filters run in the seed's order; a sample is judged by the first filter that drops it.
+Exact dedup keeps the first sample of each group in that global order. Near dedup (`groups`): the
+perceptual hashes propose candidate pairs within `maxDistance` bits, the second signal (`verify`) confirms
+them, confirmed pairs form groups (connected components), and each group keeps its best member (`keep`:
+the first in global order, or the highest CLIP score then the first); another member is removed only as a
+confirmed duplicate of a kept one, never through a chain of others.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +21,8 @@ from typing import Any
 import numpy as np
 from vlm_core.spec import CurateFiltersSpec
 
-from vlm_trainer.curate.image import hamming
+from vlm_trainer.curate import groups as G
+from vlm_trainer.curate.image import THUMB_SIDE
 
 # The fixed reason names of decisions.jsonl, in pipeline order.
 REASONS = ("text", "image_decode", "image_size", "aspect_ratio", "clip_score", "nsfw", "exact_duplicate",
@@ -36,11 +42,15 @@ FILTERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 @dataclass
 class Decisions:
-    """`reasons[i]` is None for a kept sample, else its reason; `duplicate_of[i]` the kept sample it repeats."""
+    """`reasons[i]` is None for a kept sample, else its reason; `duplicate_of[i]` the kept sample it repeats;
+    `groups[filter]` the duplicate groups (global indices, two or more members) each dedup filter found;
+    `similarity[i]` the second signal's cosine between a near duplicate and the sample it repeats."""
 
     reasons: list[str | None]
     duplicate_of: dict[int, int] = field(default_factory=dict)
     enabled: dict[str, bool] = field(default_factory=dict)
+    groups: dict[str, list[list[int]]] = field(default_factory=dict)
+    similarity: dict[int, float] = field(default_factory=dict)
 
     def alive(self) -> list[int]:
         return [i for i, r in enumerate(self.reasons) if r is None]
@@ -57,6 +67,13 @@ def filters_enabled(filters: CurateFiltersSpec) -> dict[str, bool]:
         "semantic_dedup": filters.semantic_dedup is not None,
         "balance": filters.balance is not None,
     }
+
+
+def uses_embeddings(filters: CurateFiltersSpec) -> bool:
+    """Whether `decide` needs the image embeddings (SemDeDup, or near dedup verified by embeddings)."""
+    near = filters.near_dedup
+    return filters.semantic_dedup is not None or (
+        near.enabled and near.verify is not None and near.verify.signal == "embedding")
 
 
 def concept_matcher(concepts: list[str]) -> re.Pattern[str] | None:
@@ -91,7 +108,8 @@ def decide(
         if idx:
             scores = torch.tensor([float(records[i]["clip"]) for i in idx])
             keep = embed.keep_by_clip(scores, threshold=filters.clip_score.threshold,
-                                      keep_top_fraction=filters.clip_score.keep_top_fraction)
+                                      keep_top_fraction=filters.clip_score.keep_top_fraction,
+                                      percentile=filters.clip_score.percentile)
             for i, k in zip(idx, keep.tolist(), strict=True):
                 if not k:
                     d.reasons[i] = "clip_score"
@@ -101,26 +119,17 @@ def decide(
                 d.reasons[i] = "nsfw"
     if filters.exact_dedup.enabled:
         first: dict[str, int] = {}
+        members: dict[int, list[int]] = {}
         for i in d.alive():
             h = records[i]["pixel"]
             if h in first:
                 d.reasons[i], d.duplicate_of[i] = "exact_duplicate", first[h]
+                members.setdefault(first[h], [first[h]]).append(i)
             else:
                 first[h] = i
+        d.groups["exact_dedup"] = list(members.values())
     if filters.near_dedup.enabled:
-        idx = d.alive()
-        kept_hashes = np.zeros(len(idx), dtype=np.uint64)
-        kept_ids: list[int] = []
-        for i in idx:
-            h = int(records[i]["phash"])
-            if kept_ids:
-                dist = hamming(kept_hashes[: len(kept_ids)], h)
-                j = int(np.argmin(dist))
-                if dist[j] <= filters.near_dedup.max_distance:
-                    d.reasons[i], d.duplicate_of[i] = "near_duplicate", kept_ids[j]
-                    continue
-            kept_hashes[len(kept_ids)] = np.uint64(h)
-            kept_ids.append(i)
+        near_dedup(records, filters, d, embeddings)
     if filters.semantic_dedup is not None:
         from vlm_trainer.curate import embed
 
@@ -131,8 +140,11 @@ def decide(
             # sample of a group in global order is the one kept (as for exact and near duplicates)
             dropped = embed.semdedup([f"{i:012d}" for i in idx], embeddings[idx], clusters=min(sem.clusters, len(idx)),
                                      threshold=sem.threshold, seed=seed)
+            sem_groups: dict[int, list[int]] = {}
             for k, kept in dropped.items():
                 d.reasons[int(k)], d.duplicate_of[int(k)] = "semantic_duplicate", int(kept)
+                sem_groups.setdefault(int(kept), [int(kept)]).append(int(k))
+            d.groups["semantic_dedup"] = [sorted(g) for _, g in sorted(sem_groups.items())]
     if filters.balance is not None:
         pattern = concept_matcher(concepts or [])
         counts: dict[str, int] = {}
@@ -149,3 +161,52 @@ def decide(
             for c in found:
                 counts[c] = counts.get(c, 0) + 1
     return d
+
+
+def encode_thumb(thumb: np.ndarray) -> str:
+    """A thumbnail (uint8 [side, side, 3]) as the base64 text a record carries."""
+    return base64.b64encode(np.ascontiguousarray(thumb, dtype=np.uint8).tobytes()).decode()
+
+
+def decode_thumbs(texts: list[str], side: int = THUMB_SIDE) -> np.ndarray:
+    """Records' thumbnails back as uint8 [n, side, side, 3]."""
+    raw = b"".join(base64.b64decode(t) for t in texts)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(len(texts), side, side, 3)
+
+
+def near_dedup(records: list[dict[str, Any]], filters: CurateFiltersSpec, d: Decisions, embeddings: Any = None) -> None:
+    """The near-duplicate filter over the samples still alive in `d` (see the module docstring and `groups`)."""
+    spec = filters.near_dedup
+    idx = d.alive()
+    if len(idx) < 2:
+        d.groups["near_dedup"] = []
+        return
+    hashes = np.array([[int(records[i]["hashes"][h]) for h in spec.hashes] for i in idx], dtype=np.uint64)
+    pairs = G.candidate_pairs(hashes, spec.max_distance)
+    sims = np.ones(pairs.shape[0], dtype=np.float32)
+    if spec.verify is not None and pairs.shape[0]:
+        if spec.verify.signal == "thumbnail":
+            # only the samples in a candidate pair need their thumbnails decoded
+            used = np.unique(pairs)
+            thumbs = np.zeros((len(idx), THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
+            thumbs[used] = decode_thumbs([records[idx[k]]["thumb"] for k in used.tolist()])
+            sims = G.aligned_similarity(pairs, thumbs, blur=spec.verify.blur)
+            pairs, sims = G.confirm_scores(pairs, sims, spec.verify.min_similarity)
+        else:
+            emb = np.asarray(embeddings[idx].float().numpy() if hasattr(embeddings, "numpy") else embeddings[idx],
+                             dtype=np.float32)
+            vectors = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            pairs, sims = G.confirm(pairs, vectors, spec.verify.min_similarity)
+    score = np.array([float(records[i].get("clip", np.nan)) for i in idx]) if spec.keep == "clipScore" else None
+    kept, dup = G.keep_best(len(idx), pairs, score)
+    similarity = {(int(a), int(b)): float(s) for (a, b), s in zip(pairs.tolist(), sims.tolist(), strict=True)}
+    for local in np.flatnonzero(~kept).tolist():
+        i, j = idx[local], idx[int(dup[local])]
+        d.reasons[i], d.duplicate_of[i] = "near_duplicate", j
+        if spec.verify is not None:
+            d.similarity[i] = similarity[(min(local, int(dup[local])), max(local, int(dup[local])))]
+    gid = G.components(len(idx), pairs)
+    by_group: dict[int, list[int]] = {}
+    for local, g in enumerate(gid.tolist()):
+        by_group.setdefault(g, []).append(idx[local])
+    d.groups["near_dedup"] = [m for _, m in sorted(by_group.items()) if len(m) > 1]
