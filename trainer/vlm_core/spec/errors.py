@@ -32,13 +32,22 @@ def _loc_to_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
+# Fields a release renamed or replaced: the unknown-field error says what to write instead.
+REPLACED_FIELDS: dict[str, str] = {
+    "nearDedup.hash": "replaced by `hashes`, a list (e.g. `hashes: [phash, dhash]`): every hash proposes candidates "
+    "and `verify` confirms them; `maxDistance` is now the candidates' radius (`vlmctl curate calibrate` measures "
+    "it on your images)",
+}
+
+
 def format_errors(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
         path = _loc_to_path(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see `kubectl explain vlmjob.spec`)"
+            replaced = next((why for f, why in REPLACED_FIELDS.items() if path.endswith(f)), None)
+            msg = replaced or "unknown field (check the spelling; see `kubectl explain vlmjob.spec`)"
         elif e["type"] == "literal_error":
             msg = f"{msg}, got {e.get('input')!r}"
         elif e["type"] in ("less_than_equal", "less_than") and str(e["loc"][-1]) in BOUND_REASONS:
