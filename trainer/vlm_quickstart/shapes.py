@@ -38,7 +38,9 @@ from vlm_quickstart.vocab import (
 IMAGE_SIZE = 32
 FORMATS = ("caption", "conversation", "preference")
 BARE_CAPTION_SHARE = 0.25  # conversations that are the caption format itself
-PROBE_SHARE = 0.3  # conversations that end with the yes/no probe turn ("is there a red circle ?")
+# One-exchange conversations (about half) that gain the yes/no probe turn ("is there a red circle ?") as a second
+# exchange: ~30% of all; never a longer conversation than the three-exchange ones already there.
+PROBE_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -144,12 +146,12 @@ def probe_turn(rng: np.random.Generator, s: ShapeSample) -> tuple[str, str]:
 
 
 def with_probes(records: list[dict], samples: list[ShapeSample], seed: int, split: str) -> list[dict]:
-    """A share of the conversations gain a last turn: the yes/no probe (its own random stream, so the other
-    turns are those drawn without it)."""
+    """A share of the one-exchange conversations gain a second: the yes/no probe (its own random stream, so the
+    other turns are those drawn without it)."""
     rng = np.random.default_rng(split_seed(seed, split + "/probe"))
     out = []
     for rec, s in zip(records, samples, strict=True):
-        if rng.random() < PROBE_SHARE:
+        if rng.random() < PROBE_SHARE and len(rec["conversations"]) == 2:
             question, answer = probe_turn(rng, s)
             rec = {**rec, "conversations": [*rec["conversations"], {"role": "user", "content": question},
                                             {"role": "assistant", "content": answer}]}
