@@ -123,7 +123,8 @@ def test_hallucination_rate_of_generated_answers_after_instruct_and_dpo(quicksta
     # Measured, seed 0: align 0.095, instruct 0.014, dpo 0.014 (17 of 1200 answers each): the seed's
     # "DPO lowers it" is not seen at this size. One answer is 0.0008, so allow 3 answers of noise.
     assert h["instruct"] < h["align"]
-    assert h["dpo"] <= h["instruct"] + 3 / 1200, h
+    # counted in answers (rates are n / 1200: 0.0225 + 3 / 1200 fell short of 0.025 by a float rounding)
+    assert round(h["dpo"] * 1200) <= round(h["instruct"] * 1200) + 3, h
 
 
 def test_the_eval_stage_reports_answer_accuracy_and_the_yes_no_probe(quickstart):
