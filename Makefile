@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# deepspeed is an sdist: build without ops, against the torch just installed.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8 hjson==3.1.0
+	# lmms-eval: only its scoring functions are used (a test checks the eval metrics against them); --no-deps
+	# because its requirements (a CUDA torchvision, wandb, openai, ...) would replace this venv's packages.
+	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 install: $(STAMP)

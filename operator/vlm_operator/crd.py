@@ -161,6 +161,12 @@ def _is_data_kind() -> str:
     return f"self.type == {types[0]}" if len(types) == 1 else f"self.type in [{', '.join(types)}]"
 
 
+def _not_report_kind() -> str:
+    """CEL prefix: 'the stage is of a report kind (eval: no steps) or ...'."""
+    types = ", ".join(f"'{t}'" for t in kinds.REPORT_TYPES)
+    return f"self.type in [{types}] || " if types else ""
+
+
 def _kind_rules() -> list[dict[str, str]]:
     """Which fields belong to which side of the stage union (the typed spec's discriminated union, on the merged
     schema). The field lists are derived from the two models, so a new field is covered without an edit here."""
@@ -212,7 +218,7 @@ def _training_rules() -> list[dict[str, str]]:
     world = f"{_or_default('batch.microSize')} * {_or_default('resources.nodes')} * {_or_default('resources.procsPerNode')}"
     rules = [
         {
-            "rule": "has(self.maxSteps) != has(self.epochs)",
+            "rule": _not_report_kind() + "has(self.maxSteps) != has(self.epochs)",  # an eval stage takes no steps
             "message": "set exactly one of maxSteps or epochs",
             "reason": "FieldValueInvalid",
         },

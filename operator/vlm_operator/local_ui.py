@@ -107,6 +107,12 @@ def write_report(job: VLMTrainingJob, result: RunResult) -> str:
                          + ", ".join(f"{k} {v}" for k, v in doc["removed"].items() if v)
                          + f"); samples/s per rank: {rates}; funnel: {storage.join(final, contract.FUNNEL_CHART)}")
             lines.append("")
+        if kind(st.type).output == "report" and storage.exists(storage.join(final, contract.EVAL_FILE)):  # eval
+            doc = storage.read_json(storage.join(final, contract.EVAL_FILE))
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in doc.items() if isinstance(v, float) and k != "wall_seconds")
+            lines.append(f"{st.name}: {doc.get('samples')} held-out samples: {shown}; predictions: "
+                         f"{storage.join(final, contract.PREDICTIONS_FILE)}")
+            lines.append("")
     for st in job.spec.stages:
         if kind(st.type).trains:  # a loss curve per stage that trains
             lines.append(f"![{st.name} loss](loss-{st.name}.png)")

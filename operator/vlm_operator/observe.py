@@ -8,12 +8,14 @@ stage's verified checkpoint once committed, and start/completion times of Jobs s
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vlm_core import contract, storage
+from vlm_core.kinds import kind
 from vlm_core.redact import redact
 from vlm_core.spec import VLMTrainingJob
 
@@ -204,7 +206,11 @@ def observe_stages(
             committed, message = v.ok, ("" if v.ok else v.reason)
             if v.ok and stamped is not None:
                 record = stamped(i, v.manifest)
-                out.append(StageObservation("Succeeded", restarts, True, fingerprint=record))
+                out.append(StageObservation("Succeeded", restarts, True, fingerprint=record,
+                                            report=stage_report(stage.type, v.manifest)))
+                continue
+            if v.ok:
+                out.append(StageObservation("Succeeded", restarts, True, report=stage_report(stage.type, v.manifest)))
                 continue
         why = pod_failure(pods(cur)) if phase == "Failed" and cur is not None and pods is not None else None
         if why is None and phase == "Failed" and cur is not None and (rule := failjob_failure(cur)) is not None:
@@ -219,6 +225,27 @@ def observe_stages(
             out.append(StageObservation(phase, restarts, committed, message))  # type: ignore[arg-type]
         blocked = blocked or not (phase == "Succeeded" and committed)
     return out
+
+
+def stage_report(stage_type: str, manifest: Mapping[str, Any] | None) -> dict[str, float] | None:
+    """A report kind's (eval) metrics as its final/'s manifest carries them (`eval`), else None."""
+    if kind(stage_type).output != "report" or not isinstance(manifest, Mapping):
+        return None
+    doc = manifest.get("eval")
+    if not isinstance(doc, Mapping):
+        return None
+    return {str(k): float(v) for k, v in doc.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def eval_summary(stages: Sequence[StageStatus], limit: int = 6) -> str:
+    """'eval: <stage> vqa_accuracy 0.812, pope_f1 0.901' for the stages that report metrics ('' when none)."""
+    parts = []
+    for s in stages:
+        if s.metrics:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in list(s.metrics.items())[:limit])
+            parts.append(f"{s.name} {shown}")
+    return ("eval: " + "; ".join(parts)) if parts else ""
 
 
 def next_launch(prev_stage: StageStatus | None, jobs: Sequence[Mapping[str, Any]]) -> int:
@@ -304,6 +331,7 @@ def stage_status(
         step=pr.step if pr.step is not None else p.step,
         total_steps=pr.total if pr.total is not None else p.total_steps,
         tokens_per_second=pr.tokens_per_second if pr.tokens_per_second is not None else p.tokens_per_second,
+        metrics=o.report if o.report is not None else p.metrics,
         message=message,
     )
 
@@ -314,7 +342,8 @@ def job_phase_and_message(
     """The job's phase and status message, from the planner's action and the stages' statuses."""
     index = getattr(action, "index", None)
     if isinstance(action, planner.Done):
-        return "Succeeded", f"all {len(stages)} stage(s) succeeded"
+        summary = eval_summary(stages)
+        return "Succeeded", f"all {len(stages)} stage(s) succeeded" + (f"; {summary}" if summary else "")
     if isinstance(action, planner.Fail):
         return "Failed", action.reason
     if isinstance(action, planner.Suspend):

@@ -22,7 +22,7 @@ from vlm_core.fingerprint import Fingerprint, differences
 from vlm_core.kinds import kind
 from vlm_core.redact import redact
 from vlm_core.spec import TrainerConfig, VLMTrainingJob
-from vlm_core.stage_classes import curate_stage, training_stage
+from vlm_core.stage_classes import curate_stage, eval_stage, training_stage
 
 if TYPE_CHECKING:
     from vlm_operator.admission import Admission
@@ -48,6 +48,7 @@ class StageObservation:
     failure: str = ""  # when not retryable: the table's reason (contract.Failure.reason)
     disrupted: bool = False  # a pod was evicted (drain, preemption): a restart that spends no maxRestarts
     fingerprint: dict | None = None  # the record stamped into the committed final/ (None: none stamped)
+    report: dict | None = None  # a report kind's (eval) metrics from its committed final/'s manifest, when just read
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
     init_from = None  # a data stage (curate) reads no weights, and neither does the first training stage
     if (curate := curate_stage(stage)) is not None:
         curate.input.shards = [resolve_shard(job, s) for s in curate.input.shards]
-    if (training := training_stage(stage)) is not None:
-        data = training.data
+    if (reads_model := training_stage(stage) or eval_stage(stage)) is not None:
+        data = reads_model.data
         if data.from_stage is not None:
             # the trainer gets plain shard URLs (a resolved config names no stage to look up)
             data.shards, data.from_stage = curated_shards(job, data.from_stage), None
@@ -163,8 +164,12 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
         for source in data.sources:
             source.shards = [resolve_shard(job, s) for s in source.shards]
         data.eval_shards = [resolve_shard(job, s) for s in data.eval_shards]
+        if reads_model.evaluation is not None:  # evaluation by generation's held-out shards
+            reads_model.evaluation.shards = [resolve_shard(job, s) for s in reads_model.evaluation.shards]
         prev = previous_training_stage(job, index)
         init_from = final_uri(job, prev) if prev is not None else None
+        if reads_model.eval is not None and reads_model.eval.model is not None:  # eval: any final/ it names
+            init_from = resolve_shard(job, reads_model.eval.model)
     stage.max_restarts = max_restarts(job, index)
     # Fields validate by their camelCase aliases (the wire form), so build it by alias.
     return TrainerConfig.model_validate({

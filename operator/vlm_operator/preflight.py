@@ -21,7 +21,7 @@ from vlm_core.model_config import (
     vision_problems,
 )
 from vlm_core.spec import VLMTrainingJob
-from vlm_core.stage_classes import curate_stage, training_stage
+from vlm_core.stage_classes import curate_stage, eval_stage, training_stage
 from vlm_core.storage_errors import StorageError, classify
 
 from vlm_operator import planner
@@ -99,8 +99,13 @@ def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None
     if (curate := curate_stage(job.spec.stages[index])) is not None:  # reads no model; its input shards must exist
         _shards(job, index, "shards", curate.input.shards, options, out, section="input")
         return out
-    stage = training_stage(job.spec.stages[index])
-    assert stage is not None, f"spec.stages[{index}]: neither a curate nor a training stage"
+    stage = training_stage(job.spec.stages[index]) or eval_stage(job.spec.stages[index])
+    assert stage is not None, f"spec.stages[{index}]: neither a curate, a training nor an eval stage"
+    if stage.eval is not None and stage.eval.model is not None:  # eval of a named final/: it must be committed
+        named = planner.resolve_shard(job, stage.eval.model)
+        if not storage.verify_committed(named, options=options).ok:
+            out.append(f"spec.stages[{index}].eval.model: {named} is not a committed final/ (no manifest.json, or its "
+                       "files do not match it)")
     facts = _vision(job, index, options, out)
     if facts is not None:
         size = stage_image_size(job.spec.model, list(job.spec.stages[: index + 1]))  # a stage may raise it
@@ -112,4 +117,6 @@ def check_stage(job: VLMTrainingJob, index: int, options: storage.Options | None
     for i, source in enumerate(stage.data.sources):
         _shards(job, index, f"sources[{i}].shards", source.shards, options, out)
     _shards(job, index, "evalShards", stage.data.eval_shards, options, out)
+    if stage.evaluation is not None:
+        _shards(job, index, "shards", stage.evaluation.shards, options, out, section="evaluation")
     return out

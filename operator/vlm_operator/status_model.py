@@ -50,6 +50,9 @@ class StageStatus(_Wire):
     step: int | None = Field(None, description="Last optimizer step the trainer reported (progress.json).")
     total_steps: int | None = None
     tokens_per_second: float | None = Field(None, description="Last reported training throughput.")
+    metrics: dict[str, float] | None = Field(
+        None, description="An eval stage's metrics on its held-out set (eval.json's numbers: vqa_accuracy, "
+        "exact_match, pope_f1, caption_cider, ...), once its final/ is committed.")
     message: str | None = None
 
 

@@ -199,6 +199,7 @@ def exported_series_names() -> set[str]:
     trainer = TrainerMetrics("job", "stage", 0, port=None)
     trainer.observe_step(1, 1, 1, 1.0, 1e-3, 1.0, 1.0, flops=1.0)
     trainer.observe_checkpoint(1.0)
+    trainer.observe_eval({"vqa_accuracy": 0.5})  # the eval stage's gauge (labelled by metric)
     operator_metrics.STAGE_RESTARTS.labels(stage_type="align")  # labelled children appear once used
     operator_metrics.STAGE_DURATION.labels(stage_type="align")
     operator_metrics.JOBS.labels(phase="Running")
@@ -234,6 +235,7 @@ def test_queries_use_only_metric_names_that_are_exported() -> None:
         "vlm_trainer_eta_seconds",
         "vlm_operator_stage_restarts_total",
         "vlm_operator_jobs",
+        "vlm_trainer_eval_metric",
     ):
         assert needed in used, f"no panel shows {needed}"
 

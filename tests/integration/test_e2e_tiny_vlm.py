@@ -1,10 +1,11 @@
 """End to end: the operator runs the REAL trainer (`torchrun ... -m vlm_trainer`) on tiny models.
 
-A 3-stage job (curate -> align -> instruct): curate filters the raw caption shards into committed curated
+A 4-stage job (curate -> align -> instruct -> eval): curate filters the raw caption shards into committed curated
 shards on a real S3 server (SeaweedFS); align reads them (`data: {fromStage: curate}`) and, like instruct,
 runs 2 nodes x 1 process (two pods, two torchrun agents meeting at a c10d rendezvous), with checkpoints
 and the weights handoff through S3. Midway through align one pod is killed: the operator restarts the
-gang and the trainer resumes from its last committed checkpoint (step > 0). Tiny untrained components
+gang and the trainer resumes from its last committed checkpoint (step > 0). The eval stage generates with
+instruct's final/ on 2 pods and its metrics reach the status and the Succeeded Event. Tiny untrained components
 come from vlm_quickstart (no hub downloads).
 """
 
@@ -60,6 +61,13 @@ def tiny_job(c: Cluster, assets: dict[str, Any], name: str) -> dict[str, Any]:
         # 32 px shapes are perceptual-hash neighbours of each other: near dedup would thin them out
         "filters": {"nearDedup": {"enabled": False}},
     }
+    # the eval stage: instruct's final/ answers a few held-out prompts on 2 pods; its numbers reach the status
+    evaluate = {
+        "name": "eval", "type": "eval", "precision": "fp32",
+        "data": {"shards": assets["shards"]["conversation"], "format": "conversation", "maxLength": 64},
+        "eval": {"maxSamples": 8, "maxNewTokens": 2, "batchSize": 4},
+        "resources": {"nodes": 2, "procsPerNode": 1},
+    }
     return {
         "apiVersion": "training.vlm.dev/v1alpha1",
         "kind": "VLMTrainingJob",
@@ -73,7 +81,7 @@ def tiny_job(c: Cluster, assets: dict[str, Any], name: str) -> dict[str, Any]:
                 "visionFeatureSelectStrategy": "full",
             },
             "storage": {"uri": c.storage_uri, "secretRef": "s3-creds", "endpointUrl": c.s3.endpoint},
-            "stages": [curate, align, stage("instruct", "instruct", "conversation", 2)],
+            "stages": [curate, align, stage("instruct", "instruct", "conversation", 2), evaluate],
             "runPolicy": {"maxRestarts": 2},
         },
     }
@@ -100,7 +108,7 @@ async def test_real_trainer_two_stages_with_a_gang_restart(
     assert storage.read_manifest(f"{align}/final") is None, "align finished before the kill: make it longer"
 
     status = await c.wait_phase("tiny", "Succeeded", timeout=300)
-    assert [s["restarts"] for s in status["stages"]] == [0, 1, 0]
+    assert [s["restarts"] for s in status["stages"]] == [0, 1, 0, 0]
     # progress.json written by the trainer (never the Kubernetes API) reached status through the operator
     align_total = c.job("tiny")["spec"]["stages"][1]["maxSteps"]
     assert status["stages"][1]["totalSteps"] == align_total and 1 <= status["stages"][1]["step"] <= align_total
@@ -122,7 +130,13 @@ async def test_real_trainer_two_stages_with_a_gang_restart(
     # the restarted gang resumed, it did not start over
     assert (align_eval.get("resumed_from_step") or 0) >= 10, f"{align_eval}\n{c.kubelet.logs()}"
     assert align_eval["world_size"] == 2
-    for s in status["stages"][1:]:
+    # the eval stage read instruct's final/ and its metrics reached the status and the Succeeded message
+    report = storage.read_json(f"{c.storage_uri}/tiny/eval/final/eval.json")
+    assert report["model"] == f"{c.storage_uri}/tiny/instruct/final" and report["samples"] == 8
+    assert report["world_size"] == 2
+    assert status["stages"][3]["metrics"]["exact_match"] == report["exact_match"]
+    assert f"eval: eval exact_match {report['exact_match']:.3f}" in status["message"]
+    for s in status["stages"][1:3]:
         v = storage.verify_committed(s["checkpoint"], check_sha256=True)
         assert v.ok, v.reason
         assert any(f["path"].endswith(".safetensors") for f in v.manifest["files"])  # HF format final/
@@ -130,6 +144,10 @@ async def test_real_trainer_two_stages_with_a_gang_restart(
     events = c.events("tiny")
     # Events for what a user acts on (the restart, the end), none per stage start or commit
     assert "StageRestarted" in events and events.count("Succeeded") == 1
+    succeeded = next(e["message"] for e in c.api.list_objects("v1/events", NS) if e["reason"] == "Succeeded"
+                     and e["involvedObject"]["name"] == "tiny")
+    assert "eval: eval exact_match" in succeeded
     assert not {"StageStarted", "StageSucceeded"} & set(events)
-    assert c.jobs_ever_created("tiny") == {"tiny-curate-0", "tiny-align-0", "tiny-align-1", "tiny-instruct-0"}
+    assert c.jobs_ever_created("tiny") == {"tiny-curate-0", "tiny-align-0", "tiny-align-1", "tiny-instruct-0",
+                                           "tiny-eval-0"}
     assert os.path.exists(tiny_assets["lm"])

@@ -185,7 +185,10 @@ def staged(parts, tmp_path_factory) -> dict:
         stage_doc("instruct", "instruct", "conversation", parts, steps=6, trainable=["language_model"],
                   optimizer={"lr": 1e-3}, data=instruct_data, cacheVisionFeatures=True,
                   batch={"globalSize": 8, "microSize": 2, "tokensPerMicroBatch": 160}),
-        stage_doc("dpo", "dpo", "preference", parts, steps=4, optimizer={"lr": 1e-3}, dpo={"beta": 0.1}),
+        # evaluation by generation of the live model at step 2 and at the end (eval stage metrics, 6 prompts)
+        stage_doc("dpo", "dpo", "preference", parts, steps=4, optimizer={"lr": 1e-3}, dpo={"beta": 0.1},
+                  evaluation={"shards": parts["heldout"]["conversation"], "everySteps": 2, "maxSamples": 6,
+                              "maxNewTokens": 2, "batchSize": 2, "metrics": ["exact_match", "caption"]}),
         # reward (issue 22): a scalar head on the dpo model, Bradley-Terry with a margin, on pairs whose preference
         # shows in the text (a few steps of a tiny model cannot learn to look at the image; the bench measures that)
         stage_doc("reward", "reward", "preference", parts, steps=8, optimizer={"lr": 1e-2}, schedule={"type": "constant"},
@@ -310,6 +313,13 @@ def test_dpo_stage_reports_reward_accuracy_and_margin(instruct_done):
     assert report["train_loss_first"] == pytest.approx(0.6931, abs=1e-3)
     steps = [e for e in stage_events if e["event"] == "step"]
     assert {"reward_margin", "reward_accuracy"} <= steps[0].keys()
+    # stage.evaluation: generation at step 2 and at the end, on both ranks, its numbers in eval.json
+    evaluated = [e for e in stage_events if e["event"] == "evaluated"]
+    assert [e["step"] for e in evaluated] == [2, 4] and all(e["samples"] == 6 for e in evaluated)
+    assert report["generation"]["step"] == 4 and report["generation"]["samples_exact_match"] == 6
+    assert "caption_cider" in report["generation"]
+    out = storage.local_path(resolve_stage(job, 2).output)
+    assert [len(open(f"{out}/generation-eval/step-{n}.jsonl").read().splitlines()) for n in (2, 4)] == [6, 6]
     dpo_final, instruct_final = load_final(job, 2), load_final(job, 1)
     assert any(not torch.equal(a, b) for a, b in zip(lm_state(dpo_final).values(), lm_state(instruct_final).values(), strict=True))
     # Re-running a finished stage does nothing.

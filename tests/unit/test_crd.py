@@ -87,7 +87,7 @@ def test_crd_metadata_columns_and_subresources() -> None:
     stages = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["stages"]
     assert stages["x-kubernetes-list-type"] == "map" and stages["x-kubernetes-list-map-keys"] == ["name"]
     rules = [r["rule"] for r in stages["items"]["x-kubernetes-validations"]]
-    assert "self.type == 'curate' || (has(self.maxSteps) != has(self.epochs))" in rules
+    assert "self.type == 'curate' || (self.type in ['eval'] || has(self.maxSteps) != has(self.epochs))" in rules
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p) for p in EXAMPLES])

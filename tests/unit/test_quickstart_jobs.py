@@ -11,7 +11,7 @@ from vlm_quickstart.components import build_language_model, build_tokenizer
 from vlm_quickstart.evaluate import evaluate
 from vlm_quickstart.noise import write_raw_shards
 from vlm_quickstart.prepare import Recipe, job_documents
-from vlm_quickstart.shapes import make_samples, shard_paths, text_documents, write_shards
+from vlm_quickstart.shapes import make_samples, shard_paths, text_documents, write_eval_shard, write_shards
 
 
 @pytest.fixture
@@ -19,6 +19,7 @@ def prepared(tmp_path):
     data = str(tmp_path / "data")
     paths = write_shards(data, "train", 40, seed=0, per_shard=20) + write_shards(data, "heldout", 10, seed=0)
     paths += write_raw_shards(data, make_samples("train", 40, 0), seed=0, per_shard=20).shards
+    paths.append(write_eval_shard(data, make_samples("heldout", 10, 0), seed=0))
     return tmp_path, paths
 
 
@@ -28,10 +29,13 @@ def test_staged_job_raw_job_and_naive_baseline_follow_the_recipe(prepared):
     job_doc, naive_doc, raw_doc = job_documents(str(tmp_path), paths, seed=5, recipe=recipe)
     job, naive, raw = parse_job(job_doc), parse_job(naive_doc), parse_job(raw_doc)
     assert job.spec.storage.uri == f"file://{tmp_path}/storage"
-    curate, align, instruct, dpo = job.spec.stages
+    curate, align, instruct, dpo, evaluate_ = job.spec.stages
     assert [(s.name, s.type) for s in job.spec.stages] == [
-        ("curate", "curate"), ("align", "align"), ("instruct", "instruct"), ("dpo", "dpo")
+        ("curate", "curate"), ("align", "align"), ("instruct", "instruct"), ("dpo", "dpo"), ("eval", "eval")
     ]
+    # the eval stage answers the held-out probe set with dpo's model (the planner's handoff)
+    assert [os.path.basename(s) for s in evaluate_.data.shards] == ["heldout-probe-00000.tar"]
+    assert evaluate_.eval.metrics == ["exact_match"] and evaluate_.resources.procs_per_node == 2
     assert [s.data.format for s in (align, instruct, dpo)] == ["caption", "conversation", "preference"]
     # curate reads the raw shards with the stage-0 dual encoder; align reads curate's committed output.
     assert curate.input.shards and all("/raw-caption-" in s for s in curate.input.shards)

@@ -51,7 +51,7 @@ def _training_values() -> dict[str, Any]:
     """A valid value for every training-stage field: a training stage with defaults filled in, plus the
     optional ones a default leaves out."""
     stage = S.dump_job(S.parse_job(GOOD))["spec"]["stages"][2]
-    stage.update(lora={"rank": 8}, epochs=1)
+    stage.update(lora={"rank": 8}, epochs=1, eval={}, evaluation={"shards": ["h.tar"]})
     stage.update(reward={"margin": 0.5})  # a reward stage's own field (the dpo stage above has none)
     return stage
 
@@ -105,7 +105,7 @@ def test_every_kinds_table_row_has_its_defaults_applied(kind: kinds.StageKind):
 
 
 def test_stage_type_and_strategy_literals_come_from_the_tables():
-    assert S.StageSpec.model_fields["type"].annotation.__args__ == kinds.TRAINING_TYPES  # type: ignore[union-attr]
+    assert S.StageSpec.model_fields["type"].annotation.__args__ == kinds.MODEL_TYPES  # type: ignore[union-attr]
     assert S.StageSpec.model_fields["strategy"].annotation.__args__ == strategies.STRATEGIES  # type: ignore[union-attr]
     assert S.DataSourceSpec.model_fields["format"].annotation.__args__ == kinds.FORMATS  # type: ignore[union-attr]
     assert S.CurateStage.model_fields["type"].annotation.__args__ == kinds.DATA_TYPES  # type: ignore[union-attr]
@@ -117,7 +117,7 @@ def _stage_grid() -> list[dict[str, Any]]:
     base = {"name": "s", "maxSteps": 4, "batch": {"globalSize": 8, "microSize": 8}}
     fmts = sorted({f for k in kinds.KINDS.values() for f in k.formats})
     grid = []
-    for t, strat, off, fmt in itertools.product(kinds.TRAINING_TYPES, strategies.STRATEGIES, strategies.OFFLOADS, fmts):
+    for t, strat, off, fmt in itertools.product(kinds.MODEL_TYPES, strategies.STRATEGIES, strategies.OFFLOADS, fmts):
         grid.append({**base, "type": t, "strategy": strat, "offload": off, "data": {"shards": ["a.tar"], "format": fmt}})
     extras: list[dict[str, Any]] = [
         {"lora": {"rank": 4}}, {"qlora": True}, {"qlora": True, "lora": {"rank": 4}},
@@ -126,6 +126,7 @@ def _stage_grid() -> list[dict[str, Any]]:
         {"crossEntropy": "chunked"}, {"batch": {"globalSize": 8, "microSize": 8, "tokensPerMicroBatch": 512}},
         {"dpo": {"reference": "adapter_disabled"}}, {"dpo": {"reference": "adapter_disabled"}, "lora": {"rank": 4}},
         {"trainable": ["projector"]},
+        {"evaluation": {"shards": ["h.tar"]}}, {"eval": {}},
     ]
     rng = random.Random(0)
     out = []

@@ -165,6 +165,7 @@ FINAL_DIR = "final"  # HF-format weights, published when the stage ends (committ
 CHECKPOINT_PREFIX = "checkpoint-"  # resumable checkpoints: checkpoint-<step>/
 PROGRESS_FILE = "progress.json"  # a ProgressRecord, rewritten periodically by rank 0
 EVAL_FILE = "eval.json"  # end-of-stage metrics (loss, DPO reward accuracy/margin), written by rank 0
+PREDICTIONS_FILE = "predictions.jsonl"  # an eval stage's per-sample answers and scores (in its final/)
 TRAIN_LOG_FILE = "train-log.jsonl"  # the local runner's per-step history of a stage
 REPORT_FILE = "report.json"  # per job, under <storage.uri>/<job>/
 # A curate stage's committed final/: one output shard per input shard, and its reports.
@@ -207,9 +208,11 @@ EVENT_DONE = "done"  # keys: final, steps, wall_seconds
 EVENT_SKIP = "skip"  # keys: stage, reason (final/ already committed: nothing to do)
 EVENT_CURATE = "curate"  # a curate stage's shards: step (shards done), total
 EVENT_CURATED = "curated"  # keys: input, kept, removed
+EVENT_EVALUATED = "evaluated"  # an eval stage's metrics: samples, then one key per metric
 EVENTS = frozenset({
     EVENT_START, EVENT_STEP, EVENT_CHECKPOINT, EVENT_CHECKPOINT_SKIPPED, EVENT_RESUME, EVENT_DATA,
     EVENT_VISION_FEATURE_CACHE, EVENT_EVAL, EVENT_REPLICAS, EVENT_DONE, EVENT_SKIP, EVENT_CURATE, EVENT_CURATED,
+    EVENT_EVALUATED,
 })
 # The keys of those events that a reader relies on (the trainer passes them as keyword arguments of
 # `progress.emit`; tests/unit/test_progress.py checks the lines it prints carry these).

@@ -59,7 +59,7 @@ def _fields(config: TrainerConfig) -> Iterator[tuple[str, Any, Any]]:
     """The config's leaf fields that describe the stage: a stage kind that builds no model (curate: a data stage)
     does not read `model`, so the model's settings and folders are not its inputs."""
     row = KINDS.get(config.stage.type)
-    reads_model = row is None or row.trains
+    reads_model = row is None or row.reads_model
     for path, info, value in _walk(config, ""):
         if reads_model or not path.startswith("model."):
             yield path, info, value

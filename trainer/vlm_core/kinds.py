@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Output = Literal["weights", "shards"]
+Output = Literal["weights", "shards", "report"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class StageKind:
 
     type: str
     summary: str  # one line, for the CRD's description and the docs
-    output: Output  # "weights": a model in final/ (the next training stage starts from it); "shards": data
+    output: Output  # "weights": a model in final/ (the next training stage starts from it); "shards": data;
+    # "report": numbers about a model it reads (eval: final/ holds eval.json + predictions, no weights)
     formats: tuple[str, ...] = ()  # accepted data.format values (training kinds)
     own_fields: tuple[str, ...] = ()  # wire names of stage fields only this kind may set (e.g. "dpo")
     default_trainable: tuple[str, ...] = ()
@@ -53,6 +54,11 @@ class StageKind:
     def trains(self) -> bool:
         """True for kinds that train weights (everything a `StageSpec` holds); False for data kinds."""
         return self.output == "weights"
+
+    @property
+    def reads_model(self) -> bool:
+        """True for kinds that load a model (a `StageSpec`: the training kinds and eval); False for data kinds."""
+        return self.output != "shards"
 
 
 KINDS: dict[str, StageKind] = {
@@ -119,12 +125,24 @@ KINDS: dict[str, StageKind] = {
             sequences_per_sample=2,
             scalar_head=True,
         ),
+        # --- eval (h-eval): reads a model, trains nothing, is no source of weights for a later stage ---
+        StageKind(
+            type="eval",
+            summary="evaluation: greedy generation on held-out shards with the previous training stage's model "
+            "(or eval.model), scored with VQAv2 accuracy, exact match, relaxed accuracy, multiple choice, POPE and "
+            "caption metrics (CIDEr, BLEU-4); trains nothing",
+            output="report",
+            formats=("caption", "conversation"),
+            own_fields=("eval",),
+        ),
     )
 }
 
 STAGE_TYPES: tuple[str, ...] = tuple(KINDS)
 TRAINING_TYPES: tuple[str, ...] = tuple(t for t, k in KINDS.items() if k.trains)
-DATA_TYPES: tuple[str, ...] = tuple(t for t, k in KINDS.items() if not k.trains)
+DATA_TYPES: tuple[str, ...] = tuple(t for t, k in KINDS.items() if not k.reads_model)  # write data (CurateStage)
+MODEL_TYPES: tuple[str, ...] = tuple(t for t, k in KINDS.items() if k.reads_model)  # read a model (StageSpec)
+REPORT_TYPES: tuple[str, ...] = tuple(t for t, k in KINDS.items() if k.output == "report")  # eval
 FORMATS: tuple[str, ...] = tuple(dict.fromkeys(f for k in KINDS.values() for f in k.formats))  # every data.format
 
 

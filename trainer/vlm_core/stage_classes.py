@@ -26,3 +26,12 @@ def curate_stage(stage: StageSpec | CurateStage) -> CurateStage | None:
     if kind(stage.type).trains:
         return None
     return stage if isinstance(stage, CurateStage) else None
+
+
+def eval_stage(stage: StageSpec | CurateStage) -> StageSpec | None:
+    """`stage` when its kind reads a model and reports on it (eval: the `StageSpec` fields and `eval` apply)."""
+    if kind(stage.type).output != "report":
+        return None
+    if not isinstance(stage, StageSpec):
+        raise TypeError(f"stage {stage.name!r}: kind {stage.type!r} reads a model but is a {type(stage).__name__}")
+    return stage

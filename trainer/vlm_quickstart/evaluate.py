@@ -33,7 +33,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from vlm_core import contract, storage
 from vlm_core.spec import VLMTrainingJob, load_job
-from vlm_core.stage_classes import curate_stage, training_stage
+from vlm_core.stage_classes import curate_stage, eval_stage, training_stage
 
 from vlm_quickstart.checks import checks, exit_code, print_checks
 from vlm_quickstart.noise import EXPECTED_REASON
@@ -185,6 +185,22 @@ def evaluate_job(
     return rows
 
 
+def eval_stage_summary(job: VLMTrainingJob) -> dict[str, Any] | None:
+    """The job's eval stage's numbers (its eval.json, written by the stage: vlm_trainer.stages.eval), or None."""
+    stage = next((e for s in job.spec.stages if (e := eval_stage(s)) is not None), None)
+    if stage is None:
+        return None
+    final = contract.stage_final(job.spec.storage.uri, job.name, stage.name)
+    check = storage.verify_committed(final)
+    if not check.ok:
+        raise MissingStageOutput(f"{final}: not a committed stage output ({check.reason})")
+    doc = storage.read_json(storage.join(final, contract.EVAL_FILE))
+    keys = ("samples", "exact_match", "samples_exact_match", "pope_accuracy", "pope_precision", "pope_recall",
+            "pope_f1", "pope_yes_ratio", "samples_pope", "wall_seconds", "world_size")
+    return {"stage": stage.name, **{k: doc.get(k) for k in keys},
+            "predictions": storage.join(final, contract.PREDICTIONS_FILE)}
+
+
 def curate_summary(job: VLMTrainingJob, truth: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The curate stage's funnel, and how it did on what was planted (None when the job has no curate stage)."""
     stage = next((c for s in job.spec.stages if (c := curate_stage(s)) is not None), None)
@@ -310,6 +326,15 @@ def print_report(report: dict[str, Any]) -> None:
             ),
             highlight=False,
         )
+    ev = report.get("eval_stage")
+    if ev:
+        console.print(
+            f"  eval stage {ev['stage']!r} (the job's last model, {ev['samples']} held-out prompts): answer accuracy "
+            f"(exact match) {_fmt(ev['exact_match'])}; yes/no probe (POPE) accuracy {_fmt(ev['pope_accuracy'])}, "
+            f"precision {_fmt(ev['pope_precision'])}, recall {_fmt(ev['pope_recall'])}, F1 {_fmt(ev['pope_f1'])}, "
+            f"yes-ratio {_fmt(ev['pope_yes_ratio'])}",
+            highlight=False,
+        )
     h = report.get("hallucination", {})
     if h:
         console.print(
@@ -369,6 +394,7 @@ def evaluate(qdir: str) -> int:
             naive = evaluate_job(naive_job, heldout, heldout_text, cache) if naive_job else []
             raw = evaluate_job(raw_job, heldout, heldout_text, cache) if raw_job else []
             curate = curate_summary(job, truth) if truth else None
+            evaluated = eval_stage_summary(job)
         except MissingStageOutput as err:
             print(f"evaluate: {err}")
             return 2
@@ -382,6 +408,7 @@ def evaluate(qdir: str) -> int:
         "naive": naive,
         "raw": raw,
         "curate": curate,
+        "eval_stage": evaluated,
         "quality_vs_quantity": quality_vs_quantity(staged, raw, curate, len(truth)),
         "hallucination": {r["stage"]: r["hallucination_rate"] for r in staged},
         "checks": checks(stage0_ppl, staged, naive, curate),

@@ -6,8 +6,8 @@ DIR/
               raw-truth.json (what was planted where; only `evaluate` reads it)
   stage0/     language_model/, dual_encoder/ (SigLIP image + text towers) and vision_encoder/ (the dual
               encoder's image tower) as HF folders, pretrain.json
-  job.yaml    the staged job: curate -> align -> instruct -> dpo (a valid VLMTrainingJob); align reads
-              the curated shards (`data: {fromStage: curate}`)
+  job.yaml    the staged job: curate -> align -> instruct -> dpo -> eval (a valid VLMTrainingJob); align reads
+              the curated shards (`data: {fromStage: curate}`); eval answers heldout-probe-00000.tar with dpo's model
   raw.yaml    the same align stage on the raw shards, uncurated (the raw-vs-curated comparison)
   naive.yaml  the naive baseline: everything unfrozen from the start at a high lr, same data and steps
   quickstart.json  seed and paths, read by `evaluate`
@@ -30,7 +30,14 @@ from vlm_core.spec import API_GROUP, API_VERSION, KIND, dump_job, parse_job
 from vlm_quickstart.dual_encoder import export_vision_tower, train_dual_encoder
 from vlm_quickstart.noise import write_raw_shards
 from vlm_quickstart.pretrain import VISION_FEATURE_LAYER, pretrain_language_model
-from vlm_quickstart.shapes import IMAGE_SIZE, make_samples, shard_paths, text_documents, write_shards
+from vlm_quickstart.shapes import (
+    IMAGE_SIZE,
+    make_samples,
+    shard_paths,
+    text_documents,
+    write_eval_shard,
+    write_shards,
+)
 
 JOB_NAME = "quickstart"
 NAIVE_JOB_NAME = "quickstart-naive"
@@ -41,6 +48,7 @@ HELDOUT_SAMPLES = 300
 HELDOUT_TEXT_DOCS = 300
 NEAR_RADIUS = 7  # calibrated (--suite light), see Recipe
 NEAR_SIMILARITY = 0.995  # measured on the planted copies, see Recipe
+EVAL_IMAGES = 150  # held-out images the eval stage asks about (4 prompts each: colour, shape, probe yes, probe no)
 
 
 @dataclass
@@ -176,6 +184,18 @@ def curate_stage(raw_shards: list[str], encoder: str, recipe: Recipe, seed: int)
     }
 
 
+def eval_stage(shards: list[str], recipe: Recipe, seed: int) -> dict[str, Any]:
+    return {
+        "name": "eval",
+        "type": "eval",
+        "data": {"shards": shards, "format": "conversation", "maxLength": recipe.max_length},
+        "eval": {"metrics": ["exact_match"], "maxNewTokens": 4, "batchSize": 100},
+        "precision": "fp32",
+        "seed": seed,
+        "resources": {"nodes": 1, "procsPerNode": recipe.procs_per_node},
+    }
+
+
 def job_documents(out_dir: str, data_paths: list[str], seed: int, recipe: Recipe) -> tuple[dict, dict, dict]:
     """(job.yaml, naive.yaml, raw.yaml) documents for prepared data and stage-0 checkpoints in `out_dir`."""
     out_dir = os.path.abspath(out_dir)
@@ -229,6 +249,9 @@ def job_documents(out_dir: str, data_paths: list[str], seed: int, recipe: Recipe
             seed,
             dpo={"beta": recipe.dpo_beta},
         ),
+        # The eval stage: greedy answers of dpo's final/ on the held-out probe set (colour and shape questions
+        # scored by exact match, the yes/no probe as POPE); its eval.json is the report's "eval stage" section.
+        eval_stage(_uris([p for p in heldout if os.path.basename(p).startswith("heldout-probe-")]), recipe, seed),
     ]
     # The baseline the field warns against: everything unfrozen from the start, at a high lr, on the
     # same instruction data for as many steps as align + instruct together.
@@ -285,6 +308,7 @@ def prepare(out_dir: str, seed: int = 0, recipe: Recipe | None = None, log: Any 
     paths = write_shards(data_dir, "train", TRAIN_SAMPLES, seed) + write_shards(
         data_dir, "heldout", HELDOUT_SAMPLES, seed
     )
+    paths.append(write_eval_shard(data_dir, make_samples("heldout", HELDOUT_SAMPLES, seed)[:EVAL_IMAGES], seed))
     clean = make_samples("train", TRAIN_SAMPLES, seed)
     raw = write_raw_shards(data_dir, clean, seed)
     paths += raw.shards
@@ -357,7 +381,7 @@ def prepare(out_dir: str, seed: int = 0, recipe: Recipe | None = None, log: Any 
     with open(os.path.join(out_dir, "quickstart.json"), "w") as f:
         json.dump(info, f, indent=2)
     log(
-        f"jobs: {files['job.yaml']} (curate -> align -> instruct -> dpo), {files['raw.yaml']} (align on the raw "
+        f"jobs: {files['job.yaml']} (curate -> align -> instruct -> dpo -> eval), {files['raw.yaml']} (align on the raw "
         f"set), {files['naive.yaml']} (naive baseline)"
     )
     return info

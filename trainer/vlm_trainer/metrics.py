@@ -225,6 +225,18 @@ class TrainerMetrics:
             "(packed: rows x tokensPerMicroBatch; padded: rows x longest sample)."
         )
 
+        # Eval stage (vlm_trainer.stages.eval): each metric of the held-out set, set by rank 0 when scored.
+        self._eval_metric = Gauge(
+            p + "eval_metric", "An eval stage's metric on its held-out set (vqa_accuracy, exact_match, "
+            "relaxed_accuracy, multiple_choice_accuracy, pope_f1, pope_precision, pope_recall, pope_yes_ratio, "
+            "caption_cider, caption_bleu4, ...), by metric.", (*LABELS, "metric"), registry=self.registry,
+        )
+
+    def observe_eval(self, metrics: Mapping[str, float]) -> None:
+        """An eval stage's metrics (floats only), one series per metric."""
+        for name, value in metrics.items():
+            self._eval_metric.labels(self.job, self.stage, str(self.rank), name).set(value)
+
     def observe_bad_sample(self, reason: str) -> None:
         """One skipped sample of this process."""
         self._bad_samples.labels(self.job, self.stage, str(self.rank), reason).inc()

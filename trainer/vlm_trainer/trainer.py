@@ -15,6 +15,7 @@ also holds `run_stage`, the entry every kind shares).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -458,6 +459,9 @@ class Trainer:
                 if self.metrics is not None:
                     self.metrics.observe_checkpoint(seconds)
                 self._emit(contract.EVENT_CHECKPOINT, step=self.step, seconds=round(seconds, 3))
+            every = stage.evaluation.every_steps if stage.evaluation is not None else None
+            if every and self.step % every == 0 and self.step < self.total_steps:
+                self.generation_eval()
 
         self.loader.close()
         self._check_replicas()
@@ -467,6 +471,8 @@ class Trainer:
             self._emit(contract.EVENT_VISION_FEATURE_CACHE, fingerprint=self.feature_cache.fingerprint,
                        **self.feature_cache.stats.as_dict())
         evaluation = self.evaluate()
+        if stage.evaluation is not None:  # evaluation by generation at the end (eval.json's `generation`)
+            evaluation["generation"] = self.generation_eval()
         report = {
             "stage": stage.name,
             "type": stage.type,
@@ -612,6 +618,28 @@ class Trainer:
         except SampleError as err:
             log.warning("eval: skipped a bad sample (%s) in %s: %s", err.reason, raw.get("__url__"), err)
             return None
+
+    def generation_eval(self) -> dict[str, Any]:
+        """stage.evaluation: greedy answers of the live model on its held-out shards, scored like an eval stage's
+        (collective). Rank 0 writes <output>/generation-eval/step-<N>.jsonl (predictions), emits the evaluated
+        event and sets the eval gauges; returns the metrics (with the step)."""
+        from vlm_trainer.evaluation.generate import evaluate_by_generation
+        from vlm_trainer.evaluation.scoring import headline
+
+        stage, ev = self.config.stage, self.config.stage.evaluation
+        assert ev is not None
+        scores, samples = evaluate_by_generation(
+            self.hf_model, self.vlm.processor, shards=ev.shards, fmt=ev.format, metrics=list(ev.metrics),
+            max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, max_samples=ev.max_samples, env=self.env)
+        set_train_modes(self.hf_model, list(stage.trainable))  # the frozen vision tower stays in eval mode
+        scores = {"step": self.step, **scores}
+        if self.env.is_main:
+            lines = "".join(json.dumps(s.line()) + "\n" for s in samples)
+            storage.write_text(storage.join(self.config.output, "generation-eval", f"step-{self.step}.jsonl"), lines)
+            if self.metrics is not None:
+                self.metrics.observe_eval(headline(scores))
+        self._emit(contract.EVENT_EVALUATED, step=self.step, samples=scores["samples"], **headline(scores))
+        return scores
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:

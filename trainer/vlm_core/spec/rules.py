@@ -238,8 +238,8 @@ def _offload_message(offload: str, ok: tuple[str, ...], s: Mapping[str, Any]) ->
 
 
 def _kind_rules() -> list[Rule]:
-    """Rules that follow from the kinds table."""
-    training = [k for k in kinds.KINDS.values() if k.trains]
+    """Rules that follow from the kinds table (over the kinds a StageSpec holds: those that read a model)."""
+    training = [k for k in kinds.KINDS.values() if k.reads_model]
     types = [k.type for k in training]
     rules = []
     for f in dict.fromkeys(f for k in training for f in k.own_fields):
@@ -291,6 +291,7 @@ def _strategy_rules() -> list[Rule]:
     lora = strategies.supporting("lora")
     compile_ = strategies.supporting("compile")
     cache = strategies.supporting("cache_vision_features")
+    whole = tuple(n for n, t in strategies.TRAITS.items() if not t.shards_parameters)  # generation on the live model
     rules += [
         Rule("lora", Given("lora"), strategy(lora),
              lambda s: f"lora: supports strategy {or_list(lora)} only, got {_strategy(s)!r}",
@@ -318,6 +319,14 @@ def _strategy_rules() -> list[Rule]:
                         f"{s.get('trainable')} includes vision_tower, which is also how LoRA reaches it); remove "
                         "vision_tower from trainable or set cacheVisionFeatures: false"),
              "cacheVisionFeatures: needs a frozen vision tower (vision_tower not in trainable)"),
+        Rule("evaluation", Given("evaluation"), strategy(whole),
+             lambda s: (f"evaluation: generates with the model being trained, so it needs strategy {or_list(whole)} "
+                        f"(whole parameters on each rank), got {_strategy(s)!r}; evaluate the final/ with an eval "
+                        "stage instead"),
+             f"evaluation: needs strategy {or_list(whole)}"),
+        Rule("evaluation", Given("evaluation"), Not(OneOf("type", kinds.REPORT_TYPES)),
+             lambda s: "evaluation: an eval stage is itself an evaluation (use its eval field)",
+             "evaluation: not on an eval stage"),
         Rule("dpo.reference", OneOf("dpo.reference", ("adapter_disabled",)), Given("lora"),
              lambda s: "dpo.reference: 'adapter_disabled' needs lora (the reference is the base without adapters)",
              "dpo.reference: 'adapter_disabled' needs lora", reason="FieldValueRequired"),
@@ -351,7 +360,8 @@ def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
                        "sample fits in a row")
     if stage.get("trainable") == []:
         out.append("trainable: at least one part must train, got []")
-    if (stage.get("maxSteps") is None) == (stage.get("epochs") is None):
+    trains = stage.get("type") not in kinds.REPORT_TYPES  # an eval stage takes no steps
+    if trains and (stage.get("maxSteps") is None) == (stage.get("epochs") is None):
         out.append(f"maxSteps: set exactly one of maxSteps or epochs (got maxSteps={stage.get('maxSteps')}, "
                    f"epochs={stage.get('epochs')})")
     out += [rule.message(stage) for rule in STAGE_RULES if rule.broken(stage)]

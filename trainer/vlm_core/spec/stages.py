@@ -5,13 +5,15 @@ Defaults by kind come from the kinds table (vlm_core.kinds); the cross-field rul
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
 from vlm_core import kinds, strategies
+from vlm_core.spec.base import NoEffect
 from vlm_core.spec.common import StageBase
 from vlm_core.spec.data import DataSpec
+from vlm_core.spec.evaluation import EvalSpec, EvaluationSpec
 from vlm_core.spec.rules import stage_rule_problems
 from vlm_core.spec.training_parts import (
     DEFAULT_CROSS_ENTROPY,
@@ -31,7 +33,7 @@ if TYPE_CHECKING:  # the type checker sees strings; pydantic sees the tables' na
     Strategy = str
     Offload = str
 else:
-    StageType = Literal[kinds.TRAINING_TYPES]  # training stages (StageSpec); curate is a CurateStage
+    StageType = Literal[kinds.MODEL_TYPES]  # the kinds that read a model (StageSpec); curate is a CurateStage
     Strategy = Literal[strategies.STRATEGIES]
     Offload = Literal[strategies.OFFLOADS]
 TrainablePart = Literal["projector", "language_model", "vision_tower"]  # a VLM's three parts
@@ -106,12 +108,19 @@ class StageSpec(StageBase):
     )
     dpo: DPOSpec | None = Field(None, description=f"DPO settings (type {or_list(_owners('dpo'))} only).")
     reward: RewardSpec | None = Field(None, description=f"Reward-model settings (type {or_list(_owners('reward'))} only).")
+    eval: EvalSpec | None = Field(None, description=f"Evaluation settings (type {or_list(_owners('eval'))} only): "
+                                  "metrics, answer length, the model to evaluate.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    evaluation: Annotated[EvaluationSpec | None, NoEffect("evaluation by generation only reports")] = Field(
+        None, description="Training stages: evaluation by generation on held-out shards (greedy answers scored like an "
+        f"eval stage's) at the end and every evaluation.everySteps; strategy "
+        f"{or_list([n for n, t in strategies.TRAITS.items() if not t.shards_parameters])} (whole parameters on each "
+        "rank). Its numbers go to eval.json (`generation`), the evaluated event and the eval gauges.")
 
     @model_validator(mode="after")
     def _defaults_and_rules(self) -> StageSpec:
         k = kinds.kind(self.type)
-        if self.trainable is None:
+        if self.trainable is None and k.trains:  # an eval stage trains nothing: its trainable stays unset
             self.trainable = list(k.default_trainable)  # type: ignore[arg-type]
         if self.optimizer.lr is None:
             self.optimizer.lr = k.default_lr
@@ -121,6 +130,8 @@ class StageSpec(StageBase):
             self.dpo = DPOSpec()
         if "reward" in k.own_fields and self.reward is None:
             self.reward = RewardSpec()
+        if "eval" in k.own_fields and self.eval is None:
+            self.eval = EvalSpec()
         problems = stage_rule_problems(self.model_dump(by_alias=True))
         if problems:
             raise ValueError("\n".join(problems))
