@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -208,6 +209,21 @@ def nsfw_flags(img: torch.Tensor, probe_uri: str, threshold: float) -> torch.Ten
 
 def spherical_kmeans(emb: torch.Tensor, k: int, seed: int, iterations: int = 50) -> torch.Tensor:
     """Cluster ids [n] of L2-normalised rows: k-means on cosine, seeded k-means++ start, fixed order."""
+    cent = kmeans_pp(emb, k, seed)
+    assign = (emb @ cent.T).argmax(1)
+    for _ in range(iterations):
+        sums = torch.zeros_like(cent).index_add_(0, assign, emb)
+        filled = sums.norm(dim=1) > 0
+        cent = torch.where(filled[:, None], F.normalize(sums, dim=-1), cent)  # an empty cluster keeps its centre
+        new = (emb @ cent.T).argmax(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
+def kmeans_pp(emb: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k-means++ start centres [<= k, d] of L2-normalised rows (seeded; fewer when fewer distinct points)."""
     n = emb.shape[0]
     gen = torch.Generator().manual_seed(seed)
     first = int(torch.randint(n, (1,), generator=gen))
@@ -220,17 +236,7 @@ def spherical_kmeans(emb: torch.Tensor, k: int, seed: int, iterations: int = 50)
         nxt = int(torch.multinomial(weights.double(), 1, generator=gen))
         centres.append(emb[nxt])
         best = torch.maximum(best, emb @ emb[nxt])
-    cent = torch.stack(centres)
-    assign = (emb @ cent.T).argmax(1)
-    for _ in range(iterations):
-        sums = torch.zeros_like(cent).index_add_(0, assign, emb)
-        filled = sums.norm(dim=1) > 0
-        cent = torch.where(filled[:, None], F.normalize(sums, dim=-1), cent)  # an empty cluster keeps its centre
-        new = (emb @ cent.T).argmax(1)
-        if torch.equal(new, assign):
-            break
-        assign = new
-    return assign
+    return torch.stack(centres)
 
 
 def semdedup(keys: list[str], emb: torch.Tensor, *, clusters: int, threshold: float, seed: int) -> dict[str, str]:
@@ -258,15 +264,41 @@ def semdedup(keys: list[str], emb: torch.Tensor, *, clusters: int, threshold: fl
     dropped: dict[str, str] = {}
     for c in torch.unique(assign).tolist():
         members = torch.nonzero(assign == c).flatten().tolist()  # ascending = key order
-        sims = x[members] @ x[members].T
-        kept: list[int] = []
-        for j in range(len(members)):
-            if kept:
-                to_kept = sims[j, kept]
-                best = int(to_kept.argmax())
-                if float(to_kept[best]) >= threshold:
-                    dropped[sorted_keys[members[j]]] = sorted_keys[members[kept[best]]]
-                    continue
-            kept.append(j)
+        gone, names = greedy_within(x[members].numpy(), threshold)
+        for j, kept in zip(gone.tolist(), names.tolist(), strict=True):
+            dropped[sorted_keys[members[j]]] = sorted_keys[members[kept]]
     return dropped
 
+
+def greedy_within(x: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """SemDeDup's pass over one cluster, rows in global order: a row is dropped when its cosine to an already
+    kept row is >= threshold, naming the most similar kept row (the earliest on ties). (dropped rows, kept row
+    each names.)"""
+    n = x.shape[0]
+    kept = np.zeros(n, dtype=np.int64)
+    n_kept = 0
+    dropped, names = [], []
+    for b0 in range(0, n, block):
+        blk = x[b0:b0 + block]
+        prev = blk @ x[kept[:n_kept]].T if n_kept else np.zeros((blk.shape[0], 0))
+        p_arg = prev.argmax(1) if n_kept else None
+        inner = blk @ blk.T
+        in_kept: list[int] = []
+        for j in range(blk.shape[0]):
+            best, who = -np.inf, -1
+            if p_arg is not None:
+                best, who = float(prev[j, p_arg[j]]), int(kept[p_arg[j]])
+            if in_kept:
+                sims = inner[j, in_kept]
+                t = int(sims.argmax())
+                if float(sims[t]) > best:
+                    best, who = float(sims[t]), b0 + in_kept[t]
+            if who >= 0 and best >= threshold:
+                dropped.append(b0 + j)
+                names.append(who)
+            else:
+                in_kept.append(j)
+        for j in in_kept:
+            kept[n_kept] = b0 + j
+            n_kept += 1
+    return np.array(dropped, dtype=np.int64), np.array(names, dtype=np.int64)

@@ -1,0 +1,186 @@
+"""The curate stage's distributed decisions (curate/scale.py, curate/exchange.py), with ranks simulated as threads
+of this process (`exchange.simulate`): 1, 2 and 3 ranks decide exactly alike on synthetic records with planted
+duplicate groups, and each routed step agrees with a brute-force answer on all the records."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from vlm_core.spec import CurateFiltersSpec
+from vlm_trainer.curate import synthetic
+from vlm_trainer.curate.exchange import Solo, all_gather, owner, route, simulate
+from vlm_trainer.curate.scale import (
+    CODE,
+    Columns,
+    NearParams,
+    band_layout,
+    bucket_pairs,
+    components,
+    decide_columns,
+    select_top,
+    sortable_f32,
+)
+
+N, BLOCK = 2400, 100
+
+FILTERS = CurateFiltersSpec.model_validate({
+    "clipScore": {"threshold": 0.12, "keepTopFraction": 0.9},
+    "nearDedup": {"maxDistance": 4},
+    "semanticDedup": {"clusters": 6, "threshold": 0.95},
+})
+
+
+def _split(cols: Columns, rank: int, world: int) -> Columns:
+    """Rank `rank`'s rows of `cols` (shards of BLOCK rows dealt round-robin), as the stage deals shards."""
+    take = np.flatnonzero((cols.gid // BLOCK) % world == rank)
+    return Columns(gid=cols.gid[take], reason=cols.reason[take].copy(), pixel=cols.pixel[take], phash=cols.phash[take],
+                   clip=None if cols.clip is None else cols.clip[take], nsfw=None if cols.nsfw is None else cols.nsfw[take],
+                   emb=None if cols.emb is None else cols.emb[take],
+                   captions=None if cols.captions is None else [cols.captions[i] for i in take])
+
+
+def _decide_on(world: int, cols: Columns, filters: CurateFiltersSpec, **kw) -> tuple[np.ndarray, np.ndarray, list]:
+    """(reason, dup_of) by gid, deciding on `world` simulated ranks; and each rank's stats."""
+
+    def rank(ex):
+        mine = _split(cols, ex.rank, ex.world)
+        stats = decide_columns(mine, filters, ex, **kw)
+        return mine.gid, mine.reason, mine.dup_of, stats
+
+    reason = np.zeros(cols.gid.shape[0], dtype=np.int16)
+    dup = np.zeros(cols.gid.shape[0], dtype=np.int64)
+    outs = simulate(world, rank)
+    for gid, r, d, _ in outs:
+        reason[gid], dup[gid] = r, d
+    return reason, dup, [o[3] for o in outs]
+
+
+def test_one_two_and_three_ranks_decide_alike_and_each_planted_group_keeps_one():
+    cols = synthetic.columns(np.arange(N), seed=3, dim=32, dtype=np.float32)
+    kind, root = synthetic.truth(cols.gid, seed=3)
+    assert {int(k) for k in np.unique(kind)} == {0, 1, 2, 3}
+    base_reason, base_dup, stats = _decide_on(1, cols, FILTERS, seed=5)
+    for world in (2, 3):
+        reason, dup, st = _decide_on(world, cols, FILTERS, seed=5)
+        assert np.array_equal(reason, base_reason) and np.array_equal(dup, base_dup), world
+        assert all(s == stats[0] for s in st)  # every rank reports the same global counts
+    removed = {r: int(np.count_nonzero(base_reason == c)) for r, c in CODE.items()}
+    assert removed["exact_duplicate"] > 20 and removed["near_duplicate"] > 20 and removed["semantic_duplicate"] > 10
+    # the CLIP top fraction removed exactly ceil(0.1 x those passing the threshold...) of the entering rows
+    assert removed["clip_score"] >= N - math.ceil(0.9 * N)
+    # a planted group's root and its exact and near copies (all past the CLIP filter) keep exactly the root
+    # (semantic copies may fall in another k-means cluster, as SemDeDup allows)
+    groups = 0
+    for r in np.unique(root[(kind == 1) | (kind == 2)]):
+        members = np.flatnonzero((root == r) & (kind != 3))
+        if np.any(base_reason[members] == CODE["clip_score"]):
+            continue
+        groups += 1
+        assert np.flatnonzero(base_reason[members] == 0).tolist() == [0] and members[0] == r, (r, base_reason[members])
+    assert groups > 20
+    # a duplicate names a kept sample
+    named = base_dup[base_dup >= 0]
+    assert np.all(base_reason[named] == 0)
+
+
+def test_simulated_ranks_match_the_single_process_decide_on_records():
+    """select.decide (records in one process) and 3 simulated ranks over the same data agree."""
+    from vlm_trainer.curate.select import decide
+
+    cols = synthetic.columns(np.arange(600), seed=1, dim=16, dtype=np.float32)
+    records = [{"key": f"k{i}", "reason": None, "caption": "a dog" if i % 3 else "a cat and a dog",
+                "pixel": f"{int(cols.pixel[i, 0]):016x}{int(cols.pixel[i, 1]):016x}", "phash": int(cols.phash[i]),
+                "clip": float(cols.clip[i]), "nsfw": i % 97 == 0} for i in range(600)]
+    filters = FILTERS.model_copy(update={"nsfw": CurateFiltersSpec.model_validate({"nsfw": {"probe": "x"}}).nsfw,
+                                         "balance": CurateFiltersSpec.model_validate(
+                                             {"balance": {"concepts": ["dog", "cat"], "perConceptCap": 150}}).balance})
+    d = decide(records, filters, concepts=["dog", "cat"], embeddings=cols.emb, seed=2)
+    cols.captions = [r["caption"] for r in records]
+    cols.nsfw = np.array([r["nsfw"] for r in records])
+    reason, dup, _ = _decide_on(3, cols, filters, concepts=["dog", "cat"], seed=2)
+    assert [c - 1 if c else None for c in reason.tolist()] == [
+        list(CODE).index(r) if r else None for r in d.reasons]
+    assert {i: int(g) for i, g in enumerate(dup) if g >= 0} == d.duplicate_of
+    assert "nsfw" in d.reasons and "concept_cap" in d.reasons
+
+
+def test_select_top_is_a_stable_global_sort_with_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.choice(np.float32([0.1, 0.2, 0.25, -0.0, 0.0, -0.3]), 500)
+    gid = rng.permutation(500)
+    order = sorted(range(500), key=lambda i: (-float(scores[i]), gid[i]))
+    for k in (0, 1, 7, 250, 499, 500, 501):
+        want = np.zeros(500, dtype=bool)
+        want[order[:k]] = True
+        for world in (1, 2, 3):
+            parts = simulate(world, lambda ex, k=k: (np.arange(ex.rank, 500, ex.world), select_top(
+                sortable_f32(scores[ex.rank::ex.world]), gid[ex.rank::ex.world], k, ex)))
+            got = np.zeros(500, dtype=bool)
+            for idx, mask in parts:
+                got[idx] = mask
+            assert np.array_equal(got, want), (k, world)
+
+
+def test_bucket_pairs_lists_every_pair_of_equal_keys_once():
+    keys = np.sort(np.random.default_rng(1).integers(0, 30, 200).astype(np.uint64))
+    i, j = bucket_pairs(keys)
+    want = {(a, b) for a, b in itertools.combinations(range(200), 2) if keys[a] == keys[b]}
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == want and len(i) == len(want)
+
+
+@pytest.mark.parametrize("radius", [0, 3, 6])
+def test_banded_candidates_find_every_pair_within_the_radius_once(radius):
+    """With radius+1 bands (pigeonhole) the routed candidates are exactly the pairs within the radius."""
+    rng = np.random.default_rng(radius)
+    base = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
+    hashes = np.concatenate([base] + [base ^ (np.uint64(1) << rng.integers(0, 64, 40).astype(np.uint64))
+                                      for _ in range(radius + 1)])
+    n = hashes.shape[0]
+    cols = Columns(gid=np.arange(n), reason=np.zeros(n, dtype=np.int16), pixel=np.stack([np.arange(n)] * 2, 1)
+                   .astype(np.uint64), phash=hashes)
+    filters = CurateFiltersSpec.model_validate({"nearDedup": {"maxDistance": radius}, "exactDedup": {"enabled": False}})
+    dist = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    want = {(a, b) for a, b in itertools.combinations(range(n), 2) if dist[a, b] <= radius}
+    for world in (1, 2, 3):
+        stats = simulate(world, lambda ex: decide_columns(_split(cols, ex.rank, ex.world), filters, ex,
+                                                         near=NearParams(radius, radius + 1)))
+        assert stats[0]["near_dedup"]["candidates"] == len(want) == stats[0]["near_dedup"]["confirmed"]
+
+
+def test_a_chain_of_near_pairs_is_one_group_keeping_its_first_member():
+    """A~B and B~C, A and C farther apart than the radius: one group {A, B, C}; A (first in global order) is
+    kept and B and C name it; never zero members."""
+    a, b, c = 0, 0b111, 0b111111  # A-B 3 bits, B-C 3 bits, A-C 6 bits
+    cols = Columns(gid=np.arange(4), reason=np.zeros(4, dtype=np.int16), pixel=np.stack([np.arange(4)] * 2, 1)
+                   .astype(np.uint64), phash=np.array([c, a, b, 2**63], dtype=np.uint64))  # C first in order
+    filters = CurateFiltersSpec.model_validate({"nearDedup": {"maxDistance": 3}})
+    decide_columns(cols, filters, Solo())
+    assert cols.reason.tolist() == [0, CODE["near_duplicate"], CODE["near_duplicate"], 0]
+    assert cols.dup_of.tolist() == [-1, 0, 0, -1]
+    nodes, label = components(np.array([5, 7, 9]), np.array([7, 9, 11]))
+    assert nodes.tolist() == [5, 7, 9, 11] and label.tolist() == [5, 5, 5, 5]
+
+
+def test_routing_primitives():
+    recs = np.arange(10, dtype=np.int64)
+    dest = np.array([2, 0, 1, 2, 0, 0, 1, 2, 2, 1])
+    parts = route(recs, dest, 3)
+    assert [p.tolist() for p in parts] == [[1, 4, 5], [2, 6, 9], [0, 3, 7, 8]]
+    keys = np.arange(1000, dtype=np.uint64)  # low-entropy keys still spread over the ranks
+    assert np.bincount(owner(keys, 4), minlength=4).min() > 150
+    assert band_layout(5) == [(51, 13), (38, 13), (25, 13), (12, 13), (0, 12)] and band_layout(1) == [(0, 64)]
+    got = simulate(3, lambda ex: [p.tolist() for p in all_gather(ex, np.array([ex.rank] * (ex.rank + 1)))])
+    assert got == [[[0], [1, 1], [2, 2, 2]]] * 3
+
+
+def test_a_failing_rank_fails_the_simulation():
+    def body(ex):
+        if ex.rank == 1:
+            raise ValueError("rank 1 broke")
+        return ex.all_sum(np.array([1]))
+
+    with pytest.raises(ValueError, match="rank 1 broke"):
+        simulate(2, body)
