@@ -6,6 +6,8 @@
   two files or encodings (exact dedup).
 - `phash` / `dhash`: 64-bit perceptual hashes (DCT-based, as the `imagehash` library's `phash`; and the
   gradient hash) as ints, so near duplicates (resized, re-encoded, slightly changed) differ in few bits.
+- `thumbnail`: the image area-averaged to THUMB_SIDE x THUMB_SIDE RGB (all images aligned to one grid),
+  the near-duplicate filter's second signal (`groups.thumbnail_vectors`, `groups.confirm`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from PIL import Image
 from vlm_core.spec import ImageFilterSpec
 
 IMAGE_REASONS = ("image_decode", "image_size", "aspect_ratio")
+THUMB_SIDE = 16  # pixels per side of the aligned thumbnail that confirms near-duplicate candidates
 
 
 def decode(data: bytes | None) -> Image.Image | None:
@@ -86,3 +89,9 @@ def dhash(image: Image.Image, hash_size: int = 8) -> int:
 def hamming(a: np.ndarray, b: int) -> np.ndarray:
     """Bits in which each 64-bit hash of `a` (uint64 array) differs from `b`."""
     return np.bitwise_count(a ^ np.uint64(b))
+
+
+def thumbnail(image: Image.Image, side: int = THUMB_SIDE) -> np.ndarray:
+    """The image area-averaged (box filter) to `side` x `side` RGB: uint8 [side, side, 3]. Every image lands
+    on the same grid whatever its size, so a resized or re-encoded copy gives nearly the same thumbnail."""
+    return np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BOX), dtype=np.uint8)
