@@ -10,16 +10,16 @@ import math
 import numpy as np
 import pytest
 from vlm_core.spec import CurateFiltersSpec
+from vlm_trainer.curate import groups as G
 from vlm_trainer.curate import synthetic
-from vlm_trainer.curate.exchange import Solo, all_gather, owner, route, simulate
+from vlm_trainer.curate.exchange import all_gather, owner, route, simulate
 from vlm_trainer.curate.scale import (
     CODE,
     Columns,
     NearParams,
-    band_layout,
     bucket_pairs,
-    components,
     decide_columns,
+    percentile_cut,
     select_top,
     sortable_f32,
 )
@@ -36,9 +36,9 @@ FILTERS = CurateFiltersSpec.model_validate({
 def _split(cols: Columns, rank: int, world: int) -> Columns:
     """Rank `rank`'s rows of `cols` (shards of BLOCK rows dealt round-robin), as the stage deals shards."""
     take = np.flatnonzero((cols.gid // BLOCK) % world == rank)
-    return Columns(gid=cols.gid[take], reason=cols.reason[take].copy(), pixel=cols.pixel[take], phash=cols.phash[take],
+    return Columns(gid=cols.gid[take], reason=cols.reason[take].copy(), pixel=cols.pixel[take], hashes=cols.hashes[take],
                    clip=None if cols.clip is None else cols.clip[take], nsfw=None if cols.nsfw is None else cols.nsfw[take],
-                   emb=None if cols.emb is None else cols.emb[take],
+                   emb=None if cols.emb is None else cols.emb[take], thumbs=None if cols.thumbs is None else cols.thumbs[take],
                    captions=None if cols.captions is None else [cols.captions[i] for i in take])
 
 
@@ -62,9 +62,10 @@ def test_one_two_and_three_ranks_decide_alike_and_each_planted_group_keeps_one()
     cols = synthetic.columns(np.arange(N), seed=3, dim=32, dtype=np.float32)
     kind, root = synthetic.truth(cols.gid, seed=3)
     assert {int(k) for k in np.unique(kind)} == {0, 1, 2, 3}
-    base_reason, base_dup, stats = _decide_on(1, cols, FILTERS, seed=5)
+    near = NearParams(4, min_similarity=0.9, signal="embedding")
+    base_reason, base_dup, stats = _decide_on(1, cols, FILTERS, seed=5, near=near)
     for world in (2, 3):
-        reason, dup, st = _decide_on(world, cols, FILTERS, seed=5)
+        reason, dup, st = _decide_on(world, cols, FILTERS, seed=5, near=near)
         assert np.array_equal(reason, base_reason) and np.array_equal(dup, base_dup), world
         assert all(s == stats[0] for s in st)  # every rank reports the same global counts
     removed = {r: int(np.count_nonzero(base_reason == c)) for r, c in CODE.items()}
@@ -92,7 +93,7 @@ def test_simulated_ranks_match_the_single_process_decide_on_records():
 
     cols = synthetic.columns(np.arange(600), seed=1, dim=16, dtype=np.float32)
     records = [{"key": f"k{i}", "reason": None, "caption": "a dog" if i % 3 else "a cat and a dog",
-                "pixel": f"{int(cols.pixel[i, 0]):016x}{int(cols.pixel[i, 1]):016x}", "phash": int(cols.phash[i]),
+                "pixel": f"{int(cols.pixel[i, 0]):016x}{int(cols.pixel[i, 1]):016x}", "phash": int(cols.hashes[i, 0]),
                 "clip": float(cols.clip[i]), "nsfw": i % 97 == 0} for i in range(600)]
     filters = FILTERS.model_copy(update={"nsfw": CurateFiltersSpec.model_validate({"nsfw": {"probe": "x"}}).nsfw,
                                          "balance": CurateFiltersSpec.model_validate(
@@ -124,6 +125,41 @@ def test_select_top_is_a_stable_global_sort_with_ties():
             assert np.array_equal(got, want), (k, world)
 
 
+def test_percentile_cut_is_numpys_percentile_over_all_ranks():
+    rng = np.random.default_rng(2)
+    for n in (1, 2, 5, 101):
+        scores = rng.choice(np.float32([0.1, 0.2, 0.25, 0.31]), n) + rng.normal(0, 0.01, n).astype(np.float32) * (n > 50)
+        scores = scores.astype(np.float32)
+        for p in (0.0, 12.5, 50.0, 70.0, 99.9):
+            want = np.percentile(scores.astype(np.float64), p)
+            for world in (1, 3):
+                got = simulate(world, lambda ex, s=scores, p=p: percentile_cut(s[ex.rank::ex.world], p, ex))
+                assert all(g == want for g in got), (n, p, world, got, want)
+
+
+def test_blocked_semdedup_pass_is_the_plain_ordered_pass():
+    """embed.greedy_within (blocked, vectorised) drops and names exactly as the plain one-row-at-a-time pass."""
+    from vlm_trainer.curate.embed import greedy_within
+
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(60, 8))
+    x = np.concatenate([base, base[rng.integers(0, 60, 140)] + rng.normal(0, 0.15, (140, 8))])[rng.permutation(200)]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for threshold in (0.9, 0.97):
+        kept, want = [], {}
+        for j in range(200):
+            if kept:
+                sims = x[kept] @ x[j]
+                t = int(sims.argmax())
+                if sims[t] >= threshold:
+                    want[j] = kept[t]
+                    continue
+            kept.append(j)
+        for block in (7, 64, 1024):
+            gone, names = greedy_within(x, threshold, block=block)
+            assert dict(zip(gone.tolist(), names.tolist(), strict=True)) == want and len(want) > 20
+
+
 def test_bucket_pairs_lists_every_pair_of_equal_keys_once():
     keys = np.sort(np.random.default_rng(1).integers(0, 30, 200).astype(np.uint64))
     i, j = bucket_pairs(keys)
@@ -132,36 +168,69 @@ def test_bucket_pairs_lists_every_pair_of_equal_keys_once():
 
 
 @pytest.mark.parametrize("radius", [0, 3, 6])
-def test_banded_candidates_find_every_pair_within_the_radius_once(radius):
-    """With radius+1 bands (pigeonhole) the routed candidates are exactly the pairs within the radius."""
+def test_routed_candidates_are_groups_candidate_pairs(radius):
+    """The candidates found where the (hash column, band) buckets meet are exactly `groups.candidate_pairs` over
+    all the samples (two hash columns), each once, for 1, 2 and 3 ranks."""
     rng = np.random.default_rng(radius)
-    base = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
-    hashes = np.concatenate([base] + [base ^ (np.uint64(1) << rng.integers(0, 64, 40).astype(np.uint64))
-                                      for _ in range(radius + 1)])
+    base = rng.integers(0, 2**63, (40, 2), dtype=np.int64).astype(np.uint64)
+
+    def flipped(bits: int) -> np.ndarray:  # each hash with `bits` distinct bits flipped
+        out = base.copy()
+        for row in np.ndindex(out.shape):
+            for b in rng.choice(64, bits, replace=False):
+                out[row] ^= np.uint64(1) << np.uint64(b)
+        return out
+
+    hashes = np.concatenate([base, flipped(0), flipped(1), flipped(radius), flipped(radius + 1)])
     n = hashes.shape[0]
     cols = Columns(gid=np.arange(n), reason=np.zeros(n, dtype=np.int16), pixel=np.stack([np.arange(n)] * 2, 1)
-                   .astype(np.uint64), phash=hashes)
+                   .astype(np.uint64), hashes=hashes)
     filters = CurateFiltersSpec.model_validate({"nearDedup": {"maxDistance": radius}, "exactDedup": {"enabled": False}})
-    dist = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
-    want = {(a, b) for a, b in itertools.combinations(range(n), 2) if dist[a, b] <= radius}
+    want = G.candidate_pairs(hashes, radius)
+    assert want.shape[0] > 40
     for world in (1, 2, 3):
         stats = simulate(world, lambda ex: decide_columns(_split(cols, ex.rank, ex.world), filters, ex,
-                                                         near=NearParams(radius, radius + 1)))
-        assert stats[0]["near_dedup"]["candidates"] == len(want) == stats[0]["near_dedup"]["confirmed"]
+                                                         near=NearParams(radius)))
+        assert stats[0]["near_dedup"]["candidates"] == want.shape[0] == stats[0]["near_dedup"]["confirmed"]
+        groups = G.components(n, want)
+        assert sorted(map(sorted, stats[0]["near_groups"])) == sorted(
+            sorted(np.flatnonzero(groups == g).tolist()) for g in np.unique(groups) if np.count_nonzero(groups == g) > 1)
 
 
-def test_a_chain_of_near_pairs_is_one_group_keeping_its_first_member():
-    """A~B and B~C, A and C farther apart than the radius: one group {A, B, C}; A (first in global order) is
-    kept and B and C name it; never zero members."""
+def test_near_pairs_are_confirmed_by_the_fetched_thumbnails_and_groups_keep_the_best_score():
+    """Thumbnails live on the rank that analysed the sample; a candidate pair is confirmed by their cosine
+    (`groups.confirm`), and with keep-by-score the group keeps its highest CLIP score (`groups.keep_best`)."""
+    rng = np.random.default_rng(7)
+    thumbs = rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8)
+    thumbs[1] = np.clip(thumbs[0].astype(int) + 3, 0, 255)  # a brightness shift of 0: the same picture
+    thumbs[3] = thumbs[2]
+    b0, b1, b2, b3 = 0x0F0F0F0F0F0F0F0F, 0xF0F0F0F0F0F0F0F0, 0x3333333333333333, 0xCCCCCCCCCCCCCCCC  # >= 32 bits apart
+    hashes = np.array([[b0], [b0 ^ 1], [b1], [b1 ^ 3], [b2], [b2 ^ 1], [b3], [b3 ^ 7]], dtype=np.uint64)
+    clip = np.array([0.1, 0.3, 0.5, 0.2, 0.1, 0.1, 0.1, 0.1], dtype=np.float32)
+    cols = Columns(gid=np.arange(8), reason=np.zeros(8, dtype=np.int16), pixel=np.stack([np.arange(8)] * 2, 1)
+                   .astype(np.uint64), hashes=hashes, clip=clip, thumbs=thumbs)
+    filters = CurateFiltersSpec.model_validate({"nearDedup": {"maxDistance": 3}})
+    params = NearParams(3, min_similarity=0.9, signal="thumbnail", keep_by_score=True)
+    for world in (1, 2, 3):
+        reason, dup, stats = _decide_on(world, cols, filters, near=params)
+        # pairs (0,1), (2,3), (4,5), (6,7) are candidates; only the first two have matching thumbnails
+        assert stats[0]["near_dedup"] == {"candidates": 4, "confirmed": 2, "groups": 2}
+        assert reason.tolist() == [CODE["near_duplicate"], 0, 0, CODE["near_duplicate"], 0, 0, 0, 0]
+        assert dup.tolist()[:4] == [1, -1, -1, 2]
+        assert stats[0]["near_similarity"][0] > 0.99
+
+
+def test_a_chain_of_near_pairs_never_removes_through_the_chain():
+    """A~B and B~C, A and C farther apart than the radius, in global order C, A, B: one group {C, A, B}; C and
+    A are kept (A repeats only B), B is removed as a copy of C (`groups.keep_best`); never zero members."""
     a, b, c = 0, 0b111, 0b111111  # A-B 3 bits, B-C 3 bits, A-C 6 bits
     cols = Columns(gid=np.arange(4), reason=np.zeros(4, dtype=np.int16), pixel=np.stack([np.arange(4)] * 2, 1)
-                   .astype(np.uint64), phash=np.array([c, a, b, 2**63], dtype=np.uint64))  # C first in order
+                   .astype(np.uint64), hashes=np.array([[c], [a], [b], [0xFFFF0000FFFF0000]], dtype=np.uint64))
     filters = CurateFiltersSpec.model_validate({"nearDedup": {"maxDistance": 3}})
-    decide_columns(cols, filters, Solo())
-    assert cols.reason.tolist() == [0, CODE["near_duplicate"], CODE["near_duplicate"], 0]
-    assert cols.dup_of.tolist() == [-1, 0, 0, -1]
-    nodes, label = components(np.array([5, 7, 9]), np.array([7, 9, 11]))
-    assert nodes.tolist() == [5, 7, 9, 11] and label.tolist() == [5, 5, 5, 5]
+    for world in (1, 2):
+        reason, dup, stats = _decide_on(world, cols, filters, near=NearParams(3))
+        assert reason.tolist() == [0, 0, CODE["near_duplicate"], 0] and dup.tolist() == [-1, -1, 0, -1]
+        assert stats[0]["near_groups"] == [[0, 1, 2]]
 
 
 def test_routing_primitives():
@@ -171,7 +240,6 @@ def test_routing_primitives():
     assert [p.tolist() for p in parts] == [[1, 4, 5], [2, 6, 9], [0, 3, 7, 8]]
     keys = np.arange(1000, dtype=np.uint64)  # low-entropy keys still spread over the ranks
     assert np.bincount(owner(keys, 4), minlength=4).min() > 150
-    assert band_layout(5) == [(51, 13), (38, 13), (25, 13), (12, 13), (0, 12)] and band_layout(1) == [(0, 64)]
     got = simulate(3, lambda ex: [p.tolist() for p in all_gather(ex, np.array([ex.rank] * (ex.rank + 1)))])
     assert got == [[[0], [1, 1], [2, 2, 2]]] * 3
 

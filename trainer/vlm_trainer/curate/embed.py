@@ -207,21 +207,6 @@ def nsfw_flags(img: torch.Tensor, probe_uri: str, threshold: float) -> torch.Ten
     return prob >= threshold
 
 
-def spherical_kmeans(emb: torch.Tensor, k: int, seed: int, iterations: int = 50) -> torch.Tensor:
-    """Cluster ids [n] of L2-normalised rows: k-means on cosine, seeded k-means++ start, fixed order."""
-    cent = kmeans_pp(emb, k, seed)
-    assign = (emb @ cent.T).argmax(1)
-    for _ in range(iterations):
-        sums = torch.zeros_like(cent).index_add_(0, assign, emb)
-        filled = sums.norm(dim=1) > 0
-        cent = torch.where(filled[:, None], F.normalize(sums, dim=-1), cent)  # an empty cluster keeps its centre
-        new = (emb @ cent.T).argmax(1)
-        if torch.equal(new, assign):
-            break
-        assign = new
-    return assign
-
-
 def kmeans_pp(emb: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """k-means++ start centres [<= k, d] of L2-normalised rows (seeded; fewer when fewer distinct points)."""
     n = emb.shape[0]
@@ -242,8 +227,8 @@ def kmeans_pp(emb: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 def semdedup(keys: list[str], emb: torch.Tensor, *, clusters: int, threshold: float, seed: int) -> dict[str, str]:
     """Semantic duplicates: {dropped key: the kept key it duplicates}.
 
-    The embeddings are clustered (spherical k-means, `clusters` centres, seeded); within a cluster,
-    samples are visited in key order and one is dropped when its cosine to an already kept sample is
+    The stage's own SemDeDup (`scale.semantic_dedup`) on one rank: the embeddings are clustered (spherical
+    k-means, `clusters` centres, seeded); within a cluster, samples are visited in key order and one is dropped when its cosine to an already kept sample is
     at or above `threshold` (it maps to the most similar kept one). Samples are sorted by key first,
     so the answer depends on the set of (key, embedding) pairs only, not on their order.
     """
@@ -257,48 +242,53 @@ def semdedup(keys: list[str], emb: torch.Tensor, *, clusters: int, threshold: fl
         raise EmbedError(f"semantic dedup threshold: a cosine similarity in [-1, 1], got {threshold}")
     if not keys:
         return {}
+    from vlm_trainer.curate import scale
+
     order = sorted(range(len(keys)), key=keys.__getitem__)
     sorted_keys = [keys[i] for i in order]
-    x = F.normalize(emb[order].double(), dim=-1)
-    assign = spherical_kmeans(x, min(clusters, len(keys)), seed)
-    dropped: dict[str, str] = {}
-    for c in torch.unique(assign).tolist():
-        members = torch.nonzero(assign == c).flatten().tolist()  # ascending = key order
-        gone, names = greedy_within(x[members].numpy(), threshold)
-        for j, kept in zip(gone.tolist(), names.tolist(), strict=True):
-            dropped[sorted_keys[members[j]]] = sorted_keys[members[kept]]
-    return dropped
+    n = len(keys)
+    cols = scale.Columns(gid=np.arange(n), reason=np.zeros(n, dtype=np.int16), pixel=np.zeros((n, 2), dtype=np.uint64),
+                         hashes=np.zeros((n, 1), dtype=np.uint64), emb=emb[order].double().numpy())
+    scale.semantic_dedup(cols, clusters, threshold, seed, scale.Solo())
+    return {sorted_keys[i]: sorted_keys[int(cols.dup_of[i])] for i in np.flatnonzero(cols.reason).tolist()}
 
 
 def greedy_within(x: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """SemDeDup's pass over one cluster, rows in global order: a row is dropped when its cosine to an already
-    kept row is >= threshold, naming the most similar kept row (the earliest on ties). (dropped rows, kept row
-    each names.)"""
+    """SemDeDup's pass over one cluster, rows (L2-normalised) in global order: a row is dropped when its cosine
+    to an already kept row is >= threshold, naming the most similar kept row (the earliest on ties). Returns
+    (dropped rows, the kept row each names).
+
+    Block by block: the cosines to the rows kept in earlier blocks are one matrix product; inside a block only
+    the rows with an earlier in-block row at or above the threshold need the ordered pass (few: duplicates)."""
     n = x.shape[0]
     kept = np.zeros(n, dtype=np.int64)
     n_kept = 0
     dropped, names = [], []
     for b0 in range(0, n, block):
         blk = x[b0:b0 + block]
-        prev = blk @ x[kept[:n_kept]].T if n_kept else np.zeros((blk.shape[0], 0))
-        p_arg = prev.argmax(1) if n_kept else None
+        m = blk.shape[0]
+        best = np.full(m, -np.inf)
+        who = np.full(m, -1, dtype=np.int64)
+        if n_kept:
+            prev = blk @ x[kept[:n_kept]].T
+            arg = prev.argmax(1)
+            best, who = prev[np.arange(m), arg], kept[arg]
         inner = blk @ blk.T
-        in_kept: list[int] = []
-        for j in range(blk.shape[0]):
-            best, who = -np.inf, -1
-            if p_arg is not None:
-                best, who = float(prev[j, p_arg[j]]), int(kept[p_arg[j]])
-            if in_kept:
-                sims = inner[j, in_kept]
-                t = int(sims.argmax())
-                if float(sims[t]) > best:
-                    best, who = float(sims[t]), b0 + in_kept[t]
-            if who >= 0 and best >= threshold:
-                dropped.append(b0 + j)
-                names.append(who)
-            else:
-                in_kept.append(j)
-        for j in in_kept:
-            kept[n_kept] = b0 + j
-            n_kept += 1
-    return np.array(dropped, dtype=np.int64), np.array(names, dtype=np.int64)
+        close = np.tril(inner >= threshold, k=-1).any(1)  # an earlier row of this block is close
+        keep = best < threshold
+        for j in np.flatnonzero(close).tolist():  # in order: earlier rows' verdicts are final
+            earlier = np.flatnonzero(keep[:j])
+            if earlier.size:
+                t = int(inner[j, earlier].argmax())
+                if float(inner[j, earlier[t]]) > best[j]:
+                    best[j], who[j] = inner[j, earlier[t]], b0 + earlier[t]
+            keep[j] = not best[j] >= threshold
+        gone = np.flatnonzero(~keep)
+        dropped.append(b0 + gone)
+        names.append(who[gone])
+        stay = b0 + np.flatnonzero(keep)
+        kept[n_kept:n_kept + stay.size] = stay
+        n_kept += stay.size
+    if not dropped:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(dropped), np.concatenate(names)

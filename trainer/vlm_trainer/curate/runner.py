@@ -284,7 +284,7 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
         parts = [_load_tensor(storage.join(work, f"embeddings-{i:06d}.pt")) for i in mine]
         dim = max(d for d in gather_objects(parts[0].shape[1] if parts else 0, env))
         embeddings = torch.cat(parts) if parts else torch.zeros(0, dim)
-    cols = columns_from_records(records, gids, embeddings)
+    cols = columns_from_records(records, gids, embeddings, stage.filters)
     del embeddings
     ex = TorchExchange(env.rank, env.world_size) if env.distributed else Solo()
     stats = decide_columns(cols, stage.filters, ex, concepts=read_concepts(stage), seed=stage.seed)

@@ -5,16 +5,17 @@ code, over an `exchange.Exchange` (one rank, torch.distributed, or simulated ran
 the columns of the samples it analysed (`Columns`: global position `gid`, hashes, CLIP score, NSFW flag,
 embedding); a global step moves only small fixed-width records to the rank that owns their key:
 
-- CLIP top fraction: an exact distributed selection (bisection on the score's bits, then on the global position
-  for ties: ~130 all-reduces of one integer), so the kept set is the one a global stable sort would give;
+- CLIP top fraction and percentile: exact distributed selections (bisection on the score's bits, then on the
+  global position for ties; ~64-130 all-reduces of one integer), so the kept set is the one a global stable
+  sort (or numpy's percentile over all scores) would give;
 - exact dedup: (128-bit pixel hash, gid) routed to the hash's owner, which keeps the first in global order and
   answers the others' ranks;
-- near dedup (multi-index hashing): each hash is cut into `bands`; (band, value, hash, gid) is routed to the
-  owner of (band, value); pairs meet there and are candidates when their full Hamming distance is within the
-  radius (a pair sharing several bands is reported by its first shared band only). With `minCosine`, the
-  candidates' embeddings are fetched from their ranks and a pair is confirmed by cosine. Confirmed pairs
-  (few) are gathered, and duplicates form groups: connected components; each group keeps one member
-  (`keep_one`) and the others name it;
+- near dedup (`groups`' decisions, distributed): multi-index hashing; for each hash column and each of its
+  radius + 1 bands, (band value, hashes, gid) is routed to the rank owning the band value, where same-value
+  pairs meet and are candidates when within the radius in some column (a pair several buckets hold is
+  reported by the first only). The second signal's rows (thumbnails or embeddings) of the candidates are
+  fetched from the ranks holding them and `groups.confirm` confirms; the confirmed pairs (few) are gathered,
+  and every rank runs `groups.keep_best` and `groups.components` on them;
 - semantic dedup (SemDeDup): spherical k-means with the sums exchanged as exact integers (embeddings
   quantised to 2^-20, so any number of ranks gives bit-identical centres and assignments), seeded by
   k-means++ on a sample chosen by a hash of the global position; each cluster goes to one rank (cluster mod
@@ -28,6 +29,7 @@ simulated ranks; the integration test 1 and 2 torchrun ranks).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import re
@@ -38,7 +40,9 @@ from typing import Any
 import numpy as np
 from vlm_core.spec import CurateFiltersSpec
 
+from vlm_trainer.curate import groups as G
 from vlm_trainer.curate.exchange import Exchange, Solo, all_count, all_gather, owner, route
+from vlm_trainer.curate.image import THUMB_SIDE
 
 REASONS = ("text", "image_decode", "image_size", "aspect_ratio", "clip_score", "nsfw", "exact_duplicate",
            "near_duplicate", "semantic_duplicate", "concept_cap")
@@ -61,10 +65,11 @@ class Columns:
     gid: np.ndarray  # int64: position in global input order
     reason: np.ndarray  # int16: 0 kept so far, else CODE[reason]
     pixel: np.ndarray  # uint64 [n, 2]: 128 bits of the exact (pixel) hash
-    phash: np.ndarray  # uint64: the 64-bit perceptual hash
+    hashes: np.ndarray  # uint64 [n, k]: the perceptual hashes near dedup proposes candidates with
     clip: np.ndarray | None = None  # float32 CLIP score (NaN where none)
     nsfw: np.ndarray | None = None  # bool
     emb: np.ndarray | None = None  # [n, d] image embeddings (float16/32)
+    thumbs: np.ndarray | None = None  # uint8 [n, side, side, 3]: aligned thumbnails (near dedup's second signal)
     captions: list[str | None] | None = None  # for the concept cap
     dup_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # gid of the kept one, or -1
 
@@ -88,47 +93,59 @@ def pixel_key(value: Any) -> tuple[int, int]:
     return int.from_bytes(d[:8], "big"), int.from_bytes(d[8:16], "big")
 
 
-def columns_from_records(records: list[dict[str, Any]], gids: np.ndarray, embeddings: Any = None) -> Columns:
+def columns_from_records(records: list[dict[str, Any]], gids: np.ndarray, embeddings: Any = None,
+                         filters: CurateFiltersSpec | None = None) -> Columns:
     """Columns of analysed records (`runner.Analyser` / `select.decide`'s dicts); `embeddings` row i = record i."""
     n = len(records)
+    names = hash_names(filters)
     reason = np.array([CODE[r["reason"]] if r.get("reason") else 0 for r in records], dtype=np.int16)
     pixel = np.zeros((n, 2), dtype=np.uint64)
-    phash = np.zeros(n, dtype=np.uint64)
+    hashes = np.zeros((n, len(names)), dtype=np.uint64)
     for i, r in enumerate(records):
         if r.get("pixel") is not None:
             pixel[i] = pixel_key(r["pixel"])
-        if r.get("phash") is not None:
-            phash[i] = np.uint64(int(r["phash"]))
+        got = r.get("hashes") or ({names[0]: r["phash"]} if r.get("phash") is not None else {})
+        for k, name in enumerate(names):
+            if got.get(name) is not None:
+                hashes[i, k] = np.uint64(int(got[name]) & 0xFFFFFFFFFFFFFFFF)
     clip = np.array([float(r["clip"]) if r.get("clip") is not None else np.nan for r in records], dtype=np.float32)
     nsfw = np.array([bool(r.get("nsfw")) for r in records], dtype=bool)
     emb = None
     if embeddings is not None:
         emb = embeddings.detach().cpu().float().numpy() if hasattr(embeddings, "detach") else np.asarray(embeddings)
-    return Columns(gid=np.asarray(gids, dtype=np.int64), reason=reason, pixel=pixel, phash=phash, clip=clip, nsfw=nsfw,
-                   emb=emb, captions=[r.get("caption") for r in records])
+    thumbs = None
+    if any(r.get("thumb") for r in records):  # base64 uint8 [side, side, 3] (select.encode_thumb)
+        thumbs = np.zeros((n, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
+        for i, r in enumerate(records):
+            if r.get("thumb"):
+                thumbs[i] = np.frombuffer(base64.b64decode(r["thumb"]), dtype=np.uint8).reshape(thumbs.shape[1:])
+    return Columns(gid=np.asarray(gids, dtype=np.int64), reason=reason, pixel=pixel, hashes=hashes, clip=clip,
+                   nsfw=nsfw, emb=emb, thumbs=thumbs, captions=[r.get("caption") for r in records])
+
+
+def hash_names(filters: CurateFiltersSpec | None) -> list[str]:
+    """The perceptual hashes near dedup uses, in the spec's order."""
+    if filters is None:
+        return ["phash"]
+    near = filters.near_dedup
+    return list(getattr(near, "hashes", None) or [getattr(near, "hash", "phash")])
 
 
 @dataclass(frozen=True)
 class NearParams:
-    radius: int  # Hamming distance of a candidate pair (inclusive)
-    bands: int  # the 64 bits cut into this many bands; pairs sharing no band are never compared
-    min_cosine: float | None = None  # a candidate is confirmed by image-embedding cosine >= this (None: by hash)
+    radius: int  # Hamming distance of a candidate pair (inclusive), in any hash column
+    min_similarity: float | None = None  # a candidate is confirmed by the second signal's cosine >= this
+    signal: str = "thumbnail"  # the second signal: "thumbnail" (cols.thumbs) or "embedding" (cols.emb)
+    keep_by_score: bool = False  # a group keeps its highest CLIP score (then the first), else the first
 
 
 def near_params(filters: CurateFiltersSpec) -> NearParams:
-    """radius+1 bands (pigeonhole: every pair within the radius shares a band exactly), at most 64."""
-    radius = filters.near_dedup.max_distance
-    return NearParams(radius=radius, bands=min(64, radius + 1))
-
-
-def band_layout(bands: int) -> list[tuple[int, int]]:
-    """(shift, width) of each band: 64 bits cut into `bands` nearly equal runs, high bits first."""
-    widths = [64 // bands + (1 if b < 64 % bands else 0) for b in range(bands)]
-    out, top = [], 64
-    for w in widths:
-        top -= w
-        out.append((top, w))
-    return out
+    near = filters.near_dedup
+    verify = getattr(near, "verify", None)
+    return NearParams(radius=near.max_distance,
+                      min_similarity=None if verify is None else verify.min_similarity,
+                      signal="thumbnail" if verify is None else verify.signal,
+                      keep_by_score=getattr(near, "keep", "first") == "clipScore")
 
 
 def _band(h: np.ndarray, shift: int, width: int) -> np.ndarray:
@@ -172,6 +189,40 @@ def select_top(key: np.ndarray, gid: np.ndarray, k: int, ex: Exchange) -> np.nda
     return above | (tie & (gid < lo))
 
 
+def kth_smallest(key: np.ndarray, k: int, ex: Exchange) -> int:
+    """The k-th smallest (0-based) of the keys on all ranks, by bisection (one all-reduce per bit)."""
+    lo, hi = 0, 2**64 - 1  # the smallest t with count(key <= t) >= k + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if all_count(ex, int(np.count_nonzero(key <= np.uint64(mid))))[0] >= k + 1:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _f32_of(key: int) -> np.float64:
+    """The float32 value (as float64) of a `sortable_f32` key."""
+    bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return np.float64(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def percentile_cut(scores: np.ndarray, percentile: float, ex: Exchange) -> np.float64:
+    """numpy's `percentile(all scores, p)` (method "linear", float64 of the float32 scores) over all ranks: the
+    two order statistics it interpolates between come from `kth_smallest`, the arithmetic is numpy's own."""
+    n = all_count(ex, scores.shape[0])[0]
+    key = sortable_f32(scores)
+    q = np.true_divide(np.asanyarray(percentile, dtype=np.float64), 100)
+    virtual = (n - 1) * q  # numpy's "linear" virtual index
+    if virtual >= n - 1:
+        return _f32_of(kth_smallest(key, n - 1, ex))
+    prev = int(np.floor(virtual))
+    a, b = _f32_of(kth_smallest(key, prev, ex)), _f32_of(kth_smallest(key, prev + 1, ex))
+    gamma = virtual - np.floor(virtual)
+    diff = b - a  # numpy's _lerp
+    return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+
+
 _DROP = np.dtype([("li", np.int64), ("dup", np.int64)])
 
 
@@ -201,6 +252,9 @@ def clip_filter(cols: Columns, filters: CurateFiltersSpec, ex: Exchange) -> None
     keep = np.ones(a.shape[0], dtype=bool)
     if spec.threshold is not None:
         keep &= scores >= spec.threshold
+    percentile = getattr(spec, "percentile", None)
+    if percentile is not None and all_count(ex, a.shape[0])[0]:
+        keep &= scores.astype(np.float64) >= percentile_cut(scores, percentile, ex)
     if spec.keep_top_fraction is not None:
         n = all_count(ex, a.shape[0])[0]
         keep &= select_top(sortable_f32(scores), cols.gid[a], math.ceil(spec.keep_top_fraction * n), ex)
@@ -225,10 +279,12 @@ def exact_dedup(cols: Columns, ex: Exchange) -> None:
     _answer(cols, ex, src[order][drop], s["li"][drop], s["gid"][first[drop]], "exact_duplicate")
 
 
-_BAND = np.dtype([("b", np.int8), ("v", np.uint64), ("h", np.uint64), ("gid", np.int64), ("li", np.int64),
-                  ("clip", np.float32)])
 EDGE = np.dtype([("ga", np.int64), ("gb", np.int64), ("ra", np.int64), ("la", np.int64), ("rb", np.int64),
-                 ("lb", np.int64), ("ca", np.float32), ("cb", np.float32)])
+                 ("lb", np.int64), ("ca", np.float32), ("cb", np.float32), ("sim", np.float32)])
+
+
+def _band_dtype(k: int) -> np.dtype:
+    return np.dtype([("v", np.uint64), ("h", np.uint64, (k,)), ("gid", np.int64), ("li", np.int64), ("clip", np.float32)])
 
 
 def bucket_pair_steps(keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -259,120 +315,135 @@ def bucket_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([i for i, _ in steps]), np.concatenate([j for _, j in steps])
 
 
-def near_candidates(got: np.ndarray, src: np.ndarray, params: NearParams, layout: list[tuple[int, int]]) -> np.ndarray:
-    """The candidate pairs among the band records one rank received for one band (EDGE records, gid a < gid b)."""
+def near_candidates(got: np.ndarray, src: np.ndarray, radius: int, column: int, band: int) -> np.ndarray:
+    """The candidate pairs among the records one rank received for band `band` of hash column `column` (EDGE
+    records, gid a < gid b): same band value, within `radius` bits in some column (`groups.candidate_pairs`'
+    rule). A pair that several (column, band) buckets hold is reported by the first of them only."""
     order = np.lexsort((got["gid"], got["v"]))
     s, ssrc = got[order], src[order]
+    k = s["h"].shape[1] if s.ndim and s.shape[0] else 0
     found = []
     for i, j in bucket_pair_steps(s["v"]):
-        x = s["h"][i] ^ s["h"][j]
-        ok = np.bitwise_count(x) <= params.radius
-        b = s["b"][i].astype(np.int64)
-        for k, (shift, width) in enumerate(layout):  # report a pair under its first shared band only
-            ok &= ~((_band(x, shift, width) == 0) & (k < b))
+        x = s["h"][i] ^ s["h"][j]  # [m, k]
+        near = np.bitwise_count(x) <= radius
+        ok = near[:, column].copy()
+        for c in range(k):  # drop the pair if an earlier (column, band) bucket also holds it
+            for b, (shift, width) in enumerate(G.bands(radius)):
+                if (c, b) >= (column, band):
+                    break
+                ok &= ~(near[:, c] & (_band(x[:, c], shift, width) == 0))
         found.append((i[ok], j[ok]))
     i = np.concatenate([f[0] for f in found]) if found else np.zeros(0, dtype=np.int64)
     j = np.concatenate([f[1] for f in found]) if found else np.zeros(0, dtype=np.int64)
     e = np.empty(i.shape[0], dtype=EDGE)
     e["ga"], e["gb"], e["ra"], e["la"], e["rb"], e["lb"] = s["gid"][i], s["gid"][j], ssrc[i], s["li"][i], ssrc[j], s["li"][j]
-    e["ca"], e["cb"] = s["clip"][i], s["clip"][j]
+    e["ca"], e["cb"], e["sim"] = s["clip"][i], s["clip"][j], 1.0
     return e
 
 
-def fetch_rows(cols: Columns, ex: Exchange, rank: np.ndarray, li: np.ndarray) -> np.ndarray:
-    """Embedding rows of (rank, local index) pairs, from the ranks that hold them (one request, one reply)."""
-    assert cols.emb is not None
+def fetch_rows(table: np.ndarray, ex: Exchange, rank: np.ndarray, li: np.ndarray) -> np.ndarray:
+    """Rows of each rank's `table` (its embeddings, thumbnails) at (rank, local index) pairs, from the ranks
+    that hold them: one request, one reply."""
     req = np.empty(li.shape[0], dtype=[("li", np.int64), ("pos", np.int64)])
     req["li"], req["pos"] = li, np.arange(li.shape[0])
     asked = ex.all_to_all(route(req, rank, ex.world))
-    row = np.dtype([("pos", np.int64), ("e", cols.emb.dtype, (cols.emb.shape[1],))])
+    row = np.dtype([("pos", np.int64), ("e", table.dtype, table.shape[1:])])
     replies = []
     for part in asked:
         rep = np.empty(part.shape[0], dtype=row)
-        rep["pos"], rep["e"] = part["pos"], cols.emb[part["li"]]
+        rep["pos"], rep["e"] = part["pos"], table[part["li"]]
         replies.append(rep)
     back = np.concatenate(ex.all_to_all(replies))
-    out = np.empty((li.shape[0], cols.emb.shape[1]), dtype=cols.emb.dtype)
+    out = np.empty((li.shape[0], *table.shape[1:]), dtype=table.dtype)
     out[back["pos"]] = back["e"]
     return out
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.einsum("ij,ij->i", a, b) / np.maximum(den, 1e-12)
+def _vectors(rows: np.ndarray, signal: str) -> np.ndarray:
+    """The second signal's L2-normalised vectors of fetched rows (`groups.thumbnail_vectors` for thumbnails)."""
+    if signal == "thumbnail":
+        return G.thumbnail_vectors(rows)
+    x = rows.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def components(ga: np.ndarray, gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Connected components of the edges (ga[i], gb[i]): the nodes (sorted gids) and each one's label (the
-    smallest gid of its component); min-label propagation with pointer jumping."""
-    nodes, inv = np.unique(np.concatenate([ga, gb]), return_inverse=True)
-    u, v = inv[: ga.shape[0]], inv[ga.shape[0]:]
-    label = np.arange(nodes.shape[0])
-    while True:
-        m = np.minimum(label[u], label[v])
-        new = label.copy()
-        np.minimum.at(new, u, m)
-        np.minimum.at(new, v, m)
-        new = new[new]
-        while True:
-            jumped = new[new]
-            if np.array_equal(jumped, new):
-                break
-            new = jumped
-        if np.array_equal(new, label):
-            return nodes, nodes[label]
-        label = new
+@dataclass
+class NearOutcome:
+    """What near dedup found (the same on every rank): counts, the groups (gids, two or more members: the
+    connected components of the confirmed pairs) and each removed sample's similarity to the one it repeats."""
+
+    candidates: int = 0
+    confirmed: int = 0
+    groups: list[list[int]] = field(default_factory=list)
+    similarity: dict[int, float] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {"candidates": self.candidates, "confirmed": self.confirmed, "groups": len(self.groups)}
 
 
-def keep_one(group: np.ndarray, gid: np.ndarray) -> np.ndarray:
-    """The kept gid of each member's group: the first of the group in global order."""
-    order = np.lexsort((gid, group))
-    g, ids = group[order], gid[order]
-    start = np.ones(g.shape[0], dtype=bool)
-    start[1:] = g[1:] != g[:-1]
-    first = ids[np.maximum.accumulate(np.where(start, np.arange(g.shape[0]), 0))]
-    out = np.empty_like(gid)
-    out[order] = first
-    return out
-
-
-def near_dedup(cols: Columns, params: NearParams, ex: Exchange) -> dict[str, int]:
-    """Near duplicates by banded candidates, optional cosine confirmation, groups keeping one member."""
-    layout = band_layout(params.bands)
+def near_dedup(cols: Columns, params: NearParams, ex: Exchange) -> NearOutcome:
+    """Near duplicates (`groups`' decisions, distributed): candidates by multi-index hashing, each (hash column,
+    band) routed to the rank owning its value; confirmation by the second signal, its rows fetched from their
+    ranks; the confirmed pairs (few) gathered, and `groups.keep_best` / `groups.components` on them."""
     a = cols.alive()
+    k = cols.hashes.shape[1]
+    dtype = _band_dtype(k)
     found = []
-    for k, (shift, width) in enumerate(layout):  # one band at a time: memory O(N / ranks) per step
-        m = np.empty(a.shape[0], dtype=_BAND)
-        m["b"], m["v"] = k, _band(cols.phash[a], shift, width)
-        m["h"], m["gid"], m["li"] = cols.phash[a], cols.gid[a], a
-        m["clip"] = cols.clip[a] if cols.clip is not None else np.nan
-        parts = route(m, owner(m["v"] ^ (np.uint64(k) << np.uint64(58)), ex.world), ex.world)
-        del m
-        got, src = _received(ex.all_to_all(parts))
-        del parts
-        found.append(near_candidates(got, src, params, layout))
-        del got, src
-    edges = np.concatenate(found)
-    candidates = edges.shape[0]
-    if params.min_cosine is not None and cols.emb is not None:
-        ea = fetch_rows(cols, ex, edges["ra"], edges["la"])
-        eb = fetch_rows(cols, ex, edges["rb"], edges["lb"])
-        edges = edges[cosine(ea, eb) >= params.min_cosine]
+    for c in range(k):
+        for b, (shift, width) in enumerate(G.bands(params.radius)):  # one band at a time: O(N / ranks) memory
+            m = np.empty(a.shape[0], dtype=dtype)
+            m["v"] = _band(cols.hashes[a, c], shift, width)
+            m["h"], m["gid"], m["li"] = cols.hashes[a], cols.gid[a], a
+            m["clip"] = cols.clip[a] if cols.clip is not None else np.nan
+            salt = np.uint64((c * 64 + b + 1) * 0x9E3779B97F4A7C15 % 2**64)
+            parts = route(m, owner(m["v"] ^ salt, ex.world), ex.world)
+            del m
+            got, src = _received(ex.all_to_all(parts))
+            del parts
+            found.append(near_candidates(got, src, params.radius, c, b))
+            del got, src
+    edges = np.concatenate(found) if found else np.empty(0, dtype=EDGE)
+    out = NearOutcome(candidates=all_count(ex, edges.shape[0])[0])
+    if params.min_similarity is not None:
+        table = cols.thumbs if params.signal == "thumbnail" else cols.emb
+        if table is None:
+            raise ValueError(f"near dedup: verify by {params.signal} needs the samples' {params.signal}s")
+        ra = fetch_rows(table, ex, edges["ra"], edges["la"])  # collectives: every rank takes part
+        rb = fetch_rows(table, ex, edges["rb"], edges["lb"])
+        m = edges.shape[0]
+        if m:
+            pairs, sims = G.confirm(np.stack([np.arange(m), m + np.arange(m)], axis=1),
+                                    np.concatenate([_vectors(ra, params.signal), _vectors(rb, params.signal)]),
+                                    params.min_similarity)
+            edges = edges[pairs[:, 0]]
+            edges["sim"] = sims
     confirmed = np.concatenate(all_gather(ex, edges))  # few: every rank forms the same groups
-    stats = {"candidates": all_count(ex, candidates)[0], "confirmed": int(confirmed.shape[0])}
-    if confirmed.shape[0] == 0:
-        return {**stats, "groups": 0}
-    nodes, label = components(confirmed["ga"], confirmed["gb"])
-    kept = keep_one(label, nodes)
-    # each node's rank and local index, from any edge that names it
-    where = np.concatenate([np.stack([confirmed["ga"], confirmed["ra"], confirmed["la"]], 1),
-                            np.stack([confirmed["gb"], confirmed["rb"], confirmed["lb"]], 1)])
-    where = where[np.unique(where[:, 0], return_index=True)[1]]  # sorted by gid, aligned with `nodes`
-    mine = (where[:, 1] == ex.rank) & (kept != nodes)
-    cols.reason[where[mine, 2]] = CODE["near_duplicate"]
-    cols.dup_of[where[mine, 2]] = kept[mine]
-    return {**stats, "groups": int(np.unique(label).shape[0])}
+    out.confirmed = int(confirmed.shape[0])
+    if out.confirmed == 0:
+        return out
+    nodes, inv = np.unique(np.concatenate([confirmed["ga"], confirmed["gb"]]), return_inverse=True)
+    pairs = np.stack([inv[:out.confirmed], inv[out.confirmed:]], axis=1).astype(np.int64)  # gid order = global order
+    score = None
+    if params.keep_by_score:
+        score = np.full(nodes.shape[0], np.nan)
+        score[pairs[:, 0]], score[pairs[:, 1]] = confirmed["ca"], confirmed["cb"]
+    kept, dup = G.keep_best(nodes.shape[0], pairs, score)
+    label = G.components(nodes.shape[0], pairs)
+    by_group: dict[int, list[int]] = {}
+    for node, g in zip(nodes.tolist(), label.tolist(), strict=True):
+        by_group.setdefault(g, []).append(node)
+    out.groups = [m for _, m in sorted(by_group.items())]
+    sim = {(int(x), int(y)): float(v) for x, y, v in zip(pairs[:, 0], pairs[:, 1], confirmed["sim"], strict=True)}
+    where = np.full((nodes.shape[0], 2), -1, dtype=np.int64)  # each node's rank and local index
+    where[pairs[:, 0]] = np.stack([confirmed["ra"], confirmed["la"]], axis=1)
+    where[pairs[:, 1]] = np.stack([confirmed["rb"], confirmed["lb"]], axis=1)
+    for node in np.flatnonzero(~kept).tolist():
+        other = int(dup[node])
+        out.similarity[int(nodes[node])] = sim[(min(node, other), max(node, other))]
+        if where[node, 0] == ex.rank:
+            cols.reason[where[node, 1]] = CODE["near_duplicate"]
+            cols.dup_of[where[node, 1]] = nodes[other]
+    return out
 
 
 def splitmix(x: np.ndarray, seed: int) -> np.ndarray:
@@ -526,7 +597,9 @@ def decide_columns(cols: Columns, filters: CurateFiltersSpec, ex: Exchange | Non
     if filters.exact_dedup.enabled:
         exact_dedup(cols, ex)
     if filters.near_dedup.enabled:
-        stats["near_dedup"] = near_dedup(cols, near or near_params(filters), ex)
+        outcome = near_dedup(cols, near or near_params(filters), ex)
+        stats["near_dedup"], stats["near_groups"], stats["near_similarity"] = (
+            outcome.counts(), outcome.groups, outcome.similarity)
     if filters.semantic_dedup is not None:
         sem = filters.semantic_dedup
         stats["semantic_dedup"] = semantic_dedup(cols, sem.clusters, sem.threshold, seed, ex, iterations=kmeans_iterations)

@@ -73,7 +73,7 @@ def decide(
     hash), `caption`, and with an encoder `clip` (score) and `nsfw` (flag); `embeddings` are the image
     embeddings of the samples (row i = record i; rows of samples dropped locally may be zero).
     """
-    cols = columns_from_records(records, np.arange(len(records)), embeddings)
+    cols = columns_from_records(records, np.arange(len(records)), embeddings, filters)
     stats = decide_columns(cols, filters, concepts=concepts, seed=seed)
     return Decisions([REASONS[c - 1] if c else None for c in cols.reason.tolist()],
                      {i: int(g) for i, g in enumerate(cols.dup_of.tolist()) if g >= 0},

@@ -2,7 +2,7 @@
 
 No images: each sample's columns (`scale.Columns`) are drawn from its global position alone (a 64-bit mix of
 gid and seed), so any split over ranks describes the same data set and a rank generates only its own rows.
-Kinds (by a draw per sample): base samples (random 64-bit phash, 128-bit pixel hash, Gaussian embedding,
+Kinds (by a draw per sample): base samples (random 64-bit phash, 128-bit pixel hash, Gaussian embedding (`_gauss`),
 CLIP score uniform in [0.1, 0.4]); and copies of an earlier base sample (the root): exact copies (same pixel
 hash, phash and embedding), near copies (1-2 phash bits flipped, embedding + small noise, cosine ~0.99),
 semantic copies (unrelated phash, embedding + noise, cosine ~0.97). Rows are held in "shards" of `block`
@@ -52,12 +52,16 @@ def root_of(gid: np.ndarray, seed: int) -> np.ndarray:
     return root
 
 
-def _gauss(gid: np.ndarray, seed: int, stream: int, dim: int) -> np.ndarray:
-    """Standard normal [n, dim] from gid (Box-Muller on mixed counters)."""
-    ctr = gid[:, None] * np.int64(dim) + np.arange(dim, dtype=np.int64)[None, :]
-    u1 = _unit(ctr.reshape(-1), seed, stream).reshape(ctr.shape)
-    u2 = _unit(ctr.reshape(-1), seed, stream + 1).reshape(ctr.shape)
-    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2 * np.pi * u2)
+TABLE_ROWS = 65536
+
+
+def _gauss(gid: np.ndarray, seed: int, stream: int, table: np.ndarray) -> np.ndarray:
+    """A standard normal vector per gid: the sum of three rows of a seeded Gaussian table picked by hashes of
+    gid, over sqrt(3) (two gids share a row with probability ~5e-5: then their cosine is ~1/3)."""
+    out = np.zeros((gid.shape[0], table.shape[1]))
+    for k in range(3):
+        out += table[(splitmix(gid, seed * 1000 + stream + k) % np.uint64(TABLE_ROWS)).astype(np.int64)]
+    return out / np.sqrt(3.0)
 
 
 def columns(gid: np.ndarray, *, seed: int = 0, dim: int = 64, dtype: type = np.float16, chunk: int = 262144) -> Columns:
@@ -78,16 +82,18 @@ def columns(gid: np.ndarray, *, seed: int = 0, dim: int = 64, dtype: type = np.f
     pixel = np.stack([splitmix(pix_src, seed * 1000 + 20), splitmix(pix_src, seed * 1000 + 21)], axis=1)
     clip = (0.1 + 0.3 * _unit(pix_src, seed, 30)).astype(np.float32)
     emb = np.empty((n, dim), dtype=dtype)
+    table = np.random.default_rng(seed).standard_normal((TABLE_ROWS, dim))
     for lo in range(0, n, chunk):
         g, r, k = gid[lo:lo + chunk], root[lo:lo + chunk], kind[lo:lo + chunk]
-        e = _gauss(r, seed, 40, dim)
+        e = _gauss(r, seed, 40, table)
         e /= np.linalg.norm(e, axis=1, keepdims=True)
         scale = np.select([k == 2, k == 3], [0.1, 0.25], 0.0)[:, None]
         if scale.any():
-            noise = _gauss(g, seed, 50, dim) / np.sqrt(dim)
+            noise = _gauss(g, seed, 50, table) / np.sqrt(dim)
             e = e + scale * noise
         emb[lo:lo + chunk] = e.astype(dtype)
-    return Columns(gid=gid.astype(np.int64), reason=np.zeros(n, dtype=np.int16), pixel=pixel, phash=phash, clip=clip,
+    return Columns(gid=gid.astype(np.int64), reason=np.zeros(n, dtype=np.int16), pixel=pixel, hashes=phash[:, None],
+                   clip=clip,
                    nsfw=np.zeros(n, dtype=bool), emb=emb)
 
 
