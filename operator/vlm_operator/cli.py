@@ -1,7 +1,8 @@
-"""`vlmctl`: validate, estimate, run locally, render Kubernetes objects, run the operator, run the quickstart.
+"""`vlmctl`: validate, estimate, run locally, render Kubernetes objects, run the operator, run the quickstart,
+calibrate a curate stage's thresholds.
 
 Torch-free: training runs in torchrun child processes, the quickstart's data and model preparation in
-`python -m vlm_quickstart` children.
+`python -m vlm_quickstart` children, `curate calibrate` in a `python -m vlm_trainer.curate.calibrate` child.
 """
 
 from __future__ import annotations
@@ -125,6 +126,35 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return subprocess.call([py, "-m", "vlm_quickstart", "evaluate", "--dir", qdir])
 
 
+def cmd_curate_calibrate(args: argparse.Namespace) -> int:
+    """Measure near-duplicate thresholds on a curate stage's own input (`python -m vlm_trainer.curate.calibrate`)."""
+    from vlm_core.stage_classes import curate_stage
+
+    from vlm_operator.planner import resolve_stage
+
+    job = _load_or_exit(args.job)
+    curate = [(i, c) for i, s in enumerate(job.spec.stages) if (c := curate_stage(s)) is not None]
+    names = [s.name for _, s in curate]
+    chosen = [(i, s) for i, s in curate if args.stage in (None, s.name)]
+    if not chosen:
+        print(f"error: --stage: {args.stage!r} is not a curate stage of {job.name!r} (curate stages: "
+              f"{', '.join(repr(n) for n in names) or 'none'})", file=sys.stderr)
+        return 2
+    index, stage = chosen[0]
+    resolved = curate_stage(resolve_stage(job, index).stage)
+    assert resolved is not None
+    shards = resolved.input.shards
+    f = stage.filters
+    cmd = [sys.executable, "-m", "vlm_trainer.curate.calibrate", "--shards", *shards, "--sample", str(args.sample),
+           "--pool", str(args.pool), "--seed", str(args.seed), "--hashes", *f.near_dedup.hashes,
+           "--min-side", str(f.image.min_side), "--max-aspect", str(f.image.max_aspect_ratio)]
+    for flag in ("write", "json"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", getattr(args, flag)]
+    print(f"curate calibrate: stage {stage.name!r}, {len(shards)} shard pattern(s)", flush=True)
+    return subprocess.call(cmd)
+
+
 def _quickstart_rerun(job: VLMTrainingJob) -> str | None:
     """The quickstart writes its own job files, so where a stage done earlier differs from them (another seed or
     recipe, data prepared anew, an older release) it reruns from that stage, saying so; `vlmctl run` refuses instead."""
@@ -180,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("operator", help="run the Kopf operator (see `vlmctl operator --help`)", add_help=False)
     o.add_argument("rest", nargs=argparse.REMAINDER)
     o.set_defaults(func=cmd_operator)
+
+    c = sub.add_parser("curate", help="curate-stage tools (see `vlmctl curate calibrate --help`)")
+    csub = c.add_subparsers(dest="curate_command", required=True)
+    cal = csub.add_parser("calibrate", help="measure near-duplicate thresholds on a curate stage's own images: "
+                          "synthetic copies vs nearest distinct neighbours, precision/recall per threshold")
+    cal.add_argument("job")
+    cal.add_argument("--stage", help="the curate stage (default: the first)")
+    cal.add_argument("--sample", type=int, default=300, help="images copied (default 300)")
+    cal.add_argument("--pool", type=int, default=2000, help="images read (default 2000)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--write", metavar="FILE", help="write the recommended nearDedup settings as a YAML snippet")
+    cal.add_argument("--json", metavar="FILE", help="write the whole measurement as JSON")
+    cal.set_defaults(func=cmd_curate_calibrate)
 
     q = sub.add_parser("quickstart", help="build a tiny VLM dataset and models, train curate -> align -> instruct -> dpo")
     q.add_argument("--dir", default="quickstart", help="working folder (data, models, storage, report)")

@@ -41,7 +41,7 @@ CONCEPT_PAIR = ("yellow", "triangle")
 CONCEPT = "yellow triangle"
 CONCEPT_CAP = 10
 DISTRACTORS = 3
-SEMANTIC_MIN_PHASH = 6  # bits; the near-dedup filter's default maxDistance is 4
+SEMANTIC_MIN_PHASH = 6  # bits; the stage below proposes near-duplicate candidates within 4 pHash bits
 SHIFT = 2.0  # px a re-render moves each object, at most
 RELIGHT = 10.0  # rms change of a re-render's light field
 ENCODER_WIDTH = 128
@@ -410,6 +410,9 @@ def curate_stage(shards: list[str], encoder: dict[str, Any] | None = None) -> di
     stage: dict[str, Any] = {
         "name": "curate", "type": "curate", "input": {"shards": shards},
         "filters": {"text": {"languages": ["latin"]},
+                    # pHash candidates within 4 bits (confirmed by thumbnails): the planted semantic duplicates
+                    # sit more than SEMANTIC_MIN_PHASH bits away, so near dedup leaves them to SemDeDup
+                    "nearDedup": {"hashes": ["phash"], "maxDistance": SEMANTIC_MIN_PHASH - 2},
                     "balance": {"concepts": [CONCEPT], "perConceptCap": CONCEPT_CAP}},
     }
     if encoder is not None:

@@ -67,6 +67,14 @@ def test_vlmctl_validate_accepts_curate_then_fromstage(tmp_path, capsys):
      "spec.stages[2].data.shards: set exactly one of data.shards"),
     (_with(s1={"filters": {"clipScore": {"threshold": 0.2}}}), "spec.stages[1].filters.clipScore: needs the stage's encoder"),
     (_with(s1={"filters": {"nearDedup": {"maxDistance": 65}}}), "spec.stages[1].filters.nearDedup.maxDistance"),
+    (_with(s1={"filters": {"nearDedup": {"hashes": ["phash", "phash"]}}}),
+     "spec.stages[1].filters.nearDedup.hashes: each hash at most once"),
+    (_with(s1={"filters": {"nearDedup": {"verify": {"signal": "embedding"}}}}),
+     "spec.stages[1].filters.nearDedup.verify.signal: embedding needs the stage's encoder"),
+    (_with(s1={"filters": {"nearDedup": {"keep": "clipScore"}}}),
+     "spec.stages[1].filters.nearDedup.keep: clipScore needs filters.clipScore"),
+    (_with(s1={"filters": {"clipScore": {"percentile": 100}}, "encoder": "/m/enc"}),
+     "spec.stages[1].filters.clipScore.percentile"),
     (_with(s1={"filters": {"text": {"languages": ["elvish"]}}}), "spec.stages[1].filters.text.languages: unknown scripts"),
     (_with(s1={"input": {"shards": []}}), "spec.stages[1].input.shards"),
     (_with(s2={"filters": {}}), "spec.stages[2].filters: only valid for type curate, this stage is 'align'"),
@@ -152,7 +160,9 @@ def test_image_checks_and_hashes():
 
 
 def _rec(key: str, **kw: Any) -> dict[str, Any]:
-    return {"key": key, "caption": kw.pop("caption", "a red circle"), "reason": None, "pixel": key, "phash": 0, **kw}
+    ph = kw.pop("phash", 0)
+    return {"key": key, "caption": kw.pop("caption", "a red circle"), "reason": None, "pixel": key,
+            "hashes": {"phash": ph, "dhash": ph}, **kw}
 
 
 def test_decide_keeps_the_first_of_each_group_in_global_order_and_caps_concepts():
@@ -163,7 +173,8 @@ def test_decide_keeps_the_first_of_each_group_in_global_order_and_caps_concepts(
         *[_rec(f"dog{i}", pixel=f"q{i}", phash=(i + 1) * 0x0F0F_0F0F_0000_0000, caption=f"a dog number {i}")
           for i in range(4)],
     ]
-    filters = CurateFiltersSpec.model_validate({"balance": {"concepts": ["dog"], "perConceptCap": 2}})
+    filters = CurateFiltersSpec.model_validate({"balance": {"concepts": ["dog"], "perConceptCap": 2},
+                                                "nearDedup": {"maxDistance": 4, "verify": None}})  # hash only
     d = decide(records, filters, concepts=["dog"])
     assert d.reasons == [None, "exact_duplicate", None, "near_duplicate", "text", None, None, "concept_cap", "concept_cap"]
     assert d.duplicate_of == {1: 0, 3: 2}
@@ -244,3 +255,11 @@ def test_a_sample_with_json_and_txt_captions_is_filtered_and_trained_on_the_same
     ]
     trained = [caption_messages(s.raw(str(shard)))[-1]["content"] for s in read_shard(str(shard))]
     assert trained == [r["caption"] for r in records]
+
+
+def test_vlmctl_curate_calibrate_names_a_stage_that_is_not_a_curate_stage(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(JOB))
+    assert cli.main(["curate", "calibrate", str(path), "--stage", "align"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --stage: 'align' is not a curate stage of 'cur' (curate stages: 'curate')"

@@ -121,7 +121,11 @@ def test_keep_by_clip_threshold_and_top_fraction():
     assert int(keep_by_clip(scores, keep_top_fraction=0.25).sum()) == 3  # ceil(2.5)
     both = keep_by_clip(scores, threshold=0.55, keep_top_fraction=0.5)
     assert torch.nonzero(both).flatten().tolist() == [4, 9]
-    with pytest.raises(EmbedError, match="threshold or keepTopFraction"):
+    # DataComp style, a percentile of the pool's scores: 70 -> 0.5 (ties kept), 90 -> 0.63, 0 keeps all
+    assert torch.nonzero(keep_by_clip(scores, percentile=70)).flatten().tolist() == [1, 3, 4, 6, 9]
+    assert torch.nonzero(keep_by_clip(scores, percentile=90)).flatten().tolist() == [4]
+    assert bool(keep_by_clip(scores, percentile=0).all())
+    with pytest.raises(EmbedError, match="threshold, keepTopFraction or percentile"):
         keep_by_clip(scores)
     with pytest.raises(EmbedError, match=r"keepTopFraction: must be in \(0, 1\], got 1.5"):
         keep_by_clip(scores, keep_top_fraction=1.5)

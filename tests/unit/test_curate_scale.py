@@ -95,9 +95,11 @@ def test_simulated_ranks_match_the_single_process_decide_on_records():
     records = [{"key": f"k{i}", "reason": None, "caption": "a dog" if i % 3 else "a cat and a dog",
                 "pixel": f"{int(cols.pixel[i, 0]):016x}{int(cols.pixel[i, 1]):016x}", "phash": int(cols.hashes[i, 0]),
                 "clip": float(cols.clip[i]), "nsfw": i % 97 == 0} for i in range(600)]
-    filters = FILTERS.model_copy(update={"nsfw": CurateFiltersSpec.model_validate({"nsfw": {"probe": "x"}}).nsfw,
-                                         "balance": CurateFiltersSpec.model_validate(
-                                             {"balance": {"concepts": ["dog", "cat"], "perConceptCap": 150}}).balance})
+    filters = CurateFiltersSpec.model_validate({
+        **FILTERS.model_dump(by_alias=True, exclude_none=True), "nsfw": {"probe": "x"},
+        "nearDedup": {"hashes": ["phash"], "maxDistance": 4, "verify": {"signal": "embedding", "minSimilarity": 0.9},
+                      "keep": "clipScore"},
+        "balance": {"concepts": ["dog", "cat"], "perConceptCap": 150}})
     d = decide(records, filters, concepts=["dog", "cat"], embeddings=cols.emb, seed=2)
     cols.captions = [r["caption"] for r in records]
     cols.nsfw = np.array([r["nsfw"] for r in records])
@@ -105,7 +107,8 @@ def test_simulated_ranks_match_the_single_process_decide_on_records():
     assert [c - 1 if c else None for c in reason.tolist()] == [
         list(CODE).index(r) if r else None for r in d.reasons]
     assert {i: int(g) for i, g in enumerate(dup) if g >= 0} == d.duplicate_of
-    assert "nsfw" in d.reasons and "concept_cap" in d.reasons
+    assert {"nsfw", "concept_cap", "near_duplicate", "exact_duplicate", "semantic_duplicate", "clip_score"} <= set(d.reasons)
+    assert d.groups["near_dedup"] and d.similarity and d.groups["exact_dedup"]
 
 
 def test_select_top_is_a_stable_global_sort_with_ties():

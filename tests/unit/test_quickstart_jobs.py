@@ -37,7 +37,10 @@ def test_staged_job_raw_job_and_naive_baseline_follow_the_recipe(prepared):
     assert curate.input.shards and all("/raw-caption-" in s for s in curate.input.shards)
     assert curate.encoder == f"file://{tmp_path}/stage0/dual_encoder"
     assert curate.filters.clip_score.threshold == recipe.clip_threshold
-    assert curate.filters.near_dedup.hash == "dhash" and curate.filters.semantic_dedup is None
+    near = curate.filters.near_dedup
+    assert near.hashes == ["phash", "dhash"] and near.max_distance == recipe.near_dedup_max_distance
+    assert near.verify is not None and near.verify.min_similarity == recipe.near_dedup_min_similarity
+    assert curate.filters.semantic_dedup is None
     assert curate.resources.procs_per_node == 2 and curate.seed == 5
     assert align.data.from_stage == "curate" and not align.data.shards
     # raw.yaml: the same align stage on the raw shards, nothing else different.

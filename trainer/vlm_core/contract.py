@@ -172,6 +172,8 @@ CURATED_SHARD = "curated-{index:06d}.tar"
 FUNNEL_FILE = "funnel.json"  # counts entering/leaving each filter, per reason, examples, throughput
 DECISIONS_FILE = "decisions.jsonl"  # one {"key", "kept", "reason"} line per input sample
 FUNNEL_CHART = "funnel.png"
+DUPLICATES_CHART = "duplicates.png"  # a sample of removed duplicates side by side with the sample each repeats
+DUPLICATES_PAGE = "duplicates.html"  # the same sample as a page (images inline), with keys and similarities
 
 # Prometheus endpoint per trainer process: port METRICS_PORT + local rank. A pod declares (and its
 # NetworkPolicy opens) the ports of its first METRICS_PORTS_MAX local ranks.

@@ -39,6 +39,8 @@ RAW_TRUTH_FILE = "raw-truth.json"
 TRAIN_SAMPLES = 3000
 HELDOUT_SAMPLES = 300
 HELDOUT_TEXT_DOCS = 300
+NEAR_RADIUS = 10  # calibrated, see Recipe
+NEAR_SIMILARITY = 0.9  # calibrated, see Recipe
 
 
 @dataclass
@@ -72,13 +74,15 @@ class Recipe:
     instruct_lora_lr: float = 1e-3
     instruct_lora_rank: int = 16
     # The curate stage: CLIP-score threshold (cosine of the stage-0 dual encoder; clean pairs score
-    # ~0.76-0.96, mismatched ones mostly below 0.5) and near-duplicate hashing. dHash, not pHash: a
-    # 32 px shape on a flat background has few distinct pHashes (measured, seed 0: 46% of the clean
-    # images have another within 4 bits, 23% within 2). dHash within 3 bits: 1.2% of the clean images
-    # have a neighbour, and 98.7% of the planted near duplicates are found (95.3% within 2 bits).
+    # ~0.76-0.96, mismatched ones mostly below 0.5) and near dedup. Near dedup's values are what
+    # `vlmctl curate calibrate job.yaml` recommends on the quickstart's own raw set (seed 0; table in
+    # bench/results/issue23/calibrate-quickstart.txt): pHash or dHash within NEAR_RADIUS bits proposes a pair,
+    # a 16x16 thumbnail cosine of at least NEAR_SIMILARITY confirms it. (The earlier hash-only rule, dHash
+    # within 3 bits, also removed 18 clean look-alikes: a 32 px shape on a flat background has few hashes.)
     clip_threshold: float = 0.7
-    near_dedup_hash: str = "dhash"
-    near_dedup_max_distance: int = 3
+    near_dedup_hashes: tuple[str, ...] = ("phash", "dhash")
+    near_dedup_max_distance: int = NEAR_RADIUS
+    near_dedup_min_similarity: float = NEAR_SIMILARITY
 
 
 INSTRUCT_VARIANTS = ("full", "zero2", "lora")
@@ -145,7 +149,8 @@ def _job(name: str, model: dict[str, Any], storage_uri: str, stages: list[dict[s
 
 
 def curate_stage(raw_shards: list[str], encoder: str, recipe: Recipe, seed: int) -> dict[str, Any]:
-    """The quickstart's curate stage: text and image filters, CLIP score, exact and near dedup.
+    """The quickstart's curate stage: text and image filters, CLIP score, exact and near dedup (candidates from
+    two hashes, confirmed by thumbnails; thresholds from `vlmctl curate calibrate`).
 
     Semantic dedup stays off: the tiny dual encoder knows 12 concepts only, so to it every red circle
     is a semantic duplicate of every other (clean images' nearest-neighbour cosine is ~0.997).
@@ -158,7 +163,8 @@ def curate_stage(raw_shards: list[str], encoder: str, recipe: Recipe, seed: int)
         "filters": {
             "image": {"minSide": IMAGE_SIZE, "maxAspectRatio": 3.0},
             "clipScore": {"threshold": recipe.clip_threshold},
-            "nearDedup": {"hash": recipe.near_dedup_hash, "maxDistance": recipe.near_dedup_max_distance},
+            "nearDedup": {"hashes": list(recipe.near_dedup_hashes), "maxDistance": recipe.near_dedup_max_distance,
+                          "verify": {"signal": "thumbnail", "minSimilarity": recipe.near_dedup_min_similarity}},
         },
         "seed": seed,
         "resources": {"nodes": 1, "procsPerNode": recipe.procs_per_node},

@@ -100,11 +100,16 @@ class ClipScoreSpec(Strict):
         None, gt=0, le=1, description="Keep this share of the pairs reaching this filter, by highest score "
         "(DataComp's clip_score_*_30_percent is 0.3); global across ranks."
     )
+    percentile: float | None = Field(
+        None, ge=0, lt=100, description="Drop pairs scoring below this percentile of the scores of the pairs "
+        "reaching this filter (DataComp style: 70 keeps about the top 30%); global across ranks."
+    )
 
     @model_validator(mode="after")
     def _one(self) -> ClipScoreSpec:
-        if self.threshold is None and self.keep_top_fraction is None:
-            raise ValueError("threshold: set threshold or keepTopFraction (or both: a sample must pass both)")
+        if self.threshold is None and self.keep_top_fraction is None and self.percentile is None:
+            raise ValueError("threshold: set threshold, keepTopFraction or percentile (given several, a sample "
+                             "must pass each)")
         return self
 
 
@@ -126,14 +131,54 @@ class ExactDedupSpec(Strict):
     enabled: bool = Field(True, description="Run exact deduplication (global across ranks and shards).")
 
 
+HASHES = ("phash", "dhash")  # the 64-bit perceptual hashes near dedup can propose candidates with
+
+
+class NearVerifySpec(Strict):
+    """The second signal that confirms a near-duplicate candidate: cosine of aligned thumbnails (the images
+    area-averaged to 16x16 RGB, each channel minus its mean, so brightness and colour-balance shifts do not
+    count) or of the stage encoder's image embeddings."""
+
+    signal: Literal["thumbnail", "embedding"] = Field(
+        "thumbnail", description="thumbnail: 16x16 RGB thumbnails (no encoder needed); embedding: the stage "
+        "encoder's image embeddings."
+    )
+    min_similarity: float = Field(
+        0.9, ge=-1, le=1, description="A candidate pair is a duplicate when the signal's cosine is at least this "
+        "(`vlmctl curate calibrate` measures it on your own images)."
+    )
+
+
 class NearDedupSpec(Strict):
-    """Perceptual-hash near duplicates (reason near_duplicate); the first sample of each group is kept."""
+    """Near duplicates (reason near_duplicate): perceptual hashes propose candidate pairs at a generous radius,
+    a second signal (`verify`) confirms them; confirmed pairs form groups, and each group keeps its best member
+    (`keep`); a sample is removed only as a confirmed duplicate of a kept one."""
 
     enabled: bool = Field(True, description="Run near deduplication (global across ranks and shards).")
-    hash: Literal["phash", "dhash"] = Field("phash", description="64-bit perceptual hash: phash (DCT) or dhash (gradient).")
-    max_distance: int = Field(
-        4, ge=0, le=64, description="Images whose hashes differ in at most this many bits are duplicates."
+    hashes: list[Literal["phash", "dhash"]] = Field(
+        default_factory=lambda: list(HASHES), min_length=1, max_length=len(HASHES),
+        description="64-bit perceptual hashes that propose candidates: phash (DCT), dhash (gradient); a pair "
+        "within maxDistance bits in any of them is a candidate.",
     )
+    max_distance: int = Field(
+        10, ge=0, le=32, description="Candidate radius: images whose hashes differ in at most this many bits are "
+        "candidates (without verify: duplicates)."
+    )
+    verify: NearVerifySpec | None = Field(
+        default_factory=NearVerifySpec, description="The second signal that confirms candidates; null: every "
+        "candidate is a duplicate (hash only)."
+    )
+    keep: Literal["first", "clipScore"] = Field(
+        "first", description="Which member of a duplicate group stays: first (the first in global input order) "
+        "or clipScore (the highest CLIP score, then the first; needs filters.clipScore)."
+    )
+
+    @field_validator("hashes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each hash at most once, got {v}; accepted: {', '.join(HASHES)}")
+        return v
 
 
 class SemanticDedupSpec(Strict):
@@ -216,4 +261,11 @@ class CurateStage(StageBase):
         for field, value in (("clipScore", f.clip_score), ("nsfw", f.nsfw), ("semanticDedup", f.semantic_dedup)):
             if value is not None and self.encoder is None:
                 raise ValueError(f"filters.{field}: needs the stage's encoder (a CLIP-style dual encoder URI)")
+        near = f.near_dedup
+        if near.enabled and near.verify is not None and near.verify.signal == "embedding" and self.encoder is None:
+            raise ValueError("filters.nearDedup.verify.signal: embedding needs the stage's encoder (a CLIP-style "
+                             "dual encoder URI); thumbnail needs none")
+        if near.enabled and near.keep == "clipScore" and f.clip_score is None:
+            raise ValueError("filters.nearDedup.keep: clipScore needs filters.clipScore (the scores it ranks by); "
+                             "accepted without it: first")
         return self

@@ -137,28 +137,35 @@ def clip_scores(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
 
 
 def keep_by_clip(
-    scores: torch.Tensor, *, threshold: float | None = None, keep_top_fraction: float | None = None
+    scores: torch.Tensor, *, threshold: float | None = None, keep_top_fraction: float | None = None,
+    percentile: float | None = None,
 ) -> torch.Tensor:
     """Which samples pass the CLIP-score filter: a bool [n].
 
     `threshold`: keep scores at or above it. `keep_top_fraction` (0 < f <= 1): keep the ceil(f * n)
     highest scores (DataComp's `clip_score_*_30_percent` is f = 0.3); equal scores are ranked by
-    position, so the result is deterministic. Given both, a sample must pass both.
+    position, so the result is deterministic. `percentile` (0 <= p < 100): keep scores at or above the
+    p-th percentile of these scores (linear interpolation, as numpy's default). Given several, a sample
+    must pass each.
     """
-    if threshold is None and keep_top_fraction is None:
-        raise EmbedError("clip score filter: set threshold or keepTopFraction (or both)")
-    keep = torch.ones(scores.shape[0], dtype=torch.bool)
+    if threshold is None and keep_top_fraction is None and percentile is None:
+        raise EmbedError("clip score filter: set threshold, keepTopFraction or percentile")
+    if percentile is not None and not 0.0 <= percentile < 100.0:
+        raise EmbedError(f"percentile: must be in [0, 100), got {percentile}")
+    if keep_top_fraction is not None and not 0.0 < keep_top_fraction <= 1.0:
+        raise EmbedError(f"keepTopFraction: must be in (0, 1], got {keep_top_fraction}")
+    from vlm_trainer.curate import scale  # the stage's own rule, on one rank
+
+    values = scores.float().numpy()
+    keep = np.ones(values.shape[0], dtype=bool)
     if threshold is not None:
-        keep &= scores >= threshold
+        keep &= values >= threshold
+    if percentile is not None and values.shape[0]:
+        keep &= values.astype(np.float64) >= scale.percentile_cut(values, percentile, scale.Solo())
     if keep_top_fraction is not None:
-        if not 0.0 < keep_top_fraction <= 1.0:
-            raise EmbedError(f"keepTopFraction: must be in (0, 1], got {keep_top_fraction}")
-        n_keep = math.ceil(keep_top_fraction * scores.shape[0])
-        order = torch.sort(-scores.double(), stable=True).indices
-        top = torch.zeros_like(keep)
-        top[order[:n_keep]] = True
-        keep &= top
-    return keep
+        keep &= scale.select_top(scale.sortable_f32(values), np.arange(values.shape[0]),
+                                 math.ceil(keep_top_fraction * values.shape[0]), scale.Solo())
+    return torch.from_numpy(keep)
 
 
 def save_linear_probe(uri: str, weight: torch.Tensor, bias: float, **metadata: str) -> None:
@@ -228,8 +235,8 @@ def semdedup(keys: list[str], emb: torch.Tensor, *, clusters: int, threshold: fl
     """Semantic duplicates: {dropped key: the kept key it duplicates}.
 
     The stage's own SemDeDup (`scale.semantic_dedup`) on one rank: the embeddings are clustered (spherical
-    k-means, `clusters` centres, seeded); within a cluster, samples are visited in key order and one is dropped when its cosine to an already kept sample is
-    at or above `threshold` (it maps to the most similar kept one). Samples are sorted by key first,
+    k-means, `clusters` centres, seeded); within a cluster, samples are visited in key order and one is
+    dropped when its cosine to an already kept sample is at or above `threshold` (it maps to the most similar kept one). Samples are sorted by key first,
     so the answer depends on the set of (key, embedding) pairs only, not on their order.
     """
     if len(keys) != emb.shape[0] or emb.ndim != 2:

@@ -7,7 +7,8 @@ single-process path (`select.decide`) and a distributed one can run the same cod
    `radius` bits in at least one hash column. Multi-index hashing: each hash is cut into `radius + 1`
    bands of contiguous bits; by the pigeonhole principle two hashes within `radius` bits agree exactly on
    at least one band, so only samples sharing a band value (a bucket) are compared. A generous radius
-   only proposes; it decides nothing.
+   only proposes; it decides nothing. Its parts, for a distributed caller: `band_keys` (the band values
+   that route a hash), `bucket_pairs` (all pairs within buckets), `hamming_pairs` (the exact check).
 2. `confirm(pairs, vectors, min_similarity)`: keeps the candidate pairs whose second signal agrees: the
    cosine of L2-normalised vectors (aligned thumbnails, `thumbnail_vectors`, or the curate encoder's image
    embeddings) at or above `min_similarity`.
@@ -47,7 +48,16 @@ def bands(radius: int, bits: int = HASH_BITS) -> list[tuple[int, int]]:
     return out
 
 
-def _bucket_pairs(keys: np.ndarray) -> np.ndarray:
+def band_keys(column: np.ndarray, radius: int) -> np.ndarray:
+    """The value of each of the `radius + 1` bands (`bands`) of each hash: int64 [n, radius + 1]. Two hashes
+    within `radius` bits share the value of at least one band, so a band's value can route a hash to the
+    place (bucket, rank) where its candidates are found."""
+    h = np.asarray(column, dtype=np.uint64)
+    return np.stack([((h >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
+                     for shift, width in bands(radius)], axis=1) if h.shape[0] else np.zeros((0, radius + 1), np.int64)
+
+
+def bucket_pairs(keys: np.ndarray) -> np.ndarray:
     """All (i, j), i < j, of rows with equal `keys` (int64 [n]) as an int64 [m, 2] array."""
     n = keys.shape[0]
     if n < 2:
@@ -93,9 +103,8 @@ def candidate_pairs(hashes: np.ndarray, radius: int | Sequence[int]) -> np.ndarr
     found = []
     for col, r in zip(range(k), radii, strict=True):
         column = h[:, col]
-        for shift, width in bands(r):
-            keys = ((column >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
-            pairs = _bucket_pairs(keys)
+        for keys in band_keys(column, r).T:
+            pairs = bucket_pairs(keys)
             if pairs.shape[0]:
                 found.append(pairs[hamming_pairs(column, pairs) <= r])
     if not found:

@@ -3,17 +3,26 @@
 decisions.jsonl: one line per input sample, in global input order:
     {"key": "<sample key>", "kept": true|false, "reason": null | "<one of select.REASONS>"}
 funnel.json: the count entering and leaving each filter in pipeline order, removed per reason, the text
-filter's checks broken down, a few example keys and captions per reason, and throughput; the counts add
-up (input - sum of removed = kept), and they are computed from the same decisions as decisions.jsonl.
+filter's checks broken down, a few example keys and captions per reason, per dedup filter its duplicate
+groups (how many, members, sizes), and throughput; the counts add up (input - sum of removed = kept), and
+they are computed from the same decisions as decisions.jsonl.
+duplicates.png / duplicates.html: a sample of removed duplicates (per dedup filter) side by side with the
+kept sample each repeats, with keys and the near-duplicate similarity, to eyeball false positives.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
 from typing import Any
 
+from PIL import Image
+
 from vlm_trainer.curate.select import FILTERS, REASONS, Decisions
+
+DEDUP_FILTERS = {"exact_dedup": "exact_duplicate", "near_dedup": "near_duplicate", "semantic_dedup": "semantic_duplicate"}
 
 
 def decision_lines(records: list[dict[str, Any]], decisions: Decisions) -> str:
@@ -41,9 +50,18 @@ def funnel(records: list[dict[str, Any]], decisions: Decisions, *, examples_per_
             "leaving": leaving, "removed": removed,
             "examples": {r: [{"key": records[i]["key"], "caption": records[i].get("caption"),
                               **({"duplicate_of": records[decisions.duplicate_of[i]]["key"]}
-                                 if i in decisions.duplicate_of else {})}
+                                 if i in decisions.duplicate_of else {}),
+                              **({"similarity": round(decisions.similarity[i], 4)} if i in decisions.similarity else {})}
                              for i in by_reason[r][:examples_per_reason]] for r in reasons},
         }
+        if name in DEDUP_FILTERS and name in decisions.groups:
+            found = decisions.groups[name]
+            sizes: dict[int, int] = {}
+            for g in found:
+                sizes[len(g)] = sizes.get(len(g), 0) + 1
+            step["groups"] = {"count": len(found), "members": sum(len(g) for g in found),
+                              "kept": sum(1 for g in found for i in g if decisions.reasons[i] is None),
+                              "sizes": {str(k): v for k, v in sorted(sizes.items())}}
         if name == "text":
             checks: dict[str, int] = {}
             for i in by_reason["text"]:
@@ -105,3 +123,66 @@ def _pil_chart(rows: list[tuple[str, int]], title: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def duplicate_pairs(decisions: Decisions, per_filter: int) -> list[tuple[str, int, int]]:
+    """(dedup filter, removed index, kept index it repeats) of the first `per_filter` removed samples of each
+    dedup filter, in global order: the pairs the duplicates report shows."""
+    out = []
+    for name, reason in DEDUP_FILTERS.items():
+        removed = [i for i, r in enumerate(decisions.reasons) if r == reason and i in decisions.duplicate_of]
+        out += [(name, i, decisions.duplicate_of[i]) for i in removed[:per_filter]]
+    return out
+
+
+def _label(records: list[dict[str, Any]], decisions: Decisions, name: str, i: int, j: int) -> str:
+    sim = f", similarity {decisions.similarity[i]:.3f}" if i in decisions.similarity else ""
+    return f"{name}: {records[i]['key']} (removed) repeats {records[j]['key']} (kept){sim}"
+
+
+def duplicates_png(records: list[dict[str, Any]], decisions: Decisions, pairs: list[tuple[str, int, int]],
+                   images: dict[int, Image.Image], side: int = 96) -> bytes:
+    """The pairs as rows: removed image | kept image | label (PIL only)."""
+    from PIL import ImageDraw
+
+    width, row_h = 2 * side + 520, side + 8
+    canvas = Image.new("RGB", (width, 28 + row_h * max(1, len(pairs))), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 8), "removed | kept it repeats" if pairs else "no duplicates removed", fill="black")
+    for k, (name, i, j) in enumerate(pairs):
+        y = 28 + k * row_h
+        for col, idx in enumerate((i, j)):
+            im = images.get(idx)
+            if im is not None:
+                canvas.paste(im.convert("RGB").resize((side, side)), (4 + col * (side + 4), y))
+            else:
+                draw.rectangle((4 + col * (side + 4), y, 4 + col * (side + 4) + side, y + side), outline="grey")
+        draw.text((2 * side + 16, y + side // 2 - 6), _label(records, decisions, name, i, j), fill="black")
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def duplicates_html(records: list[dict[str, Any]], decisions: Decisions, pairs: list[tuple[str, int, int]],
+                    images: dict[int, Image.Image], side: int = 128) -> str:
+    """The pairs as an HTML page, images inline (base64 PNG), captions and similarity beside them."""
+
+    def img(idx: int) -> str:
+        im = images.get(idx)
+        if im is None:
+            return "<td>(not read)</td>"
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+        return (f'<td><img width="{side}" height="{side}" style="image-rendering:pixelated" '
+                f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"></td>')
+
+    rows = []
+    for name, i, j in pairs:
+        sim = f"{decisions.similarity[i]:.3f}" if i in decisions.similarity else ""
+        rows.append(f"<tr><td>{html.escape(name)}</td>{img(i)}{img(j)}<td>{html.escape(str(records[i]['key']))}<br>"
+                    f"{html.escape(str(records[i].get('caption') or ''))}</td><td>{html.escape(str(records[j]['key']))}"
+                    f"<br>{html.escape(str(records[j].get('caption') or ''))}</td><td>{sim}</td></tr>")
+    return ("<!doctype html><meta charset=utf-8><title>curate: removed duplicates</title>"
+            "<h1>Removed duplicates, side by side with the sample each repeats</h1>"
+            "<table border=1 cellpadding=4><tr><th>filter</th><th>removed</th><th>kept</th><th>removed key, caption</th>"
+            "<th>kept key, caption</th><th>similarity</th></tr>" + "".join(rows) + "</table>\n")

@@ -12,9 +12,10 @@
    `<output>/final/curated-<shard>.tar` (one output shard per input shard: sized like the input, less what
    was dropped); a marker records each finished shard.
 4. Commit: rank 0 receives the light per-sample records (key, caption, verdict), writes decisions.jsonl,
-   funnel.json and funnel.png and commits final/ like a checkpoint (`storage.commit_dir`: files first,
-   manifest.json last, listing the shards). A later training stage reads the shards with
-   `data: {fromStage: <this stage>}` once the manifest verifies.
+   funnel.json, funnel.png and the removed duplicates side by side with what they repeat (duplicates.png,
+   duplicates.html) and commits final/ like a checkpoint (`storage.commit_dir`: files first, manifest.json
+   last, listing the shards). A later training stage reads the shards with `data: {fromStage: <this stage>}`
+   once the manifest verifies.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ from vlm_core.spec import CurateStage, TrainerConfig
 from vlm_core.stage_classes import curate_stage
 
 from vlm_trainer.curate.exchange import Solo, TorchExchange
-from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_hash
-from vlm_trainer.curate.report import decision_lines, funnel, funnel_chart_png
+from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_hash, thumbnail
+from vlm_trainer.curate.report import (
+    decision_lines,
+    duplicate_pairs,
+    duplicates_html,
+    duplicates_png,
+    funnel,
+    funnel_chart_png,
+)
 from vlm_trainer.curate.scale import REASONS, columns_from_records, decide_columns
-from vlm_trainer.curate.select import Decisions, filters_enabled
+from vlm_trainer.curate.select import decisions_of, encode_thumb, uses_embeddings
 from vlm_trainer.curate.text import text_problem
 from vlm_trainer.data import TarSample, read_shard
 from vlm_trainer.parallel import DistEnv, barrier, broadcast_object, gather_objects, gather_to_main
@@ -89,7 +97,7 @@ class Analyser:
         self.stage = stage
         self.encoder: Any = None
         f = stage.filters
-        if stage.encoder is not None and (f.clip_score or f.nsfw or f.semantic_dedup):
+        if stage.encoder is not None and (f.clip_score or f.nsfw or uses_embeddings(f)):
             from vlm_trainer.curate import embed
 
             self.encoder = embed.load_dual_encoder(stage.encoder)
@@ -97,7 +105,9 @@ class Analyser:
     def shard(self, url: str) -> tuple[list[dict[str, Any]], Any]:
         """The records of one shard, and its image embeddings (a tensor, or None without an encoder)."""
         f = self.stage.filters
-        hasher = phash if f.near_dedup.hash == "phash" else dhash
+        hashers = {"phash": phash, "dhash": dhash}
+        near = f.near_dedup
+        thumbs = near.enabled and near.verify is not None and near.verify.signal == "thumbnail"
         records: list[dict[str, Any]] = []
         passed: list[tuple[int, Any, str]] = []
         for pos, sample in enumerate(read_samples(url)):
@@ -115,7 +125,10 @@ class Analyser:
             if rec["reason"] is None:
                 assert image is not None
                 rec["pixel"] = pixel_hash(image)
-                rec["phash"] = hasher(image)
+                if near.enabled:
+                    rec["hashes"] = {h: hashers[h](image) for h in near.hashes}
+                    if thumbs:
+                        rec["thumb"] = encode_thumb(thumbnail(image))
                 passed.append((pos, image, caption or ""))
             records.append(rec)
         embeddings = self._embed(records, passed) if self.encoder is not None else None
@@ -182,6 +195,22 @@ def write_output_shard(src: str, dst: str, keep_positions: set[int]) -> dict[str
     return {"path": dst.rsplit("/", 1)[1], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def read_images(urls: list[str], owners: list[int], records: list[dict[str, Any]], wanted: set[int]) -> dict[int, Any]:
+    """The decoded images of the samples `wanted` (global indices), reading each shard that holds one once."""
+    by_shard: dict[int, dict[int, int]] = {}
+    for i in wanted:
+        by_shard.setdefault(owners[i], {})[int(records[i]["pos"])] = i
+    out: dict[int, Any] = {}
+    for shard, positions in sorted(by_shard.items()):
+        last = max(positions)
+        for pos, sample in enumerate(read_samples(urls[shard])):
+            if pos in positions:
+                out[positions[pos]] = decode(sample_parts(sample)[1])
+            if pos >= last:
+                break
+    return {i: im for i, im in out.items() if im is not None}
+
+
 def read_concepts(stage: CurateStage) -> list[str]:
     b = stage.filters.balance
     if b is None:
@@ -239,7 +268,7 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
     metrics = _start_metrics(config)
     progress = _Progress(config, env, 2 * len(mine), metrics)
     analyser: Analyser | None = None
-    wants_embeddings = stage.filters.semantic_dedup is not None
+    wants_embeddings = uses_embeddings(stage.filters)
 
     # 1. analyse my shards (or take the analyses an earlier run finished)
     analyses: dict[int, dict[str, Any]] = {}
@@ -312,21 +341,26 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
                   "seconds": round(seconds, 3), "samples_per_second": round(mine_count / max(seconds, 1e-9), 2),
                   "analysed_samples": analysed_samples, "analyse_seconds": round(analyse_seconds, 3),
                   "analyse_samples_per_second": round(analysed_samples / analyse_seconds, 2) if analyse_seconds else None}
-    # the report (decisions.jsonl, funnel) lists every sample: rank 0 alone receives the light records
-    mine_report = (gids, records, reasons, cols.dup_of)
+    # the report (decisions.jsonl, funnel, duplicates) lists every sample: rank 0 alone receives the light records
+    mine_report = (gids, records, reasons, cols.dup_of, owners)
     gathered = gather_to_main((entries, throughput, mine_report), env)
     doc: dict[str, Any] | None = None
     if gathered is not None:
-        every = sorted(((int(g), rec, reason, int(dup)) for _, _, part in gathered for g, rec, reason, dup
-                        in zip(*part, strict=True)), key=lambda t: t[0])
-        all_records = [t[1] for t in every]
-        decisions = Decisions([t[2] for t in every], {t[0]: t[3] for t in every if t[3] >= 0},
-                              enabled=filters_enabled(stage.filters), stats=stats)
+        every = sorted(((int(g), rec, reason, int(dup), shard) for _, _, part in gathered
+                        for g, rec, reason, dup, shard in zip(*part, strict=True)), key=lambda t: t[0])
+        all_records, all_owners = [t[1] for t in every], [t[4] for t in every]
+        decisions = decisions_of([t[2] for t in every], {t[0]: t[3] for t in every if t[3] >= 0}, stage.filters, stats)
         doc = funnel(all_records, decisions, examples_per_reason=stage.output.examples_per_reason,
                      extra={"stage": stage.name, "world_size": env.world_size,
                             "throughput": [t for _, t, _ in gathered]})
         uploaded = [e for part, _, _ in gathered for e in part]
+        pairs = duplicate_pairs(decisions, stage.output.examples_per_reason)
+        images = read_images(urls, all_owners, all_records, {k for _, i, j in pairs for k in (i, j)})
         with tempfile.TemporaryDirectory(prefix="vlm-curate-") as tmp:
+            with open(os.path.join(tmp, contract.DUPLICATES_CHART), "wb") as fh:
+                fh.write(duplicates_png(all_records, decisions, pairs, images))
+            with open(os.path.join(tmp, contract.DUPLICATES_PAGE), "w") as fh:
+                fh.write(duplicates_html(all_records, decisions, pairs, images))
             with open(os.path.join(tmp, contract.DECISIONS_FILE), "w") as fh:
                 fh.write(decision_lines(all_records, decisions))
             with open(os.path.join(tmp, contract.FUNNEL_FILE), "w") as fh:

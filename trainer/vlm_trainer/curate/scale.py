@@ -114,7 +114,9 @@ def columns_from_records(records: list[dict[str, Any]], gids: np.ndarray, embedd
     if embeddings is not None:
         emb = embeddings.detach().cpu().float().numpy() if hasattr(embeddings, "detach") else np.asarray(embeddings)
     thumbs = None
-    if any(r.get("thumb") for r in records):  # base64 uint8 [side, side, 3] (select.encode_thumb)
+    verify = filters.near_dedup.verify if filters is not None else None
+    if any(r.get("thumb") for r in records) or (verify is not None and verify.signal == "thumbnail"):
+        # base64 uint8 [side, side, 3] (select.encode_thumb); present on every rank, even one without samples
         thumbs = np.zeros((n, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
         for i, r in enumerate(records):
             if r.get("thumb"):
@@ -127,8 +129,7 @@ def hash_names(filters: CurateFiltersSpec | None) -> list[str]:
     """The perceptual hashes near dedup uses, in the spec's order."""
     if filters is None:
         return ["phash"]
-    near = filters.near_dedup
-    return list(getattr(near, "hashes", None) or [getattr(near, "hash", "phash")])
+    return list(filters.near_dedup.hashes)
 
 
 @dataclass(frozen=True)
@@ -141,11 +142,10 @@ class NearParams:
 
 def near_params(filters: CurateFiltersSpec) -> NearParams:
     near = filters.near_dedup
-    verify = getattr(near, "verify", None)
     return NearParams(radius=near.max_distance,
-                      min_similarity=None if verify is None else verify.min_similarity,
-                      signal="thumbnail" if verify is None else verify.signal,
-                      keep_by_score=getattr(near, "keep", "first") == "clipScore")
+                      min_similarity=None if near.verify is None else near.verify.min_similarity,
+                      signal="thumbnail" if near.verify is None else near.verify.signal,
+                      keep_by_score=near.keep == "clipScore")
 
 
 def _band(h: np.ndarray, shift: int, width: int) -> np.ndarray:
@@ -252,9 +252,8 @@ def clip_filter(cols: Columns, filters: CurateFiltersSpec, ex: Exchange) -> None
     keep = np.ones(a.shape[0], dtype=bool)
     if spec.threshold is not None:
         keep &= scores >= spec.threshold
-    percentile = getattr(spec, "percentile", None)
-    if percentile is not None and all_count(ex, a.shape[0])[0]:
-        keep &= scores.astype(np.float64) >= percentile_cut(scores, percentile, ex)
+    if spec.percentile is not None and all_count(ex, a.shape[0])[0]:
+        keep &= scores.astype(np.float64) >= percentile_cut(scores, spec.percentile, ex)
     if spec.keep_top_fraction is not None:
         n = all_count(ex, a.shape[0])[0]
         keep &= select_top(sortable_f32(scores), cols.gid[a], math.ceil(spec.keep_top_fraction * n), ex)
