@@ -389,9 +389,10 @@ def near_dedup(cols: Columns, params: NearParams, ex: Exchange) -> NearOutcome:
     dtype = _band_dtype(k)
     found = []
     for c in range(k):
-        for b, (shift, width) in enumerate(G.bands(params.radius)):  # one band at a time: O(N / ranks) memory
+        keys = G.band_keys(cols.hashes[a, c], params.radius)  # the values that route a hash
+        for b in range(keys.shape[1]):  # one band at a time: O(N / ranks) memory
             m = np.empty(a.shape[0], dtype=dtype)
-            m["v"] = _band(cols.hashes[a, c], shift, width)
+            m["v"] = keys[:, b]
             m["h"], m["gid"], m["li"] = cols.hashes[a], cols.gid[a], a
             m["clip"] = cols.clip[a] if cols.clip is not None else np.nan
             salt = np.uint64((c * 64 + b + 1) * 0x9E3779B97F4A7C15 % 2**64)
@@ -401,6 +402,7 @@ def near_dedup(cols: Columns, params: NearParams, ex: Exchange) -> NearOutcome:
             del parts
             found.append(near_candidates(got, src, params.radius, c, b))
             del got, src
+        del keys
     edges = np.concatenate(found) if found else np.empty(0, dtype=EDGE)
     out = NearOutcome(candidates=all_count(ex, edges.shape[0])[0])
     if params.min_similarity is not None:
