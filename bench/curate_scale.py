@@ -98,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
            "dim": args.dim,
            "semantic_dedup": semantic, "generate_s": round(generate_s, 2), "decide_s": round(decide_s, 3),
            "wall_s": round(wall_s, 3), "held_bytes": held, "rss_before_bytes": before, "peak_rss_bytes": peak.peak,
-           "stats": {k: v for k, v in stats.items() if k in ("near_dedup", "semantic_dedup")},
+           "stats": {k: v for k, v in stats.items() if k in ("near_dedup", "semantic_dedup", "seconds")},
            "removed_global": dict(zip(removed, total[:-1], strict=True)), "digest": total[-1],
            "planted_local": planted}
     with open(os.path.join(args.result_dir, f"rank{env.rank}.json"), "w") as fh:

@@ -33,6 +33,7 @@ import base64
 import hashlib
 import math
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -588,22 +589,35 @@ def decide_columns(cols: Columns, filters: CurateFiltersSpec, ex: Exchange | Non
                    concepts: list[str] | None = None, seed: int = 0, near: NearParams | None = None,
                    kmeans_iterations: int = 50) -> dict[str, Any]:
     """Run the global filters in the pipeline's order on this rank's columns (in place); every rank calls it
-    together. Returns counts of the dedup steps (the same on every rank)."""
+    together. Returns counts of the dedup steps (the same on every rank) and this rank's seconds per step."""
     ex = ex or Solo()
-    stats: dict[str, Any] = {}
+    stats: dict[str, Any] = {"seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stats["seconds"][step] = round(now - clock, 3)
+        clock = now
+
     if filters.clip_score is not None:
         clip_filter(cols, filters, ex)
+        lap("clip_score")
     if filters.nsfw is not None and cols.nsfw is not None:
         cols.reason[(cols.reason == 0) & cols.nsfw] = CODE["nsfw"]
     if filters.exact_dedup.enabled:
         exact_dedup(cols, ex)
+        lap("exact_dedup")
     if filters.near_dedup.enabled:
         outcome = near_dedup(cols, near or near_params(filters), ex)
         stats["near_dedup"], stats["near_groups"], stats["near_similarity"] = (
             outcome.counts(), outcome.groups, outcome.similarity)
+        lap("near_dedup")
     if filters.semantic_dedup is not None:
         sem = filters.semantic_dedup
         stats["semantic_dedup"] = semantic_dedup(cols, sem.clusters, sem.threshold, seed, ex, iterations=kmeans_iterations)
+        lap("semantic_dedup")
     if filters.balance is not None:
         concept_cap(cols, filters, concepts or [], ex)
+        lap("balance")
     return stats
