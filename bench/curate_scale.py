@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
     from vlm_core.spec import CurateFiltersSpec
-    from vlm_trainer.curate import embed, synthetic  # noqa: F401 - imported before the clock starts (SemDeDup uses it)
+    from vlm_trainer.curate import synthetic
     from vlm_trainer.curate.exchange import Solo, TorchExchange
     from vlm_trainer.curate.scale import CODE, NearParams, decide_columns, splitmix
     from vlm_trainer.parallel import barrier, dist_env, init_distributed, shutdown_distributed
@@ -126,8 +126,8 @@ def report(rows: list[dict]) -> str:
     mib = 2**20
     lines = ["| samples | ranks | near radius | decide wall (s) | per-rank decide (s) | held columns / rank (MiB) | "
              "RSS before / rank (MiB) | peak RSS during / rank (MiB) | semdedup | removed (exact/near/semantic/clip) | "
-             "near candidates / confirmed / groups | digest |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "near candidates / confirmed / groups | rank 0 seconds per step | digest |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (n, radius, world), group in _groups(rows):
         r0 = group[0]
         rem = r0["removed_global"]
@@ -139,8 +139,12 @@ def report(rows: list[dict]) -> str:
             f"{_per(group, 'peak_rss_bytes', mib, '.0f')} | {'yes' if r0['semantic_dedup'] else 'no'} | "
             f"{rem['exact_duplicate']:,} / {rem['near_duplicate']:,} / {rem['semantic_duplicate']:,} / "
             f"{rem['clip_score']:,} | {near.get('candidates', 0):,} / {near.get('confirmed', 0):,} / "
-            f"{near.get('groups', 0):,} | {r0['digest']} |")
+            f"{near.get('groups', 0):,} | {_steps(r0)} | {r0['digest']} |")
     return "\n".join(lines) + "\n"
+
+
+def _steps(row: dict) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in row["stats"].get("seconds", {}).items()) or "-"
 
 
 def _per(group: list[dict], key: str, scale: float, fmt: str) -> str:
@@ -148,9 +152,9 @@ def _per(group: list[dict], key: str, scale: float, fmt: str) -> str:
 
 
 def _groups(rows: list[dict]) -> list[tuple[tuple[int, int, int], list[dict]]]:
-    keys = sorted({(r["n"], r["radius"], r["world"]) for r in rows})
-    return [(k, sorted([r for r in rows if (r["n"], r["radius"], r["world"]) == k], key=lambda r: r["rank"]))
-            for k in keys]
+    keys = sorted({(r["semantic_dedup"], r["n"], r["radius"], r["world"]) for r in rows})
+    return [(k[1:], sorted([r for r in rows if (r["semantic_dedup"], r["n"], r["radius"], r["world"]) == k],
+                           key=lambda r: r["rank"])) for k in keys]
 
 
 def main() -> None:
@@ -175,7 +179,9 @@ def main() -> None:
     for n in args.sizes:
         for ranks in args.ranks:
             got = run_one(n, ranks, args)
-            rows = [r for r in rows if (r["n"], r["world"], r["radius"]) != (n, ranks, args.radius)] + got
+            sem = n <= args.semantic_max
+            rows = [r for r in rows if (r["n"], r["world"], r["radius"], r["semantic_dedup"]) != (n, ranks, args.radius, sem)]
+            rows += got
             print(json.dumps([{k: g[k] for k in ("n", "world", "rank", "wall_s", "peak_rss_bytes", "digest")}
                               for g in got]), flush=True)
             with open(path, "w") as fh:

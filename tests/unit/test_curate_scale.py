@@ -142,8 +142,8 @@ def test_percentile_cut_is_numpys_percentile_over_all_ranks():
 
 
 def test_blocked_semdedup_pass_is_the_plain_ordered_pass():
-    """embed.greedy_within (blocked, vectorised) drops and names exactly as the plain one-row-at-a-time pass."""
-    from vlm_trainer.curate.embed import greedy_within
+    """scale.greedy_within (blocked, vectorised) drops and names exactly as the plain one-row-at-a-time pass."""
+    from vlm_trainer.curate.scale import greedy_within
 
     rng = np.random.default_rng(4)
     base = rng.normal(size=(60, 8))

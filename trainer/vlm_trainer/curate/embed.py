@@ -214,23 +214,6 @@ def nsfw_flags(img: torch.Tensor, probe_uri: str, threshold: float) -> torch.Ten
     return prob >= threshold
 
 
-def kmeans_pp(emb: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """k-means++ start centres [<= k, d] of L2-normalised rows (seeded; fewer when fewer distinct points)."""
-    n = emb.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    first = int(torch.randint(n, (1,), generator=gen))
-    centres = [emb[first]]
-    best = emb @ emb[first]
-    for _ in range(1, k):
-        weights = (1.0 - best).clamp_min(0.0) ** 2  # squared distance on the sphere, up to a factor
-        if float(weights.sum()) <= 0.0:  # fewer distinct points than clusters
-            break
-        nxt = int(torch.multinomial(weights.double(), 1, generator=gen))
-        centres.append(emb[nxt])
-        best = torch.maximum(best, emb @ emb[nxt])
-    return torch.stack(centres)
-
-
 def semdedup(keys: list[str], emb: torch.Tensor, *, clusters: int, threshold: float, seed: int) -> dict[str, str]:
     """Semantic duplicates: {dropped key: the kept key it duplicates}.
 
@@ -258,44 +241,3 @@ def semdedup(keys: list[str], emb: torch.Tensor, *, clusters: int, threshold: fl
                          hashes=np.zeros((n, 1), dtype=np.uint64), emb=emb[order].double().numpy())
     scale.semantic_dedup(cols, clusters, threshold, seed, scale.Solo())
     return {sorted_keys[i]: sorted_keys[int(cols.dup_of[i])] for i in np.flatnonzero(cols.reason).tolist()}
-
-
-def greedy_within(x: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """SemDeDup's pass over one cluster, rows (L2-normalised) in global order: a row is dropped when its cosine
-    to an already kept row is >= threshold, naming the most similar kept row (the earliest on ties). Returns
-    (dropped rows, the kept row each names).
-
-    Block by block: the cosines to the rows kept in earlier blocks are one matrix product; inside a block only
-    the rows with an earlier in-block row at or above the threshold need the ordered pass (few: duplicates)."""
-    n = x.shape[0]
-    kept = np.zeros(n, dtype=np.int64)
-    n_kept = 0
-    dropped, names = [], []
-    for b0 in range(0, n, block):
-        blk = x[b0:b0 + block]
-        m = blk.shape[0]
-        best = np.full(m, -np.inf)
-        who = np.full(m, -1, dtype=np.int64)
-        if n_kept:
-            prev = blk @ x[kept[:n_kept]].T
-            arg = prev.argmax(1)
-            best, who = prev[np.arange(m), arg], kept[arg]
-        inner = blk @ blk.T
-        close = np.tril(inner >= threshold, k=-1).any(1)  # an earlier row of this block is close
-        keep = best < threshold
-        for j in np.flatnonzero(close).tolist():  # in order: earlier rows' verdicts are final
-            earlier = np.flatnonzero(keep[:j])
-            if earlier.size:
-                t = int(inner[j, earlier].argmax())
-                if float(inner[j, earlier[t]]) > best[j]:
-                    best[j], who[j] = inner[j, earlier[t]], b0 + earlier[t]
-            keep[j] = not best[j] >= threshold
-        gone = np.flatnonzero(~keep)
-        dropped.append(b0 + gone)
-        names.append(who[gone])
-        stay = b0 + np.flatnonzero(keep)
-        kept[n_kept:n_kept + stay.size] = stay
-        n_kept += stay.size
-    if not dropped:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(dropped), np.concatenate(names)

@@ -74,10 +74,14 @@ class Solo:
 
 
 class TorchExchange:
-    """torch.distributed's default process group (gloo on CPU): byte counts, then the bytes, by all_to_all_single."""
+    """torch.distributed: byte counts, then the bytes, by all_to_all_single, on CPU tensors. The stage's process
+    group is gloo on CPU; under NCCL (GPUs) a gloo group of the same ranks carries these host-side records."""
 
     def __init__(self, rank: int, world: int):
+        import torch.distributed as dist
+
         self.rank, self.world = rank, world
+        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     def all_to_all(self, parts: list[np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -88,11 +92,12 @@ class TorchExchange:
         send = [np.ascontiguousarray(p).view(np.uint8).reshape(-1) for p in parts]
         send_sizes = torch.tensor([s.size for s in send], dtype=torch.int64)
         recv_sizes = torch.empty(self.world, dtype=torch.int64)
-        dist.all_to_all_single(recv_sizes, send_sizes)
+        dist.all_to_all_single(recv_sizes, send_sizes, group=self.group)
         sizes = recv_sizes.tolist()
         inp = torch.from_numpy(np.concatenate(send)) if sum(s.size for s in send) else torch.empty(0, dtype=torch.uint8)
         out = torch.empty(sum(sizes), dtype=torch.uint8)
-        dist.all_to_all_single(out, inp, output_split_sizes=sizes, input_split_sizes=send_sizes.tolist())
+        dist.all_to_all_single(out, inp, output_split_sizes=sizes, input_split_sizes=send_sizes.tolist(),
+                               group=self.group)
         raw = out.numpy()
         bounds = np.cumsum([0, *sizes])
         return [raw[bounds[r]:bounds[r + 1]].copy().view(dtype) for r in range(self.world)]
@@ -102,7 +107,7 @@ class TorchExchange:
         import torch.distributed as dist
 
         t = torch.from_numpy(np.array(values, dtype=np.int64))
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t.numpy()
 
 

@@ -464,12 +464,71 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 CHUNK = 65536  # rows normalised and quantised at a time (k-means works chunk by chunk: memory O(chunk x d))
 
 
+def kmeans_pp(emb: Any, k: int, seed: int) -> Any:
+    """k-means++ start centres [<= k, d] of L2-normalised rows (a torch tensor; seeded; fewer when fewer
+    distinct points)."""
+    import torch
+
+    n = emb.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    first = int(torch.randint(n, (1,), generator=gen))
+    centres = [emb[first]]
+    best = emb @ emb[first]
+    for _ in range(1, k):
+        weights = (1.0 - best).clamp_min(0.0) ** 2  # squared distance on the sphere, up to a factor
+        if float(weights.sum()) <= 0.0:  # fewer distinct points than clusters
+            break
+        nxt = int(torch.multinomial(weights.double(), 1, generator=gen))
+        centres.append(emb[nxt])
+        best = torch.maximum(best, emb @ emb[nxt])
+    return torch.stack(centres)
+
+
+def greedy_within(x: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """SemDeDup's pass over one cluster, rows (L2-normalised) in global order: a row is dropped when its cosine
+    to an already kept row is >= threshold, naming the most similar kept row (the earliest on ties). Returns
+    (dropped rows, the kept row each names).
+
+    Block by block: the cosines to the rows kept in earlier blocks are one matrix product; inside a block only
+    the rows with an earlier in-block row at or above the threshold need the ordered pass (few: duplicates)."""
+    n = x.shape[0]
+    kept = np.zeros(n, dtype=np.int64)
+    n_kept = 0
+    dropped, names = [], []
+    for b0 in range(0, n, block):
+        blk = x[b0:b0 + block]
+        m = blk.shape[0]
+        best = np.full(m, -np.inf)
+        who = np.full(m, -1, dtype=np.int64)
+        if n_kept:
+            prev = blk @ x[kept[:n_kept]].T
+            arg = prev.argmax(1)
+            best, who = prev[np.arange(m), arg], kept[arg]
+        inner = blk @ blk.T
+        close = np.tril(inner >= threshold, k=-1).any(1)  # an earlier row of this block is close
+        keep = best < threshold
+        for j in np.flatnonzero(close).tolist():  # in order: earlier rows' verdicts are final
+            earlier = np.flatnonzero(keep[:j])
+            if earlier.size:
+                t = int(inner[j, earlier].argmax())
+                if float(inner[j, earlier[t]]) > best[j]:
+                    best[j], who[j] = inner[j, earlier[t]], b0 + earlier[t]
+            keep[j] = not best[j] >= threshold
+        gone = np.flatnonzero(~keep)
+        dropped.append(b0 + gone)
+        names.append(who[gone])
+        stay = b0 + np.flatnonzero(keep)
+        kept[n_kept:n_kept + stay.size] = stay
+        n_kept += stay.size
+    if not dropped:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(dropped), np.concatenate(names)
+
+
 def kmeans(emb: np.ndarray, gid: np.ndarray, k: int, seed: int, ex: Exchange, *, iterations: int = 50,
            sample: int = 8192) -> np.ndarray:
     """Cluster ids of the local rows `emb` of a spherical k-means over all ranks (rows L2-normalised here)."""
     import torch
-
-    from vlm_trainer.curate import embed
 
     n = all_count(ex, emb.shape[0])[0]
     d = emb.shape[1]
@@ -479,7 +538,7 @@ def kmeans(emb: np.ndarray, gid: np.ndarray, k: int, seed: int, ex: Exchange, *,
     part["gid"], part["e"] = gid[pick], _normalise(emb[pick])
     seed_rows = np.concatenate(all_gather(ex, part))
     seed_rows = seed_rows[np.argsort(seed_rows["gid"])]
-    centres = embed.kmeans_pp(torch.from_numpy(seed_rows["e"].copy()), k, seed).numpy()
+    centres = kmeans_pp(torch.from_numpy(seed_rows["e"].copy()), k, seed).numpy()
     del seed_rows, part
     assign = np.full(emb.shape[0], -1, dtype=np.int64)
     for _ in range(iterations):
@@ -505,8 +564,6 @@ def kmeans(emb: np.ndarray, gid: np.ndarray, k: int, seed: int, ex: Exchange, *,
 
 def semantic_dedup(cols: Columns, clusters: int, threshold: float, seed: int, ex: Exchange, *,
                    iterations: int = 50) -> dict[str, int]:
-    from vlm_trainer.curate import embed
-
     assert cols.emb is not None
     a = cols.alive()
     n = all_count(ex, a.shape[0])[0]
@@ -529,7 +586,7 @@ def semantic_dedup(cols: Columns, clusters: int, threshold: float, seed: int, ex
     for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, got.shape[0]], strict=True):
         if hi - lo < 2:
             continue
-        dropped, names = embed.greedy_within(_normalise(got["e"][lo:hi]), threshold)
+        dropped, names = greedy_within(_normalise(got["e"][lo:hi]), threshold)
         d_src.append(src[lo:hi][dropped])
         d_li.append(got["li"][lo:hi][dropped])
         d_dup.append(got["gid"][lo:hi][names])
