@@ -146,7 +146,7 @@ def cmd_curate_calibrate(args: argparse.Namespace) -> int:
     shards = resolved.input.shards
     f = stage.filters
     cmd = [sys.executable, "-m", "vlm_trainer.curate.calibrate", "--shards", *shards, "--sample", str(args.sample),
-           "--pool", str(args.pool), "--seed", str(args.seed), "--hashes", *f.near_dedup.hashes,
+           "--pool", str(args.pool), "--seed", str(args.seed), "--suite", args.suite, "--hashes", *f.near_dedup.hashes,
            "--min-side", str(f.image.min_side), "--max-aspect", str(f.image.max_aspect_ratio)]
     for flag in ("write", "json"):
         if getattr(args, flag):
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--sample", type=int, default=300, help="images copied (default 300)")
     cal.add_argument("--pool", type=int, default=2000, help="images read (default 2000)")
     cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--suite", choices=["web", "light"], default="web", help="which copies count as duplicates: "
+                     "web (re-uploads, crops, edits; default) or light (colour, high-quality re-encode, resize)")
     cal.add_argument("--write", metavar="FILE", help="write the recommended nearDedup settings as a YAML snippet")
     cal.add_argument("--json", metavar="FILE", help="write the whole measurement as JSON")
     cal.set_defaults(func=cmd_curate_calibrate)

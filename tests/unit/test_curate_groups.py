@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from vlm_core.spec import CurateFiltersSpec
 from vlm_trainer.curate import groups as G
+from vlm_trainer.curate.image import THUMB_SIDE as S
 from vlm_trainer.curate.select import decide, encode_thumb
 
 
@@ -103,7 +104,7 @@ def test_decide_near_dedup_confirms_candidates_with_thumbnails():
     """Four samples with one hash: 0 and 1 are a copy (hash 2 bits apart, same thumbnail); 2 has 0's hash but
     another picture (a look-alike the hash alone would remove); 3 is a brighter copy of 2."""
     rng = np.random.default_rng(2)
-    a, b = (rng.integers(0, 255, (16, 16, 3)).astype(np.uint8) for _ in range(2))
+    a, b = (rng.integers(0, 255, (S, S, 3)).astype(np.uint8) for _ in range(2))
     thumbs = [a, a, b, np.clip(b.astype(int) + 10, 0, 255).astype(np.uint8)]
     hashes = [0b1011, 0b1000, 0b1011, 0b1111]
     records = [{"key": f"k{i}", "caption": "x y", "reason": None, "pixel": f"p{i}", "hashes": {"phash": h, "dhash": h},
@@ -152,6 +153,7 @@ def test_calibrate_measures_copies_against_nearest_neighbours_and_writes_a_snipp
     h, t = C.signals(images, ["phash", "dhash"])
     pool = C.Pool([f"k{i}" for i in range(80)], images, ["phash", "dhash"], h, t, [f"p{i}" for i in range(80)])
     result = C.calibrate(pool, sample=40, seed=0)
+    assert C.calibrate(pool, sample=40, seed=0, suite="light")["recommended"]["blur"] == 0.0
     rec = result["recommended"]
     assert 0 <= rec["maxDistance"] <= C.MAX_RADIUS and 0.5 <= rec["minSimilarity"] <= 1.0
     assert result["sample"] == 40 and sum(v["copies"] for v in result["per_perturbation"].values()) == 40
@@ -163,7 +165,7 @@ def test_calibrate_measures_copies_against_nearest_neighbours_and_writes_a_snipp
     assert "<- recommended" in text and f"maxDistance {rec['maxDistance']}" in text
     near = yaml.safe_load(C.snippet(result))["filters"]["nearDedup"]
     assert near == {"hashes": ["phash", "dhash"], "maxDistance": rec["maxDistance"],
-                    "verify": {"signal": "thumbnail", "minSimilarity": rec["minSimilarity"]}}
+                    "verify": {"signal": "thumbnail", "minSimilarity": rec["minSimilarity"], "blur": rec["blur"]}}
     CurateFiltersSpec.model_validate({"nearDedup": near})  # the snippet is a valid filter spec
     with pytest.raises(ValueError, match="found 2 usable images"):
         C.calibrate(C.Pool(["a", "b"], images[:2], ["phash"], h[:2, :1], t[:2], ["a", "b"]))
@@ -174,7 +176,7 @@ def test_funnel_reports_groups_and_the_duplicates_page_shows_pairs():
     from vlm_trainer.curate.report import duplicate_pairs, duplicates_html, duplicates_png, funnel
 
     rng = np.random.default_rng(4)
-    a, b = (rng.integers(0, 255, (16, 16, 3)).astype(np.uint8) for _ in range(2))
+    a, b = (rng.integers(0, 255, (S, S, 3)).astype(np.uint8) for _ in range(2))
     records = [{"key": f"k{i}", "caption": "two words", "reason": None, "pixel": px, "hashes": {"phash": 0, "dhash": 0},
                 "thumb": encode_thumb(th)} for i, (px, th) in enumerate([("p0", a), ("p0", a), ("p1", a), ("p2", b)])]
     d = decide(records, CurateFiltersSpec.model_validate({}))
@@ -194,7 +196,7 @@ def test_funnel_reports_groups_and_the_duplicates_page_shows_pairs():
 
 def test_keep_clip_score_keeps_the_best_scored_member_of_a_group():
     rng = np.random.default_rng(5)
-    a = rng.integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    a = rng.integers(0, 255, (S, S, 3)).astype(np.uint8)
     records = [{"key": f"k{i}", "caption": "two words", "reason": None, "pixel": f"p{i}", "clip": c,
                 "hashes": {"phash": 0, "dhash": 0}, "thumb": encode_thumb(a)} for i, c in enumerate([0.3, 0.9, 0.5])]
     filters = CurateFiltersSpec.model_validate({"clipScore": {"threshold": 0.1}, "nearDedup": {"keep": "clipScore"}})

@@ -131,21 +131,27 @@ class ExactDedupSpec(Strict):
     enabled: bool = Field(True, description="Run exact deduplication (global across ranks and shards).")
 
 
-HASHES = ("phash", "dhash")  # the 64-bit perceptual hashes near dedup can propose candidates with
+HashName = Literal["phash", "dhash"]
+HASHES: tuple[HashName, ...] = ("phash", "dhash")  # the 64-bit perceptual hashes that propose candidates
 
 
 class NearVerifySpec(Strict):
-    """The second signal that confirms a near-duplicate candidate: cosine of aligned thumbnails (the images
-    area-averaged to 16x16 RGB, each channel minus its mean, so brightness and colour-balance shifts do not
-    count) or of the stage encoder's image embeddings."""
+    """The second signal that confirms a near-duplicate candidate: the cosine of aligned thumbnails (the images
+    area-averaged to 24x24 RGB and blurred, each channel minus its mean so brightness and colour-balance shifts
+    do not count, the best match over small zooms and shifts so crops and shifts do not either) or of the
+    stage encoder's image embeddings."""
 
     signal: Literal["thumbnail", "embedding"] = Field(
-        "thumbnail", description="thumbnail: 16x16 RGB thumbnails (no encoder needed); embedding: the stage "
+        "thumbnail", description="thumbnail: aligned 24x24 RGB thumbnails (no encoder needed); embedding: the stage "
         "encoder's image embeddings."
     )
     min_similarity: float = Field(
-        0.9, ge=-1, le=1, description="A candidate pair is a duplicate when the signal's cosine is at least this "
+        0.97, ge=-1, le=1, description="A candidate pair is a duplicate when the signal's cosine is at least this "
         "(`vlmctl curate calibrate` measures it on your own images)."
+    )
+    blur: float = Field(
+        1.2, ge=0, le=4, description="thumbnail only: Gaussian blur (sigma, thumbnail pixels) before comparing; 0 "
+        "compares sharp thumbnails, where fine texture (sensor noise) tells look-alikes apart. Calibrated too."
     )
 
 
@@ -155,7 +161,7 @@ class NearDedupSpec(Strict):
     (`keep`); a sample is removed only as a confirmed duplicate of a kept one."""
 
     enabled: bool = Field(True, description="Run near deduplication (global across ranks and shards).")
-    hashes: list[Literal["phash", "dhash"]] = Field(
+    hashes: list[HashName] = Field(
         default_factory=lambda: list(HASHES), min_length=1, max_length=len(HASHES),
         description="64-bit perceptual hashes that propose candidates: phash (DCT), dhash (gradient); a pair "
         "within maxDistance bits in any of them is a candidate.",

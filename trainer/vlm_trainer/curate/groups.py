@@ -9,9 +9,11 @@ single-process path (`select.decide`) and a distributed one can run the same cod
    at least one band, so only samples sharing a band value (a bucket) are compared. A generous radius
    only proposes; it decides nothing. Its parts, for a distributed caller: `band_keys` (the band values
    that route a hash), `bucket_pairs` (all pairs within buckets), `hamming_pairs` (the exact check).
-2. `confirm(pairs, vectors, min_similarity)`: keeps the candidate pairs whose second signal agrees: the
-   cosine of L2-normalised vectors (aligned thumbnails, `thumbnail_vectors`, or the curate encoder's image
-   embeddings) at or above `min_similarity`.
+2. Confirmation by a second signal with its own threshold: `aligned_similarity(pairs, thumbs)` (the best
+   cosine of two blurred thumbnails over small zooms and shifts, so crops, shifts, resizes, re-encodes and
+   colour shifts of one picture match and different layouts do not) then `confirm_scores`; or
+   `confirm(pairs, vectors, min_similarity)` for L2-normalised vectors (the curate encoder's image
+   embeddings).
 3. `components(n, pairs)`: duplicate groups, the connected components of the confirmed pairs; a group's
    id is its smallest member index (union-find by label propagation with pointer jumping).
 4. `keep_best(n, pairs, score)`: who stays. Members are visited best first (highest `score`, then the
@@ -200,6 +202,80 @@ def group_sizes(group_ids: np.ndarray) -> dict[int, int]:
     _, counts = np.unique(np.asarray(group_ids), return_counts=True)
     sizes, how_many = np.unique(counts[counts > 1], return_counts=True)
     return {int(s): int(c) for s, c in zip(sizes, how_many, strict=True)}
+
+
+ALIGN_SCALES = (0.9, 1.0, 1.1)  # zooms of one thumbnail tried against the other (a crop of up to ~10 %)
+ALIGN_SHIFT = 1  # thumbnail pixels tried each way, in x and y
+ALIGN_MARGIN = 2  # pixels left out at each border, so every shift compares a full window
+ALIGN_BLUR = 1.2  # Gaussian sigma in thumbnail pixels: re-encoding and blur do not count, layout does
+ALIGN_CHUNK = 4096  # pairs compared at once
+
+
+def _gauss_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of [m, T, T, c] along the two image axes (edges repeated)."""
+    if sigma <= 0:
+        return x
+    r = int(np.ceil(2 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = (k / k.sum()).astype(np.float32)
+    side = x.shape[1]
+    p = np.pad(x, ((0, 0), (r, r), (0, 0), (0, 0)), mode="edge")
+    x = sum(k[i] * p[:, i : i + side] for i in range(2 * r + 1))
+    p = np.pad(x, ((0, 0), (0, 0), (r, r), (0, 0)), mode="edge")
+    return np.asarray(sum(k[i] * p[:, :, i : i + side] for i in range(2 * r + 1)), dtype=np.float32)
+
+
+def _zoom(x: np.ndarray, scale: float) -> np.ndarray:
+    """[m, T, T, c] zoomed by `scale` about the centre (bilinear, edges repeated)."""
+    if scale == 1.0:
+        return x
+    side = x.shape[1]
+    c = (side - 1) / 2
+    src = np.clip((np.arange(side) - c) / scale + c, 0, side - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, side - 1)
+    w = (src - i0).astype(np.float32)
+    x = x[:, i0] * (1 - w)[None, :, None, None] + x[:, i1] * w[None, :, None, None]
+    return x[:, :, i0] * (1 - w)[None, None, :, None] + x[:, :, i1] * w[None, None, :, None]
+
+
+def _window_vectors(w: np.ndarray) -> np.ndarray:
+    m, c = w.shape[0], w.shape[-1]
+    w = w.reshape(m, -1, c)
+    w = (w - w.mean(axis=1, keepdims=True)).reshape(m, -1)
+    norm = np.linalg.norm(w, axis=1, keepdims=True)
+    return np.where(norm > 1e-6, w / np.maximum(norm, 1e-6), 0.0)
+
+
+def aligned_similarity(pairs: np.ndarray, thumbs: np.ndarray, *, blur: float = ALIGN_BLUR,
+                       scales: tuple[float, ...] = ALIGN_SCALES, shift: int = ALIGN_SHIFT) -> np.ndarray:
+    """The cosine of each pair's aligned thumbnails -> float32 [m]: both blurred (`blur`), the second zoomed by
+    each of `scales` and shifted up to `shift` pixels each way, the best match over these alignments of the
+    central windows (each colour channel minus its mean, as `thumbnail_vectors`). A crop, shift or resize of a
+    picture aligns with its original; two different layouts do not. `thumbs`: uint8 [n, T, T, 3]."""
+    out = np.empty(pairs.shape[0], dtype=np.float32)
+    side = thumbs.shape[1]
+    m0 = ALIGN_MARGIN + shift
+    for start in range(0, pairs.shape[0], ALIGN_CHUNK):
+        p = pairs[start : start + ALIGN_CHUNK]
+        a = _gauss_blur(thumbs[p[:, 0]].astype(np.float32), blur)
+        b = _gauss_blur(thumbs[p[:, 1]].astype(np.float32), blur)
+        wa = _window_vectors(a[:, m0 : side - m0, m0 : side - m0])
+        best = np.full(len(p), -1.0, dtype=np.float32)
+        for scale in scales:
+            bs = _zoom(b, scale)
+            for dy in range(-shift, shift + 1):
+                for dx in range(-shift, shift + 1):
+                    wb = _window_vectors(bs[:, m0 + dy : side - m0 + dy, m0 + dx : side - m0 + dx])
+                    best = np.maximum(best, np.einsum("ij,ij->i", wa, wb))
+        out[start : start + len(p)] = best
+    return out
+
+
+def confirm_scores(pairs: np.ndarray, sims: np.ndarray, min_similarity: float) -> tuple[np.ndarray, np.ndarray]:
+    """The `pairs` whose similarity `sims` (one per pair) is at least `min_similarity`, and those similarities."""
+    ok = sims >= min_similarity
+    return pairs[ok], sims[ok]
 
 
 def thumbnail_vectors(thumbs: np.ndarray) -> np.ndarray:

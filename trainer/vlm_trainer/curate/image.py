@@ -6,8 +6,8 @@
   two files or encodings (exact dedup).
 - `phash` / `dhash`: 64-bit perceptual hashes (DCT-based, as the `imagehash` library's `phash`; and the
   gradient hash) as ints, so near duplicates (resized, re-encoded, slightly changed) differ in few bits.
-- `thumbnail`: the image area-averaged to THUMB_SIDE x THUMB_SIDE RGB (all images aligned to one grid),
-  the near-duplicate filter's second signal (`groups.thumbnail_vectors`, `groups.confirm`).
+- `thumbnail`: the image area-averaged to THUMB_SIDE x THUMB_SIDE RGB (every image on one grid), the
+  near-duplicate filter's second signal (`groups.aligned_similarity`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image
 from vlm_core.spec import ImageFilterSpec
 
 IMAGE_REASONS = ("image_decode", "image_size", "aspect_ratio")
-THUMB_SIDE = 16  # pixels per side of the aligned thumbnail that confirms near-duplicate candidates
+THUMB_SIDE = 24  # pixels per side of the thumbnail that confirms near-duplicate candidates (aligned, groups.py)
 
 
 def decode(data: bytes | None) -> Image.Image | None:

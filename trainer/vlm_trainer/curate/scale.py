@@ -14,7 +14,8 @@ embedding); a global step moves only small fixed-width records to the rank that 
   radius + 1 bands, (band value, hashes, gid) is routed to the rank owning the band value, where same-value
   pairs meet and are candidates when within the radius in some column (a pair several buckets hold is
   reported by the first only). The second signal's rows (thumbnails or embeddings) of the candidates are
-  fetched from the ranks holding them and `groups.confirm` confirms; the confirmed pairs (few) are gathered,
+  fetched from the ranks holding them and confirmed (`groups.aligned_similarity` + `confirm_scores`, or
+  `groups.confirm` for embeddings); the confirmed pairs (few) are gathered,
   and every rank runs `groups.keep_best` and `groups.components` on them;
 - semantic dedup (SemDeDup): spherical k-means with the sums exchanged as exact integers (embeddings
   quantised to 2^-20, so any number of ranks gives bit-identical centres and assignments), seeded by
@@ -139,6 +140,7 @@ class NearParams:
     min_similarity: float | None = None  # a candidate is confirmed by the second signal's cosine >= this
     signal: str = "thumbnail"  # the second signal: "thumbnail" (cols.thumbs) or "embedding" (cols.emb)
     keep_by_score: bool = False  # a group keeps its highest CLIP score (then the first), else the first
+    blur: float = G.ALIGN_BLUR  # thumbnails: `groups.aligned_similarity`'s blur
 
 
 def near_params(filters: CurateFiltersSpec) -> NearParams:
@@ -146,7 +148,8 @@ def near_params(filters: CurateFiltersSpec) -> NearParams:
     return NearParams(radius=near.max_distance,
                       min_similarity=None if near.verify is None else near.verify.min_similarity,
                       signal="thumbnail" if near.verify is None else near.verify.signal,
-                      keep_by_score=near.keep == "clipScore")
+                      keep_by_score=near.keep == "clipScore",
+                      blur=G.ALIGN_BLUR if near.verify is None else near.verify.blur)
 
 
 def _band(h: np.ndarray, shift: int, width: int) -> np.ndarray:
@@ -359,10 +362,8 @@ def fetch_rows(table: np.ndarray, ex: Exchange, rank: np.ndarray, li: np.ndarray
     return out
 
 
-def _vectors(rows: np.ndarray, signal: str) -> np.ndarray:
-    """The second signal's L2-normalised vectors of fetched rows (`groups.thumbnail_vectors` for thumbnails)."""
-    if signal == "thumbnail":
-        return G.thumbnail_vectors(rows)
+def _vectors(rows: np.ndarray) -> np.ndarray:
+    """Fetched embedding rows, L2-normalised (as `groups.confirm` takes them)."""
     x = rows.astype(np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -414,9 +415,12 @@ def near_dedup(cols: Columns, params: NearParams, ex: Exchange) -> NearOutcome:
         rb = fetch_rows(table, ex, edges["rb"], edges["lb"])
         m = edges.shape[0]
         if m:
-            pairs, sims = G.confirm(np.stack([np.arange(m), m + np.arange(m)], axis=1),
-                                    np.concatenate([_vectors(ra, params.signal), _vectors(rb, params.signal)]),
-                                    params.min_similarity)
+            pairs = np.stack([np.arange(m), m + np.arange(m)], axis=1)
+            if params.signal == "thumbnail":
+                sims = G.aligned_similarity(pairs, np.concatenate([ra, rb]), blur=params.blur)
+                pairs, sims = G.confirm_scores(pairs, sims, params.min_similarity)
+            else:
+                pairs, sims = G.confirm(pairs, np.concatenate([_vectors(ra), _vectors(rb)]), params.min_similarity)
             edges = edges[pairs[:, 0]]
             edges["sim"] = sims
     confirmed = np.concatenate(all_gather(ex, edges))  # few: every rank forms the same groups
