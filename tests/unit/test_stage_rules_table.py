@@ -126,11 +126,11 @@ def _stage_grid() -> list[dict[str, Any]]:
         {"crossEntropy": "chunked"}, {"batch": {"globalSize": 8, "microSize": 8, "tokensPerMicroBatch": 512}},
         {"dpo": {"reference": "adapter_disabled"}}, {"dpo": {"reference": "adapter_disabled"}, "lora": {"rank": 4}},
         {"trainable": ["projector"]},
-        {"evaluation": {"shards": ["h.tar"]}}, {"eval": {}},
+        {"evaluation": {"shards": ["h.tar"]}}, {"eval": {}}, {"reward": {"margin": 0.1}},
     ]
     rng = random.Random(0)
     out = []
-    for stage in rng.sample(grid, 40):
+    for stage in rng.sample(grid, 80):
         out.append(stage)
         out.append({**stage, **rng.choice(extras)})
     return out

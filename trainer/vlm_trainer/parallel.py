@@ -132,3 +132,21 @@ def materialize_from_rank0(model: nn.Module, env: DistEnv) -> None:
             if id(t) not in seen:
                 seen.add(id(t))
                 dist.broadcast(t.data, src=0)
+
+
+def gather_to_main(obj: Any, env: DistEnv) -> list[Any] | None:
+    """Every rank's `obj` in rank order on rank 0 (None elsewhere): what only rank 0 writes."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

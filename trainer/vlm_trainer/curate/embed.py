@@ -150,23 +150,22 @@ def keep_by_clip(
     """
     if threshold is None and keep_top_fraction is None and percentile is None:
         raise EmbedError("clip score filter: set threshold, keepTopFraction or percentile")
-    keep = torch.ones(scores.shape[0], dtype=torch.bool)
+    if percentile is not None and not 0.0 <= percentile < 100.0:
+        raise EmbedError(f"percentile: must be in [0, 100), got {percentile}")
+    if keep_top_fraction is not None and not 0.0 < keep_top_fraction <= 1.0:
+        raise EmbedError(f"keepTopFraction: must be in (0, 1], got {keep_top_fraction}")
+    from vlm_trainer.curate import scale  # the stage's own rule, on one rank
+
+    values = scores.float().numpy()
+    keep = np.ones(values.shape[0], dtype=bool)
     if threshold is not None:
-        keep &= scores >= threshold
-    if percentile is not None and scores.shape[0]:
-        if not 0.0 <= percentile < 100.0:
-            raise EmbedError(f"percentile: must be in [0, 100), got {percentile}")
-        cut = float(np.percentile(scores.double().numpy(), percentile))
-        keep &= scores.double() >= cut
+        keep &= values >= threshold
+    if percentile is not None and values.shape[0]:
+        keep &= values.astype(np.float64) >= scale.percentile_cut(values, percentile, scale.Solo())
     if keep_top_fraction is not None:
-        if not 0.0 < keep_top_fraction <= 1.0:
-            raise EmbedError(f"keepTopFraction: must be in (0, 1], got {keep_top_fraction}")
-        n_keep = math.ceil(keep_top_fraction * scores.shape[0])
-        order = torch.sort(-scores.double(), stable=True).indices
-        top = torch.zeros_like(keep)
-        top[order[:n_keep]] = True
-        keep &= top
-    return keep
+        keep &= scale.select_top(scale.sortable_f32(values), np.arange(values.shape[0]),
+                                 math.ceil(keep_top_fraction * values.shape[0]), scale.Solo())
+    return torch.from_numpy(keep)
 
 
 def save_linear_probe(uri: str, weight: torch.Tensor, bias: float, **metadata: str) -> None:
@@ -215,39 +214,12 @@ def nsfw_flags(img: torch.Tensor, probe_uri: str, threshold: float) -> torch.Ten
     return prob >= threshold
 
 
-def spherical_kmeans(emb: torch.Tensor, k: int, seed: int, iterations: int = 50) -> torch.Tensor:
-    """Cluster ids [n] of L2-normalised rows: k-means on cosine, seeded k-means++ start, fixed order."""
-    n = emb.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    first = int(torch.randint(n, (1,), generator=gen))
-    centres = [emb[first]]
-    best = emb @ emb[first]
-    for _ in range(1, k):
-        weights = (1.0 - best).clamp_min(0.0) ** 2  # squared distance on the sphere, up to a factor
-        if float(weights.sum()) <= 0.0:  # fewer distinct points than clusters
-            break
-        nxt = int(torch.multinomial(weights.double(), 1, generator=gen))
-        centres.append(emb[nxt])
-        best = torch.maximum(best, emb @ emb[nxt])
-    cent = torch.stack(centres)
-    assign = (emb @ cent.T).argmax(1)
-    for _ in range(iterations):
-        sums = torch.zeros_like(cent).index_add_(0, assign, emb)
-        filled = sums.norm(dim=1) > 0
-        cent = torch.where(filled[:, None], F.normalize(sums, dim=-1), cent)  # an empty cluster keeps its centre
-        new = (emb @ cent.T).argmax(1)
-        if torch.equal(new, assign):
-            break
-        assign = new
-    return assign
-
-
 def semdedup(keys: list[str], emb: torch.Tensor, *, clusters: int, threshold: float, seed: int) -> dict[str, str]:
     """Semantic duplicates: {dropped key: the kept key it duplicates}.
 
-    The embeddings are clustered (spherical k-means, `clusters` centres, seeded); within a cluster,
-    samples are visited in key order and one is dropped when its cosine to an already kept sample is
-    at or above `threshold` (it maps to the most similar kept one). Samples are sorted by key first,
+    The stage's own SemDeDup (`scale.semantic_dedup`) on one rank: the embeddings are clustered (spherical
+    k-means, `clusters` centres, seeded); within a cluster, samples are visited in key order and one is
+    dropped when its cosine to an already kept sample is at or above `threshold` (it maps to the most similar kept one). Samples are sorted by key first,
     so the answer depends on the set of (key, embedding) pairs only, not on their order.
     """
     if len(keys) != emb.shape[0] or emb.ndim != 2:
@@ -260,22 +232,12 @@ def semdedup(keys: list[str], emb: torch.Tensor, *, clusters: int, threshold: fl
         raise EmbedError(f"semantic dedup threshold: a cosine similarity in [-1, 1], got {threshold}")
     if not keys:
         return {}
+    from vlm_trainer.curate import scale
+
     order = sorted(range(len(keys)), key=keys.__getitem__)
     sorted_keys = [keys[i] for i in order]
-    x = F.normalize(emb[order].double(), dim=-1)
-    assign = spherical_kmeans(x, min(clusters, len(keys)), seed)
-    dropped: dict[str, str] = {}
-    for c in torch.unique(assign).tolist():
-        members = torch.nonzero(assign == c).flatten().tolist()  # ascending = key order
-        sims = x[members] @ x[members].T
-        kept: list[int] = []
-        for j in range(len(members)):
-            if kept:
-                to_kept = sims[j, kept]
-                best = int(to_kept.argmax())
-                if float(to_kept[best]) >= threshold:
-                    dropped[sorted_keys[members[j]]] = sorted_keys[members[kept[best]]]
-                    continue
-            kept.append(j)
-    return dropped
-
+    n = len(keys)
+    cols = scale.Columns(gid=np.arange(n), reason=np.zeros(n, dtype=np.int16), pixel=np.zeros((n, 2), dtype=np.uint64),
+                         hashes=np.zeros((n, 1), dtype=np.uint64), emb=emb[order].double().numpy())
+    scale.semantic_dedup(cols, clusters, threshold, seed, scale.Solo())
+    return {sorted_keys[i]: sorted_keys[int(cols.dup_of[i])] for i in np.flatnonzero(cols.reason).tolist()}

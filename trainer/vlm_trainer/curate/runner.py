@@ -5,15 +5,17 @@
    with a dual encoder computes CLIP score, NSFW flag and the image embedding. The result is written to
    `<output>/curate-work/analysis-<shard>.json` (embeddings first, the JSON last: its presence marks the
    shard done), so a killed stage resumes without redoing finished shards.
-2. Decide (global): the records are exchanged with torch.distributed's all_gather_object and every rank
-   runs `select.decide` on all of them in global input order: the same decisions for any number of ranks.
+2. Decide (global): each rank keeps only its own records (as columns); the global steps (CLIP top fraction,
+   exact / near / semantic dedup, concept cap) route small keyed records to the rank owning each key
+   (`curate.scale.decide_columns` over torch.distributed): the same decisions for any number of ranks.
 3. Write (per shard, resumable): each rank copies the kept samples of its input shards, byte for byte, to
    `<output>/final/curated-<shard>.tar` (one output shard per input shard: sized like the input, less what
    was dropped); a marker records each finished shard.
-4. Commit: rank 0 writes decisions.jsonl, funnel.json, funnel.png and the removed duplicates side by side
-   with what they repeat (duplicates.png, duplicates.html) and commits final/ like a
-   checkpoint (`storage.commit_dir`: files first, manifest.json last, listing the shards). A later
-   training stage reads the shards with `data: {fromStage: <this stage>}` once the manifest verifies.
+4. Commit: rank 0 receives the light per-sample records (key, caption, verdict), writes decisions.jsonl,
+   funnel.json, funnel.png and the removed duplicates side by side with what they repeat (duplicates.png,
+   duplicates.html) and commits final/ like a checkpoint (`storage.commit_dir`: files first, manifest.json
+   last, listing the shards). A later training stage reads the shards with `data: {fromStage: <this stage>}`
+   once the manifest verifies.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from vlm_core import contract, storage
 from vlm_core.fingerprint import KEY as FINGERPRINT_KEY
 from vlm_core.spec import CurateStage, TrainerConfig
 from vlm_core.stage_classes import curate_stage
 
+from vlm_trainer.curate.exchange import Solo, TorchExchange
 from vlm_trainer.curate.image import decode, dhash, image_problem, phash, pixel_hash, thumbnail
 from vlm_trainer.curate.report import (
     decision_lines,
@@ -43,10 +47,11 @@ from vlm_trainer.curate.report import (
     funnel,
     funnel_chart_png,
 )
-from vlm_trainer.curate.select import decide, encode_thumb, uses_embeddings
+from vlm_trainer.curate.scale import REASONS, columns_from_records, decide_columns
+from vlm_trainer.curate.select import decisions_of, encode_thumb, uses_embeddings
 from vlm_trainer.curate.text import text_problem
 from vlm_trainer.data import TarSample, read_shard
-from vlm_trainer.parallel import DistEnv, barrier, gather_objects
+from vlm_trainer.parallel import DistEnv, barrier, broadcast_object, gather_objects, gather_to_main
 from vlm_trainer.progress import emit
 from vlm_trainer.samples import IMAGE_EXTS, SampleError, sample_caption
 
@@ -291,30 +296,32 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
             progress.advance("analyse", shard=i, samples=len(doc["records"]), resumed=True)
         analyses[i] = doc
 
-    # 2. decide globally, the same on every rank
+    # 2. decide globally: each rank holds only its own records; the global steps route small keyed records
+    #    to the rank owning each key (curate.scale), so the decisions do not depend on the number of ranks
     mine_records = {i: analyses[i]["records"] for i in mine}
-    mine_emb = ({i: _load_tensor(storage.join(work, f"embeddings-{i:06d}.pt")) for i in mine}
-                if wants_embeddings else {})
-    every: dict[int, list[dict[str, Any]]] = {}
-    every_emb: dict[int, Any] = {}
-    for part, emb in gather_objects((mine_records, mine_emb), env):
-        every.update(part)
-        every_emb.update(emb)
-    records, owners = [], []
-    for i in range(len(urls)):
-        for rec in every[i]:
-            records.append(rec)
-            owners.append(i)
+    sizes: dict[int, int] = {}
+    for part in gather_objects({i: len(mine_records[i]) for i in mine}, env):  # one count per shard
+        sizes.update(part)
+    offsets = np.cumsum([0] + [sizes[i] for i in range(len(urls))])
+    records = [rec for i in mine for rec in mine_records[i]]
+    owners = [i for i in mine for _ in mine_records[i]]
+    gids = np.array([offsets[i] + int(rec["pos"]) for i, rec in zip(owners, records, strict=True)], dtype=np.int64)
     embeddings = None
     if wants_embeddings:
         import torch
 
-        embeddings = torch.cat([every_emb[i] for i in range(len(urls))]) if records else None
-    decisions = decide(records, stage.filters, concepts=read_concepts(stage), embeddings=embeddings, seed=stage.seed)
+        parts = [_load_tensor(storage.join(work, f"embeddings-{i:06d}.pt")) for i in mine]
+        dim = max(d for d in gather_objects(parts[0].shape[1] if parts else 0, env))
+        embeddings = torch.cat(parts) if parts else torch.zeros(0, dim)
+    cols = columns_from_records(records, gids, embeddings, stage.filters)
+    del embeddings
+    ex = TorchExchange(env.rank, env.world_size) if env.distributed else Solo()
+    stats = decide_columns(cols, stage.filters, ex, concepts=read_concepts(stage), seed=stage.seed)
+    reasons = [REASONS[c - 1] if c else None for c in cols.reason.tolist()]
 
     # 3. write my output shards
-    keep: dict[int, set[int]] = {i: set() for i in range(len(urls))}
-    for rec, shard, reason in zip(records, owners, decisions.reasons, strict=True):
+    keep: dict[int, set[int]] = {i: set() for i in mine}
+    for rec, shard, reason in zip(records, owners, reasons, strict=True):
         if reason is None:
             keep[shard].add(int(rec["pos"]))
     entries = []
@@ -334,30 +341,38 @@ def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:
                   "seconds": round(seconds, 3), "samples_per_second": round(mine_count / max(seconds, 1e-9), 2),
                   "analysed_samples": analysed_samples, "analyse_seconds": round(analyse_seconds, 3),
                   "analyse_samples_per_second": round(analysed_samples / analyse_seconds, 2) if analyse_seconds else None}
-    gathered = gather_objects((entries, throughput), env)
-    doc = funnel(records, decisions, examples_per_reason=stage.output.examples_per_reason,
-                 extra={"stage": stage.name, "world_size": env.world_size,
-                        "throughput": [t for _, t in gathered]})
-    if env.is_main:
-        uploaded = [e for part, _ in gathered for e in part]
+    # the report (decisions.jsonl, funnel, duplicates) lists every sample: rank 0 alone receives the light records
+    mine_report = (gids, records, reasons, cols.dup_of, owners)
+    gathered = gather_to_main((entries, throughput, mine_report), env)
+    doc: dict[str, Any] | None = None
+    if gathered is not None:
+        every = sorted(((int(g), rec, reason, int(dup), shard) for _, _, part in gathered
+                        for g, rec, reason, dup, shard in zip(*part, strict=True)), key=lambda t: t[0])
+        all_records, all_owners = [t[1] for t in every], [t[4] for t in every]
+        decisions = decisions_of([t[2] for t in every], {t[0]: t[3] for t in every if t[3] >= 0}, stage.filters, stats)
+        doc = funnel(all_records, decisions, examples_per_reason=stage.output.examples_per_reason,
+                     extra={"stage": stage.name, "world_size": env.world_size,
+                            "throughput": [t for _, t, _ in gathered]})
+        uploaded = [e for part, _, _ in gathered for e in part]
         pairs = duplicate_pairs(decisions, stage.output.examples_per_reason)
-        images = read_images(urls, owners, records, {k for _, i, j in pairs for k in (i, j)})
+        images = read_images(urls, all_owners, all_records, {k for _, i, j in pairs for k in (i, j)})
         with tempfile.TemporaryDirectory(prefix="vlm-curate-") as tmp:
             with open(os.path.join(tmp, contract.DUPLICATES_CHART), "wb") as fh:
-                fh.write(duplicates_png(records, decisions, pairs, images))
+                fh.write(duplicates_png(all_records, decisions, pairs, images))
             with open(os.path.join(tmp, contract.DUPLICATES_PAGE), "w") as fh:
-                fh.write(duplicates_html(records, decisions, pairs, images))
+                fh.write(duplicates_html(all_records, decisions, pairs, images))
             with open(os.path.join(tmp, contract.DECISIONS_FILE), "w") as fh:
-                fh.write(decision_lines(records, decisions))
+                fh.write(decision_lines(all_records, decisions))
             with open(os.path.join(tmp, contract.FUNNEL_FILE), "w") as fh:
                 json.dump(doc, fh, indent=2)
             with open(os.path.join(tmp, contract.FUNNEL_CHART), "wb") as fh:
                 fh.write(funnel_chart_png(doc, f"{config.job} / {stage.name}: {doc['kept']} of {doc['input']} kept"))
-            storage.commit_dir(tmp, final, step=len(records), stage=stage.name, uploaded=uploaded,
+            storage.commit_dir(tmp, final, step=len(all_records), stage=stage.name, uploaded=uploaded,
                                extra={"kind": "curated_shards", "input": doc["input"], "kept": doc["kept"],
                                       "config": config.dump(), **stage_stamp(config)})
         emit(contract.EVENT_CURATED, stage=stage.name, input=doc["input"], kept=doc["kept"], removed=doc["removed"],
              samples_per_second_per_rank=[t["samples_per_second"] for t in doc["throughput"]], final=final)
+    doc = broadcast_object(doc, env)
     barrier(env)
     if metrics is not None:
         metrics.close()
