@@ -127,18 +127,16 @@ def test_hallucination_rate_of_generated_answers_after_instruct_and_dpo(quicksta
     assert round(h["dpo"] * 1200) <= round(h["instruct"] * 1200) + 3, h
 
 
-def test_the_eval_stage_reports_answer_accuracy_and_the_yes_no_probe(quickstart):
-    """The job's eval stage (not quickstart code) scored dpo's model: exact match on the colour and shape questions,
-    POPE on the yes/no probe; the report prints its numbers."""
+def test_the_eval_stage_reports_answer_accuracy(quickstart):
+    """The job's eval stage (not quickstart code) scored dpo's model: exact match on the colour and shape
+    questions; the report prints its number."""
     ev = quickstart["report"]["eval_stage"]
-    assert ev["samples"] == 600 and ev["samples_exact_match"] == 300 and ev["samples_pope"] == 300
+    assert ev["samples"] == 300 and ev["samples_exact_match"] == 300
     # the same model's answer accuracy as quickstart's own measure (colour 1.0, shape ~0.9 at seed 0)
     assert ev["exact_match"] >= 0.85, ev
-    for key in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio"):
-        assert 0.0 <= ev[key] <= 1.0, (key, ev)
-    assert "eval stage 'eval'" in quickstart["stdout"] and "yes/no probe (POPE)" in quickstart["stdout"]
+    assert "eval stage 'eval'" in quickstart["stdout"]
     lines = (quickstart["base"] / "eval" / "final" / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 600 and {"prediction", "references", "scores"} <= json.loads(lines[0]).keys()
+    assert len(lines) == 300 and {"prediction", "references", "scores"} <= json.loads(lines[0]).keys()
 
 
 def test_quality_checks_are_gates_or_info_and_the_gates_give_the_exit_code(quickstart):

@@ -78,7 +78,6 @@ def test_caption_labels_match_the_pixels(shards):
 def test_conversations_mix_captions_with_questions_and_answer_right(shards):
     _, train, _ = shards
     kinds = {"caption": 0, "colour": 0, "shape": 0}
-    probes = {"yes": 0, "no": 0}
     bare = convs = 0
     for _key, _img, rec in read_shards(shard_paths(train, "conversation")):
         conv = rec["conversations"]
@@ -88,11 +87,7 @@ def test_conversations_mix_captions_with_questions_and_answer_right(shards):
         bare += conv[0]["content"] == "<image>"
         convs += 1
         for q, a in zip(conv[::2], conv[1::2], strict=True):
-            if q["content"].startswith("is there"):  # the yes/no probe: yes exactly for its own colour and shape
-                asked = q["content"].split()
-                assert a["content"] == ("yes" if asked[3:5] == [rec["colour"], rec["shape"]] else "no"), q
-                probes[a["content"]] += 1
-            elif "colour" in q["content"]:
+            if "colour" in q["content"]:
                 assert a["content"] == rec["colour"]
                 kinds["colour"] += 1
             elif "shape" in q["content"]:
@@ -105,22 +100,17 @@ def test_conversations_mix_captions_with_questions_and_answer_right(shards):
     assert all(n > total * 0.2 for n in kinds.values()), kinds
     # Some conversations are the caption format itself (the image alone, then the caption).
     assert 0.15 * convs < bare < 0.35 * convs
-    # About 30% end with the yes/no probe, half of them true.
-    assert 0.2 * convs < sum(probes.values()) < 0.4 * convs and min(probes.values()) > 0.3 * sum(probes.values())
 
 
-def test_the_eval_probe_set_asks_four_things_per_image(tmp_path):
+def test_the_eval_set_asks_colour_and_shape_per_image(tmp_path):
     from vlm_quickstart.shapes import make_samples, write_eval_shard
 
     samples = make_samples("heldout", 6, seed=2)
-    records = read_shards([write_eval_shard(str(tmp_path), samples, seed=2)])
-    assert len(records) == 24
-    for (key, _img, rec), s in zip(records[::4], samples, strict=True):
-        assert key == f"{s.key}-colour" and rec["task"] == "exact_match"
-        assert rec["conversations"][1]["content"] == s.colour
-    answers = [(r["task"], r["conversations"][1]["content"]) for _, _, r in records]
-    assert answers.count(("pope", "yes")) == answers.count(("pope", "no")) == 6
-
+    records = read_shards([write_eval_shard(str(tmp_path), samples)])
+    assert len(records) == 12
+    for (ckey, _i, crec), (skey, _j, srec), s in zip(records[::2], records[1::2], samples, strict=True):
+        assert ckey == f"{s.key}-colour" and crec["task"] == "exact_match" and crec["conversations"][1]["content"] == s.colour
+        assert skey == f"{s.key}-shape" and srec["conversations"][1]["content"] == s.shape
 
 def test_preferences_reject_a_wrong_colour_or_shape(shards):
     _, train, _ = shards

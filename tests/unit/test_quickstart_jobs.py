@@ -19,7 +19,7 @@ def prepared(tmp_path):
     data = str(tmp_path / "data")
     paths = write_shards(data, "train", 40, seed=0, per_shard=20) + write_shards(data, "heldout", 10, seed=0)
     paths += write_raw_shards(data, make_samples("train", 40, 0), seed=0, per_shard=20).shards
-    paths.append(write_eval_shard(data, make_samples("heldout", 10, 0), seed=0))
+    paths.append(write_eval_shard(data, make_samples("heldout", 10, 0)))
     return tmp_path, paths
 
 
@@ -33,8 +33,8 @@ def test_staged_job_raw_job_and_naive_baseline_follow_the_recipe(prepared):
     assert [(s.name, s.type) for s in job.spec.stages] == [
         ("curate", "curate"), ("align", "align"), ("instruct", "instruct"), ("dpo", "dpo"), ("eval", "eval")
     ]
-    # the eval stage answers the held-out probe set with dpo's model (the planner's handoff)
-    assert [os.path.basename(s) for s in evaluate_.data.shards] == ["heldout-probe-00000.tar"]
+    # the eval stage answers the held-out questions with dpo's model (the planner's handoff)
+    assert [os.path.basename(s) for s in evaluate_.data.shards] == ["heldout-eval-00000.tar"]
     assert evaluate_.eval.metrics == ["exact_match"] and evaluate_.resources.procs_per_node == 2
     assert [s.data.format for s in (align, instruct, dpo)] == ["caption", "conversation", "preference"]
     # curate reads the raw shards with the stage-0 dual encoder; align reads curate's committed output.

@@ -195,8 +195,7 @@ def eval_stage_summary(job: VLMTrainingJob) -> dict[str, Any] | None:
     if not check.ok:
         raise MissingStageOutput(f"{final}: not a committed stage output ({check.reason})")
     doc = storage.read_json(storage.join(final, contract.EVAL_FILE))
-    keys = ("samples", "exact_match", "samples_exact_match", "pope_accuracy", "pope_precision", "pope_recall",
-            "pope_f1", "pope_yes_ratio", "samples_pope", "wall_seconds", "world_size")
+    keys = ("samples", "exact_match", "samples_exact_match", "wall_seconds", "world_size")
     return {"stage": stage.name, **{k: doc.get(k) for k in keys},
             "predictions": storage.join(final, contract.PREDICTIONS_FILE)}
 
@@ -330,9 +329,7 @@ def print_report(report: dict[str, Any]) -> None:
     if ev:
         console.print(
             f"  eval stage {ev['stage']!r} (the job's last model, {ev['samples']} held-out prompts): answer accuracy "
-            f"(exact match) {_fmt(ev['exact_match'])}; yes/no probe (POPE) accuracy {_fmt(ev['pope_accuracy'])}, "
-            f"precision {_fmt(ev['pope_precision'])}, recall {_fmt(ev['pope_recall'])}, F1 {_fmt(ev['pope_f1'])}, "
-            f"yes-ratio {_fmt(ev['pope_yes_ratio'])}",
+            f"(exact match) {_fmt(ev['exact_match'])}",
             highlight=False,
         )
     h = report.get("hallucination", {})

@@ -7,7 +7,7 @@ DIR/
   stage0/     language_model/, dual_encoder/ (SigLIP image + text towers) and vision_encoder/ (the dual
               encoder's image tower) as HF folders, pretrain.json
   job.yaml    the staged job: curate -> align -> instruct -> dpo -> eval (a valid VLMTrainingJob); align reads
-              the curated shards (`data: {fromStage: curate}`); eval answers heldout-probe-00000.tar with dpo's model
+              the curated shards (`data: {fromStage: curate}`); eval answers heldout-eval-00000.tar with dpo's model
   raw.yaml    the same align stage on the raw shards, uncurated (the raw-vs-curated comparison)
   naive.yaml  the naive baseline: everything unfrozen from the start at a high lr, same data and steps
   quickstart.json  seed and paths, read by `evaluate`
@@ -48,7 +48,7 @@ HELDOUT_SAMPLES = 300
 HELDOUT_TEXT_DOCS = 300
 NEAR_RADIUS = 7  # calibrated (--suite light), see Recipe
 NEAR_SIMILARITY = 0.995  # measured on the planted copies, see Recipe
-EVAL_IMAGES = 150  # held-out images the eval stage asks about (4 prompts each: colour, shape, probe yes, probe no)
+EVAL_IMAGES = 150  # held-out images the eval stage asks about (2 prompts each: its colour, its shape)
 
 
 @dataclass
@@ -249,9 +249,9 @@ def job_documents(out_dir: str, data_paths: list[str], seed: int, recipe: Recipe
             seed,
             dpo={"beta": recipe.dpo_beta},
         ),
-        # The eval stage: greedy answers of dpo's final/ on the held-out probe set (colour and shape questions
-        # scored by exact match, the yes/no probe as POPE); its eval.json is the report's "eval stage" section.
-        eval_stage(_uris([p for p in heldout if os.path.basename(p).startswith("heldout-probe-")]), recipe, seed),
+        # The eval stage: greedy answers of dpo's final/ on held-out colour and shape questions, scored by exact
+        # match; its eval.json is the report's "eval stage" section.
+        eval_stage(_uris([p for p in heldout if os.path.basename(p).startswith("heldout-eval-")]), recipe, seed),
     ]
     # The baseline the field warns against: everything unfrozen from the start, at a high lr, on the
     # same instruction data for as many steps as align + instruct together.
@@ -308,7 +308,7 @@ def prepare(out_dir: str, seed: int = 0, recipe: Recipe | None = None, log: Any 
     paths = write_shards(data_dir, "train", TRAIN_SAMPLES, seed) + write_shards(
         data_dir, "heldout", HELDOUT_SAMPLES, seed
     )
-    paths.append(write_eval_shard(data_dir, make_samples("heldout", HELDOUT_SAMPLES, seed)[:EVAL_IMAGES], seed))
+    paths.append(write_eval_shard(data_dir, make_samples("heldout", HELDOUT_SAMPLES, seed)[:EVAL_IMAGES]))
     clean = make_samples("train", TRAIN_SAMPLES, seed)
     raw = write_raw_shards(data_dir, clean, seed)
     paths += raw.shards

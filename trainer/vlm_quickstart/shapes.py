@@ -27,20 +27,14 @@ from vlm_quickstart.vocab import (
     COLOUR_QUESTIONS,
     COLOUR_RGB,
     COLOURS,
-    NO,
-    PROBE_QUESTION,
     SHAPE_QUESTIONS,
     SHAPES,
-    YES,
     caption_of,
 )
 
 IMAGE_SIZE = 32
 FORMATS = ("caption", "conversation", "preference")
 BARE_CAPTION_SHARE = 0.25  # conversations that are the caption format itself
-# One-exchange conversations (about half) that gain the yes/no probe turn ("is there a red circle ?") as a second
-# exchange: ~30% of all; never a longer conversation than the three-exchange ones already there.
-PROBE_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -133,55 +127,22 @@ def conversation_record(rng: np.random.Generator, s: ShapeSample) -> dict:
     return {"conversations": conv, "colour": s.colour, "shape": s.shape}
 
 
-def probe_turn(rng: np.random.Generator, s: ShapeSample) -> tuple[str, str]:
-    """The yes/no probe about `s`: half the time its own colour and shape (yes), else one of them changed (no:
-    POPE's adversarial negatives, an object that is plausible but absent)."""
-    if rng.random() < 0.5:
-        return PROBE_QUESTION.format(colour=s.colour, shape=s.shape), YES
-    if rng.random() < 0.5:
-        colour = [c for c in COLOURS if c != s.colour][int(rng.integers(len(COLOURS) - 1))]
-        return PROBE_QUESTION.format(colour=colour, shape=s.shape), NO
-    shape = [x for x in SHAPES if x != s.shape][int(rng.integers(len(SHAPES) - 1))]
-    return PROBE_QUESTION.format(colour=s.colour, shape=shape), NO
-
-
-def with_probes(records: list[dict], samples: list[ShapeSample], seed: int, split: str) -> list[dict]:
-    """A share of the one-exchange conversations gain a second: the yes/no probe (its own random stream, so the
-    other turns are those drawn without it)."""
-    rng = np.random.default_rng(split_seed(seed, split + "/probe"))
-    out = []
-    for rec, s in zip(records, samples, strict=True):
-        if rng.random() < PROBE_SHARE and len(rec["conversations"]) == 2:
-            question, answer = probe_turn(rng, s)
-            rec = {**rec, "conversations": [*rec["conversations"], {"role": "user", "content": question},
-                                            {"role": "assistant", "content": answer}]}
-        out.append(rec)
-    return out
-
-
-def eval_records(samples: list[ShapeSample], seed: int) -> list[tuple[ShapeSample, str, dict]]:
-    """The quickstart eval stage's held-out set: per image a colour and a shape question (scored by exact match)
-    and a yes/no probe, one true and one false (scored as POPE), each a one-turn conversation with a `task`."""
-    rng = np.random.default_rng(split_seed(seed, "eval-probe"))
+def eval_records(samples: list[ShapeSample]) -> list[tuple[ShapeSample, str, dict]]:
+    """The quickstart eval stage's held-out set: per image a colour and a shape question, each a one-turn
+    conversation scored by exact match (`task`)."""
     out = []
     for s in samples:
-        colour_q, shape_q = COLOUR_QUESTIONS[0], SHAPE_QUESTIONS[0]
-        yes_q = PROBE_QUESTION.format(colour=s.colour, shape=s.shape)
-        no_q, _ = probe_turn(rng, s)
-        while no_q == yes_q:
-            no_q, _ = probe_turn(rng, s)
-        for suffix, q, a, task in (("colour", colour_q, s.colour, "exact_match"), ("shape", shape_q, s.shape, "exact_match"),
-                                   ("yes", yes_q, YES, "pope"), ("no", no_q, NO, "pope")):
+        for suffix, q, a in (("colour", COLOUR_QUESTIONS[0], s.colour), ("shape", SHAPE_QUESTIONS[0], s.shape)):
             conv = [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}]
-            out.append((s, suffix, {"conversations": conv, "task": task, "colour": s.colour, "shape": s.shape}))
+            out.append((s, suffix, {"conversations": conv, "task": "exact_match", "colour": s.colour, "shape": s.shape}))
     return out
 
 
-def write_eval_shard(out_dir: str, samples: list[ShapeSample], seed: int) -> str:
-    """heldout-probe-00000.tar: `eval_records` of the held-out images (conversation format, a `task` each)."""
-    path = os.path.join(out_dir, "heldout-probe-00000.tar")
+def write_eval_shard(out_dir: str, samples: list[ShapeSample]) -> str:
+    """heldout-eval-00000.tar: `eval_records` of the held-out images (conversation format, a `task` each)."""
+    path = os.path.join(out_dir, "heldout-eval-00000.tar")
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for s, suffix, rec in eval_records(samples, seed):
+        for s, suffix, rec in eval_records(samples):
             _add(tar, f"{s.key}-{suffix}.png", s.png)
             _add(tar, f"{s.key}-{suffix}.json", json.dumps(rec, sort_keys=True).encode())
     return path
@@ -242,7 +203,7 @@ def write_shards(out_dir: str, split: str, n: int, seed: int, per_shard: int = 5
     rng = np.random.default_rng(split_seed(seed, split + "/text"))
     records = {
         "caption": [caption_record(s) for s in samples],
-        "conversation": with_probes([conversation_record(rng, s) for s in samples], samples, seed, split),
+        "conversation": [conversation_record(rng, s) for s in samples],
         "preference": [preference_record(rng, s) for s in samples],
     }
     paths: list[str] = []

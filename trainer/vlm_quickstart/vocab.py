@@ -29,11 +29,6 @@ SHAPE_QUESTIONS: tuple[str, ...] = (
     "which shape is in the image ?",
 )
 
-# The POPE-style yes/no probe (an eval stage scores it, vlm_core.spec.evaluation's `pope`): "is there a red
-# circle ?" about the image, answered yes or no; instruct conversations carry it as an extra turn (shapes.py).
-PROBE_QUESTION = "is there a {colour} {shape} ?"
-YES, NO = "yes", "no"
-
 # Words of the text documents (`shapes.text_document`) beyond those in the templates above.
 _PROSE = "a the is it this there i see and here picture object colour shape user assistant : . ?"
 
@@ -44,7 +39,7 @@ def caption_of(colour: str, shape: str) -> str:
 
 
 def _words() -> list[str]:
-    text = " ".join([_PROSE, *CAPTION_PROMPTS, *COLOUR_QUESTIONS, *SHAPE_QUESTIONS, YES, NO])  # yes/no: the probe
+    text = " ".join([_PROSE, *CAPTION_PROMPTS, *COLOUR_QUESTIONS, *SHAPE_QUESTIONS])
     return list(dict.fromkeys(w for w in text.split() if w not in COLOURS and w not in SHAPES))
 
 
