@@ -60,6 +60,11 @@ class TrainingKind:
         """The objective's statistics as means per held-out sample (none for the cross-entropy objective)."""
         return {name: value / max(samples, 1.0) for name, value in sums.items()}
 
+    def step_batches(self, trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+        """One step's micro-batches: grad-accumulation steps of them from the loader (an RL kind turns them into
+        rollouts)."""
+        return [trainer._next_batch() for _ in range(trainer.config.stage.grad_accum_steps)]
+
     def build_trainer(self, config: TrainerConfig, env: DistEnv) -> Trainer:
         """The stage's Trainer, built (benchmarks and tests drive its steps themselves)."""
         return Trainer.build(config, env, self)
