@@ -125,10 +125,10 @@ def resolve_shard(job: VLMTrainingJob, shard: str) -> str:
 
 
 def previous_training_stage(job: VLMTrainingJob, index: int) -> int | None:
-    """The last stage before `index` that trains weights (not a data stage such as curate): whose final/
-    weights stage `index` starts from."""
+    """The last stage before `index` that trains a policy (not a data stage such as curate, nor a reward model):
+    whose final/ weights stage `index` starts from."""
     for i in range(index - 1, -1, -1):
-        if kind(job.spec.stages[i].type).trains:
+        if kind(job.spec.stages[i].type).trains and kind(job.spec.stages[i].type).policy:
             return i
     return None
 

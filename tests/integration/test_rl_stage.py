@@ -30,7 +30,7 @@ def parts(tmp_path_factory) -> dict:
     train = write_shards(str(root / "data"), "train", 32, seed=0, per_shard=16)
     heldout = write_shards(str(root / "data"), "heldout", 4, seed=0, per_shard=4)
     return {"lm": lm, "vision": vision,
-            "train": {"conversation": [f"file://{p}" for p in shard_paths(train, "conversation")]},
+            "train": {fmt: [f"file://{p}" for p in shard_paths(train, fmt)] for fmt in ("conversation", "preference")},
             "heldout": {"conversation": [f"file://{p}" for p in shard_paths(heldout, "conversation")]}}
 
 
@@ -92,9 +92,10 @@ def test_ppo_runs_and_a_resume_gives_the_same_next_steps(parts, tmp_path):
             assert again[step][key] == pytest.approx(first[step][key], abs=1e-6), (step, key)
 
 
-async def test_instruct_then_grpo_on_the_kubernetes_emulator(cluster, parts) -> None:
-    """One job, two stages, run by the operator on the API emulator with the real trainer: instruct (1 pod) hands its
-    final/ to a GRPO stage (2 pods x 1 process, exact-match verifier) through S3."""
+async def test_instruct_reward_then_grpo_on_the_kubernetes_emulator(cluster, parts) -> None:
+    """One job, three stages, run by the operator on the API emulator with the real trainer: instruct (1 pod), a
+    reward model trained from it (1 pod), then GRPO (2 pods x 1 process) that starts from instruct's final/ (its KL
+    reference) and is scored by the reward stage's model (`rl.reward.fromStage`), everything through S3."""
     import json
 
     from k8s_harness import NS, torchrun_as_python
@@ -102,11 +103,11 @@ async def test_instruct_then_grpo_on_the_kubernetes_emulator(cluster, parts) -> 
     c = cluster
     c.kubelet.command_mapper = torchrun_as_python
 
-    def stage(name: str, type_: str, nodes: int, **extra) -> dict:
+    def stage(name: str, type_: str, fmt: str, nodes: int, **extra) -> dict:
         return {"name": name, "type": type_, "precision": "fp32", "maxSteps": 2,
-                "data": {"shards": parts["train"]["conversation"], "format": "conversation", "maxLength": 64},
+                "data": {"shards": parts["train"][fmt], "format": fmt, "maxLength": 64},
                 "batch": {"globalSize": 2, "microSize": 1}, "checkpoint": {"everySteps": 10},
-                "resources": {"nodes": nodes, "procsPerNode": 1}, **extra}
+                "resources": {"nodes": nodes, "procsPerNode": 1}, "optimizer": {"lr": 1e-3}, **extra}
 
     await c.create({
         "apiVersion": "training.vlm.dev/v1alpha1", "kind": "VLMTrainingJob", "metadata": {"name": "rlk", "namespace": NS},
@@ -114,17 +115,20 @@ async def test_instruct_then_grpo_on_the_kubernetes_emulator(cluster, parts) -> 
             "model": {"visionEncoder": f"file://{parts['vision']}", "languageModel": f"file://{parts['lm']}",
                       "imageSize": 32, "visionFeatureSelectStrategy": "full"},
             "storage": {"uri": c.storage_uri, "secretRef": "s3-creds", "endpointUrl": c.s3.endpoint},
-            "stages": [stage("instruct", "instruct", 1, optimizer={"lr": 1e-3}),
-                       stage("rl", "rl", 2, optimizer={"lr": 1e-3},
-                             rl={"algorithm": "grpo", "groupSize": 2, "maxNewTokens": 4})],
+            "stages": [stage("instruct", "instruct", "conversation", 1),
+                       stage("reward", "reward", "preference", 1),
+                       stage("rl", "rl", "conversation", 2,
+                             rl={"algorithm": "grpo", "groupSize": 2, "maxNewTokens": 4,
+                                 "reward": {"fromStage": "reward"}})],
             "runPolicy": {"maxRestarts": 0},
         },
     })
-    status = await c.wait_phase("rlk", "Succeeded", timeout=180)
-    assert [s["phase"] for s in status["stages"]] == ["Succeeded", "Succeeded"]
+    status = await c.wait_phase("rlk", "Succeeded", timeout=240)
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 3
     config = next(json.loads(m["data"]["config.json"]) for m in c.owned("v1/configmaps", "rlk")
                   if m["metadata"]["labels"]["training.vlm.dev/stage"] == "rl")
-    assert config["initFrom"] == f"{c.storage_uri}/rlk/instruct/final"  # the reference = instruct's weights
+    assert config["initFrom"] == f"{c.storage_uri}/rlk/instruct/final"  # the policy and KL reference: instruct's
+    assert config["stage"]["rl"]["reward"]["model"] == f"{c.storage_uri}/rlk/reward/final"
     committed = storage.verify_committed(f"{c.storage_uri}/rlk/rl/final", check_sha256=True)
     assert committed.ok, committed.reason
     assert c.kubelet.log_contains("rlk-rl-0", '"reward_mean"'), c.kubelet.logs()

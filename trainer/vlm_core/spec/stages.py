@@ -22,6 +22,7 @@ from vlm_core.spec.training_parts import (
     DPOSpec,
     LoRASpec,
     OptimizerSpec,
+    RewardSpec,
     ScheduleSpec,
 )
 from vlm_core.strategies import or_list
@@ -105,6 +106,7 @@ class StageSpec(StageBase):
         "whole; Liger-Kernel's fused kernel on CUDA when installed). Equal loss and gradients.",
     )
     dpo: DPOSpec | None = Field(None, description=f"DPO settings (type {or_list(_owners('dpo'))} only).")
+    reward: RewardSpec | None = Field(None, description=f"Reward-model settings (type {or_list(_owners('reward'))} only).")
     rl: RLSpec | None = Field(None, description=f"PPO/GRPO settings (type {or_list(_owners('rl'))} only).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
 
@@ -119,6 +121,8 @@ class StageSpec(StageBase):
             self.optimizer.projector_lr_multiplier = k.default_projector_lr_multiplier
         if "dpo" in k.own_fields and self.dpo is None:
             self.dpo = DPOSpec()
+        if "reward" in k.own_fields and self.reward is None:
+            self.reward = RewardSpec()
         if "rl" in k.own_fields and self.rl is None:
             self.rl = RLSpec()
         problems = stage_rule_problems(self.model_dump(by_alias=True))

@@ -32,6 +32,7 @@ from vlm_core.spec.rl import RLSpec
 
 from vlm_trainer import family
 from vlm_trainer.model import build_vlm, set_train_modes
+from vlm_trainer.reward_model import RewardModel
 from vlm_trainer.rl import rewards
 from vlm_trainer.rl.losses import (
     gae,
@@ -63,13 +64,14 @@ def rl_spec(stage: StageSpec) -> RLSpec:
     return stage.rl
 
 
-def reward_function(spec: RLSpec) -> rewards.RewardFn:
+def reward_function(spec: RLSpec) -> rewards.RewardFn | None:
+    """The verifier's reward function; None when a reward stage's model scores (`rl.reward.model`)."""
     if spec.reward.verifier is not None:
         return rewards.verifier(spec.reward)
-    raise ValueError(
-        "rl.reward.fromStage: rewards from a reward stage's model need the reward stage kind "
-        "(vlm_trainer.reward_model), which this build does not have; use rl.reward.verifier (exact, regex or python)"
-    )
+    if spec.reward.model is None:
+        raise ValueError("rl.reward.fromStage: not resolved to rl.reward.model (the planner resolves it; run the job "
+                         "through vlmctl or the operator)")
+    return None
 
 
 class RLObjective:
@@ -88,6 +90,12 @@ class RLObjective:
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.stop_ids = stop_token_ids(trainer.hf_model, self.tokenizer)
         self.reward = reward_function(self.spec)
+        self.reward_model: RewardModel | None = None
+        if self.reward is None:  # a reward stage's final/: the VLM with its scalar head, frozen, on this rank
+            assert self.spec.reward.model is not None
+            dtype = torch.bfloat16 if trainer.strategy.bf16 else torch.float32
+            self.reward_model = RewardModel.load(self.spec.reward.model, trainer.env.device, dtype,
+                                                 max_length=stage.data.max_length)
         self.value_head: ValueHead | None = None
         if self.ppo:
             hidden = family.base_model(trainer.hf_model).config.get_text_config().hidden_size
@@ -149,7 +157,12 @@ class RLObjective:
         responses = self._texts(r["input_ids"][:, width:], mask.long())
         references = self._texts(rows["reference_ids"], rows["reference_mask"])
         prompt_texts = self._texts(rows["input_ids"], rows["attention_mask"])
-        scores = rewards.checked(self.reward, responses, references, prompt_texts, mask.device)
+        if self.reward_model is not None:  # the rollout rows ARE [pads, prompt, response, pads]: scored at the last token
+            with trainer.strategy.autocast():
+                scores = self.reward_model.score(r).float().to(mask.device)
+        else:
+            assert self.reward is not None
+            scores = rewards.checked(self.reward, responses, references, prompt_texts, mask.device)
         r.update(old_logps=old, ref_logps=ref, scores=scores)
         if self.ppo:
             assert states is not None and self.value_head is not None
