@@ -242,3 +242,14 @@ def test_rl_statistics_are_exported_and_on_the_dashboard():
     for name in RL_STATS:
         if name != "value_loss":
             assert f"vlm_trainer_rl_{name}" in dashboard, name
+
+
+def test_an_rl_stage_after_a_reward_stage_starts_from_the_policy_before_it_and_is_scored_by_it():
+    doc = rl_job(rl={"algorithm": "ppo", "reward": {"fromStage": "reward"}})
+    doc["spec"]["stages"].insert(2, {"name": "reward", "type": "reward", "maxSteps": 4,
+                                     "data": {"shards": ["p.tar"], "format": "preference"}})
+    job = parse_job(doc)
+    config = planner.resolve_stage(job, 3)
+    assert config.init_from == planner.final_uri(job, 1)  # instruct's final/: the policy and the KL reference
+    assert config.stage.rl is not None and config.stage.rl.reward.model == planner.final_uri(job, 2)
+    assert planner.resolve_stage(job, 2).init_from == planner.final_uri(job, 1)  # the reward model starts there too
