@@ -126,10 +126,10 @@ def resolve_shard(job: VLMTrainingJob, shard: str) -> str:
 
 
 def previous_training_stage(job: VLMTrainingJob, index: int) -> int | None:
-    """The last stage before `index` that trains weights (not a data stage such as curate): whose final/
-    weights stage `index` starts from."""
+    """The last stage before `index` that trains a policy (not a data stage such as curate, nor a reward model):
+    whose final/ weights stage `index` starts from."""
     for i in range(index - 1, -1, -1):
-        if kind(job.spec.stages[i].type).trains:
+        if kind(job.spec.stages[i].type).trains and kind(job.spec.stages[i].type).policy:
             return i
     return None
 
@@ -163,6 +163,10 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
             data.shards = [resolve_shard(job, s) for s in data.shards]
         for source in data.sources:
             source.shards = [resolve_shard(job, s) for s in source.shards]
+        reward = training.rl.reward if training.rl is not None else None
+        if reward is not None and reward.from_stage is not None:  # rl: the reward stage's committed final/
+            names = [s.name for s in job.spec.stages]
+            reward.model = final_uri(job, names.index(reward.from_stage))
         data.eval_shards = [resolve_shard(job, s) for s in data.eval_shards]
         if reads_model.evaluation is not None:  # evaluation by generation's held-out shards
             reads_model.evaluation.shards = [resolve_shard(job, s) for s in reads_model.evaluation.shards]

@@ -53,6 +53,7 @@ def _training_values() -> dict[str, Any]:
     stage = S.dump_job(S.parse_job(GOOD))["spec"]["stages"][2]
     stage.update(lora={"rank": 8}, epochs=1, eval={}, evaluation={"shards": ["h.tar"]})
     stage.update(reward={"margin": 0.5})  # a reward stage's own field (the dpo stage above has none)
+    stage.update(rl={"algorithm": "grpo"})  # an rl stage's own field
     return stage
 
 
@@ -126,7 +127,7 @@ def _stage_grid() -> list[dict[str, Any]]:
         {"crossEntropy": "chunked"}, {"batch": {"globalSize": 8, "microSize": 8, "tokensPerMicroBatch": 512}},
         {"dpo": {"reference": "adapter_disabled"}}, {"dpo": {"reference": "adapter_disabled"}, "lora": {"rank": 4}},
         {"trainable": ["projector"]},
-        {"evaluation": {"shards": ["h.tar"]}}, {"eval": {}}, {"reward": {"margin": 0.1}},
+        {"evaluation": {"shards": ["h.tar"]}}, {"eval": {}}, {"reward": {"margin": 0.1}}, {"rl": {"algorithm": "ppo"}},
     ]
     rng = random.Random(0)
     out = []

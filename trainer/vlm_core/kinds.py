@@ -48,6 +48,8 @@ class StageKind:
     scalar_head: bool = False  # a one-output head replaces the LM head (reward models): no vocab-sized logits
     packing: bool = False  # accepts batch.tokensPerMicroBatch (sequence packing)
     token_loss: bool = False  # a per-token LM loss (crossEntropy: labelled | chunked applies)
+    generates: bool = False  # samples answers inside the stage (needs whole parameters on every rank)
+    policy: bool = True  # final/ is a policy a later training stage starts from (a reward model's is not: skipped)
     advice: DataAdvice = field(default_factory=DataAdvice)
 
     @property
@@ -124,6 +126,22 @@ KINDS: dict[str, StageKind] = {
             default_projector_lr_multiplier=1.0,
             sequences_per_sample=2,
             scalar_head=True,
+            policy=False,  # an rl stage after it starts from (and keeps its KL to) the stage before it
+        ),
+        # rl (issue 22): PPO or GRPO on answers the policy samples inside the stage; prompts are conversations
+        # whose last assistant turn is the reference answer. TRL's GRPO default lr is 1e-6.
+        StageKind(
+            type="rl",
+            summary="reinforcement learning: PPO or GRPO on sampled answers, rewards from a reward model or a "
+            "verifier, KL to a frozen reference",
+            output="weights",
+            formats=("conversation",),
+            own_fields=("rl",),
+            default_trainable=("projector", "language_model"),
+            default_lr=1e-6,
+            default_projector_lr_multiplier=1.0,
+            reference_model=True,
+            generates=True,
         ),
         # --- eval (h-eval): reads a model, trains nothing, is no source of weights for a later stage ---
         StageKind(

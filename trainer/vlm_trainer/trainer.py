@@ -101,6 +101,10 @@ class StageKindHooks(Protocol):
         """The eval report's statistics from the objective's stat sums over `samples` held-out samples."""
         ...
 
+    def step_batches(self, trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of one optimizer step (grad-accumulation steps of them), on the device."""
+        ...
+
     def adapt_model(self, trainer: Trainer, module: nn.Module) -> None:
         """Change the built model in place before freezing, LoRA and the strategy (a reward model's scalar head);
         also applied to the base a LoRA adapter is merged into for final/."""
@@ -330,10 +334,10 @@ class Trainer:
     def train_step_async(self) -> PendingStep:
         """One optimizer step without a host sync: the loss, statistics and counts are reduced over ranks on the
         device, the gradient norm stays a device tensor; `resolve` reads them (the loop: at log intervals)."""
-        stage, env = self.config.stage, self.env
+        env = self.env
         started = time.perf_counter()
         self._step_data = {"samples": 0, "tokens": 0, "capacity": 0}
-        batches = [self._next_batch() for _ in range(stage.grad_accum_steps)]
+        batches = self.kind.step_batches(self)  # micro-batches from the loader (an RL kind: its rollouts)
         data_wait = time.perf_counter() - started
         step_data = self._step_data
         units = torch.stack([self.objective.count_tensor(b).double() for b in batches])
@@ -570,6 +574,7 @@ class Trainer:
             flops=self.flop_rates.step_flops(result.local_tokens, result.local_samples) if self.flop_rates else None,
             eta_seconds=eta_seconds,
         )
+        self.metrics.observe_stats(result.stats)
         self.metrics.observe_memory()
 
     def _check_replicas(self) -> None:

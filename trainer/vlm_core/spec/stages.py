@@ -14,6 +14,7 @@ from vlm_core.spec.base import NoEffect
 from vlm_core.spec.common import StageBase
 from vlm_core.spec.data import DataSpec
 from vlm_core.spec.evaluation import EvalSpec, EvaluationSpec
+from vlm_core.spec.rl import RLSpec
 from vlm_core.spec.rules import stage_rule_problems
 from vlm_core.spec.training_parts import (
     DEFAULT_CROSS_ENTROPY,
@@ -110,6 +111,7 @@ class StageSpec(StageBase):
     reward: RewardSpec | None = Field(None, description=f"Reward-model settings (type {or_list(_owners('reward'))} only).")
     eval: EvalSpec | None = Field(None, description=f"Evaluation settings (type {or_list(_owners('eval'))} only): "
                                   "metrics, answer length, the model to evaluate.")
+    rl: RLSpec | None = Field(None, description=f"PPO/GRPO settings (type {or_list(_owners('rl'))} only).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     evaluation: Annotated[EvaluationSpec | None, NoEffect("evaluation by generation only reports")] = Field(
         None, description="Training stages: evaluation by generation on held-out shards (greedy answers scored like an "
@@ -132,6 +134,8 @@ class StageSpec(StageBase):
             self.reward = RewardSpec()
         if "eval" in k.own_fields and self.eval is None:
             self.eval = EvalSpec()
+        if "rl" in k.own_fields and self.rl is None:
+            self.rl = RLSpec()
         problems = stage_rule_problems(self.model_dump(by_alias=True))
         if problems:
             raise ValueError("\n".join(problems))

@@ -61,6 +61,11 @@ class TrainingKind:
         """The objective's statistics as means per held-out sample (none for the cross-entropy objective)."""
         return {name: value / max(samples, 1.0) for name, value in sums.items()}
 
+    def step_batches(self, trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+        """One step's micro-batches: grad-accumulation steps of them from the loader (an RL kind turns them into
+        rollouts)."""
+        return [trainer._next_batch() for _ in range(trainer.config.stage.grad_accum_steps)]
+
     def adapt_model(self, trainer: Trainer, module: nn.Module) -> None:
         """Change the built model in place before freezing, LoRA and the strategy (none here; reward: a scalar head)."""
 
