@@ -162,6 +162,10 @@ def resolve_stage(job: VLMTrainingJob, index: int) -> TrainerConfig:
             data.shards = [resolve_shard(job, s) for s in data.shards]
         for source in data.sources:
             source.shards = [resolve_shard(job, s) for s in source.shards]
+        reward = training.rl.reward if training.rl is not None else None
+        if reward is not None and reward.from_stage is not None:  # rl: the reward stage's committed final/
+            names = [s.name for s in job.spec.stages]
+            reward.model = final_uri(job, names.index(reward.from_stage))
         data.eval_shards = [resolve_shard(job, s) for s in data.eval_shards]
         prev = previous_training_stage(job, index)
         init_from = final_uri(job, prev) if prev is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from vlm_quickstart.components import build_language_model, build_tokenizer, bui
 from vlm_quickstart.shapes import read_shards, shard_paths, write_shards
 from vlm_trainer.model import apply_freezing, assemble_vlm, param_groups
 from vlm_trainer.optim import lr_multiplier
+from vlm_trainer.reward_model import RewardModel
 
 STAGE_TIMEOUT_SECONDS = 120
 
@@ -169,6 +171,8 @@ def staged(parts, tmp_path_factory) -> dict:
                   optimizer={"lr": 1e-3}, data=instruct_data, cacheVisionFeatures=True,
                   batch={"globalSize": 8, "microSize": 2, "tokensPerMicroBatch": 160}),
         stage_doc("dpo", "dpo", "preference", parts, steps=4, optimizer={"lr": 1e-3}, dpo={"beta": 0.1}),
+        # reward (issue 22): a scalar head on the dpo model, Bradley-Terry with a margin
+        stage_doc("reward", "reward", "preference", parts, steps=6, optimizer={"lr": 2e-3}, reward={"margin": 0.1}),
     ])
     return {"job": job, "tmp": tmp, "seconds": {}, "events": {}}
 
@@ -292,6 +296,36 @@ def test_dpo_stage_reports_reward_accuracy_and_margin(instruct_done):
     # Re-running a finished stage does nothing.
     rerun, _ = run_stage(job, 2, instruct_done["tmp"])
     assert [e["event"] for e in rerun] == ["skip"]
+    print("stage seconds (2 ranks, torchrun wall time):", instruct_done["seconds"])
+
+
+def test_reward_stage_learns_and_its_final_scores_pairs_as_its_eval_did(instruct_done, parts):
+    job, tmp = instruct_done["job"], instruct_done["tmp"]
+    if not storage.verify_committed(resolve_stage(job, 2).output + "/final").ok:
+        run_stage(job, 2, tmp)  # the reward stage starts from the dpo stage's final/
+    stage_events, instruct_done["seconds"]["reward"] = run_stage(job, 3, tmp)
+    output = resolve_stage(job, 3).output
+    report = json.loads(open(storage.local_path(output) + "/eval.json").read())
+    # the head starts at zero: every reward 0, the first loss -log sigmoid(-margin) = log(1 + e^0.1)
+    assert report["train_loss_first"] == pytest.approx(math.log1p(math.exp(0.1)), abs=1e-4)
+    assert report["train_loss_last"] < report["train_loss_first"], report
+    steps = [e for e in stage_events if e["event"] == "step"]
+    assert {"reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"} <= steps[0].keys()
+
+    final = output + "/final"
+    assert storage.verify_committed(final, check_sha256=True).ok
+    LlavaForConditionalGeneration.from_pretrained(storage.local_path(final))  # the VLM folder loads as is
+    rm = RewardModel.load(final)
+    rows = read_shards([u.removeprefix("file://") for u in parts["heldout"]["preference"]])
+    items = [rm.encode(r["prompt"], r["chosen"], img) for _k, img, r in rows]
+    items += [rm.encode(r["prompt"], r["rejected"], img) for _k, img, r in rows]
+    scores = rm.score(rm.collate(items))
+    chosen, rejected = scores[: len(rows)], scores[len(rows):]
+    # the loaded model scores the held-out pairs as the stage's own evaluation did (2 ranks, other batches)
+    assert (chosen > rejected).float().mean().item() == pytest.approx(report["reward_accuracy"], abs=1e-6)
+    assert (chosen - rejected).mean().item() == pytest.approx(report["reward_margin"], abs=1e-4)
+    assert chosen.mean().item() == pytest.approx(report["chosen_reward"], abs=1e-4)
+    assert report["reward_accuracy"] > 0.5 and report["reward_margin"] > 0, report
     print("stage seconds (2 ranks, torchrun wall time):", instruct_done["seconds"])
 
 

@@ -52,6 +52,8 @@ def _training_values() -> dict[str, Any]:
     optional ones a default leaves out."""
     stage = S.dump_job(S.parse_job(GOOD))["spec"]["stages"][2]
     stage.update(lora={"rank": 8}, epochs=1)
+    stage.update(reward={"margin": 0.5})  # a reward stage's own field (the dpo stage above has none)
+    stage.update(rl={"algorithm": "grpo"})  # an rl stage's own field
     return stage
 
 
@@ -125,10 +127,11 @@ def _stage_grid() -> list[dict[str, Any]]:
         {"crossEntropy": "chunked"}, {"batch": {"globalSize": 8, "microSize": 8, "tokensPerMicroBatch": 512}},
         {"dpo": {"reference": "adapter_disabled"}}, {"dpo": {"reference": "adapter_disabled"}, "lora": {"rank": 4}},
         {"trainable": ["projector"]},
+        {"reward": {"margin": 0.5}}, {"rl": {"algorithm": "grpo"}},  # the reward and rl kinds' own fields
     ]
     rng = random.Random(0)
     out = []
-    for stage in rng.sample(grid, 40):
+    for stage in rng.sample(grid, 60):
         out.append(stage)
         out.append({**stage, **rng.choice(extras)})
     return out

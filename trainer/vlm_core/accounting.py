@@ -546,6 +546,11 @@ def _vision_layer_activation_bytes(v: VisionShape, act: float, resid: float) -> 
     return 2 * (resid + 4 + act) * h + act * 4 * h + act * 2 * i
 
 
+def head_outputs(lm: LMShape, inp: StageInput) -> int:
+    """Outputs of the head on top of the LM: the vocabulary, or 1 for a kind whose scalar head replaces it."""
+    return 1 if kind(inp.stage_type).scalar_head else lm.vocab
+
+
 def activation_bytes(shape: ModelShape, inp: StageInput) -> dict[str, int]:
     """Saved activations and the logits buffer for one micro batch on one GPU.
 
@@ -569,8 +574,8 @@ def activation_bytes(shape: ModelShape, inp: StageInput) -> dict[str, int]:
         # each adapter saves its input (dropout mask included) and its rank-r intermediate
         per_layer += sum(act * shapes[n][0] * 2 + act * inp.lora_rank for n in targeted)
     # logits (compute dtype), their fp32 copy for the loss (none when already fp32), the log-softmax the
-    # cross-entropy saves, and the fp32 gradient at the start of backward
-    logits = tokens * lm.vocab * (act + (4 if act != 4 else 0) + 4 + 4)
+    # cross-entropy saves, and the fp32 gradient at the start of backward; a scalar head (reward) has one output
+    logits = tokens * head_outputs(lm, inp) * (act + (4 if act != 4 else 0) + 4 + 4)
     if inp.gradient_checkpointing:
         # a block is recomputed only after the logits' gradient is consumed: the peak has the larger of the two
         lm_bytes = tokens * lm.layers * resid * lm.hidden + max(0.0, tokens * per_layer - logits)
@@ -688,7 +693,7 @@ class StageFlops:
     def of(cls, shape: ModelShape, inp: StageInput) -> StageFlops:
         lm_full = inp.lm_trains_full
         vision_trains = "vision_tower" in inp.trainable
-        n_lm = shape.lm.matmul_params
+        n_lm = shape.lm.matmul_params - (shape.lm.vocab - head_outputs(shape.lm, inp)) * shape.lm.hidden
         # LM: forward 2N; gradients always flow through it to the loss's inputs (2N); weight grads if it trains.
         lm = 2 * n_lm + 2 * n_lm + (2 * n_lm if lm_full else 0)
         if inp.lora_rank is not None and "language_model" in inp.trainable:

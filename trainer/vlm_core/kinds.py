@@ -44,8 +44,10 @@ class StageKind:
     default_projector_lr_multiplier: float | None = None
     sequences_per_sample: int = 1  # a preference pair runs two sequences (chosen, rejected)
     reference_model: bool = False  # holds a frozen reference policy (memory and FLOPs)
+    scalar_head: bool = False  # a one-output head replaces the LM head (reward models): no vocab-sized logits
     packing: bool = False  # accepts batch.tokensPerMicroBatch (sequence packing)
     token_loss: bool = False  # a per-token LM loss (crossEntropy: labelled | chunked applies)
+    generates: bool = False  # samples answers inside the stage (needs whole parameters on every rank)
     advice: DataAdvice = field(default_factory=DataAdvice)
 
     @property
@@ -103,6 +105,35 @@ KINDS: dict[str, StageKind] = {
             default_projector_lr_multiplier=1.0,
             sequences_per_sample=2,
             reference_model=True,
+        ),
+        # reward (issue 22): the VLM with a scalar head on the last non-padding token, Bradley-Terry loss on the
+        # preference pairs DPO reads (InstructGPT, LLaVA-RLHF); lr as TRL's reward examples (1e-5).
+        StageKind(
+            type="reward",
+            summary="reward model: the VLM with a scalar head on the last token, Bradley-Terry loss on preference pairs",
+            output="weights",
+            formats=("preference",),
+            own_fields=("reward",),
+            default_trainable=("projector", "language_model"),
+            default_lr=1e-5,
+            default_projector_lr_multiplier=1.0,
+            sequences_per_sample=2,
+            scalar_head=True,
+        ),
+        # rl (issue 22): PPO or GRPO on answers the policy samples inside the stage; prompts are conversations
+        # whose last assistant turn is the reference answer. TRL's GRPO default lr is 1e-6.
+        StageKind(
+            type="rl",
+            summary="reinforcement learning: PPO or GRPO on sampled answers, rewards from a reward model or a "
+            "verifier, KL to a frozen reference",
+            output="weights",
+            formats=("conversation",),
+            own_fields=("rl",),
+            default_trainable=("projector", "language_model"),
+            default_lr=1e-6,
+            default_projector_lr_multiplier=1.0,
+            reference_model=True,
+            generates=True,
         ),
     )
 }

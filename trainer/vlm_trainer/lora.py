@@ -48,16 +48,21 @@ def target_pattern(stage: StageSpec, fam: family.Family = family.ASSEMBLED) -> s
     return rf".*\.({'|'.join(scopes)})\..*\.({names})$"
 
 
-def lora_config(stage: StageSpec, fam: family.Family = family.ASSEMBLED):  # noqa: ANN201 - peft's LoraConfig
+def lora_config(stage: StageSpec, fam: family.Family = family.ASSEMBLED, *,
+                modules_to_save: tuple[str, ...] = ()):  # noqa: ANN201 - peft's LoraConfig
+    """`modules_to_save`: module names a stage kind always trains in full (a reward model's head), besides the
+    projector when it trains."""
     from peft import LoraConfig
 
     assert stage.lora is not None
+    saved = (family.part_module_names(fam, "projector") if "projector" in (stage.trainable or []) else [])
+    saved += [m for m in modules_to_save if m not in saved]
     return LoraConfig(
         r=stage.lora.rank,
         lora_alpha=stage.lora.alpha,
         lora_dropout=stage.lora.dropout,
         target_modules=target_pattern(stage, fam),
-        modules_to_save=family.part_module_names(fam, "projector") if "projector" in (stage.trainable or []) else None,
+        modules_to_save=saved or None,
         bias="none",
     )
 
@@ -81,14 +86,15 @@ def quantized_copy(vlm: VLM, device: torch.device) -> nn.Module:
         )
 
 
-def apply_lora(model: nn.Module, stage: StageSpec, device: torch.device) -> nn.Module:
-    """The PeftModel to train (adapters + projector copy trainable, the rest frozen)."""
+def apply_lora(model: nn.Module, stage: StageSpec, device: torch.device, *,
+               modules_to_save: tuple[str, ...] = ()) -> nn.Module:
+    """The PeftModel to train (adapters + projector copy + `modules_to_save` trainable, the rest frozen)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if stage.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=stage.gradient_checkpointing)
     model.requires_grad_(False)
-    return get_peft_model(model, lora_config(stage, family.of_model(model)))
+    return get_peft_model(model, lora_config(stage, family.of_model(model), modules_to_save=modules_to_save))
 
 
 def paged_adamw(groups: list[dict], stage: StageSpec) -> torch.optim.Optimizer:

@@ -43,6 +43,17 @@ CHECKPOINT_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 18
 
 _DISABLED = ("off", "none", "disabled")
 
+# The RL stage's per-step statistics (stat name -> help), exported as vlm_trainer_rl_<name>.
+RL_STATS = {
+    "reward_mean": "RL: mean reward of the last step's sampled responses.",
+    "reward_std": "RL: standard deviation of the rewards of the last step's responses (mean over micro-batches).",
+    "kl": "RL: mean per-token KL (k3 estimator) of the policy to the frozen reference, last step.",
+    "entropy": "RL: mean per-token entropy of the policy over the responses, last step.",
+    "response_length": "RL: mean response length in tokens, last step.",
+    "clip_fraction": "RL: share of response tokens whose probability ratio was clipped, last step.",
+    "value_loss": "RL (ppo): clipped value loss of the value head, last step.",
+}
+
 
 def default_peak_flops_per_second(device_name: str | None) -> float:
     """Peak dense bf16 FLOP/s of a device named like `torch.cuda.get_device_name()`; CPU otherwise.
@@ -224,6 +235,8 @@ class TrainerMetrics:
             p + "packing_efficiency_ratio", "Real tokens over row capacity of the last step's micro-batches "
             "(packed: rows x tokensPerMicroBatch; padded: rows x longest sample)."
         )
+        # RL stages (vlm_trainer.stages.rl): the last step's rollout and policy statistics, by their stat names.
+        self.rl_stats = {name: gauge(p + "rl_" + name, doc) for name, doc in RL_STATS.items()}
 
     def observe_bad_sample(self, reason: str) -> None:
         """One skipped sample of this process."""
@@ -231,6 +244,12 @@ class TrainerMetrics:
 
     def observe_packing(self, efficiency: float) -> None:
         self.packing_efficiency.set(efficiency)
+
+    def observe_stats(self, stats: Mapping[str, float]) -> None:
+        """The last step's objective statistics that have a series (the RL ones, `RL_STATS`); others are ignored."""
+        for name, value in stats.items():
+            if name in self.rl_stats:
+                self.rl_stats[name].set(value)
 
     def start_server(self) -> int | None:
         """Serve /metrics; returns the bound port, or None when disabled or the port is taken.

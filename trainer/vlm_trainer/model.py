@@ -172,14 +172,17 @@ def assemble_vlm(model_spec: ModelSpec, *, seed: int, materialize: bool = True) 
     return VLM(model, processor)
 
 
-def apply_freezing(model: nn.Module, trainable: list[str]) -> None:
-    """Only the stage's trainable parts get gradients; a frozen vision tower runs in eval mode."""
+def apply_freezing(model: nn.Module, trainable: list[str], *, always: tuple[str, ...] = ()) -> None:
+    """Only the stage's trainable parts get gradients (and the modules at the paths `always`, e.g. a reward model's
+    head); a frozen vision tower runs in eval mode."""
     family.check_parts(trainable)
     parts = family.parameter_parts(model)
     for name, param in model.named_parameters():
         if id(param) not in parts:
             raise ValueError(f"parameter {name!r} belongs to no known part of {type(family.base_model(model)).__name__}")
         param.requires_grad_(parts[id(param)] in trainable)
+    for path in always:
+        family.base_model(model).get_submodule(path).requires_grad_(True)
     set_train_modes(model, trainable)
 
 

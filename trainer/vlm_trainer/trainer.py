@@ -100,6 +100,24 @@ class StageKindHooks(Protocol):
         """The eval report's statistics from the objective's stat sums over `samples` held-out samples."""
         ...
 
+    def adapt_model(self, trainer: Trainer, module: nn.Module) -> None:
+        """Change the built model in place before freezing, LoRA and the strategy (a reward model's scalar head);
+        also applied to the base a LoRA adapter is merged into for final/."""
+        ...
+
+    def always_trained(self, module: nn.Module) -> tuple[str, ...]:
+        """Module paths (in the family's model) that train whatever stage.trainable says (LoRA: modules_to_save)."""
+        ...
+
+    def final_weights(self, trainer: Trainer, folder: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights of final/'s Hugging Face folder, from the full trained ones; the kind may write its own files
+        into `folder` (rank 0)."""
+        ...
+
+    def step_batches(self, trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of one optimizer step (grad-accumulation steps of them), on the device."""
+        ...
+
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss, gradient norm or weight: the stage stops and commits nothing (not retried)."""
@@ -183,11 +201,13 @@ class Trainer:
         module: nn.Module = self.vlm.model
         if stage.qlora:
             module = lora.quantized_copy(self.vlm, env.device)
+        kind.adapt_model(self, module)
+        always = kind.always_trained(module)
         if stage.lora is not None:
-            module = lora.apply_lora(module, stage, env.device)
+            module = lora.apply_lora(module, stage, env.device, modules_to_save=always)
             set_train_modes(module, list(stage.trainable))
         else:
-            apply_freezing(module, list(stage.trainable))
+            apply_freezing(module, list(stage.trainable), always=always)
         if stage.gradient_checkpointing:
             family.base_model(module).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         run_frozen_tower_in_inference(module)  # a frozen vision tower: no autograd, no activations kept
@@ -313,10 +333,10 @@ class Trainer:
     def train_step_async(self) -> PendingStep:
         """One optimizer step without a host sync: the loss, statistics and counts are reduced over ranks on the
         device, the gradient norm stays a device tensor; `resolve` reads them (the loop: at log intervals)."""
-        stage, env = self.config.stage, self.env
+        env = self.env
         started = time.perf_counter()
         self._step_data = {"samples": 0, "tokens": 0, "capacity": 0}
-        batches = [self._next_batch() for _ in range(stage.grad_accum_steps)]
+        batches = self.kind.step_batches(self)  # micro-batches from the loader (an RL kind: its rollouts)
         data_wait = time.perf_counter() - started
         step_data = self._step_data
         units = torch.stack([self.objective.count_tensor(b).double() for b in batches])
@@ -521,10 +541,12 @@ class Trainer:
                 adapter = f"{folder}/adapter"
                 self.hf_model.save_pretrained(adapter)
                 base = build_vlm(self.config.model, self.config.init_from, seed=stage.seed).model
+                self.kind.adapt_model(self, base)
                 weights = lora.merged_state_dict(base, adapter)
             bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
             if bad:  # the last line of defence: final/ is never published with NaN/Inf weights
                 raise NonFiniteError(f"final/ not published: {len(bad)} tensor(s) hold NaN/Inf, e.g. {bad[0]}")
+            weights = self.kind.final_weights(self, folder, weights)
             write_hf_folder(folder, llava.config, llava.generation_config, weights, self.vlm.processor)
 
         return self.checkpointer.publish_final(write, step=self.total_steps,
@@ -546,6 +568,7 @@ class Trainer:
             flops=self.flop_rates.step_flops(result.local_tokens, result.local_samples) if self.flop_rates else None,
             eta_seconds=eta_seconds,
         )
+        self.metrics.observe_stats(result.stats)
         self.metrics.observe_memory()
 
     def _check_replicas(self) -> None:

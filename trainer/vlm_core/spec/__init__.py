@@ -88,6 +88,7 @@ from vlm_core.spec.training_parts import (
     DPOSpec,
     LoRASpec,
     OptimizerSpec,
+    RewardSpec,
     ScheduleSpec,
 )
 
@@ -97,7 +98,7 @@ __all__ = [
     "CheckpointSpec", "ClipScoreSpec", "ContentOf", "CurateFiltersSpec", "CurateInputSpec", "CurateOutputSpec", "CurateStage",
     "DPOReference", "DPOSpec", "DataFormat", "DataSourceSpec", "DataSpec", "ExactDedupSpec", "ImageFilterSpec",
     "ImageSpec", "JobSpec", "NoEffect", "LoRASpec", "ModelSpec", "NearDedupSpec", "NsfwSpec", "ObjectMeta", "Offload",
-    "OptimizerSpec", "Precision", "ResolutionPolicy", "ResolutionSpec", "ResourcesSpec", "Rule", "RunPolicySpec",
+    "OptimizerSpec", "Precision", "RewardSpec", "ResolutionPolicy", "ResolutionSpec", "ResourcesSpec", "Rule", "RunPolicySpec",
     "ScheduleSpec", "SemanticDedupSpec", "SpecError", "StageSpec", "StageType", "StorageSpec", "Strategy",
     "Strict", "TextFilterSpec", "Toleration", "TrainablePart", "TRAINABLE_PARTS", "TrainerConfig", "VLMTrainingJob",
     "content_of", "duplicate_stage_names", "dump_job", "field_default", "format_errors", "from_stage_problems", "load_job", "no_effect",

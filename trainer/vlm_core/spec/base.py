@@ -42,6 +42,7 @@ BOUND_REASONS: dict[str, str] = {
     "ttlSecondsAfterFinished": "one year",
     "shuffleBuffer": "samples held in memory for shuffling",
     "beta": "DPO's KL strength",
+    "margin": "a reward gap, in reward units",
     "gradClip": "a global gradient-norm bound",
 }
 

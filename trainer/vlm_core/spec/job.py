@@ -13,7 +13,7 @@ from vlm_core.spec.base import API_GROUP, API_VERSION, KIND, ContentOf, NoEffect
 from vlm_core.spec.curate import CURATE_TYPE, CurateStage
 from vlm_core.spec.model import ModelSpec, StorageSpec
 from vlm_core.spec.resources import Toleration
-from vlm_core.spec.rules import duplicate_stage_names, from_stage_problems
+from vlm_core.spec.rules import duplicate_stage_names, from_stage_problems, reward_stage_problems
 from vlm_core.spec.stages import StageSpec
 
 # Fields only one side of the stage union has, derived from the two models (never typed by hand): a curate
@@ -113,6 +113,10 @@ class JobSpec(Strict):
                                     for s in self.stages])
         if refs:
             raise ValueError("\n".join(refs))
+        rewards = reward_stage_problems([(s.type, s.name, s.rl.reward.from_stage if isinstance(s, StageSpec)
+                                          and s.rl is not None else None) for s in self.stages])
+        if rewards:
+            raise ValueError("\n".join(rewards))
         names = [s.name for s in self.stages]
         if self.run_policy.rerun_from is not None and self.run_policy.rerun_from not in names:
             raise ValueError(f"runPolicy.rerunFrom: {self.run_policy.rerun_from!r} is not a stage of this job; "

@@ -21,7 +21,7 @@ from vlm_core import kinds, strategies
 from vlm_core.spec.base import Strict, field_default
 from vlm_core.spec.data import DataSpec
 from vlm_core.spec.resources import ResourcesSpec
-from vlm_core.spec.training_parts import DEFAULT_CROSS_ENTROPY, BatchSpec
+from vlm_core.spec.training_parts import DEFAULT_CROSS_ENTROPY, BatchSpec, CheckpointSpec
 from vlm_core.strategies import DEFAULT_STRATEGY, NO_OFFLOAD, or_list
 
 _MISSING = object()  # the field is absent (or null)
@@ -322,6 +322,18 @@ def _strategy_rules() -> list[Rule]:
              lambda s: "dpo.reference: 'adapter_disabled' needs lora (the reference is the base without adapters)",
              "dpo.reference: 'adapter_disabled' needs lora", reason="FieldValueRequired"),
     ]
+    # Kinds that generate inside the stage need whole parameters on every rank: generation outside the top-level
+    # forward under parameter sharding fails (FSDP2: mixed Tensor/DTensor; ZeRO-3: a collective per token).
+    generating = kinds.with_trait("generates")
+    whole = tuple(n for n, t in strategies.TRAITS.items() if t.sharding != "parameters_too")
+    if generating:
+        rules.append(Rule(
+            "strategy", OneOf("type", generating), strategy(whole),
+            lambda s: (f"strategy: {_strategy(s)!r} shards the parameters; {s.get('type')} stages generate answers "
+                       f"inside the stage, which needs whole parameters on every rank: use {or_list(whole)}"),
+            f"strategy: {'/'.join(generating)} stages generate answers and need strategy {or_list(whole)}",
+            reason="FieldValueInvalid",
+        ))
     return rules
 
 
@@ -355,6 +367,13 @@ def stage_rule_problems(stage: Mapping[str, Any]) -> list[str]:
         out.append(f"maxSteps: set exactly one of maxSteps or epochs (got maxSteps={stage.get('maxSteps')}, "
                    f"epochs={stage.get('epochs')})")
     out += [rule.message(stage) for rule in STAGE_RULES if rule.broken(stage)]
+    rl, ckpt = stage.get("rl"), stage.get("checkpoint")
+    iterations = rl.get("iterations") if isinstance(rl, Mapping) else None
+    every = ckpt.get("everySteps", field_default(CheckpointSpec, "everySteps")) if isinstance(ckpt, Mapping) \
+        else field_default(CheckpointSpec, "everySteps")
+    if isinstance(iterations, int) and isinstance(every, int) and iterations > 1 and every % iterations:
+        out.append(f"checkpoint.everySteps: {every} must be a multiple of rl.iterations ({iterations}): a checkpoint "
+                   "is taken between batches of rollouts, so a resume regenerates none")
     batch, res = stage.get("batch") or {}, stage.get("resources") or {}
     sizes = (num(batch, BatchSpec, "globalSize"), num(batch, BatchSpec, "microSize"),
              num(res, ResourcesSpec, "nodes"), num(res, ResourcesSpec, "procsPerNode"))
@@ -377,6 +396,21 @@ def from_stage_problems(stages: list[tuple[Any, Any, Any]]) -> list[str]:
         if ref not in earlier:
             accepted = ", ".join(repr(n) for n in earlier) or "none before this stage"
             out.append(f"stages[{i}].data.fromStage: {ref!r} is not an earlier curate stage (curate stages: {accepted})")
+    return out
+
+
+def reward_stage_problems(stages: list[tuple[Any, Any, Any]]) -> list[str]:
+    """One 'stages[i].rl.reward.fromStage: ...' problem per (type, name, rl.reward.fromStage) that does not name an
+    earlier stage of type `reward` (a stage whose final/ is a reward model)."""
+    out = []
+    for i, (_type, _name, ref) in enumerate(stages):
+        if ref is None:
+            continue
+        earlier = [n for t, n, _ in stages[:i] if t == "reward"]
+        if ref not in earlier:
+            accepted = ", ".join(repr(n) for n in earlier) or "none before this stage"
+            out.append(f"stages[{i}].rl.reward.fromStage: {ref!r} is not an earlier reward stage (reward stages: "
+                       f"{accepted})")
     return out
 
 

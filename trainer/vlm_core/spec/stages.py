@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from vlm_core import kinds, strategies
 from vlm_core.spec.common import StageBase
 from vlm_core.spec.data import DataSpec
+from vlm_core.spec.rl import RLSpec
 from vlm_core.spec.rules import stage_rule_problems
 from vlm_core.spec.training_parts import (
     DEFAULT_CROSS_ENTROPY,
@@ -21,6 +22,7 @@ from vlm_core.spec.training_parts import (
     DPOSpec,
     LoRASpec,
     OptimizerSpec,
+    RewardSpec,
     ScheduleSpec,
 )
 from vlm_core.strategies import or_list
@@ -104,6 +106,8 @@ class StageSpec(StageBase):
         "whole; Liger-Kernel's fused kernel on CUDA when installed). Equal loss and gradients.",
     )
     dpo: DPOSpec | None = Field(None, description=f"DPO settings (type {or_list(_owners('dpo'))} only).")
+    reward: RewardSpec | None = Field(None, description=f"Reward-model settings (type {or_list(_owners('reward'))} only).")
+    rl: RLSpec | None = Field(None, description=f"PPO/GRPO settings (type {or_list(_owners('rl'))} only).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
 
     @model_validator(mode="after")
@@ -117,6 +121,10 @@ class StageSpec(StageBase):
             self.optimizer.projector_lr_multiplier = k.default_projector_lr_multiplier
         if "dpo" in k.own_fields and self.dpo is None:
             self.dpo = DPOSpec()
+        if "reward" in k.own_fields and self.reward is None:
+            self.reward = RewardSpec()
+        if "rl" in k.own_fields and self.rl is None:
+            self.rl = RLSpec()
         problems = stage_rule_problems(self.model_dump(by_alias=True))
         if problems:
             raise ValueError("\n".join(problems))

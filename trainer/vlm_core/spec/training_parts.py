@@ -94,6 +94,16 @@ class DPOSpec(Strict):
         return "adapter_disabled" if lora else "sharded"
 
 
+class RewardSpec(Strict):
+    """Reward model (`reward` stages): Bradley-Terry on preference pairs, with an optional margin."""
+
+    margin: float = Field(
+        0.0, ge=0, le=100,
+        description="Reward gap the chosen answer must clear: loss = -log sigmoid(r_chosen - r_rejected - margin) "
+        "(Llama 2's margin loss); 0 is the plain Bradley-Terry loss.",
+    )
+
+
 class LoRASpec(Strict):
     """PEFT LoRA on the language model: frozen base weights plus trainable low-rank adapters."""
 

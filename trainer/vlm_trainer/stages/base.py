@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 from vlm_core.kinds import StageKind, kind
 from vlm_core.spec import TrainerConfig
 
@@ -59,6 +60,22 @@ class TrainingKind:
     def eval_statistics(self, sums: dict[str, float], samples: float) -> dict[str, float]:
         """The objective's statistics as means per held-out sample (none for the cross-entropy objective)."""
         return {name: value / max(samples, 1.0) for name, value in sums.items()}
+
+    def adapt_model(self, trainer: Trainer, module: nn.Module) -> None:
+        """Change the built model in place before freezing, LoRA and the strategy (none here; reward: a scalar head)."""
+
+    def always_trained(self, module: nn.Module) -> tuple[str, ...]:
+        """Module paths (in the family's model) that train whatever stage.trainable says (none here)."""
+        return ()
+
+    def final_weights(self, trainer: Trainer, folder: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights of final/'s Hugging Face folder (the full model here); a kind may write files of its own."""
+        return weights
+
+    def step_batches(self, trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+        """One step's micro-batches: grad-accumulation steps of them from the loader (an RL kind turns them into
+        rollouts)."""
+        return [trainer._next_batch() for _ in range(trainer.config.stage.grad_accum_steps)]
 
     def build_trainer(self, config: TrainerConfig, env: DistEnv) -> Trainer:
         """The stage's Trainer, built (benchmarks and tests drive its steps themselves)."""
