@@ -60,6 +60,8 @@ VARIANT = "hallucination"
 JOB_NAME = "hallucination"
 PAIRS_SPLIT = "pairs"  # on-policy preference pairs for training (data/pairs-preference-00000.tar)
 PAIRS_EVAL_SPLIT = "pairseval"  # ... and held out for the dpo stage's reward accuracy
+RL_SPLIT, RL_EVAL_SPLIT = "rlprompts", "rlpromptseval"  # the rl stages' prompts (pool images, reference answers)
+REWARD_HEAD_FILE = "reward_head.json"  # a reward stage's final/ has it (vlm_trainer.reward_model.HEAD_CONFIG)
 BASE_JOB_FILE = "instruct.yaml"  # align -> instruct; every later job file adds alignment stages after them
 SEED_CUT = 0.58  # LLaVA-RLHF: 58% fewer hallucinated objects (the seed's claim)
 PPL_BOUND = 1.25  # the quickstart's perplexity gate: staged over stage 0 at most 1.25
@@ -77,6 +79,14 @@ class HallucinationRecipe(Recipe):
     dpo_steps: int = 100
     dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
+    # (b) reward model on the same on-policy pairs, then PPO with it; (c) GRPO with the exact-match verifier.
+    reward_steps: int = 100
+    reward_lr: float = 1e-4
+    rl_steps: int = 40
+    rl_lr: float = 5e-5
+    rl_group: int = 4
+    rl_beta: float = 0.04
+    rl_prompts_per_step: int = 16
 
 
 def job_documents(out_dir: str, seed: int, recipe: HallucinationRecipe) -> dict[str, dict[str, Any]]:
@@ -104,9 +114,28 @@ def job_documents(out_dir: str, seed: int, recipe: HallucinationRecipe) -> dict[
                       optimizer={"projectorLrMultiplier": recipe.instruct_projector_mult})
     dpo = _stage("dpo", "dpo", _uris([pairs_shard(out_dir, PAIRS_SPLIT)]), _uris([pairs_shard(out_dir, PAIRS_EVAL_SPLIT)]),
                  "preference", recipe.dpo_steps, recipe.dpo_lr, recipe, seed, dpo={"beta": recipe.dpo_beta})
+    reward = _stage("reward", "reward", _uris([pairs_shard(out_dir, PAIRS_SPLIT)]),
+                    _uris([pairs_shard(out_dir, PAIRS_EVAL_SPLIT)]), "preference", recipe.reward_steps, recipe.reward_lr,
+                    recipe, seed)
+
+    def rl(name: str, reward_source: dict[str, Any]) -> dict[str, Any]:
+        prompts = [os.path.join(data, f"{split}-conversation-00000.tar") for split in (RL_SPLIT, RL_EVAL_SPLIT)]
+        stage = _stage(name, "rl", _uris(prompts[:1]), _uris(prompts[1:]), "conversation", recipe.rl_steps,
+                       recipe.rl_lr, recipe, seed, schedule={"type": "constant", "warmupRatio": 0.0},
+                       rl={"algorithm": name, "groupSize": recipe.rl_group, "maxNewTokens": 6, "beta": recipe.rl_beta,
+                           "reward": reward_source})
+        stage["batch"] = {"globalSize": recipe.rl_prompts_per_step, "microSize": recipe.rl_prompts_per_step // 2}
+        return stage
+
+    # PPO's policy starts from instruct (the previous training stage of its file), its reward model is the reward
+    # stage's final/ (committed by reward.yaml, named by URI: a stage after `reward` would start from it).
+    reward_final = f"{storage_uri}/{JOB_NAME}/reward/final"
     return {
         "instruct.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct]),
         "dpo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, dpo]),
+        "reward.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, reward]),
+        "ppo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, rl("ppo", {"model": reward_final})]),
+        "grpo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, rl("grpo", {"verifier": "exact"})]),
     }
 
 
@@ -135,6 +164,7 @@ def prepare(out_dir: str, seed: int = 0, recipe: HallucinationRecipe | None = No
     paths += prior.write_prior_shards(data, "heldout", HELDOUT_SAMPLES, seed, prior.UNIFORM)
     pool = prior.write_prior_shards(data, "pool", recipe.pool_images, seed, prior.UNIFORM)
     paths += pool
+    paths += write_rl_prompts(data, pool, seed, recipe)
     heldout_text = prior.text_documents(HELDOUT_TEXT_DOCS, seed, recipe.pairing, "text-heldout")
     with open(os.path.join(data, "heldout-text.txt"), "w") as f:
         f.write("\n".join(heldout_text) + "\n")
@@ -166,7 +196,8 @@ def prepare(out_dir: str, seed: int = 0, recipe: HallucinationRecipe | None = No
         "dir": out_dir,
         "jobs": jobs,
         # what `vlmctl quickstart --variant hallucination` runs, in order: job files, and the pairs step between
-        "steps": [["run", jobs["instruct.yaml"]], ["pairs"], ["run", jobs["dpo.yaml"]]],
+        "steps": [["run", jobs["instruct.yaml"]], ["pairs"],
+                  *[["run", jobs[f]] for f in ("dpo.yaml", "reward.yaml", "ppo.yaml", "grpo.yaml")]],
         "heldout_text": os.path.join(data, "heldout-text.txt"),
         "heldout_shards": {fmt: shard_paths([p for p in paths if "/heldout-" in p], fmt) for fmt in ("caption", "conversation")},
         "pool_shards": shard_paths(pool, "caption"),
@@ -179,6 +210,35 @@ def prepare(out_dir: str, seed: int = 0, recipe: HallucinationRecipe | None = No
         json.dump(info, f, indent=2)
     log(f"jobs: {', '.join(jobs.values())}")
     return info
+
+
+def write_rl_prompts(data: str, pool: list[str], seed: int, recipe: HallucinationRecipe) -> list[str]:
+    """The rl stages' prompts: every question kind about each pool image, with its reference answer (the tail of
+    the pool held out, as for the pairs)."""
+    samples = read_shards(shard_paths(pool, "caption"))
+    rng = np.random.default_rng(split_seed(seed, "prior/pool/rl"))
+    n_eval = int(round(len(samples) * recipe.pool_eval_share))
+    out: dict[str, list[tuple[str, bytes, dict]]] = {RL_SPLIT: [], RL_EVAL_SPLIT: []}
+    pngs = {}
+    for path in shard_paths(pool, "caption"):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".png"):
+                    pngs[m.name[:-4]] = tar.extractfile(m).read()  # type: ignore[union-attr]
+    for i, (key, _, m) in enumerate(samples):
+        for q in prior.questions_for(rng, m["colour"], m["shape"], i):
+            split = RL_EVAL_SPLIT if i >= len(samples) - n_eval else RL_SPLIT
+            out[split].append((f"{key}-{q.kind}", pngs[key], prior.rl_prompt_record(q)))
+    paths = []
+    for split, recs in out.items():
+        path = os.path.join(data, f"{split}-conversation-00000.tar")
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for j in rng.permutation(len(recs)):
+                key, png, rec = recs[int(j)]
+                _add(tar, f"{key}.png", png)
+                _add(tar, f"{key}.json", json.dumps(rec, sort_keys=True).encode())
+        paths.append(path)
+    return paths
 
 
 def _load_info(qdir: str) -> dict[str, Any]:
@@ -270,11 +330,6 @@ VARIANT_CHECKS: dict[str, Check] = {
 }
 
 
-def is_policy(config: dict[str, Any]) -> bool:
-    """A final/ whose config names no class, or a generating one, is a policy to measure (not a reward model)."""
-    return all(a.endswith("ForConditionalGeneration") for a in config.get("architectures") or [])
-
-
 def measure(stage: LoadedStage, heldout: list, heldout_text: list[str], seed: int) -> dict[str, Any]:
     """`prior.rates` of greedy answers to every question kind about each held-out image, and text perplexity."""
     rng = np.random.default_rng(split_seed(seed, "prior/heldout/questions"))
@@ -320,6 +375,7 @@ def evaluate(qdir: str) -> int:
 
     stage0_ppl = text_perplexity(load_language_model(lm_dir), AutoTokenizer.from_pretrained(lm_dir), heldout_text)
     rows: list[dict[str, Any]] = []
+    reward_models: list[dict[str, Any]] = []
     seen: set[str] = set()
     with tempfile.TemporaryDirectory() as cache:
         for file, path in info["jobs"].items():
@@ -334,8 +390,11 @@ def evaluate(qdir: str) -> int:
                 if not storage.verify_committed(final).ok:
                     print(f"evaluate: stage {spec.name!r} of {file} has no committed final/ (not run, or failed); skipped")
                     continue
-                if not is_policy(storage.read_json(storage.join(final, "config.json"))):
-                    continue  # a reward model: measured by its own stage
+                if storage.exists(storage.join(final, REWARD_HEAD_FILE)):  # a reward model, not a policy
+                    ev_uri = storage.join(output, contract.EVAL_FILE)
+                    reward_models.append({"stage": spec.name, "job_file": file,
+                                          **(storage.read_json(ev_uri) if storage.exists(ev_uri) else {})})
+                    continue
                 ev_uri = storage.join(output, contract.EVAL_FILE)
                 ev = storage.read_json(ev_uri) if storage.exists(ev_uri) else {}
                 row: dict[str, Any] = {"stage": spec.name, "type": spec.type, "job_file": file,
@@ -367,6 +426,7 @@ def evaluate(qdir: str) -> int:
         "stage0": {"text_perplexity": stage0_ppl},
         "pairs": json.load(open(pairs_file)) if os.path.exists(pairs_file) else None,
         "stages": rows,
+        "reward_models": reward_models,
         "seed_claim_cut": SEED_CUT,
         "checks": variant_checks(stage0_ppl, rows),
     }

@@ -200,6 +200,13 @@ def questions_for(rng: np.random.Generator, colour: str, shape: str, index: int)
     ]
 
 
+def rl_prompt_record(q: Question) -> dict:
+    """An `rl` stage prompt: a one-turn conversation whose last assistant turn is the reference answer (what the
+    exact-match verifier compares sampled answers with; dropped from the prompt by the stage)."""
+    conv = [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": q.reference}]
+    return {"conversations": conv, "colour": q.colour, "shape": q.shape, "kind": q.kind}
+
+
 def names(text: str, vocab: tuple[str, ...]) -> set[str]:
     return {w for w in text.split() if w in vocab}
 
