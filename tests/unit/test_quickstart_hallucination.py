@@ -192,3 +192,25 @@ def test_pair_records_encode_in_the_dpo_stages_preference_format(tmp_path):
     out = enc.encode({"__key__": "k", "png": sample.png, "json": json.dumps(rec).encode()}, "preference")
     assert tok.decode([t for t in out.chosen.labels if t != -100]).split() == ["no", "</s>"]
     assert tok.decode([t for t in out.rejected.labels if t != -100]).split() == ["yes", "</s>"]
+
+
+def test_reward_ppo_and_grpo_files_start_from_instruct_and_name_their_reward(tmp_path):
+    docs = job_documents(str(tmp_path), seed=3, recipe=HallucinationRecipe())
+    reward, ppo, grpo = (parse_job(docs[f]) for f in ("reward.yaml", "ppo.yaml", "grpo.yaml"))
+    assert [s.name for s in reward.spec.stages] == ["align", "instruct", "reward"]
+    assert reward.spec.stages[2].data.shards == [f"file://{tmp_path}/data/pairs-preference-00000.tar"]
+    for job, algorithm in ((ppo, "ppo"), (grpo, "grpo")):
+        # the rl stage directly after instruct: the planner starts it from instruct's final/ (not the reward model's)
+        assert [s.name for s in job.spec.stages] == ["align", "instruct", algorithm]
+        rl = job.spec.stages[2]
+        assert rl.rl.algorithm == algorithm and rl.data.format == "conversation"
+        assert rl.data.shards == [f"file://{tmp_path}/data/rlprompts-conversation-00000.tar"]
+    assert ppo.spec.stages[2].rl.reward.model == f"file://{tmp_path}/storage/hallucination/reward/final"
+    assert grpo.spec.stages[2].rl.reward.verifier == "exact"
+
+
+def test_rl_prompts_end_with_the_reference_answer():
+    q = prior.Question("probe_no", "is there a circle ?", "red", "square", probed="circle")
+    rec = prior.rl_prompt_record(q)
+    assert rec["conversations"] == [{"role": "user", "content": "<image>\nis there a circle ?"},
+                                    {"role": "assistant", "content": "no"}]
