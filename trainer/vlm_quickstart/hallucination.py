@@ -127,14 +127,15 @@ def job_documents(out_dir: str, seed: int, recipe: HallucinationRecipe) -> dict[
         stage["batch"] = {"globalSize": recipe.rl_prompts_per_step, "microSize": recipe.rl_prompts_per_step // 2}
         return stage
 
-    # PPO's policy starts from instruct (the previous training stage of its file), its reward model is the reward
-    # stage's final/ (committed by reward.yaml, named by URI: a stage after `reward` would start from it).
-    reward_final = f"{storage_uri}/{JOB_NAME}/reward/final"
+    # PPO's policy starts from instruct (the previous training stage of its file). Its reward should be the reward
+    # stage's model (rl.reward.model = f"{storage_uri}/{JOB_NAME}/reward/final"), but this build's rl stage scores
+    # with verifiers only (its reward-model path refuses: "need the reward stage kind"), so PPO uses the
+    # exact-match verifier too; the reward stage still trains and reports its held-out pairwise accuracy.
     return {
         "instruct.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct]),
         "dpo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, dpo]),
         "reward.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, reward]),
-        "ppo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, rl("ppo", {"model": reward_final})]),
+        "ppo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, rl("ppo", {"verifier": "exact"})]),
         "grpo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, rl("grpo", {"verifier": "exact"})]),
     }
 
@@ -154,7 +155,8 @@ def prepare(out_dir: str, seed: int = 0, recipe: HallucinationRecipe | None = No
         if (earlier.get("variant") == VARIANT and earlier.get("seed") == seed
                 and earlier.get("recipe") == json.loads(json.dumps(asdict(recipe)))
                 and all(os.path.exists(p) for p in earlier["jobs"].values())):
-            log(f"reusing the data, stage-0 models and job files prepared earlier in {out_dir} (same seed and recipe)")
+            log(f"reusing the data and stage-0 models prepared earlier in {out_dir} (same seed and recipe)")
+            write_jobs(out_dir, seed, recipe)  # the job files follow this release's code
             return dict(earlier)
     except (OSError, ValueError, KeyError):
         pass
@@ -185,11 +187,7 @@ def prepare(out_dir: str, seed: int = 0, recipe: HallucinationRecipe | None = No
     log(f"stage 0 dual encoder on uniform pairs: {de.steps} steps ({de.wall_seconds:.1f} s)")
     with open(os.path.join(stage0, "pretrain.json"), "w") as f:
         json.dump({"language_model": asdict(lm), "dual_encoder": asdict(de)}, f, indent=2)
-    jobs = {}
-    for name, doc in job_documents(out_dir, seed, recipe).items():
-        jobs[name] = os.path.join(out_dir, name)
-        with open(jobs[name], "w") as f:
-            yaml.safe_dump(doc, f, sort_keys=False)
+    jobs = write_jobs(out_dir, seed, recipe)
     info = {
         "variant": VARIANT,
         "seed": seed,
@@ -239,6 +237,15 @@ def write_rl_prompts(data: str, pool: list[str], seed: int, recipe: Hallucinatio
                 _add(tar, f"{key}.json", json.dumps(rec, sort_keys=True).encode())
         paths.append(path)
     return paths
+
+
+def write_jobs(out_dir: str, seed: int, recipe: HallucinationRecipe) -> dict[str, str]:
+    jobs = {}
+    for name, doc in job_documents(out_dir, seed, recipe).items():
+        jobs[name] = os.path.join(out_dir, name)
+        with open(jobs[name], "w") as f:
+            yaml.safe_dump(doc, f, sort_keys=False)
+    return jobs
 
 
 def _load_info(qdir: str) -> dict[str, Any]:
