@@ -113,9 +113,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     py = sys.executable
     print(f"quickstart: preparing synthetic data and stage-0 models in {qdir}", flush=True)
     rc = subprocess.call([py, "-m", "vlm_quickstart", "prepare", "--dir", qdir, "--seed", str(args.seed),
-                          "--instruct", args.instruct])
+                          "--instruct", args.instruct, "--variant", args.variant])
     if rc:
         return rc
+    if args.variant != "default":
+        return _quickstart_steps(qdir, args.verbose)
     for name in ("job.yaml", "raw.yaml", "naive.yaml"):
         path = os.path.join(qdir, name)
         job = _load_or_exit(path)
@@ -191,6 +193,27 @@ def cmd_curate_calibrate(args: argparse.Namespace) -> int:
             cmd += [f"--{flag}", getattr(args, flag)]
     print(f"curate calibrate: stage {stage.name!r}, {len(shards)} shard pattern(s)", flush=True)
     return subprocess.call(cmd)
+
+
+def _quickstart_steps(qdir: str, verbose: bool) -> int:
+    """A variant's steps, in the order its `prepare` wrote them (quickstart.json): job files run through the local
+    backend, and quickstart steps between them (the hallucination variant's on-policy `pairs`); then `evaluate`."""
+    from vlm_operator.local_ui import run_with_progress
+
+    py = sys.executable
+    with open(os.path.join(qdir, "quickstart.json")) as f:
+        steps = json.load(f)["steps"]
+    for step in steps:
+        if step[0] == "run":
+            job = _load_or_exit(step[1])
+            print(f"\nquickstart: running {step[1]} ({' -> '.join(s.name for s in job.spec.stages)})", flush=True)
+            rc = run_with_progress(job, verbose=verbose, job_file=step[1], rerun_from=_quickstart_rerun(job))
+        else:
+            print(f"\nquickstart: {step[0]}", flush=True)
+            rc = subprocess.call([py, "-m", "vlm_quickstart", *step, "--dir", qdir])
+        if rc:
+            return rc
+    return subprocess.call([py, "-m", "vlm_quickstart", "evaluate", "--dir", qdir])
 
 
 def _quickstart_rerun(job: VLMTrainingJob) -> str | None:
@@ -289,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-v", "--verbose", action="store_true")
     q.add_argument("--instruct", choices=["full", "zero2", "lora"], default="full",
                    help="instruct stage: full fine-tune (ddp), DeepSpeed ZeRO-2, or LoRA adapters")
+    q.add_argument("--variant", choices=["default", "hallucination"], default="default",
+                   help="hallucination: data with a language prior the image must overpower; instruct -> on-policy "
+                   "preference pairs -> dpo; measures hallucination rate and a POPE-style probe (not part of `make run`)")
     q.set_defaults(func=cmd_quickstart)
     return p
 

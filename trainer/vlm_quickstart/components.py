@@ -41,19 +41,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def vocabulary() -> list[str]:
-    """Every token of the quickstart, specials first (ids 0..4), then the words."""
-    words = [w for w in dict.fromkeys([*COLOURS, *SHAPES, *WORDS])]
+def vocabulary(extra_words: tuple[str, ...] = ()) -> list[str]:
+    """Every token of the quickstart, specials first (ids 0..4), then the words (`extra_words` last: a
+    variant's own words, e.g. the hallucination variant's "yes" / "no", leave every other id as it is)."""
+    words = [w for w in dict.fromkeys([*COLOURS, *SHAPES, *WORDS, *extra_words])]
     return [*SPECIAL_TOKENS, *words]
 
 
-def build_tokenizer(out_dir: str | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the quickstart vocabulary, with specials and the chat template.
+def build_tokenizer(out_dir: str | None = None, extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the quickstart vocabulary (plus `extra_words`), with specials and the chat
+    template.
 
     Saved to `out_dir` when given. Whitespace pre-tokenisation splits punctuation ('?', '.', ':')
     into tokens of their own; newlines are whitespace.
     """
-    vocab = {tok: i for i, tok in enumerate(vocabulary())}
+    vocab = {tok: i for i, tok in enumerate(vocabulary(extra_words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(

@@ -68,9 +68,17 @@ def load_final(uri: str, cache_dir: str) -> LoadedStage:
 
 @torch.no_grad()
 def generate_answers(
-    stage: LoadedStage, images: list, questions: list[str | None], batch: int = 100
+    stage: LoadedStage,
+    images: list,
+    questions: list[str | None],
+    batch: int = 100,
+    temperature: float | None = None,
 ) -> list[str]:
-    """Greedy answers to one-turn prompts (`None` = the caption prompt of the caption format)."""
+    """Greedy answers to one-turn prompts (`None` = the caption prompt of the caption format); sampled at
+    `temperature` when one is given (the hallucination variant's on-policy candidates; seed torch first)."""
+    sampling: dict[str, Any] = (
+        {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature}
+    )
     proc = stage.processor
     out: list[str] = []
     for start in range(0, len(images), batch):
@@ -86,7 +94,7 @@ def generate_answers(
         gen = stage.model.generate(
             **enc,
             max_new_tokens=6,
-            do_sample=False,
+            **sampling,
             pad_token_id=proc.tokenizer.pad_token_id,
             eos_token_id=proc.tokenizer.eos_token_id,
         )

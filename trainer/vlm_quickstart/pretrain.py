@@ -108,12 +108,15 @@ def pretrain_language_model(
     lr: float = 2e-3,
     n_docs: int = 4000,
     heldout_docs: list[str] | None = None,
+    docs: list[str] | None = None,
+    extra_words: tuple[str, ...] = (),
 ) -> PretrainResult:
-    """Train the tiny Llama on text documents; save it with its tokenizer to `out_dir`."""
+    """Train the tiny Llama on text documents (the quickstart's own unless `docs` are given, e.g. a variant's);
+    save it with its tokenizer (the quickstart vocabulary plus `extra_words`) to `out_dir`."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(extra_words=extra_words)
     model = LlamaForCausalLM(language_model_config(tokenizer))
-    docs = text_documents(n_docs, seed, "text")
+    docs = docs if docs is not None else text_documents(n_docs, seed, "text")
     heldout = heldout_docs if heldout_docs is not None else text_documents(300, seed, "text-heldout")
     before = text_perplexity(model, tokenizer, heldout)
     ids_all, mask_all = encode_documents(tokenizer, docs)
