@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from vlm_core.spec import parse_job
+from vlm_operator.planner import resolve_stage
 from vlm_quickstart import prior
 from vlm_quickstart.components import build_tokenizer, vocabulary
 from vlm_quickstart.hallucination import HallucinationRecipe, job_documents, variant_checks
@@ -199,14 +200,20 @@ def test_reward_ppo_and_grpo_files_start_from_instruct_and_name_their_reward(tmp
     reward, ppo, grpo = (parse_job(docs[f]) for f in ("reward.yaml", "ppo.yaml", "grpo.yaml"))
     assert [s.name for s in reward.spec.stages] == ["align", "instruct", "reward"]
     assert reward.spec.stages[2].data.shards == [f"file://{tmp_path}/data/pairs-preference-00000.tar"]
-    for job, algorithm in ((ppo, "ppo"), (grpo, "grpo")):
-        # the rl stage directly after instruct: the planner starts it from instruct's final/ (not the reward model's)
-        assert [s.name for s in job.spec.stages] == ["align", "instruct", algorithm]
-        rl = job.spec.stages[2]
+    for job, algorithm, before in ((ppo, "ppo", ["align", "instruct", "reward"]), (grpo, "grpo", ["align", "instruct"])):
+        assert [s.name for s in job.spec.stages] == [*before, algorithm]
+        rl = job.spec.stages[-1]
         assert rl.rl.algorithm == algorithm and rl.data.format == "conversation"
         assert rl.data.shards == [f"file://{tmp_path}/data/rlprompts-conversation-00000.tar"]
-    # PPO scores with the exact-match verifier too: this build's rl stage has no reward-model path yet
-    assert ppo.spec.stages[2].rl.reward.verifier == grpo.spec.stages[2].rl.reward.verifier == "exact"
+        # the planner starts the rl stage from instruct's final/ (a reward stage is no policy)
+        config = resolve_stage(job, len(job.spec.stages) - 1)
+        assert config.init_from is not None and config.init_from.endswith("/instruct/final")
+    # PPO is scored by the reward stage's model (the one reward.yaml commits: same stage, same settings); GRPO by
+    # the exact-match verifier
+    assert ppo.spec.stages[2] == reward.spec.stages[2]
+    ppo_config = resolve_stage(ppo, 3)
+    assert ppo_config.stage.rl.reward.model is not None and ppo_config.stage.rl.reward.model.endswith("/reward/final")
+    assert grpo.spec.stages[2].rl.reward.verifier == "exact"
 
 
 def test_rl_prompts_end_with_the_reference_answer():

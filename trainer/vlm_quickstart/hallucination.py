@@ -127,15 +127,14 @@ def job_documents(out_dir: str, seed: int, recipe: HallucinationRecipe) -> dict[
         stage["batch"] = {"globalSize": recipe.rl_prompts_per_step, "microSize": recipe.rl_prompts_per_step // 2}
         return stage
 
-    # PPO's policy starts from instruct (the previous training stage of its file). Its reward should be the reward
-    # stage's model (rl.reward.model = f"{storage_uri}/{JOB_NAME}/reward/final"), but this build's rl stage scores
-    # with verifiers only (its reward-model path refuses: "need the reward stage kind"), so PPO uses the
-    # exact-match verifier too; the reward stage still trains and reports its held-out pairwise accuracy.
+    # (b) instruct -> reward -> ppo in one file: the reward stage is the one reward.yaml committed (same settings,
+    # so it is skipped), PPO's policy starts from instruct (a reward stage is no policy) and is scored by the
+    # reward stage's model (rl.reward.fromStage). (c) GRPO is scored by the exact-match verifier.
     return {
         "instruct.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct]),
         "dpo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, dpo]),
         "reward.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, reward]),
-        "ppo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, rl("ppo", {"verifier": "exact"})]),
+        "ppo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, reward, rl("ppo", {"fromStage": "reward"})]),
         "grpo.yaml": _job(JOB_NAME, model, storage_uri, [align, instruct, rl("grpo", {"verifier": "exact"})]),
     }
 
