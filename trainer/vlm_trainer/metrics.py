@@ -169,6 +169,18 @@ class TrainerMetrics:
             peak_flops_per_second=peak_flops_per_second,
         )
 
+    @classmethod
+    def serve(cls, job: str, stage: str) -> TrainerMetrics | None:
+        """`from_env` with its endpoint started, or None (logged) when it cannot start: metrics are advisory,
+        a bad port must not stop a stage."""
+        try:
+            metrics = cls.from_env(job, stage)
+            metrics.start_server()
+            return metrics
+        except (ValueError, OSError) as err:
+            log.warning("metrics disabled: %s", err)
+            return None
+
     def _build(self) -> None:
         values = (self.job, self.stage, str(self.rank))
 

@@ -259,14 +259,10 @@ class Trainer:
         return self.strategy.module
 
     def _start_metrics(self) -> TrainerMetrics | None:
-        try:
-            metrics = TrainerMetrics.from_env(self.config.job, self.config.stage.name)
-            metrics.start_server()
+        metrics = TrainerMetrics.serve(self.config.job, self.config.stage.name)
+        if metrics is not None:
             metrics.set_progress(self.step, self.total_steps)
-            return metrics
-        except (ValueError, OSError) as err:  # metrics are advisory; a bad port must not stop training
-            log.warning("metrics disabled: %s", err)
-            return None
+        return metrics
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.env.is_main:

@@ -244,15 +244,9 @@ class _Progress:
 
 
 def _start_metrics(config: TrainerConfig) -> Any:
-    try:
-        from vlm_trainer.metrics import TrainerMetrics
+    from vlm_trainer.metrics import TrainerMetrics
 
-        metrics = TrainerMetrics.from_env(config.job, config.stage.name)
-        metrics.start_server()
-        return metrics
-    except (ValueError, OSError) as err:  # metrics are advisory; a bad port must not stop the stage
-        log.warning("metrics disabled: %s", err)
-        return None
+    return TrainerMetrics.serve(config.job, config.stage.name)
 
 
 def run_curate(config: TrainerConfig, env: DistEnv) -> dict[str, Any]:

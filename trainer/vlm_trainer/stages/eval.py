@@ -37,15 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def _metrics_server(config: TrainerConfig) -> Any:
-    try:
-        from vlm_trainer.metrics import TrainerMetrics
+    from vlm_trainer.metrics import TrainerMetrics
 
-        metrics = TrainerMetrics.from_env(config.job, config.stage.name)
-        metrics.start_server()
-        return metrics
-    except (ValueError, OSError) as err:  # metrics are advisory; a bad port must not stop the stage
-        log.warning("metrics disabled: %s", err)
-        return None
+    return TrainerMetrics.serve(config.job, config.stage.name)
 
 
 def _progress(config: TrainerConfig, done: int, total: int) -> None:
