@@ -31,8 +31,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_metric_shard(path: Path) -> str:
-    """Samples for the metrics the shapes probe set lacks: VQAv2 (ten answers), multiple choice, relaxed, caption."""
-    samples = make_samples("heldout", 4, seed=1)
+    """Samples for the metrics the shapes eval set lacks: VQAv2 (ten answers), multiple choice, relaxed, caption,
+    and a POPE yes/no pair."""
+    samples = make_samples("heldout", 6, seed=1)
     docs = [
         {"conversations": CONV, "task": "vqa", "answers": [{"answer": "red"}] * 4 + [{"answer": "blue"}] * 6},
         {"conversations": [{"role": "user", "content": "<image>\nwhich colour ?\nA. red\nB. blue"},
@@ -40,6 +41,10 @@ def write_metric_shard(path: Path) -> str:
         {"conversations": CONV, "task": "relaxed"},
         {"conversations": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a red circle"}],
          "task": "caption", "answers": ["a red circle", "a red shape"]},
+        {"conversations": [{"role": "user", "content": f"<image>\nis there a {samples[4].colour} {samples[4].shape} ?"},
+                           {"role": "assistant", "content": "yes"}], "task": "pope"},
+        {"conversations": [{"role": "user", "content": "<image>\nis there a purple hexagon ?"},
+                           {"role": "assistant", "content": "no"}], "task": "pope"},
     ]
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for s, doc in zip(samples, docs, strict=True):
@@ -52,7 +57,7 @@ def write_metric_shard(path: Path) -> str:
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("eval")
     parts = build_parts(root)
-    probe = write_eval_shard(str(root), make_samples("heldout", 5, seed=0), seed=0)  # 20 prompts: QA + yes/no
+    probe = write_eval_shard(str(root), make_samples("heldout", 5, seed=0))  # 10 prompts: colour and shape
     return {**parts, "heldout": [f"file://{probe}", write_metric_shard(root / "metrics.tar")]}
 
 
@@ -113,7 +118,7 @@ def test_two_ranks_give_the_numbers_of_one(assets, tmp_path, monkeypatch):
     assert lines[0] == lines[1]
     report = reports[0]
     # every metric ran, on the samples it applies to
-    assert report["samples"] == 24 and report["samples_exact_match"] == 10 and report["samples_pope"] == 10
+    assert report["samples"] == 16 and report["samples_exact_match"] == 10 and report["samples_pope"] == 2
     for key in ("vqa_accuracy", "multiple_choice_accuracy", "relaxed_accuracy", "caption_cider", "caption_bleu4",
                 "pope_f1", "pope_yes_ratio"):
         assert key in report, key
