@@ -132,6 +132,20 @@ def test_differences_name_each_changed_field_old_to_new(tmp_path):
     assert "older release" in fingerprint.differences(None, new)[0]
 
 
+def test_a_field_a_later_release_added_unset_changes_nothing_committed_before_it(tmp_path):
+    """A stage committed before a field existed (its stamp lacks the key) matches the spec whose field is unset
+    (null); the same field set to a value is a change, and so is a field removed that had a value."""
+    new = fingerprint.compute(planner.resolve_stage(parse_job(job_doc(tmp_path)), 1))
+    assert new.settings["stage.rl"] is None  # an unset optional block (added after some stages were committed)
+    older = {k: v for k, v in new.settings.items() if k != "stage.rl"}
+    old = fingerprint.Fingerprint(older, new.inputs).record()
+    assert old["digest"] != new.digest and fingerprint.differences(old, new) == []
+    set_now = fingerprint.Fingerprint({**new.settings, "stage.rl": {"algorithm": "grpo"}}, new.inputs)
+    assert fingerprint.differences(old, set_now) == ['stage.rl: (absent) -> {"algorithm": "grpo"}']
+    had = fingerprint.Fingerprint({**older, "stage.gone": 3}, new.inputs).record()
+    assert fingerprint.differences(had, new) == ["stage.gone: 3 -> (absent)"]
+
+
 def test_inputs_are_read_by_content_shards_model_folders_and_the_upstream_final(tmp_path):
     doc = job_doc(tmp_path)
     store = tmp_path / "store"

@@ -227,21 +227,28 @@ def _show(v: Any) -> str:
 
 def differences(old: Mapping[str, Any] | None, new: Fingerprint | Mapping[str, Any]) -> list[str]:
     """What changed from the `old` record (a manifest's) to `new`, one line per field or input:
-    `stage.optimizer.lr: 0.0001 -> 0.0005`. Empty when the digests agree."""
+    `stage.optimizer.lr: 0.0001 -> 0.0005`. Empty when the digests agree, or when they differ only by fields one
+    side lacks and the other has as null: a field a later release added (unset, so null) changes nothing that
+    was committed before it existed."""
     new_record = new.record() if isinstance(new, Fingerprint) else dict(new)
     if old is None:
         return ["no fingerprint: committed by an older release, so what produced it is unknown"]
     if old.get("digest") == new_record.get("digest"):
         return []
-    lines = []
+    lines, unset_only = [], 0
     for section, label in (("settings", ""), ("inputs", "input ")):
         a, b = old.get(section) or {}, new_record.get(section) or {}
         for key in sorted(set(a) | set(b)):
-            if a.get(key, _ABSENT) != b.get(key, _ABSENT):
-                was = _show(a[key]) if key in a else "(absent)"
-                now = _show(b[key]) if key in b else "(absent)"
-                lines.append(f"{label}{key}: {was} -> {now}")
-    return lines or ["the fingerprint's format changed"]
+            was, now = a.get(key, _ABSENT), b.get(key, _ABSENT)
+            if was == now:
+                continue
+            if (was is None and now is _ABSENT) or (was is _ABSENT and now is None):  # unset either way
+                unset_only += 1
+                continue
+            lines.append(f"{label}{key}: {_show(was) if key in a else '(absent)'} -> {_show(now) if key in b else '(absent)'}")
+    if lines or unset_only:
+        return lines
+    return ["the fingerprint's format changed"]
 
 
 _ABSENT = object()
