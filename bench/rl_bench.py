@@ -8,6 +8,7 @@ bench/results/issue22/rl_bench.json and .md: mean reward over the first and the 
 and the largest per-token KL seen.
 
     python bench/rl_bench.py --steps 24 --out bench/results/issue22
+    python bench/rl_bench.py --steps 24 --lora 8 --out bench/results/issue22/lora
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from vlm_quickstart.shapes import shard_paths, write_shards
 COLOUR_FIRST = r"^\s*(red|green|blue|yellow)\b"
 
 
-def job(root: Path, algorithm: str, steps: int, lr: float, beta: float) -> dict:
+def job(root: Path, algorithm: str, steps: int, lr: float, beta: float, lora: int = 0) -> dict:
     tokenizer = build_tokenizer()
     lm = build_language_model(str(root / "lm"), tokenizer, hidden=32, layers=1, heads=2, mlp=64)
     vision = build_vision_encoder(str(root / "vision"), image_size=32, patch=8, hidden=32, layers=1)
@@ -50,15 +51,16 @@ def job(root: Path, algorithm: str, steps: int, lr: float, beta: float) -> dict:
                 "checkpoint": {"everySteps": 1000},
                 "rl": {"algorithm": algorithm, "groupSize": 4, "maxNewTokens": 4, "beta": beta,
                        "reward": {"verifier": "regex", "pattern": COLOUR_FIRST}},
+                **({"lora": {"rank": lora}} if lora else {}),
             }],
         },
     }
 
 
-def run(algorithm: str, steps: int, lr: float, beta: float) -> dict:
+def run(algorithm: str, steps: int, lr: float, beta: float, lora: int = 0) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"rl-bench-{algorithm}-") as tmp:
         root = Path(tmp)
-        config = resolve_stage(parse_job(job(root, algorithm, steps, lr, beta)), 0)
+        config = resolve_stage(parse_job(job(root, algorithm, steps, lr, beta, lora)), 0)
         path = root / "config.json"
         path.write_text(json.dumps(config.dump()))
         env = {**os.environ, "OMP_NUM_THREADS": "1", contract.METRICS_PORT_ENV: "off"}
@@ -74,7 +76,7 @@ def run(algorithm: str, steps: int, lr: float, beta: float) -> dict:
     first = sum(e["reward_mean"] for e in steps_[:q]) / q
     last = sum(e["reward_mean"] for e in steps_[-q:]) / q
     return {
-        "algorithm": algorithm, "steps": len(steps_), "lr": lr, "beta": beta, "wall_seconds": round(seconds, 1),
+        "algorithm": algorithm + (f" + LoRA r{lora}" if lora else ""), "steps": len(steps_), "lr": lr, "beta": beta, "wall_seconds": round(seconds, 1),
         "reward_mean_first_quarter": round(first, 4), "reward_mean_last_quarter": round(last, 4),
         "kl_max": max(e["kl"] for e in steps_), "kl_last": steps_[-1]["kl"],
         "per_step": [{k: e.get(k) for k in ("step", "loss", "reward_mean", "reward_std", "kl", "entropy",
@@ -89,9 +91,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--algorithms", default="grpo,ppo")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank (the "
+                        "reference is the policy with its adapter disabled)")
     parser.add_argument("--out", default="bench/results/issue22")
     args = parser.parse_args()
-    results = [run(a, args.steps, args.lr, args.beta) for a in args.algorithms.split(",")]
+    results = [run(a, args.steps, args.lr, args.beta, args.lora) for a in args.algorithms.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rl_bench.json").write_text(json.dumps(results, indent=2) + "\n")
