@@ -67,6 +67,8 @@ def test_vlmctl_validate_accepts_curate_then_fromstage(tmp_path, capsys):
      "spec.stages[2].data.shards: set exactly one of data.shards"),
     (_with(s1={"filters": {"clipScore": {"threshold": 0.2}}}), "spec.stages[1].filters.clipScore: needs the stage's encoder"),
     (_with(s1={"filters": {"nearDedup": {"maxDistance": 65}}}), "spec.stages[1].filters.nearDedup.maxDistance"),
+    (_with(s1={"input": {"shards": ["raw/part-0.parquet"]}}),  # curate reads tars: told to import Parquet first
+     "spec.stages[1].input.shards: a curate stage reads WebDataset tar shards, not Parquet files"),
     (_with(s1={"filters": {"nearDedup": {"hash": "phash"}}}),  # a job file from before `hashes`: told what to write
      "spec.stages[1].filters.nearDedup.hash: replaced by `hashes`, a list"),
     (_with(s1={"filters": {"nearDedup": {"hashes": ["phash", "phash"]}}}),

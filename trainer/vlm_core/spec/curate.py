@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlm_core import kinds, validators
+from vlm_core import kinds, parquet, validators
 from vlm_core.spec.base import ContentOf, NoEffect, Strict
 from vlm_core.spec.common import StageBase
 
@@ -28,7 +28,11 @@ class CurateInputSpec(Strict):
     @field_validator("shards")
     @classmethod
     def _shard_uris(cls, v: list[str]) -> list[str]:
-        return validators.input_uris(v)
+        v = validators.input_uris(v)
+        if any(parquet.is_parquet(u) for u in v):
+            raise ValueError("a curate stage reads WebDataset tar shards, not Parquet files: convert them with "
+                             "`vlmctl data import` first (training stages read Parquet in place)")
+        return v
 
 
 class TextFilterSpec(Strict):
