@@ -15,7 +15,7 @@ from vlm_core import storage
 from vlm_operator.planner import resolve_stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from import_fixtures import llava_dataset, parquet_rows, write_parquet  # noqa: E402
+from import_fixtures import llava_dataset, parquet_rows, preference_file, write_images, write_parquet  # noqa: E402
 
 
 def test_import_from_s3_then_train_on_imported_shards_and_parquet_rows(parts, s3_server, tmp_path):  # noqa: F811
@@ -52,3 +52,28 @@ def test_import_from_s3_then_train_on_imported_shards_and_parquet_rows(parts, s3
     assert set(data_report["bad_samples_by_reason"]) == set(facts["source_bad"])
     assert set(data_report["bad_samples_by_shard"]) <= set(pq_files)
     assert report["eval_loss"] > 0
+
+
+def test_a_dpo_stage_trains_on_an_imported_preference_json(parts, tmp_path):  # noqa: F811
+    """The other imported layout a stage reads differently: preference pairs (prompt / question / conversations +
+    chosen / rejected), imported locally, then a 2-rank dpo stage on them whose loss is the DPO loss at step 1."""
+    images = tmp_path / "images"
+    write_images(images)
+    path, expected = preference_file(tmp_path, images)
+    out = f"file://{tmp_path}/pref-shards"
+    cmd = [sys.executable, "-m", "vlm_operator.cli", "data", "import", str(path), "--image-root", str(images),
+           "--output", out, "--format", "preference", "--workers", "0", "--summary", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert (summary["samples"], summary["skipped"]) == (expected["samples"], expected["skipped"])
+    shards = [f"{out}/{f['path']}" for f in storage.read_manifest(out)["files"]]
+    job = make_job("byd-dpo", f"file://{tmp_path}/storage", parts, [
+        stage_doc("dpo", "dpo", "preference", parts, steps=4, optimizer={"lr": 1e-3}, dpo={"beta": 0.1},
+                  data={"shards": shards, "evalShards": shards, "format": "preference", "maxLength": 64}),
+    ])
+    events, _ = run_stage(job, 0, tmp_path)
+    steps = [e for e in events if e["event"] == "step"]
+    assert len(steps) == 4 and abs(steps[0]["loss"] - 0.6931) < 0.01  # policy == reference at step 1: ln 2
+    report = storage.read_json(resolve_stage(job, 0).output + "/eval.json")
+    assert 0.0 <= report["reward_accuracy"] <= 1.0 and report["data"]["bad_samples"] == 0
