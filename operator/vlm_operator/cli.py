@@ -2,7 +2,7 @@
 calibrate a curate stage's thresholds.
 
 Torch-free: training runs in torchrun child processes, the quickstart's data and model preparation in
-`python -m vlm_quickstart` children, `curate calibrate` in a `python -m vlm_trainer.curate.calibrate` child.
+`python -m vlm_quickstart` children, `curate calibrate` in a child process (`contract.CURATE_CALIBRATE_MODULE`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import yaml
+from vlm_core import contract
 from vlm_core.redact import redact, redact_obj
 from vlm_core.spec import SpecError, VLMTrainingJob, load_job
 from vlm_core.storage_errors import StorageError
@@ -167,7 +168,7 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 
 
 def cmd_curate_calibrate(args: argparse.Namespace) -> int:
-    """Measure near-duplicate thresholds on a curate stage's own input (`python -m vlm_trainer.curate.calibrate`)."""
+    """Measure near-duplicate thresholds on a curate stage's own input (in a child: `contract.CURATE_CALIBRATE_MODULE`)."""
     from vlm_core.stage_classes import curate_stage
 
     from vlm_operator.planner import resolve_stage
@@ -185,7 +186,7 @@ def cmd_curate_calibrate(args: argparse.Namespace) -> int:
     assert resolved is not None
     shards = resolved.input.shards
     f = stage.filters
-    cmd = [sys.executable, "-m", "vlm_trainer.curate.calibrate", "--shards", *shards, "--sample", str(args.sample),
+    cmd = [sys.executable, "-m", contract.CURATE_CALIBRATE_MODULE, "--shards", *shards, "--sample", str(args.sample),
            "--pool", str(args.pool), "--seed", str(args.seed), "--suite", args.suite, "--hashes", *f.near_dedup.hashes,
            "--min-side", str(f.image.min_side), "--max-aspect", str(f.image.max_aspect_ratio)]
     for flag in ("write", "json"):

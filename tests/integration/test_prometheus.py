@@ -186,6 +186,10 @@ def write_stage_config(root: Path) -> Path:
                 "optimizer": {"lr": LR},
                 "checkpoint": {"everySteps": CHECKPOINT_EVERY, "keepLast": 1},
                 "resources": {"procsPerNode": RANKS},
+                # evaluation by generation (the dashboard's "Eval metrics" panel), early and small
+                "evaluation": {"shards": [f"file://{p}" for p in shard_paths(heldout, "caption")], "format": "caption",
+                               "everySteps": CHECKPOINT_EVERY, "maxSamples": 4, "maxNewTokens": 2, "batchSize": 4,
+                               "metrics": ["exact_match"]},
             }],
         },
     })

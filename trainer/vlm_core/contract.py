@@ -325,3 +325,8 @@ class ProgressRecord:
             loss=num("loss"),
             updated_at=num("updated_at"),
         )
+
+
+# `vlmctl curate calibrate` runs the trainer's calibration in a child process by this module name (the operator
+# names no trainer module itself).
+CURATE_CALIBRATE_MODULE = "vlm_trainer.curate.calibrate"
