@@ -193,15 +193,21 @@ def evaluate_job(
     return rows
 
 
+def committed_final(job: VLMTrainingJob, stage: str) -> str:
+    """Stage `stage`'s final/ URI; MissingStageOutput when it is not committed."""
+    final = contract.stage_final(job.spec.storage.uri, job.name, stage)
+    check = storage.verify_committed(final)
+    if not check.ok:
+        raise MissingStageOutput(f"{final}: not a committed stage output ({check.reason})")
+    return final
+
+
 def eval_stage_summary(job: VLMTrainingJob) -> dict[str, Any] | None:
     """The job's eval stage's numbers (its eval.json, written by the stage: vlm_trainer.stages.eval), or None."""
     stage = next((e for s in job.spec.stages if (e := eval_stage(s)) is not None), None)
     if stage is None:
         return None
-    final = contract.stage_final(job.spec.storage.uri, job.name, stage.name)
-    check = storage.verify_committed(final)
-    if not check.ok:
-        raise MissingStageOutput(f"{final}: not a committed stage output ({check.reason})")
+    final = committed_final(job, stage.name)
     doc = storage.read_json(storage.join(final, contract.EVAL_FILE))
     keys = ("samples", "exact_match", "samples_exact_match", "wall_seconds", "world_size")
     return {"stage": stage.name, **{k: doc.get(k) for k in keys},
@@ -213,10 +219,7 @@ def curate_summary(job: VLMTrainingJob, truth: dict[str, dict[str, Any]]) -> dic
     stage = next((c for s in job.spec.stages if (c := curate_stage(s)) is not None), None)
     if stage is None:
         return None
-    final = contract.stage_final(job.spec.storage.uri, job.name, stage.name)
-    check = storage.verify_committed(final)
-    if not check.ok:
-        raise MissingStageOutput(f"{final}: not a committed stage output ({check.reason})")
+    final = committed_final(job, stage.name)
     funnel = storage.read_json(storage.join(final, contract.FUNNEL_FILE))
     decisions = {
         d["key"]: d

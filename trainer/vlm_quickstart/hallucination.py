@@ -76,9 +76,7 @@ class HallucinationRecipe(Recipe):
     pool_eval_share: float = 0.1
     samples_per_question: int = 3  # sampled answers per question, on top of the greedy one
     sample_temperature: float = 1.0
-    dpo_steps: int = 100
-    dpo_lr: float = 1e-4
-    dpo_beta: float = 0.1
+    dpo_steps: int = 100  # (dpo_lr, dpo_beta: the quickstart's)
     # (b) reward model on the same on-policy pairs, then PPO with it; (c) GRPO with the exact-match verifier.
     reward_steps: int = 100
     reward_lr: float = 1e-4

@@ -32,6 +32,7 @@ from vlm_quickstart.shapes import (
     ShapeSample,
     _turn,
     _write_format,
+    document_about,
     draw_shape,
     split_seed,
 )
@@ -132,25 +133,8 @@ def text_document(rng: np.random.Generator, pairing: float) -> str:
     colour = COLOURS[int(rng.integers(len(COLOURS)))]
     shape = draw_prior_shape(rng, colour, pairing)
     s = ShapeSample(key="", colour=colour, shape=shape, png=b"")
-    opening = [f"a {colour} {shape} .", f"there is a {colour} {shape} .", f"this picture is a {colour} {shape} ."]
-    prose = [
-        f"the {shape} is {colour} .",
-        f"it is a {shape} .",
-        f"the colour is {colour} .",
-        f"the shape is a {shape} .",
-        f"i see a {colour} {shape} .",
-        f"here the object is a {colour} {shape} .",
-    ]
-    parts = [opening[int(rng.integers(len(opening)))]]
-    if rng.random() < 0.5:
-        parts += [prose[int(j)] for j in rng.permutation(len(prose))[: int(rng.integers(2, 5))]]
-    else:
-        kinds = ["caption", "colour", "shape", "probe"]
-        for j in rng.permutation(len(kinds))[: int(rng.integers(1, 4))]:
-            kind = kinds[int(j)]
-            question, answer = probe_turn(rng, s) if kind == "probe" else _turn(rng, s, kind)
-            parts.append(f"user : {question} assistant : {answer} </s>")
-    return " ".join(parts)
+    return document_about(rng, s, ("caption", "colour", "shape", "probe"),
+                          lambda kind: probe_turn(rng, s) if kind == "probe" else _turn(rng, s, kind))
 
 
 def text_documents(n: int, seed: int, pairing: float, split: str = "text") -> list[str]:

@@ -17,6 +17,7 @@ import json
 import os
 import tarfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -240,6 +241,15 @@ def text_document(rng: np.random.Generator) -> str:
     """
     colour = COLOURS[int(rng.integers(len(COLOURS)))]
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    s = ShapeSample(key="", colour=colour, shape=shape, png=b"")
+    return document_about(rng, s, ("caption", "colour", "shape"), lambda kind: _turn(rng, s, kind))
+
+
+def document_about(rng: np.random.Generator, s: ShapeSample, kinds: tuple[str, ...],
+                   turn: Callable[[str], tuple[str, str]]) -> str:
+    """A stage-0 document about `s`: an opening, then either 2-4 prose sentences or 1-3 chat turns of `kinds`
+    (`turn(kind)` -> question, answer), in a random order."""
+    colour, shape = s.colour, s.shape
     opening = [
         f"a {colour} {shape} .",
         f"there is a {colour} {shape} .",
@@ -258,10 +268,8 @@ def text_document(rng: np.random.Generator) -> str:
         for j in rng.permutation(len(prose))[: int(rng.integers(2, 5))]:
             parts.append(prose[int(j)])
     else:
-        s = ShapeSample(key="", colour=colour, shape=shape, png=b"")
-        kinds = ["caption", "colour", "shape"]
-        for j in rng.permutation(3)[: int(rng.integers(1, 4))]:
-            question, answer = _turn(rng, s, kinds[int(j)])
+        for j in rng.permutation(len(kinds))[: int(rng.integers(1, 4))]:
+            question, answer = turn(kinds[int(j)])
             parts.append(f"user : {question} assistant : {answer} </s>")
     return " ".join(parts)
 
